@@ -1,0 +1,205 @@
+"""Input-space attacks and their losses, as pure TensorFlow functions.
+
+Every attack takes a ``model_fn`` (any callable mapping float32 NHWC images in
+[0, 1] to logits), clean inputs ``x`` and integer labels ``y``, and returns
+adversarial inputs inside the eps-ball around ``x`` and inside [0, 1]. An
+attack never changes a model variable: it reads the model only through
+``model_fn``. All functions work eagerly and inside ``tf.function``.
+
+Threat model and defaults follow ALGORITHMS.md section 1:
+PGD (Madry et al., ICLR 2018, eq. 2 and section 2.1): a random start, then
+``steps`` projected steps along the sign of the gradient (L-inf) or its
+normalised direction (L2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from tfrobust.errors import UserError, unknown_choice
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "cw", "trades_kl")
+STARTS = ("uniform", "gaussian", "none")
+
+
+def cross_entropy(logits, y):
+    """Per-example softmax cross-entropy ``CE(f(x), y)``."""
+    logits = tf.cast(logits, tf.float32)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32), logits=logits)
+
+
+def cw_margin(logits, y):
+    """Per-example Carlini-Wagner margin ``max_{k != y} z_k - z_y`` (Carlini & Wagner 2017, eq. f6)."""
+    logits = tf.cast(logits, tf.float32)
+    onehot = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits)[-1], dtype=tf.float32)
+    true = tf.reduce_sum(logits * onehot, axis=-1)
+    other = tf.reduce_max(logits - 1e9 * onehot, axis=-1)
+    return other - true
+
+
+def kl_divergence(p_logits, q_logits):
+    """Per-example ``KL(p || q) = sum_c p_c (log p_c - log q_c)`` from logits.
+
+    This is the TRADES/MART term (PyTorch ``KLDivLoss(reduction="sum")`` per
+    example), computed from log-softmax so that it is exact and finite.
+    """
+    log_p = tf.nn.log_softmax(tf.cast(p_logits, tf.float32), axis=-1)
+    log_q = tf.nn.log_softmax(tf.cast(q_logits, tf.float32), axis=-1)
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def kl_from_probabilities(p, q_logits):
+    """Per-example ``KL(p || softmax(q_logits))`` for a target distribution ``p``.
+
+    Terms with ``p_c = 0`` contribute zero (the convention ``0 log 0 = 0``).
+    """
+    p = tf.cast(p, tf.float32)
+    log_q = tf.nn.log_softmax(tf.cast(q_logits, tf.float32), axis=-1)
+    safe = tf.where(p > 0, p, tf.ones_like(p))
+    return tf.reduce_sum(tf.where(p > 0, p * (tf.math.log(safe) - log_q), tf.zeros_like(p)), axis=-1)
+
+
+def _per_example_norm(t, order):
+    flat = tf.reshape(t, [tf.shape(t)[0], -1])
+    if order == "l2":
+        n = tf.norm(flat, axis=1)
+    else:
+        n = tf.reduce_max(tf.abs(flat), axis=1)
+    return tf.reshape(n, [-1] + [1] * (len(t.shape) - 1))
+
+
+def project(x_adv, x, eps, norm="linf"):
+    """Projects ``x_adv`` onto the eps-ball around ``x`` and then onto [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = tf.clip_by_value(delta, -eps, eps)
+    else:
+        n = _per_example_norm(delta, "l2")
+        delta = delta * tf.minimum(1.0, eps / tf.maximum(n, 1e-12))
+    return tf.clip_by_value(x + delta, 0.0, 1.0)
+
+
+def _check(norm, loss, start, eps):
+    if norm not in NORMS:
+        raise unknown_choice("norm", norm, NORMS)
+    if loss not in LOSSES:
+        raise unknown_choice("attack loss", loss, LOSSES)
+    if start not in STARTS:
+        raise unknown_choice("random start", start, STARTS)
+    if isinstance(eps, (int, float)) and eps < 0:
+        raise UserError(f"eps must be >= 0, got {eps}")
+
+
+def _random(kind, shape, seed, dtype=tf.float32):
+    """Uniform [-1, 1) or standard normal noise; stateless when ``seed`` is given."""
+    if seed is None:
+        if kind == "uniform":
+            return tf.random.uniform(shape, -1.0, 1.0, dtype=dtype)
+        return tf.random.normal(shape, dtype=dtype)
+    seed = tf.cast(seed, tf.int32) if not isinstance(seed, int) else tf.constant([seed, 0], tf.int32)
+    if kind == "uniform":
+        return tf.random.stateless_uniform(shape, seed, -1.0, 1.0, dtype=dtype)
+    return tf.random.stateless_normal(shape, seed, dtype=dtype)
+
+
+def random_start(x, eps, norm="linf", kind="uniform", seed=None):
+    """The starting point of PGD.
+
+    ``uniform``: x + U(-eps, eps) for L-inf (Madry et al.); for L2 a point
+    uniformly distributed in the L2 ball. ``gaussian``: x + 0.001 N(0, 1)
+    (the TRADES and MART references). ``none``: x. Always clipped to [0, 1].
+    """
+    if kind == "none":
+        return x
+    if kind == "gaussian":
+        return tf.clip_by_value(x + 0.001 * _random("normal", tf.shape(x), seed), 0.0, 1.0)
+    if norm == "linf":
+        return tf.clip_by_value(x + eps * _random("uniform", tf.shape(x), seed), 0.0, 1.0)
+    direction = _random("normal", tf.shape(x), seed)
+    direction = direction / tf.maximum(_per_example_norm(direction, "l2"), 1e-12)
+    batch = tf.shape(x)[0]
+    dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
+    r_seed = None if seed is None else (tf.constant([seed, 1]) if isinstance(seed, int) else tf.cast(seed, tf.int32) + 1)
+    u = (_random("uniform", [batch], r_seed) + 1.0) / 2.0
+    radius = eps * tf.pow(u, 1.0 / dims)
+    radius = tf.reshape(radius, [-1] + [1] * (len(x.shape) - 1))
+    return tf.clip_by_value(x + direction * radius, 0.0, 1.0)
+
+
+def attack_loss(kind, logits, y, clean_logits=None):
+    """Per-example loss that the attack maximises."""
+    if kind == "ce":
+        return cross_entropy(logits, y)
+    if kind == "cw":
+        return cw_margin(logits, y)
+    return kl_divergence(tf.stop_gradient(clean_logits), logits)
+
+
+def pgd(
+    model_fn: Callable,
+    x,
+    y,
+    eps,
+    step_size,
+    steps: int,
+    norm: str = "linf",
+    loss: str = "ce",
+    random_start_kind: str = "uniform",
+    seed=None,
+    clean_logits=None,
+    x_init=None,
+):
+    """Projected gradient ascent on a per-example loss (Madry et al. 2018, eq. 2).
+
+    Args:
+      model_fn: maps images in [0, 1] to logits.
+      x, y: clean images (NHWC, float32 in [0, 1]) and integer labels.
+      eps: the radius of the ball (L-inf or L2).
+      step_size: the step (L-inf: per pixel; L2: Euclidean length).
+      steps: number of ascent steps (a Python int).
+      norm: "linf" or "l2".
+      loss: "ce" (cross-entropy), "cw" (CW margin) or "trades_kl"
+        (``KL(p(x) || p(x'))``, TRADES eq. 5 inner problem).
+      random_start_kind: "uniform", "gaussian" (0.001 N(0,1)) or "none".
+      seed: None (stateful random) or an int / shape-[2] int tensor for
+        stateless, reproducible noise.
+      clean_logits: logits at ``x``, used by ``trades_kl`` (computed if None).
+      x_init: a starting point that replaces the random start (projected
+        onto the ball); the trainer passes one drawn for the global batch.
+
+    Returns:
+      Adversarial images ``x'`` with ``||x' - x|| <= eps`` and ``x'`` in [0, 1].
+    """
+    _check(norm, loss, random_start_kind, eps)
+    x = tf.convert_to_tensor(x, tf.float32)
+    y = tf.convert_to_tensor(y)
+    eps = tf.cast(eps, tf.float32)
+    step_size = tf.cast(step_size, tf.float32)
+    if loss == "trades_kl" and clean_logits is None:
+        clean_logits = model_fn(x)
+    if x_init is None:
+        x_init = random_start(x, eps, norm, random_start_kind, seed)
+    x_adv = project(tf.convert_to_tensor(x_init, tf.float32), x, eps, norm)
+
+    def step(x_adv):
+        with tf.GradientTape() as tape:
+            tape.watch(x_adv)
+            value = tf.reduce_sum(attack_loss(loss, model_fn(x_adv), y, clean_logits))
+        grad = tf.cast(tape.gradient(value, x_adv), tf.float32)
+        if norm == "linf":
+            x_new = x_adv + step_size * tf.sign(grad)
+        else:
+            x_new = x_adv + step_size * grad / tf.maximum(_per_example_norm(grad, "l2"), 1e-12)
+        return project(tf.stop_gradient(x_new), x, eps, norm)
+
+    for _ in range(int(steps)):
+        x_adv = step(x_adv)
+    return tf.stop_gradient(x_adv)
+
+
+def fgsm(model_fn: Callable, x, y, eps, norm: str = "linf"):
+    """Fast gradient (sign) method (Goodfellow et al., ICLR 2015, eq. 3): one step of size eps from x."""
+    return pgd(model_fn, x, y, eps, eps, 1, norm=norm, loss="ce", random_start_kind="none")

@@ -1,0 +1,151 @@
+"""Command-line entry points behind train.py and evaluate.py.
+
+A user's mistake (unknown name, bad value, missing file, occupied workdir)
+prints one line ``error: ...`` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+
+from tfrobust.errors import UserError
+
+
+def _quiet_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+@contextlib.contextmanager
+def _user_errors():
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Adversarial training with weight-space defenses (AT, TRADES, MART + AWP, S2O, RAT).")
+    p.add_argument("--config", help="YAML experiment file (default: the Fashion-MNIST defaults)")
+    p.add_argument("--defense", help="e.g. at, trades, mart, awp, s2o, rat, trades+awp, trades+awp+s2o")
+    p.add_argument("--data", help="data set: fashion_mnist, mnist, cifar10, cifar100, svhn_cropped")
+    p.add_argument("--model", help="network: small_cnn, preact_resnet18, wide_resnet")
+    p.add_argument("--epochs", type=int, help="number of training epochs")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--workdir", help="run directory (default: runs/<data>-<defense>-<time>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument("--no-eval", action="store_true", help="train only; skip the final test evaluation")
+    return p
+
+
+def train_main(argv=None) -> int:
+    args = train_parser().parse_args(argv)
+    _quiet_tensorflow()
+    with _user_errors():
+        from tfrobust import config as config_lib
+
+        overrides = {}
+        for flag, key in (("defense", "defense.name"), ("data", "data.name"), ("model", "model.name"),
+                          ("epochs", "optim.epochs"), ("seed", "runtime.seed")):
+            if getattr(args, flag) is not None:
+                overrides[key] = getattr(args, flag)
+        overrides.update(config_lib.parse_overrides(args.set))
+        cfg = config_lib.load_config(args.config, overrides)
+        from tfrobust.defenses import parse_defense
+
+        cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name
+        from tfrobust import data as data_lib
+        from tfrobust import models
+
+        data_lib.dataset_info(cfg.data.name)
+        if cfg.model.name not in models.MODELS:
+            from tfrobust.errors import unknown_choice
+
+            raise unknown_choice("model", cfg.model.name, models.MODELS)
+        workdir = args.workdir or os.path.join(
+            "runs", f"{cfg.data.name}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        )
+        from tfrobust import evaluation, experiment
+
+        print(f"run directory: {workdir}")
+        if args.no_eval:
+            experiment.train(cfg, workdir)
+            return 0
+        report = experiment.train_and_evaluate(cfg, workdir, verbose=cfg.runtime.verbose > 0)
+        for which, result in report["models"].items():
+            print(f"\n{which} checkpoint ({'chosen on validation PGD accuracy' if which == 'best' else 'final epoch'}):")
+            print(evaluation.format_table(result))
+        print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.FINISHED)}")
+    return 0
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    from tfrobust.evaluation import attack_names_help
+
+    p = _Parser(description="Robust accuracy of a SavedModel, a .keras file or a tfrobust run directory.")
+    p.add_argument("--model", required=True, help="run directory, SavedModel directory or .keras file")
+    p.add_argument("--data", help="data set (default: the run's, else fashion_mnist)")
+    p.add_argument("--data-dir", help="directory with the data set's files")
+    p.add_argument("--eps", type=float, help="attack budget (default: the run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
+    p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
+    p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
+    p.add_argument("--examples", type=int, help="evaluate the first N test examples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten)")
+    return p
+
+
+def evaluate_main(argv=None) -> int:
+    args = evaluate_parser().parse_args(argv)
+    _quiet_tensorflow()
+    with _user_errors():
+        from tfrobust import evaluation, loading
+
+        if args.output and os.path.exists(args.output):
+            raise UserError(f"output file {args.output} exists; choose another --output")
+        if args.examples is not None and args.examples <= 0:
+            raise UserError("--examples must be > 0")
+        if args.eps is not None and args.eps < 0:
+            raise UserError(f"--eps must be >= 0, got {args.eps}")
+        if args.batch_size <= 0:
+            raise UserError("--batch-size must be > 0")
+        names = evaluation.parse_attacks(args.attacks)
+        loaded = loading.load(args.model)
+        settings = loading.evaluation_settings(loaded, args.data, args.eps, args.norm, args.data_dir)
+        from tfrobust import data as data_lib
+
+        x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
+        report = evaluation.evaluate(
+            loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
+            batch_size=args.batch_size, seed=args.seed,
+        )
+        report["model"] = args.model
+        report["data"] = settings["data"]
+        print(evaluation.format_table(report))
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(evaluation.to_json(report))
+            print(f"report: {args.output}")
+    return 0
+
+
+def main_guard(fn):
+    """Runs an entry point and exits with its status."""
+    sys.exit(fn())
+
+
+__all__ = ["train_main", "evaluate_main"]

@@ -1,0 +1,390 @@
+"""Image classification data sets as ``tf.data`` pipelines.
+
+Fashion-MNIST (the default) and MNIST are read from the gzip IDX files of the
+original distribution; Fashion-MNIST is also found in
+``/usr/share/datasets/fashion-mnist/`` when Debian's ``dataset-fashion-mnist``
+package is installed. Every other data set, and these two when no IDX files
+are at hand, comes through ``tensorflow_datasets``.
+
+Images stay ``uint8`` in memory and are turned into ``float32`` values in
+``[0, 1]`` inside the pipeline. A validation split is held out from the
+training split with a permutation fixed by a seed, so it never overlaps the
+examples trained on and never touches the test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import zlib
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfrobust.config import DataConfig
+from tfrobust.errors import UserError, unknown_choice
+
+SUPPORTED = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn_cropped")
+
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+# Pixels of zero padding before the random crop of the 32x32 data sets.
+CROP_PADDING = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a data set."""
+
+    name: str
+    image_shape: tuple  # (H, W, C)
+    num_classes: int
+    mean: tuple  # per-channel mean of the training images in [0, 1]
+    std: tuple  # per-channel standard deviation
+
+
+@dataclasses.dataclass
+class Datasets:
+    """The three splits of a data set, batched and ready for training."""
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    info: DatasetInfo
+    train_size: int
+    validation_size: int
+    test_size: int
+
+
+_INFO = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", (28, 28, 1), 10, (0.2860,), (0.3530,)),
+    "mnist": DatasetInfo("mnist", (28, 28, 1), 10, (0.1307,), (0.3081,)),
+    "cifar10": DatasetInfo("cifar10", (32, 32, 3), 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("cifar100", (32, 32, 3), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": DatasetInfo("svhn_cropped", (32, 32, 3), 10, (0.4377, 0.4438, 0.4728), (0.198, 0.201, 0.197)),
+}
+
+# The IDX file names of a split: (images, labels).
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# IDX element type codes (third byte of the magic number).
+_IDX_TYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Shape, number of classes and normalisation constants of ``name``."""
+    if name not in _INFO:
+        raise unknown_choice("data set", name, SUPPORTED)
+    return _INFO[name]
+
+
+# ---------------------------------------------------------------------------
+# IDX files
+
+
+def read_idx(path: str, limit: Optional[int] = None) -> np.ndarray:
+    """Reads an IDX file (gzip-compressed if its name ends in ``.gz``).
+
+    Args:
+      path: the file.
+      limit: read only the first ``limit`` entries along the first axis.
+
+    Raises:
+      UserError: the file is not a well-formed IDX file.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(4)
+            if len(header) != 4 or header[0] != 0 or header[1] != 0:
+                raise UserError(f"{path} is not an IDX file (bad magic number {header.hex() or 'missing'})")
+            dtype = _IDX_TYPES.get(header[2])
+            ndim = header[3]
+            if dtype is None or ndim == 0:
+                raise UserError(f"{path} is not an IDX file (bad magic number {header.hex()})")
+            dims_bytes = f.read(4 * ndim)
+            if len(dims_bytes) != 4 * ndim:
+                raise UserError(f"{path} is a truncated IDX file (incomplete header)")
+            dims = [int(d) for d in np.frombuffer(dims_bytes, dtype=">u4")]
+            count = dims[0] if limit is None else min(dims[0], max(int(limit), 0))
+            shape = [count] + dims[1:]
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            data = f.read(size)
+            if len(data) != size:
+                raise UserError(f"{path} is a truncated IDX file ({len(data)} of {size} data bytes)")
+            if count == dims[0] and f.read(1):
+                raise UserError(f"{path} has more data than its IDX header declares")
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path} could not be read as a gzip IDX file: {e}") from None
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_paths(directory: str, split: str) -> Optional[tuple]:
+    """The (images, labels) IDX paths of ``split`` in ``directory``, or None if absent.
+
+    Raises UserError when only one of the two files is there.
+    """
+    found = []
+    for base in _IDX_FILES[split]:
+        path = None
+        for candidate in (base + ".gz", base):
+            if os.path.isfile(os.path.join(directory, candidate)):
+                path = os.path.join(directory, candidate)
+                break
+        found.append(path)
+    if found[0] is None and found[1] is None:
+        return None
+    if found[0] is None or found[1] is None:
+        missing = _IDX_FILES[split][0 if found[0] is None else 1]
+        raise UserError(f"{directory} has only one of the two IDX files of the {split} split: {missing}.gz is missing")
+    return found[0], found[1]
+
+
+def _load_idx(name: str, images_path: str, labels_path: str, limit: Optional[int]) -> tuple:
+    info = dataset_info(name)
+    images = read_idx(images_path, limit)
+    labels = read_idx(labels_path, limit)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise UserError(f"{images_path} does not hold uint8 images of shape (N, H, W)")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UserError(f"{labels_path} does not hold integer labels of shape (N,)")
+    if images.shape[0] != labels.shape[0]:
+        raise UserError(
+            f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
+        )
+    images = images[..., np.newaxis]
+    if images.shape[1:] != info.image_shape:
+        raise UserError(f"{images_path} holds images of shape {images.shape[1:]}, not {info.image_shape} as {name} has")
+    if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
+        raise UserError(f"{labels_path} has labels outside 0..{info.num_classes - 1}")
+    return images, labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------
+# tensorflow_datasets
+
+
+def _load_tfds(name: str, split: str, data_dir: Optional[str], limit: Optional[int]) -> tuple:
+    import tensorflow_datasets as tfds
+
+    split_arg = split if limit is None else f"{split}[:{int(limit)}]"
+    try:
+        ds = tfds.load(name, split=split_arg, data_dir=data_dir, as_supervised=True, shuffle_files=False)
+        images, labels = [], []
+        for x, y in tfds.as_numpy(ds.batch(4096)):
+            images.append(x)
+            labels.append(y)
+    except Exception as e:  # tfds raises many kinds when it cannot download or find the data.
+        raise UserError(
+            f"data set {name!r} could not be loaded through tensorflow_datasets ({type(e).__name__}); "
+            "pass data.data_dir=DIR with the prepared data set, or run with a network"
+        ) from e
+    info = dataset_info(name)
+    if images:
+        x = np.concatenate(images)
+        y = np.concatenate(labels)
+    else:
+        x = np.zeros((0,) + info.image_shape, np.uint8)
+        y = np.zeros((0,), np.int64)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    if x.shape[1:] != info.image_shape:
+        raise UserError(f"data set {name!r} from tensorflow_datasets has images of shape {x.shape[1:]}")
+    return x.astype(np.uint8, copy=False), y.astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------------------
+# Arrays
+
+
+def _check_data_dir(data_dir: Optional[str]) -> None:
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise UserError(f"data.data_dir {data_dir!r} does not exist or is not a directory")
+
+
+def load_arrays(
+    name: str, split: str, data_dir: Optional[str] = None, limit: Optional[int] = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads one split of a data set into memory, in file order.
+
+    Args:
+      name: one of :data:`SUPPORTED`.
+      split: ``"train"`` or ``"test"``.
+      data_dir: a directory with the IDX files (Fashion-MNIST, MNIST) or
+        tensorflow_datasets' data directory; None for the defaults.
+      limit: keep only the first ``limit`` examples.
+
+    Returns:
+      ``uint8`` images of shape (N, H, W, C) and ``int64`` labels of shape (N,).
+    """
+    info = dataset_info(name)
+    if split not in _IDX_FILES:
+        raise unknown_choice("split", split, tuple(_IDX_FILES))
+    if limit is not None and limit < 0:
+        raise UserError(f"limit must be >= 0, got {limit}")
+    _check_data_dir(data_dir)
+    directories = []
+    if data_dir is not None:
+        directories.append(data_dir)
+    if name == "fashion_mnist":
+        directories.append(DEBIAN_FASHION_MNIST_DIR)
+    if info.image_shape == (28, 28, 1):
+        for directory in directories:
+            if os.path.isdir(directory):
+                paths = _idx_paths(directory, split)
+                if paths is not None:
+                    return _load_idx(name, paths[0], paths[1], limit)
+    return _load_tfds(name, split, data_dir, limit)
+
+
+def load_test_arrays(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> tuple:
+    """The test split as ``float32`` images in [0, 1] (NHWC) and ``int32`` labels."""
+    x, y = load_arrays(name, "test", data_dir=data_dir, limit=limit)
+    return x.astype(np.float32) / np.float32(255.0), y.astype(np.int32)
+
+
+def split_indices(num_examples: int, validation_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices into a training split of ``num_examples``.
+
+    The split is permuted with a generator seeded by ``seed``; the last
+    ``validation_examples`` of the permutation are validation, the rest are
+    training. The two never share an index.
+    """
+    if validation_examples < 0:
+        raise UserError(f"data.validation_examples must be >= 0, got {validation_examples}")
+    if validation_examples >= num_examples:
+        raise UserError(
+            f"data.validation_examples={validation_examples} leaves no training examples "
+            f"(the training split has {num_examples})"
+        )
+    permutation = np.random.default_rng(seed).permutation(num_examples)
+    cut = num_examples - validation_examples
+    return permutation[:cut], permutation[cut:]
+
+
+# ---------------------------------------------------------------------------
+# Augmentation
+
+
+def augment_options(name: str, augment: bool = True) -> Optional[dict]:
+    """Keyword arguments of :func:`augment_batch` for ``name``, or None for none.
+
+    32x32 data sets get a 4-pixel pad and random crop, plus a random
+    horizontal flip except on SVHN, whose digits are not mirror symmetric.
+    28x28 data sets are not augmented.
+    """
+    info = dataset_info(name)
+    if not augment or info.image_shape[:2] != (32, 32):
+        return None
+    return {"pad": CROP_PADDING, "flip_probability": 0.0 if name == "svhn_cropped" else 0.5}
+
+
+def augment_batch(images: tf.Tensor, seed, pad: int = CROP_PADDING, flip_probability: float = 0.5) -> tf.Tensor:
+    """Random crops (after zero padding) and horizontal flips of a batch.
+
+    Args:
+      images: (B, H, W, C) images.
+      seed: a stateless seed, an int tensor of shape (2,).
+      pad: pixels of zeros added on every side before cropping back to (H, W).
+      flip_probability: chance that an image is mirrored left to right.
+    """
+    images = tf.convert_to_tensor(images)
+    seed = tf.cast(seed, tf.int64)
+    shape = tf.shape(images)
+    batch, height, width = shape[0], images.shape[1], images.shape[2]
+    if pad > 0:
+        padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        offsets = tf.random.stateless_uniform(
+            [batch, 2], seed=tf.stack([seed[0], seed[1] * 2]), minval=0, maxval=2 * pad + 1, dtype=tf.int32
+        )
+        rows = offsets[:, :1] + tf.range(height)[tf.newaxis, :]
+        cols = offsets[:, 1:] + tf.range(width)[tf.newaxis, :]
+        images = tf.gather(padded, rows, axis=1, batch_dims=1)
+        images = tf.gather(images, cols, axis=2, batch_dims=1)
+    if flip_probability > 0:
+        draw = tf.random.stateless_uniform([batch], seed=tf.stack([seed[0], seed[1] * 2 + 1]))
+        flip = draw < flip_probability
+        images = tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
+    return images
+
+
+# ---------------------------------------------------------------------------
+# Pipelines
+
+
+def _to_float(x, y):
+    return tf.cast(x, tf.float32) / 255.0, tf.cast(y, tf.int32)
+
+
+def _eval_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
+    return ds.batch(batch_size).map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _train_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
+    buffer = max(1, min(int(cfg.shuffle_buffer), len(x)))
+    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+    options = augment_options(cfg.name, cfg.augment)
+    if options is None:
+        ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, seeds))
+
+        def augment(batch, random):
+            images, labels = _to_float(*batch)
+            stateless_seed = tf.stack([random, tf.constant(0, tf.int64)])
+            return augment_batch(images, stateless_seed, **options), labels
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
+    """Builds the train, validation and test pipelines described by ``cfg``.
+
+    The training split is permuted with ``seed``; its last
+    ``cfg.validation_examples`` examples become the validation set and the
+    first ``cfg.train_examples`` of the rest the training set. The test set
+    is the first ``cfg.test_examples`` of the test split, in file order.
+    ``train`` is shuffled anew (and augmented) on each pass; one pass is
+    one epoch.
+    """
+    info = dataset_info(cfg.name)
+    if cfg.batch_size <= 0 or cfg.eval_batch_size <= 0:
+        raise UserError("data.batch_size and data.eval_batch_size must be > 0")
+    for key in ("train_examples", "test_examples"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise UserError(f"data.{key} must be > 0, got {value}")
+    _check_data_dir(cfg.data_dir)
+    x_train, y_train = load_arrays(cfg.name, "train", cfg.data_dir)
+    train_idx, val_idx = split_indices(len(x_train), cfg.validation_examples, seed)
+    if cfg.train_examples is not None:
+        train_idx = train_idx[: cfg.train_examples]
+    x_test, y_test = load_arrays(cfg.name, "test", cfg.data_dir, limit=cfg.test_examples)
+    x_val, y_val = x_train[val_idx], y_train[val_idx]
+    x_tr, y_tr = x_train[train_idx], y_train[train_idx]
+    del x_train, y_train
+    return Datasets(
+        train=_train_pipeline(x_tr, y_tr, cfg, seed),
+        validation=_eval_pipeline(x_val, y_val, cfg.eval_batch_size),
+        test=_eval_pipeline(x_test, y_test, cfg.eval_batch_size),
+        info=info,
+        train_size=len(x_tr),
+        validation_size=len(x_val),
+        test_size=len(x_test),
+    )

@@ -1,0 +1,23 @@
+"""PGD adversarial training (Madry et al., ICLR 2018, eq. 2.1).
+
+Outer objective ``L = CE(f(x'), y)``; the inner attack is PGD on the
+cross-entropy from a uniform random start (ALGORITHMS.md sections 1 and 2).
+"""
+
+from tfrobust.attacks import cross_entropy
+
+NAME = "at"
+ATTACK_LOSS = "ce"
+ATTACK_START = "uniform"
+NEEDS_CLEAN_LOGITS = False
+DEFAULT_BETA = None
+
+
+def loss_terms(logits_clean, logits_adv, y, beta=None):
+    """Per-example ``(primary, regulariser, terms)`` of PGD-AT.
+
+    ``primary`` is the classification term that S2O rescales by ``1 - a``;
+    AT has no regulariser (zeros).
+    """
+    ce = cross_entropy(logits_adv, y)
+    return ce, 0.0 * ce, {"ce_adv": ce}

@@ -1,0 +1,97 @@
+"""Randomized adversarial training, RAT (Jin et al., CVPR 2023, eq. 8-10 and Appendix D).
+
+RAT adds small Gaussian noise ``u ~ N(0, sigma^2)`` to the weights and trains
+on a first- and second-order Taylor expansion of the loss under that noise.
+The reference (Alexkael/Randomized-Adversarial-Training,
+TRADES_first_second/) does this:
+
+1. The TRADES attack runs against randomised weights: the convolution
+   kernels plus ``u`` (sigma = 1e-4, absolute). The model's own weights are
+   untouched.
+2. ``G_nat`` and ``G_adv``: gradients of ``CE(f(x), y)`` and ``CE(f(x'), y)``
+   with respect to the last dense kernel (constants). Per class,
+   ``t1 = |sum_j G[c, j]|`` and ``t2 = (sum_j G[c, j])^2``.
+3. ``reg_gap(v)``: ``u = (v - min v) / sum(v - min v)``; a C x C matrix with
+   every row ``u``, zero diagonal, rows rescaled to sum ``c``, diagonal
+   ``1 - c`` (``c = 1 - 2/C``).
+   ``y1 = reg_gap(t1_nat - t1_adv)[y]``, ``y2 = reg_gap(t1_adv - t1_nat)[y]``,
+   ``yy1 = reg_gap(t2_nat - t2_adv)[y]``, ``yy2 = reg_gap(t2_adv - t2_nat)[y]``.
+4. ``first = (KL(y1 || p(x')) + KL(y2 || p(x))) / 2``,
+   ``second = (KL(yy1 || p(x')) + KL(yy2 || p(x))) / 2``,
+   ``L = (1 - alpha) CE(f(x), y) + alpha first + alpha/2 second + beta KL(p(x) || p(x'))``,
+   alpha = 0.2, beta = 6.
+
+The reference computes ``yy1`` from ``t2_adv - t2_nat`` (the same matrix as
+``yy2``) and handles only 10 or 100 classes; here ``yy1`` follows the paper by
+default, and ``reference_quirk=True`` reproduces the reference. With AWP, RAT
+uses no weight noise: the loss above is evaluated at the AWP-perturbed weights
+(ALGORITHMS.md section 5).
+"""
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfrobust.attacks import kl_from_probabilities
+
+NAME = "rat"
+DEFAULT_ALPHA = 0.2
+DEFAULT_SIGMA = 1e-4
+
+
+def noisy_variables(variables):
+    """The variables RAT randomises: convolution kernels (rank >= 3)."""
+    return [v for v in variables if len(v.shape) >= 3]
+
+
+def weight_noise(variables, sigma, seed):
+    """Draws ``u_l ~ N(0, sigma^2)`` for every variable, reproducibly from ``seed``.
+
+    ``seed`` is a shape-[2] integer tensor (stateless sampling); each variable
+    gets its own stream derived from it.
+    """
+    normal = tfp.distributions.Normal(loc=0.0, scale=tf.cast(sigma, tf.float32))
+    seeds = tfp.random.split_seed(tf.cast(seed, tf.int32), n=max(len(variables), 1))
+    return [
+        tf.cast(normal.sample(v.shape, seed=seeds[i]), v.dtype) for i, v in enumerate(variables)
+    ]
+
+
+def class_gradient_sums(kernel_gradient):
+    """``sum_j G[c, j]`` per class for a Keras Dense kernel gradient of shape (d, C)."""
+    return tf.reduce_sum(tf.cast(kernel_gradient, tf.float32), axis=0)
+
+
+def reg_gap(values, c=None):
+    """The C x C soft-target matrix built from a per-class vector (step 3 above)."""
+    values = tf.convert_to_tensor(values, tf.float32)
+    num_classes = values.shape[-1]
+    if c is None:
+        c = 1.0 - 2.0 / float(num_classes)
+    u = values - tf.reduce_min(values)
+    u = tf.math.divide_no_nan(u, tf.reduce_sum(u))
+    off_diagonal = 1.0 - tf.eye(num_classes, dtype=tf.float32)
+    t = tf.tile(u[None, :], [num_classes, 1]) * off_diagonal
+    t = c * tf.math.divide_no_nan(t, tf.reduce_sum(t, axis=1, keepdims=True))
+    return t + (1.0 - c) * tf.eye(num_classes, dtype=tf.float32)
+
+
+def taylor_targets(grad_nat, grad_adv, y, reference_quirk=False):
+    """The soft targets ``(y1, y2, yy1, yy2)`` from the last-layer gradients."""
+    s_nat = class_gradient_sums(grad_nat)
+    s_adv = class_gradient_sums(grad_adv)
+    t1_nat, t1_adv = tf.abs(s_nat), tf.abs(s_adv)
+    t2_nat, t2_adv = tf.square(s_nat), tf.square(s_adv)
+    y = tf.cast(y, tf.int32)
+    y1 = tf.gather(reg_gap(t1_nat - t1_adv), y)
+    y2 = tf.gather(reg_gap(t1_adv - t1_nat), y)
+    yy2 = tf.gather(reg_gap(t2_adv - t2_nat), y)
+    yy1 = yy2 if reference_quirk else tf.gather(reg_gap(t2_nat - t2_adv), y)
+    return tuple(tf.stop_gradient(t) for t in (y1, y2, yy1, yy2))
+
+
+def taylor_terms(logits_clean, logits_adv, targets):
+    """Per-example first- and second-order terms (step 4 above)."""
+    y1, y2, yy1, yy2 = targets
+    first = 0.5 * (kl_from_probabilities(y1, logits_adv) + kl_from_probabilities(y2, logits_clean))
+    second = 0.5 * (kl_from_probabilities(yy1, logits_adv) + kl_from_probabilities(yy2, logits_clean))
+    return first, second

@@ -1,0 +1,21 @@
+"""TRADES (Zhang et al., ICML 2019, eq. 5; reference yaodongyu/TRADES trades.py).
+
+``L = CE(f(x), y) + beta * KL(p(x) || p(x'))``, beta = 6, with no stop-gradient
+on either branch. The inner attack ascends ``KL(p(x) || p(x'))`` from
+``x + 0.001 N(0, 1)`` (ALGORITHMS.md sections 1 and 2).
+"""
+
+from tfrobust.attacks import cross_entropy, kl_divergence
+
+NAME = "trades"
+ATTACK_LOSS = "trades_kl"
+ATTACK_START = "gaussian"
+NEEDS_CLEAN_LOGITS = True
+DEFAULT_BETA = 6.0
+
+
+def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
+    """Per-example ``(primary, regulariser, terms)``: CE on clean inputs and beta * KL."""
+    ce = cross_entropy(logits_clean, y)
+    kl = kl_divergence(logits_clean, logits_adv)
+    return ce, beta * kl, {"ce_clean": ce, "kl": kl}

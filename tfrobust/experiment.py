@@ -1,0 +1,215 @@
+"""Training runs: build everything from a config, fit, export, evaluate.
+
+A run directory holds:
+
+- ``config.yaml``: the effective configuration;
+- ``tensorboard/``: Keras' TensorBoard logs (every metric and the learning rate);
+- ``checkpoints/``: ``last.weights.h5`` every epoch and ``best.weights.h5``,
+  chosen on robust accuracy on the validation split (never the test split);
+- ``backup/``: Keras' BackupAndRestore state while a run is unfinished; rerun
+  the same command to resume;
+- ``history.csv`` and ``history.json``: the metrics of every epoch;
+- ``model.keras`` / ``best.keras``: the last and best networks;
+- ``saved_model/`` / ``saved_model_best/``: the same exported as SavedModels
+  whose ``serve`` endpoint maps float32 NHWC images in [0, 1] to logits;
+- ``report.json``: the final test evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+import yaml
+
+from tfrobust import data as data_lib
+from tfrobust import evaluation
+from tfrobust import models
+from tfrobust.config import ExperimentConfig, to_dict
+from tfrobust.defenses import parse_defense
+from tfrobust.errors import UserError
+from tfrobust.trainer import RobustModel
+
+FINISHED = "report.json"
+
+
+def build_strategy(runtime) -> tf.distribute.Strategy:
+    """The tf.distribute strategy named by ``runtime.strategy``."""
+    if runtime.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy(runtime.devices or None)
+    return tf.distribute.get_strategy()
+
+
+def jit_setting(runtime):
+    """Keras' jit_compile value: "auto" leaves the choice to Keras (no XLA on CPU)."""
+    return {"auto": "auto", "on": True, "off": False}[runtime.jit_compile]
+
+
+def learning_rate_schedule(optim, steps_per_epoch: int):
+    """Piecewise-constant learning rate: ``lr`` times ``decay_factor`` at each fraction in ``decay_at``."""
+    total = optim.epochs * steps_per_epoch
+    boundaries = sorted({int(round(f * total)) for f in optim.decay_at if 0 < f < 1})
+    if not boundaries:
+        return optim.lr
+    values = [optim.lr * optim.decay_factor**i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the current learning rate to the epoch logs (TensorBoard, CSV, history)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def prepare_workdir(workdir: str) -> bool:
+    """Creates ``workdir``; returns True when an unfinished run is there to resume.
+
+    A finished run (one with a report) or a non-empty directory that is not a
+    run of ours is never overwritten.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} exists and is not a directory")
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        if os.path.exists(os.path.join(workdir, FINISHED)):
+            raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
+        if not os.path.exists(os.path.join(workdir, "config.yaml")):
+            raise UserError(f"workdir {workdir} is not empty and holds no tfrobust run; choose another --workdir")
+        return True
+    os.makedirs(workdir, exist_ok=True)
+    return False
+
+
+def build(config: ExperimentConfig, datasets=None):
+    """Data, network and compiled RobustModel for a config (inside the strategy scope)."""
+    defense = parse_defense(config.defense.name, config.defense)
+    if datasets is None:
+        datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
+    info = datasets.info
+    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
+    strategy = build_strategy(config.runtime)
+    with strategy.scope():
+        network = models.build_model(
+            config.model.name, info.image_shape, info.num_classes, info.mean, info.std,
+            depth=config.model.depth, width=config.model.width, seed=config.runtime.seed,
+        )
+        model = RobustModel(
+            network, defense,
+            eps=config.attack.eps, step_size=config.attack.step_size, steps=config.attack.steps,
+            norm=config.attack.norm, bn_mode=config.attack.bn_mode, steps_per_epoch=steps_per_epoch,
+            weight_decay=config.optim.weight_decay, eval_steps=config.eval.pgd_steps,
+            eval_step_size=config.eval.step_size, seed=config.runtime.seed,
+        )
+        optimizer = keras.optimizers.SGD(
+            learning_rate_schedule(config.optim, steps_per_epoch),
+            momentum=config.optim.momentum, nesterov=config.optim.nesterov,
+        )
+        model.compile(optimizer=optimizer, jit_compile=jit_setting(config.runtime))
+        model(np.zeros((1,) + tuple(info.image_shape), np.float32))
+    return model, datasets, strategy
+
+
+def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=None):
+    """Trains per ``config`` into ``workdir`` (resuming an unfinished run there).
+
+    Returns ``(model, datasets, history)`` where history maps metric names to
+    per-epoch lists.
+    """
+    resuming = prepare_workdir(workdir)
+    config_path = os.path.join(workdir, "config.yaml")
+    if resuming:
+        with open(config_path) as f:
+            saved = yaml.safe_load(f)
+        if saved != to_dict(config):
+            raise UserError(f"workdir {workdir} holds an unfinished run with a different config; resume with the same command or choose another --workdir")
+    else:
+        with open(config_path, "w") as f:
+            yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    keras.utils.set_random_seed(config.runtime.seed)
+    model, datasets, _ = build(config, datasets)
+    ckpt = os.path.join(workdir, "checkpoints")
+    os.makedirs(ckpt, exist_ok=True)
+    callbacks = [
+        LearningRateLogger(),
+        keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")),
+        keras.callbacks.ModelCheckpoint(os.path.join(ckpt, "last.weights.h5"), save_weights_only=True),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+        *extra_callbacks,
+    ]
+    has_validation = datasets.validation_size > 0
+    if has_validation:
+        callbacks.insert(3, keras.callbacks.ModelCheckpoint(
+            os.path.join(ckpt, "best.weights.h5"), monitor="val_pgd_accuracy", mode="max",
+            save_best_only=True, save_weights_only=True,
+        ))
+    start = time.time()
+    fit = model.fit(
+        datasets.train, epochs=config.optim.epochs,
+        validation_data=datasets.validation if has_validation else None,
+        callbacks=callbacks, verbose=config.runtime.verbose,
+    )
+    seconds = time.time() - start
+    history = _read_history(workdir, fit.history)
+    history["train_seconds"] = seconds
+    with open(os.path.join(workdir, "history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    save_networks(model, workdir, has_validation)
+    return model, datasets, history
+
+
+def _read_history(workdir, fallback):
+    """All epochs of the run, from the CSV log (continuous across resumes)."""
+    path = os.path.join(workdir, "history.csv")
+    if not os.path.exists(path):
+        return {k: [float(v) for v in vals] for k, vals in fallback.items()}
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    keys = rows[0].keys() if rows else []
+    return {k: [float(r[k]) if r[k] not in ("", None) else None for r in rows] for k in keys}
+
+
+def save_networks(model: RobustModel, workdir: str, has_best: bool) -> None:
+    """Saves the last (and best) network as .keras and as SavedModel."""
+    model.network.save(os.path.join(workdir, "model.keras"))
+    model.network.export(os.path.join(workdir, "saved_model"), format="tf_saved_model", verbose=False)
+    best = os.path.join(workdir, "checkpoints", "best.weights.h5")
+    if has_best and os.path.exists(best):
+        last = [v.numpy() for v in model.weights]
+        model.load_weights(best)
+        model.network.save(os.path.join(workdir, "best.keras"))
+        model.network.export(os.path.join(workdir, "saved_model_best"), format="tf_saved_model", verbose=False)
+        for v, value in zip(model.weights, last):
+            v.assign(value)
+
+
+def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = True) -> dict:
+    """Trains, then evaluates the last and best networks on the test split."""
+    model, datasets, history = train(config, workdir)
+    x_test, y_test = data_lib.load_test_arrays(config.data.name, config.data.data_dir, config.data.test_examples)
+    report = {"config": to_dict(config), "train_seconds": history["train_seconds"], "models": {}}
+    for which in ("model.keras", "best.keras"):
+        path = os.path.join(workdir, which)
+        if not os.path.exists(path):
+            continue
+        network = keras.saving.load_model(path)
+        model_fn = lambda x, net=network: net(x, training=False)  # noqa: E731
+        result = evaluation.evaluate(
+            model_fn, x_test, y_test, config.attack.eps, config.attack.norm,
+            attacks=("clean", "fgsm", f"pgd{config.eval.pgd_steps}_ce", f"pgd{config.eval.pgd_steps}_cw"),
+            step_size=config.eval.step_size, batch_size=config.data.eval_batch_size,
+            seed=config.runtime.seed, verbose=verbose,
+        )
+        result.pop("correct")
+        report["models"]["last" if which == "model.keras" else "best"] = result
+    with open(os.path.join(workdir, FINISHED), "w") as f:
+        json.dump(report, f, indent=2)
+    return report

@@ -1,0 +1,82 @@
+"""Loading a model to evaluate: a tfrobust run directory, a SavedModel or a .keras file.
+
+Every form gives a ``model_fn`` that maps float32 NHWC images in [0, 1] to
+float32 logits; a run directory and a .keras file also give the Keras
+network (needed where weights are perturbed, e.g. flatness).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Optional
+
+import tensorflow as tf
+import yaml
+
+from tfrobust.errors import UserError
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    path: str
+    model_fn: Callable
+    network: Optional[object] = None  # a keras.Model when available
+    run_config: Optional[dict] = None  # the run's config.yaml, for run directories
+
+
+def _keras(path: str):
+    import keras
+
+    return keras.saving.load_model(path)
+
+
+def load(path: str, which: str = "last") -> LoadedModel:
+    """Loads ``path``; for a run directory ``which`` is "last" or "best"."""
+    if not os.path.exists(path):
+        raise UserError(f"model not found: {path}")
+    if os.path.isfile(path):
+        if not path.endswith(".keras"):
+            raise UserError(f"{path} is a file but not a .keras model; pass a run directory, a SavedModel directory or a .keras file")
+        network = _keras(path)
+        return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network)
+    config_path = os.path.join(path, "config.yaml")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            run_config = yaml.safe_load(f)
+        name = "best.keras" if which == "best" else "model.keras"
+        keras_path = os.path.join(path, name)
+        if not os.path.exists(keras_path):
+            raise UserError(f"run directory {path} has no {name}: the run has not finished; rerun its training command to resume it")
+        network = _keras(keras_path)
+        return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network, run_config)
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        loaded = tf.saved_model.load(path)
+        if "serve" in getattr(loaded, "signatures", {}) or hasattr(loaded, "serve"):
+            serve = loaded.serve if hasattr(loaded, "serve") else loaded.signatures["serve"]
+        elif "serving_default" in loaded.signatures:
+            serve = loaded.signatures["serving_default"]
+        else:
+            raise UserError(f"SavedModel {path} has no serve or serving_default endpoint")
+
+        def model_fn(x, serve=serve):
+            out = serve(x)
+            if isinstance(out, dict):
+                out = next(iter(out.values()))
+            return tf.cast(out, tf.float32)
+
+        return LoadedModel(path, model_fn, None)
+    raise UserError(f"{path} is neither a tfrobust run directory, a SavedModel nor a .keras file")
+
+
+def evaluation_settings(loaded: LoadedModel, data=None, eps=None, norm=None, data_dir=None) -> dict:
+    """Data set and threat model: command line first, then the run's config, then defaults."""
+    cfg = loaded.run_config or {}
+    data = data or cfg.get("data", {}).get("name") or "fashion_mnist"
+    data_dir = data_dir or cfg.get("data", {}).get("data_dir")
+    if eps is None:
+        eps = cfg.get("attack", {}).get("eps")
+    if eps is None:
+        eps = 0.1 if data in ("fashion_mnist", "mnist") else 8 / 255
+    norm = norm or cfg.get("attack", {}).get("norm") or "linf"
+    return {"data": data, "data_dir": data_dir, "eps": float(eps), "norm": norm}

@@ -1,0 +1,199 @@
+"""Image classifiers as functional Keras models.
+
+Every model takes ``float32`` NHWC images in ``[0, 1]``, normalises them per
+channel inside the model (so attacks work in pixel space), and ends in a
+``Dense`` layer named ``"logits"`` that returns raw logits. Defenses that act
+on the last layer's weights find it with ``model.get_layer("logits")``.
+
+* ``small_cnn``: two convolutions, two poolings and two dense layers.
+* ``preact_resnet18``: the pre-activation ResNet-18 of He et al. (2016),
+  identity mappings, as used for CIFAR-10 adversarial training.
+* ``wide_resnet``: WideResNet-depth-width of Zagoruyko & Komodakis (2016),
+  pre-activation, no dropout; WRN-34-10 by default.
+
+BatchNormalization uses momentum 0.9 and epsilon 1e-5 (PyTorch's defaults);
+ResNet convolutions have no bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import numpy as np
+
+from tfrobust.errors import UserError, unknown_choice
+
+MODELS = ("small_cnn", "preact_resnet18", "wide_resnet")
+
+LOGITS_LAYER = "logits"
+NORMALIZATION_LAYER = "normalize"
+
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+class _Initializers:
+    """Hands out initializers whose seeds derive from one model seed, one per layer."""
+
+    def __init__(self, seed: Optional[int]):
+        self.seed = seed
+        self.count = 0
+
+    def _next_seed(self) -> Optional[int]:
+        if self.seed is None:
+            return None
+        self.count += 1
+        return (int(self.seed) * 1_000_003 + self.count) % (2**31 - 1)
+
+    def conv(self):
+        return keras.initializers.HeNormal(seed=self._next_seed())
+
+    def dense(self):
+        return keras.initializers.GlorotUniform(seed=self._next_seed())
+
+
+def _normalize(x, mean, std, channels: int):
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    std = np.ones_like(mean) if std is None else np.asarray(std, dtype=np.float64).reshape(-1)
+    if mean.size != channels or std.size != channels:
+        raise UserError(
+            f"normalisation needs one mean and one std per channel ({channels}), got {mean.size} and {std.size}"
+        )
+    if np.any(std <= 0):
+        raise UserError(f"normalisation std must be > 0, got {tuple(std)}")
+    layer = keras.layers.Normalization(
+        axis=-1, mean=mean.tolist(), variance=(std**2).tolist(), name=NORMALIZATION_LAYER
+    )
+    return layer(x)
+
+
+def _bn_relu(x):
+    x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON)(x)
+    return keras.layers.ReLU()(x)
+
+
+def _conv3x3(x, filters: int, stride: int, init: _Initializers):
+    """A 3x3 convolution padded by one pixel on every side, as in the reference networks."""
+    if stride == 1:
+        return keras.layers.Conv2D(
+            filters, 3, strides=1, padding="same", use_bias=False, kernel_initializer=init.conv()
+        )(x)
+    x = keras.layers.ZeroPadding2D(1)(x)
+    return keras.layers.Conv2D(
+        filters, 3, strides=stride, padding="valid", use_bias=False, kernel_initializer=init.conv()
+    )(x)
+
+
+def _conv1x1(x, filters: int, stride: int, init: _Initializers):
+    return keras.layers.Conv2D(
+        filters, 1, strides=stride, padding="valid", use_bias=False, kernel_initializer=init.conv()
+    )(x)
+
+
+def _preact_block(x, filters: int, stride: int, init: _Initializers):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus a shortcut.
+
+    The shortcut is the identity when the shape is kept, else a 1x1 convolution
+    of the pre-activated input.
+    """
+    in_filters = x.shape[-1]
+    out = _bn_relu(x)
+    if stride != 1 or in_filters != filters:
+        shortcut = _conv1x1(out, filters, stride, init)
+    else:
+        shortcut = x
+    out = _conv3x3(out, filters, stride, init)
+    out = _bn_relu(out)
+    out = _conv3x3(out, filters, 1, init)
+    return keras.layers.Add()([out, shortcut])
+
+
+def _head(x, num_classes: int, init: _Initializers):
+    x = _bn_relu(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.layers.Dense(num_classes, use_bias=True, kernel_initializer=init.dense(), name=LOGITS_LAYER)(x)
+
+
+def _small_cnn(x, num_classes: int, init: _Initializers):
+    x = keras.layers.Conv2D(32, 3, activation="relu", kernel_initializer=init.dense())(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(64, 3, activation="relu", kernel_initializer=init.dense())(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(256, activation="relu", kernel_initializer=init.dense())(x)
+    return keras.layers.Dense(num_classes, use_bias=True, kernel_initializer=init.dense(), name=LOGITS_LAYER)(x)
+
+
+def _preact_resnet18(x, num_classes: int, init: _Initializers):
+    x = _conv3x3(x, 64, 1, init)
+    for filters, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        x = _preact_block(x, filters, stride, init)
+        x = _preact_block(x, filters, 1, init)
+    return _head(x, num_classes, init)
+
+
+def _wide_resnet(x, num_classes: int, depth: int, width: int, init: _Initializers):
+    blocks = (depth - 4) // 6
+    x = _conv3x3(x, 16, 1, init)
+    for filters, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
+        for i in range(blocks):
+            x = _preact_block(x, filters, stride if i == 0 else 1, init)
+    return _head(x, num_classes, init)
+
+
+def build_model(
+    name: str,
+    input_shape: tuple,
+    num_classes: int,
+    mean=None,
+    std=None,
+    *,
+    depth: int = 34,
+    width: int = 10,
+    seed: Optional[int] = None,
+) -> keras.Model:
+    """Builds a classifier from :data:`MODELS`.
+
+    Args:
+      name: ``"small_cnn"``, ``"preact_resnet18"`` or ``"wide_resnet"``.
+      input_shape: (H, W, C) of the images.
+      num_classes: number of logits.
+      mean, std: per-channel constants for ``(x - mean) / std`` applied first
+        inside the model; no normalisation when ``mean`` is None (``std``
+        alone defaults to ones).
+      depth, width: WideResNet depth (``(depth - 4) % 6 == 0``) and widening
+        factor; ignored by the other models.
+      seed: makes the initial weights reproducible; None draws them from
+        Keras' global random state.
+
+    Returns:
+      A functional ``keras.Model`` whose last layer is the Dense ``"logits"``.
+    """
+    if name not in MODELS:
+        raise unknown_choice("model", name, MODELS)
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) != 3 or min(input_shape) <= 0:
+        raise UserError(f"input_shape must be (height, width, channels), got {input_shape}")
+    if int(num_classes) < 2:
+        raise UserError(f"num_classes must be >= 2, got {num_classes}")
+    if name == "wide_resnet":
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise UserError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+        if width < 1:
+            raise UserError(f"wide_resnet width must be >= 1, got {width}")
+    init = _Initializers(seed)
+    inputs = keras.Input(shape=input_shape, dtype="float32", name="images")
+    x = inputs
+    if mean is not None:
+        x = _normalize(x, mean, std, input_shape[-1])
+    if name == "small_cnn":
+        outputs = _small_cnn(x, num_classes, init)
+        model_name = "small_cnn"
+    elif name == "preact_resnet18":
+        outputs = _preact_resnet18(x, num_classes, init)
+        model_name = "preact_resnet18"
+    else:
+        outputs = _wide_resnet(x, num_classes, depth, width, init)
+        model_name = f"wide_resnet_{depth}_{width}"
+    return keras.Model(inputs, outputs, name=model_name)

@@ -1,0 +1,329 @@
+"""RobustModel: a keras.Model whose ``train_step`` performs adversarial training.
+
+One compiled step does, for a batch ``(x, y)`` (ALGORITHMS.md sections 1-5):
+
+1. the inner attack of the base objective (PGD on CE for AT, on KL for
+   TRADES, on CE from a Gaussian start for MART); for RAT against randomly
+   perturbed convolution kernels;
+2. for AWP, after the warm-up, the adversarial weight perturbation ``v`` from
+   the gradient of the base objective, all-reduced across replicas; the
+   kernels become ``w + v``;
+3. the full objective (base, plus S2O or RAT terms), its gradient, the
+   optimizer update, and for AWP the exact restore of ``w`` before the update
+   is applied, so that ``w_new = w - update(grad at w + v)``.
+
+Everything else is Keras' own machinery: ``fit``, callbacks, metrics,
+optimizers, checkpoints and export. Under ``tf.distribute`` the hand-built loss
+is divided by the number of replicas (gradients are summed across replicas).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from tfrobust import attacks
+from tfrobust.defenses import Defense, awp, rat, s2o
+
+
+def _replica_context():
+    return tf.distribute.get_replica_context()
+
+
+def _num_replicas() -> int:
+    ctx = _replica_context()
+    return ctx.num_replicas_in_sync if ctx is not None else 1
+
+
+def _all_reduce_sum(values):
+    ctx = _replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return values
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def _global_slice(kind, x, seed):
+    """Noise for this replica's slice of the global batch.
+
+    The noise is drawn for the whole global batch from one seed on every
+    replica, and each replica takes its own contiguous slice, so that a step
+    on N replicas sees exactly the noise of the same step on one device.
+    """
+    ctx = _replica_context()
+    n = ctx.num_replicas_in_sync if ctx is not None else 1
+    local = tf.shape(x)[0]
+    shape = tf.concat([[local * n], tf.shape(x)[1:]], axis=0)
+    if kind == "uniform":
+        noise = tf.random.stateless_uniform(shape, seed, -1.0, 1.0)
+    else:
+        noise = tf.random.stateless_normal(shape, seed)
+    if n == 1:
+        return noise
+    replica = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+    return noise[replica * local : (replica + 1) * local]
+
+
+def start_point(x, eps, norm, kind, seed):
+    """The attack's random start, consistent across any number of replicas."""
+    if kind == "none":
+        return x
+    if kind == "gaussian":
+        return tf.clip_by_value(x + 0.001 * _global_slice("normal", x, seed), 0.0, 1.0)
+    if norm == "linf":
+        return tf.clip_by_value(x + eps * _global_slice("uniform", x, seed), 0.0, 1.0)
+    return attacks.random_start(x, eps, norm, "uniform", seed)
+
+
+def last_dense_kernel(network):
+    """The kernel of the network's last Dense layer (S2O's and RAT's W)."""
+    for layer in reversed(network.layers):
+        if isinstance(layer, keras.layers.Dense):
+            return layer.kernel
+    raise ValueError("the network has no Dense layer; RAT needs a last Dense layer")
+
+
+class RobustModel(keras.Model):
+    """Wraps a network (images in [0, 1] -> logits) with an adversarial train_step.
+
+    Args:
+      network: a built Keras model mapping float32 NHWC images in [0, 1] to logits.
+      defense: a resolved :class:`~tfrobust.defenses.Defense`.
+      eps, step_size, steps, norm: the training attack.
+      bn_mode: BatchNorm mode during the attack: "eval" or "train" (in both,
+        the moving statistics are left exactly as they were).
+      steps_per_epoch: used to express AWP's warm-up in steps.
+      weight_decay: L2 penalty ``wd/2 ||w||^2`` on all trainable variables,
+        added to the loss (as PyTorch SGD's weight_decay; with AWP it is
+        taken at the perturbed weights, as in the reference).
+      eval_steps, eval_step_size: PGD used by ``test_step``.
+      seed: base seed of every random draw in the step.
+    """
+
+    def __init__(
+        self,
+        network: keras.Model,
+        defense: Defense,
+        eps: float,
+        step_size: float,
+        steps: int,
+        norm: str = "linf",
+        bn_mode: str = "eval",
+        steps_per_epoch: int = 1,
+        weight_decay: float = 0.0,
+        eval_steps: int = 20,
+        eval_step_size: Optional[float] = None,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.network = network
+        self.defense = defense
+        self.eps = float(eps)
+        self.step_size = float(step_size)
+        self.steps = int(steps)
+        self.norm = norm
+        self.bn_mode = bn_mode
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.weight_decay = float(weight_decay)
+        self.eval_steps = int(eval_steps)
+        self.eval_step_size = float(eval_step_size) if eval_step_size is not None else self.eps / 4.0
+        self.seed = int(seed)
+        names = ["loss"] + self._term_names() + ["clean_accuracy", "adv_accuracy"]
+        if defense.awp:
+            names.append("awp_relative_norm")
+        if defense.s2o:
+            names.append("s2o_correlation")
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
+        self.trackers["clean_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
+        self.trackers["adv_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
+        self.val_trackers = {
+            "clean_accuracy": keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy"),
+            "pgd_accuracy": keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy"),
+            "pgd_loss": keras.metrics.Mean(name="pgd_loss"),
+        }
+
+    # -- Keras plumbing ---------------------------------------------------
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values()) + list(self.val_trackers.values())
+
+    def _term_names(self):
+        d = self.defense
+        names = {"at": ["ce_adv"], "trades": ["ce_clean", "kl"], "mart": ["bce", "weighted_kl"]}[d.base]
+        if d.s2o:
+            names = names + ["s2o_clean", "s2o_adv"]
+        if d.rat:
+            names = names + ["rat_first", "rat_second"]
+        return names
+
+    # -- pieces of the step -------------------------------------------------
+
+    def _seed(self, salt: int):
+        step = tf.cast(self.optimizer.iterations, tf.int32)
+        return tf.stack([tf.constant(self.seed * 1000 + salt, tf.int32), step])
+
+    def _attack_model_fn(self):
+        training = self.bn_mode == "train"
+
+        def model_fn(x):
+            return tf.cast(self.network(x, training=training), tf.float32)
+
+        return model_fn
+
+    def _snapshot(self, variables):
+        return [tf.identity(v.value) for v in variables]
+
+    @staticmethod
+    def _restore(variables, values):
+        for v, value in zip(variables, values):
+            v.assign(value)
+
+    def adversarial_examples(self, x, y):
+        """The training attack of the base objective (for RAT: at noisy conv kernels)."""
+        objective = self.defense.objective
+        state = self.network.non_trainable_variables
+        saved_state = self._snapshot(state) if self.bn_mode == "train" else None
+        noisy, saved_kernels = [], None
+        if self.defense.rat and not self.defense.awp:
+            noisy = rat.noisy_variables(self.network.trainable_variables)
+            saved_kernels = self._snapshot(noisy)
+            noise = rat.weight_noise(noisy, self.defense.rat_sigma, self._seed(2))
+            for v, w, u in zip(noisy, saved_kernels, noise):
+                v.assign(w + u)
+        model_fn = self._attack_model_fn()
+        x_init = start_point(x, self.eps, self.norm, objective.ATTACK_START, self._seed(1))
+        x_adv = attacks.pgd(
+            model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm,
+            loss=objective.ATTACK_LOSS, x_init=x_init,
+        )
+        if saved_kernels is not None:
+            self._restore(noisy, saved_kernels)
+        if saved_state is not None:
+            self._restore(state, saved_state)
+        return x_adv
+
+    def _base_loss(self, x, x_adv, y, training=True):
+        """Mean base objective over the global batch (divided by the replica count)."""
+        logits_adv = self.network(x_adv, training=training)
+        logits_clean = self.network(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
+        primary, regulariser, _ = self.defense.objective.loss_terms(logits_clean, logits_adv, y, self.defense.beta)
+        return self._global_mean(primary + regulariser)
+
+    def _global_mean(self, per_example):
+        return tf.reduce_mean(per_example) / _num_replicas()
+
+    def weight_perturbation(self, x, x_adv, y):
+        """AWP's ``v`` (one list entry per perturbed kernel); BatchNorm state is left unchanged."""
+        kernels = awp.perturbed_variables(self.network.trainable_variables)
+        state = self.network.non_trainable_variables
+        saved_state = self._snapshot(state)
+        with tf.GradientTape() as tape:
+            loss = self._base_loss(x, x_adv, y, training=True)
+        grads = tape.gradient(loss, kernels)
+        grads = [tf.zeros_like(k.value) if g is None else g for k, g in zip(kernels, grads)]
+        grads = _all_reduce_sum(grads)
+        self._restore(state, saved_state)
+        return awp.adversarial_weight_perturbation([k.value for k in kernels], grads, self.defense.awp_gamma)
+
+    # -- the steps ----------------------------------------------------------
+
+    def train_step(self, data):
+        x, y = data[0], tf.cast(data[1], tf.int32)
+        x = tf.cast(x, tf.float32)
+        d = self.defense
+        x_adv = self.adversarial_examples(x, y)
+
+        kernels, saved_kernels, perturbation = [], None, None
+        if d.awp:
+            kernels = awp.perturbed_variables(self.network.trainable_variables)
+            active = self.optimizer.iterations >= d.awp_warmup_epochs * self.steps_per_epoch
+            perturbation = tf.cond(
+                active,
+                lambda: self.weight_perturbation(x, x_adv, y),
+                lambda: [tf.zeros_like(k.value) for k in kernels],
+            )
+            saved_kernels = self._snapshot(kernels)
+            for k, w, v in zip(kernels, saved_kernels, perturbation):
+                k.assign(w + v)
+
+        variables = self.trainable_variables
+        last_kernel = last_dense_kernel(self.network) if d.rat else None
+        with tf.GradientTape() as tape:
+            with tf.GradientTape(persistent=True, watch_accessed_variables=d.rat) as inner:
+                logits_adv = tf.cast(self.network(x_adv, training=True), tf.float32)
+                logits_clean = (
+                    tf.cast(self.network(x, training=True), tf.float32) if d.needs_clean_logits else None
+                )
+                if d.rat:
+                    ce_clean_mean = self._global_mean(attacks.cross_entropy(logits_clean, y))
+                    ce_adv_mean = self._global_mean(attacks.cross_entropy(logits_adv, y))
+            if d.rat:
+                g_nat = inner.gradient(ce_clean_mean, last_kernel)
+                g_adv = inner.gradient(ce_adv_mean, last_kernel)
+                g_nat, g_adv = _all_reduce_sum([g_nat, g_adv])
+                rat_targets = rat.taylor_targets(g_nat, g_adv, y, d.rat_reference_quirk)
+            per_example, terms, extra = self._objective_terms(x, y, logits_clean, logits_adv, rat_targets if d.rat else None)
+            loss = self._global_mean(per_example)
+            penalty = 0.0
+            if self.weight_decay:
+                penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in variables])
+                penalty = penalty / _num_replicas()
+            scaled = self.optimizer.scale_loss(loss + penalty)
+        grads = tape.gradient(scaled, variables)
+        del inner
+
+        if d.awp:
+            self._restore(kernels, saved_kernels)
+            extra["awp_relative_norm"] = awp.relative_size(saved_kernels, perturbation)
+        self.optimizer.apply(grads, variables)
+
+        if logits_clean is None:
+            logits_clean = tf.cast(self.network(x, training=False), tf.float32)
+        self.trackers["loss"].update_state(loss * _num_replicas())
+        for name, value in terms.items():
+            self.trackers[name].update_state(tf.reduce_mean(value))
+        for name, value in extra.items():
+            self.trackers[name].update_state(value)
+        self.trackers["clean_accuracy"].update_state(y, logits_clean)
+        self.trackers["adv_accuracy"].update_state(y, logits_adv)
+        return {name: t.result() for name, t in self.trackers.items()}
+
+    def _objective_terms(self, x, y, logits_clean, logits_adv, rat_targets):
+        """Per-example objective: base, then S2O or RAT terms (see module doc)."""
+        d = self.defense
+        primary, regulariser, terms = d.objective.loss_terms(logits_clean, logits_adv, y, d.beta)
+        total = primary + regulariser
+        extra = {}
+        if d.s2o:
+            m_clean = _all_reduce_sum(s2o.second_moment(logits_clean))
+            m_adv = _all_reduce_sum(s2o.second_moment(logits_adv))
+            s_clean = s2o.s2o_loss(logits_clean, y, m_clean)
+            s_adv = s2o.s2o_loss(logits_adv, y, m_adv)
+            total = (1.0 - d.s2o_a) * primary + 0.5 * d.s2o_a * (s_clean + s_adv) + regulariser
+            terms = dict(terms, s2o_clean=s_clean, s2o_adv=s_adv)
+            extra["s2o_correlation"] = s2o.correlation_statistic(m_adv)
+        if d.rat:
+            first, second = rat.taylor_terms(logits_clean, logits_adv, rat_targets)
+            total = (1.0 - d.rat_alpha) * primary + d.rat_alpha * first + 0.5 * d.rat_alpha * second + regulariser
+            terms = dict(terms, rat_first=first, rat_second=second)
+        return total, terms, extra
+
+    def test_step(self, data):
+        """Clean and PGD accuracy (``eval_steps`` steps, uniform start) on validation data."""
+        x, y = tf.cast(data[0], tf.float32), tf.cast(data[1], tf.int32)
+        model_fn = lambda inputs: tf.cast(self.network(inputs, training=False), tf.float32)  # noqa: E731
+        logits = model_fn(x)
+        seed = tf.constant([self.seed * 1000 + 7, 0], tf.int32)
+        x_init = start_point(x, self.eps, self.norm, "uniform", seed)
+        x_adv = attacks.pgd(model_fn, x, y, self.eps, self.eval_step_size, self.eval_steps, norm=self.norm, x_init=x_init)
+        logits_adv = model_fn(x_adv)
+        self.val_trackers["clean_accuracy"].update_state(y, logits)
+        self.val_trackers["pgd_accuracy"].update_state(y, logits_adv)
+        self.val_trackers["pgd_loss"].update_state(tf.reduce_mean(attacks.cross_entropy(logits_adv, y)))
+        return {name: t.result() for name, t in self.val_trackers.items()}
