@@ -218,8 +218,8 @@ class RobustModel(keras.Model):
     def _global_mean(self, per_example):
         return tf.reduce_mean(per_example) / _num_replicas()
 
-    def weight_perturbation(self, x, x_adv, y):
-        """AWP's ``v`` (one list entry per perturbed kernel); BatchNorm state is left unchanged."""
+    def ascent_gradients(self, x, x_adv, y):
+        """This replica's gradient of the base objective w.r.t. AWP's kernels; BatchNorm state is left unchanged."""
         kernels = awp.perturbed_variables(self.network.trainable_variables)
         state = self.network.non_trainable_variables
         saved_state = self._snapshot(state)
@@ -227,8 +227,26 @@ class RobustModel(keras.Model):
             loss = self._base_loss(x, x_adv, y, training=True)
         grads = tape.gradient(loss, kernels)
         grads = [tf.zeros_like(k.value) if g is None else g for k, g in zip(kernels, grads)]
-        grads = _all_reduce_sum(grads)
         self._restore(state, saved_state)
+        return grads
+
+    def weight_perturbation(self, x, x_adv, y, active=True):
+        """AWP's ``v``, one entry per perturbed kernel (zeros when ``active`` is False).
+
+        The gradient is all-reduced across replicas outside of any conditional
+        (a cross-replica sum cannot sit inside ``tf.cond``), so every replica
+        applies the same ``v``. A zero gradient gives ``v = 0`` exactly.
+        """
+        kernels = awp.perturbed_variables(self.network.trainable_variables)
+        if active is True:
+            grads = self.ascent_gradients(x, x_adv, y)
+        else:
+            grads = tf.cond(
+                active,
+                lambda: self.ascent_gradients(x, x_adv, y),
+                lambda: [tf.zeros_like(k.value) for k in kernels],
+            )
+        grads = _all_reduce_sum(grads)
         return awp.adversarial_weight_perturbation([k.value for k in kernels], grads, self.defense.awp_gamma)
 
     # -- the steps ----------------------------------------------------------
@@ -243,11 +261,7 @@ class RobustModel(keras.Model):
         if d.awp:
             kernels = awp.perturbed_variables(self.network.trainable_variables)
             active = self.optimizer.iterations >= d.awp_warmup_epochs * self.steps_per_epoch
-            perturbation = tf.cond(
-                active,
-                lambda: self.weight_perturbation(x, x_adv, y),
-                lambda: [tf.zeros_like(k.value) for k in kernels],
-            )
+            perturbation = self.weight_perturbation(x, x_adv, y, active)
             saved_kernels = self._snapshot(kernels)
             for k, w, v in zip(kernels, saved_kernels, perturbation):
                 k.assign(w + v)
@@ -263,12 +277,19 @@ class RobustModel(keras.Model):
                 if d.rat:
                     ce_clean_mean = self._global_mean(attacks.cross_entropy(logits_clean, y))
                     ce_adv_mean = self._global_mean(attacks.cross_entropy(logits_adv, y))
-            if d.rat:
-                g_nat = inner.gradient(ce_clean_mean, last_kernel)
-                g_adv = inner.gradient(ce_adv_mean, last_kernel)
-                g_nat, g_adv = _all_reduce_sum([g_nat, g_adv])
-                rat_targets = rat.taylor_targets(g_nat, g_adv, y, d.rat_reference_quirk)
-            per_example, terms, extra = self._objective_terms(x, y, logits_clean, logits_adv, rat_targets if d.rat else None)
+            # Soft targets are constants; their cross-replica sums stay off the tape.
+            with tape.stop_recording():
+                targets, extra = {}, {}
+                if d.s2o:
+                    m_clean, m_adv = _all_reduce_sum([s2o.second_moment(logits_clean), s2o.second_moment(logits_adv)])
+                    targets["s2o"] = (s2o.soft_targets(m_clean, y), s2o.soft_targets(m_adv, y))
+                    extra["s2o_correlation"] = s2o.correlation_statistic(m_adv)
+                if d.rat:
+                    g_nat = inner.gradient(ce_clean_mean, last_kernel)
+                    g_adv = inner.gradient(ce_adv_mean, last_kernel)
+                    g_nat, g_adv = _all_reduce_sum([g_nat, g_adv])
+                    targets["rat"] = rat.taylor_targets(g_nat, g_adv, y, d.rat_reference_quirk)
+            per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets)
             loss = self._global_mean(per_example)
             penalty = 0.0
             if self.weight_decay:
@@ -294,25 +315,26 @@ class RobustModel(keras.Model):
         self.trackers["adv_accuracy"].update_state(y, logits_adv)
         return {name: t.result() for name, t in self.trackers.items()}
 
-    def _objective_terms(self, x, y, logits_clean, logits_adv, rat_targets):
-        """Per-example objective: base, then S2O or RAT terms (see module doc)."""
+    def _objective_terms(self, y, logits_clean, logits_adv, targets):
+        """Per-example objective (base, then S2O or RAT terms) and its named terms.
+
+        ``targets`` holds the soft targets computed without gradient:
+        ``{"s2o": (q_clean, q_adv)}`` or ``{"rat": (y1, y2, yy1, yy2)}``.
+        """
         d = self.defense
         primary, regulariser, terms = d.objective.loss_terms(logits_clean, logits_adv, y, d.beta)
         total = primary + regulariser
-        extra = {}
         if d.s2o:
-            m_clean = _all_reduce_sum(s2o.second_moment(logits_clean))
-            m_adv = _all_reduce_sum(s2o.second_moment(logits_adv))
-            s_clean = s2o.s2o_loss(logits_clean, y, m_clean)
-            s_adv = s2o.s2o_loss(logits_adv, y, m_adv)
+            q_clean, q_adv = targets["s2o"]
+            s_clean = attacks.kl_from_probabilities(q_clean, logits_clean)
+            s_adv = attacks.kl_from_probabilities(q_adv, logits_adv)
             total = (1.0 - d.s2o_a) * primary + 0.5 * d.s2o_a * (s_clean + s_adv) + regulariser
             terms = dict(terms, s2o_clean=s_clean, s2o_adv=s_adv)
-            extra["s2o_correlation"] = s2o.correlation_statistic(m_adv)
         if d.rat:
-            first, second = rat.taylor_terms(logits_clean, logits_adv, rat_targets)
+            first, second = rat.taylor_terms(logits_clean, logits_adv, targets["rat"])
             total = (1.0 - d.rat_alpha) * primary + d.rat_alpha * first + 0.5 * d.rat_alpha * second + regulariser
             terms = dict(terms, rat_first=first, rat_second=second)
-        return total, terms, extra
+        return total, terms
 
     def test_step(self, data):
         """Clean and PGD accuracy (``eval_steps`` steps, uniform start) on validation data."""

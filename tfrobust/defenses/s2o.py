@@ -45,12 +45,16 @@ def soft_target_matrix(moment, c=None):
     return a + (1.0 - c) * tf.eye(num_classes, dtype=tf.float32)
 
 
+def soft_targets(moment, y):
+    """The soft labels ``q_n = A[y_n]`` (no gradient)."""
+    return tf.stop_gradient(tf.gather(soft_target_matrix(moment), tf.cast(y, tf.int32)))
+
+
 def s2o_loss(logits, y, moment=None):
     """Per-example ``KL(A[y_n] || p(x_n))`` with A from ``moment`` (default: this batch's M)."""
     if moment is None:
         moment = second_moment(logits)
-    targets = tf.gather(soft_target_matrix(moment), tf.cast(y, tf.int32))
-    return kl_from_probabilities(tf.stop_gradient(targets), logits)
+    return kl_from_probabilities(soft_targets(moment, y), logits)
 
 
 def correlation_statistic(moment):
