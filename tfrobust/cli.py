@@ -106,6 +106,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten)")
+    p.add_argument("--which", choices=("last", "best"), default="last",
+                   help="for a run directory: the last network or the one chosen on validation")
+    p.add_argument("--flatness", action="store_true",
+                   help="add average- and worst-case flatness of the robust and clean loss (Stutz et al. 2021)")
+    p.add_argument("--flatness-examples", type=int, default=1000, help="test examples for --flatness (default 1000)")
+    p.add_argument("--flatness-restarts", type=int, default=1, help="PGD restarts in the robust loss (reference: 10)")
+    p.add_argument("--landscape", nargs="?", const="", metavar="DIR",
+                   help="write 1-D loss landscapes (random and adversarial direction; JSON and PNG) to DIR "
+                        "(default: <run>/landscape)")
     return p
 
 
@@ -124,7 +133,10 @@ def evaluate_main(argv=None) -> int:
         if args.batch_size <= 0:
             raise UserError("--batch-size must be > 0")
         names = evaluation.parse_attacks(args.attacks)
-        loaded = loading.load(args.model)
+        loaded = loading.load(args.model, args.which)
+        landscape_dir = _landscape_dir(args, loaded) if args.landscape is not None else None
+        if (args.flatness or landscape_dir) and loaded.network is None:
+            raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
         settings = loading.evaluation_settings(loaded, args.data, args.eps, args.norm, args.data_dir)
         from tfrobust import data as data_lib
 
@@ -136,11 +148,47 @@ def evaluate_main(argv=None) -> int:
         report["model"] = args.model
         report["data"] = settings["data"]
         print(evaluation.format_table(report))
+        if args.flatness:
+            from tfrobust.flatness import flatness_report
+
+            report["flatness"] = flatness_report(
+                loaded.network, x, y, eps=settings["eps"], norm=settings["norm"], seed=args.seed,
+                settings={"examples": args.flatness_examples, "restarts": args.flatness_restarts},
+            )
+            print(format_flatness(report["flatness"]))
+        if landscape_dir:
+            from tfrobust.landscape import write_landscapes
+
+            report["landscapes"] = write_landscapes(
+                loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
+                kind=("random", "adversarial"), seed=args.seed,
+            )
+            print(f"landscapes: {landscape_dir}")
         if args.output:
             with open(args.output, "w") as f:
                 f.write(evaluation.to_json(report))
             print(f"report: {args.output}")
     return 0
+
+
+def _landscape_dir(args, loaded) -> str:
+    directory = args.landscape
+    if not directory:
+        base = args.model if loaded.run_config is not None else os.path.dirname(os.path.abspath(args.model))
+        directory = os.path.join(base, "landscape")
+    if os.path.exists(directory) and os.listdir(directory):
+        raise UserError(f"landscape directory {directory} exists and is not empty; pass --landscape DIR")
+    return directory
+
+
+def format_flatness(result: dict) -> str:
+    """One line per flatness measure that was computed."""
+    lines = [f"flatness on {result['examples']} examples:"]
+    for name in ("average", "worst", "average_clean", "worst_clean"):
+        if name in result:
+            m = result[name]
+            lines.append(f"  {name:<14} xi={m['xi']:<8g} flatness={m['flatness']:.4f}")
+    return "\n".join(lines)
 
 
 def main_guard(fn):

@@ -118,6 +118,11 @@ class EvalConfig:
 
     pgd_steps: int = 20
     step_size: Optional[float] = None  # None: eps / 4
+    # Average-case robust flatness (Stutz et al. 2021) on the first
+    # flatness_examples validation examples every flatness_every epochs (0: off).
+    flatness_every: int = 0
+    flatness_examples: int = 200
+    flatness_samples: int = 5
 
 
 @dataclass
@@ -272,6 +277,9 @@ def validate(config: ExperimentConfig) -> None:
         (config.optim.epochs > 0, "optim.epochs must be > 0"),
         (config.optim.lr >= 0, "optim.lr must be >= 0"),
         (config.eval.pgd_steps >= 0, "eval.pgd_steps must be >= 0"),
+        (config.eval.flatness_every >= 0, "eval.flatness_every must be >= 0"),
+        (config.eval.flatness_examples > 0, "eval.flatness_examples must be > 0"),
+        (config.eval.flatness_samples > 0, "eval.flatness_samples must be > 0"),
         (config.runtime.jit_compile in ("auto", "on", "off"), f"unknown runtime.jit_compile {config.runtime.jit_compile!r}; allowed: auto, off, on"),
         (config.runtime.strategy in ("default", "mirrored"), f"unknown runtime.strategy {config.runtime.strategy!r}; allowed: default, mirrored"),
     ]

@@ -53,7 +53,9 @@ def jit_setting(runtime):
 def learning_rate_schedule(optim, steps_per_epoch: int):
     """Piecewise-constant learning rate: ``lr`` times ``decay_factor`` at each fraction in ``decay_at``."""
     total = optim.epochs * steps_per_epoch
-    boundaries = sorted({int(round(f * total)) for f in optim.decay_at if 0 < f < 1})
+    # PiecewiseConstantDecay keeps value i while step <= boundary i; the decay
+    # starts at the first step of the epoch at fraction f of training.
+    boundaries = sorted({int(round(f * total)) - 1 for f in optim.decay_at if 0 < f < 1} - {-1})
     if not boundaries:
         return optim.lr
     values = [optim.lr * optim.decay_factor**i for i in range(len(boundaries) + 1)]
@@ -137,6 +139,7 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     os.makedirs(ckpt, exist_ok=True)
     callbacks = [
         LearningRateLogger(),
+        *flatness_monitor(config, datasets, workdir),
         keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")),
         keras.callbacks.ModelCheckpoint(os.path.join(ckpt, "last.weights.h5"), save_weights_only=True),
         keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
@@ -164,6 +167,28 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     return model, datasets, history
 
 
+def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:
+    """The optional FlatnessMonitor on a validation subset (``eval.flatness_every`` > 0)."""
+    if not config.eval.flatness_every or datasets.validation_size == 0:
+        return []
+    from tfrobust.flatness import FlatnessMonitor
+
+    xs, ys, n = [], [], 0
+    for xb, yb in datasets.validation:
+        xs.append(xb.numpy())
+        ys.append(yb.numpy())
+        n += len(xb)
+        if n >= config.eval.flatness_examples:
+            break
+    x = np.concatenate(xs)[: config.eval.flatness_examples]
+    y = np.concatenate(ys)[: config.eval.flatness_examples]
+    return [FlatnessMonitor(
+        x, y, every=config.eval.flatness_every, eps=config.attack.eps, norm=config.attack.norm,
+        samples=config.eval.flatness_samples, steps=config.eval.pgd_steps, seed=config.runtime.seed,
+        log_dir=os.path.join(workdir, "tensorboard"),
+    )]
+
+
 def _read_history(workdir, fallback):
     """All epochs of the run, from the CSV log (continuous across resumes)."""
     path = os.path.join(workdir, "history.csv")
@@ -174,7 +199,13 @@ def _read_history(workdir, fallback):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     keys = rows[0].keys() if rows else []
-    return {k: [float(r[k]) if r[k] not in ("", None) else None for r in rows] for k in keys}
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+
+    return {k: [number(r[k]) for r in rows] for k in keys}
 
 
 def save_networks(model: RobustModel, workdir: str, has_best: bool) -> None:

@@ -59,7 +59,8 @@ def load(path: str, which: str = "last") -> LoadedModel:
         else:
             raise UserError(f"SavedModel {path} has no serve or serving_default endpoint")
 
-        def model_fn(x, serve=serve):
+        def model_fn(x, serve=serve, loaded=loaded):
+            # ``loaded`` is kept alive here: its variables die with it.
             out = serve(x)
             if isinstance(out, dict):
                 out = next(iter(out.values()))
