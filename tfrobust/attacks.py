@@ -151,6 +151,7 @@ def pgd(
     seed=None,
     clean_logits=None,
     x_init=None,
+    gradient_scale: float = 1.0,
 ):
     """Projected gradient ascent on a per-example loss (Madry et al. 2018, eq. 2).
 
@@ -169,6 +170,10 @@ def pgd(
       clean_logits: logits at ``x``, used by ``trades_kl`` (computed if None).
       x_init: a starting point that replaces the random start (projected
         onto the ball); the trainer passes one drawn for the global batch.
+      gradient_scale: the loss is multiplied by this before differentiation
+        (the step uses only the gradient's sign or direction, so the scale
+        cancels); a large value keeps float16 gradients from underflowing.
+        Non-finite gradient entries count as zero.
 
     Returns:
       Adversarial images ``x'`` with ``||x' - x|| <= eps`` and ``x'`` in [0, 1].
@@ -187,8 +192,10 @@ def pgd(
     def step(x_adv):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
-            value = tf.reduce_sum(attack_loss(loss, model_fn(x_adv), y, clean_logits))
+            value = tf.reduce_sum(attack_loss(loss, model_fn(x_adv), y, clean_logits)) * gradient_scale
         grad = tf.cast(tape.gradient(value, x_adv), tf.float32)
+        if gradient_scale != 1.0:
+            grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
         if norm == "linf":
             x_new = x_adv + step_size * tf.sign(grad)
         else:

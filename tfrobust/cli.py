@@ -24,6 +24,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _training_diverged():
+    from tfrobust.callbacks import TrainingDiverged
+
+    return TrainingDiverged
+
+
 @contextlib.contextmanager
 def _user_errors():
     try:
@@ -31,6 +37,9 @@ def _user_errors():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except _training_diverged() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)

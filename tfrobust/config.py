@@ -110,6 +110,8 @@ class OptimConfig:
     # Fractions of training at which the rate is multiplied by decay_factor.
     decay_at: list = field(default_factory=lambda: [0.5, 0.75])
     decay_factor: float = 0.1
+    # Stop when validation PGD accuracy has not improved for this many epochs (0: never).
+    early_stopping_patience: int = 0
 
 
 @dataclass
@@ -123,6 +125,8 @@ class EvalConfig:
     flatness_every: int = 0
     flatness_examples: int = 200
     flatness_samples: int = 5
+    # TensorBoard grid of clean and adversarial validation images every N epochs (0: off).
+    images_every: int = 1
 
 
 @dataclass
@@ -130,9 +134,13 @@ class RuntimeConfig:
     """Where and how the computation runs."""
 
     seed: int = 0
-    strategy: str = "default"  # default | mirrored
+    strategy: str = "default"  # default | mirrored | tpu
     devices: Optional[list] = None  # for mirrored, e.g. ["GPU:0", "GPU:1"]
     jit_compile: str = "auto"  # auto | on | off
+    # none | mixed_float16 | mixed_bfloat16 (Keras dtype policies).
+    mixed_precision: str = "none"
+    # tf.config.experimental.enable_op_determinism: identical runs for one seed.
+    deterministic: bool = False
     verbose: int = 1
 
 
@@ -147,6 +155,10 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+STRATEGIES = ("default", "mirrored", "tpu")
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 
 def to_dict(config) -> dict:
@@ -281,7 +293,10 @@ def validate(config: ExperimentConfig) -> None:
         (config.eval.flatness_examples > 0, "eval.flatness_examples must be > 0"),
         (config.eval.flatness_samples > 0, "eval.flatness_samples must be > 0"),
         (config.runtime.jit_compile in ("auto", "on", "off"), f"unknown runtime.jit_compile {config.runtime.jit_compile!r}; allowed: auto, off, on"),
-        (config.runtime.strategy in ("default", "mirrored"), f"unknown runtime.strategy {config.runtime.strategy!r}; allowed: default, mirrored"),
+        (config.runtime.strategy in STRATEGIES, f"unknown runtime.strategy {config.runtime.strategy!r}; allowed: {', '.join(STRATEGIES)}"),
+        (config.runtime.mixed_precision in PRECISIONS, f"unknown runtime.mixed_precision {config.runtime.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}"),
+        (config.optim.early_stopping_patience >= 0, "optim.early_stopping_patience must be >= 0"),
+        (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

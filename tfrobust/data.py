@@ -18,7 +18,7 @@ import dataclasses
 import gzip
 import os
 import zlib
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -56,6 +56,10 @@ class Datasets:
     train_size: int
     validation_size: int
     test_size: int
+    # train_epochs(start, end): epochs start..end-1 back to back, each shuffled
+    # and augmented as a function of (seed, epoch) only, so that a resumed run
+    # sees exactly the batches an uninterrupted run would.
+    train_epochs: Optional[Callable] = None
 
 
 _INFO = {
@@ -353,6 +357,29 @@ def _train_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int) ->
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _epochs_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, start: int, end: int) -> tf.data.Dataset:
+    """Epochs ``start`` .. ``end - 1``; epoch e is permuted and augmented from (seed, e) alone."""
+    images = tf.constant(x)
+    labels = tf.constant(y.astype(np.int32))
+    n = len(x)
+    options = augment_options(cfg.name, cfg.augment)
+
+    def one_epoch(epoch):
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=epoch_seed)
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(cfg.batch_size).enumerate()
+
+        def gather(index, idx):
+            batch_x, batch_y = _to_float(tf.gather(images, idx), tf.gather(labels, idx))
+            if options is not None:
+                batch_x = augment_batch(batch_x, tf.stack([epoch_seed[0] * 1000003 + epoch, index]), **options)
+            return batch_x, batch_y
+
+        return batches.map(gather)
+
+    return tf.data.Dataset.range(int(start), int(end)).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
 def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     """Builds the train, validation and test pipelines described by ``cfg``.
 
@@ -387,4 +414,5 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         train_size=len(x_tr),
         validation_size=len(x_val),
         test_size=len(x_test),
+        train_epochs=lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end),
     )

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
+from tfrobust import callbacks as callbacks_lib
 from tfrobust import data as data_lib
 from tfrobust import evaluation
 from tfrobust import models
@@ -38,11 +39,26 @@ from tfrobust.trainer import RobustModel
 FINISHED = "report.json"
 
 
+_STRATEGIES = {}
+
+
 def build_strategy(runtime) -> tf.distribute.Strategy:
-    """The tf.distribute strategy named by ``runtime.strategy``."""
-    if runtime.strategy == "mirrored":
-        return tf.distribute.MirroredStrategy(runtime.devices or None)
-    return tf.distribute.get_strategy()
+    """The tf.distribute strategy named by ``runtime.strategy`` (one per process and devices)."""
+    if runtime.strategy == "default":
+        return tf.distribute.get_strategy()
+    key = (runtime.strategy, tuple(runtime.devices or ()))
+    if key not in _STRATEGIES:
+        if runtime.strategy == "mirrored":
+            _STRATEGIES[key] = tf.distribute.MirroredStrategy(runtime.devices or None)
+        else:
+            try:
+                resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+                tf.config.experimental_connect_to_cluster(resolver)
+                tf.tpu.experimental.initialize_tpu_system(resolver)
+            except (ValueError, tf.errors.OpError) as e:
+                raise UserError(f"runtime.strategy=tpu but no TPU was found ({str(e).splitlines()[0]})") from None
+            _STRATEGIES[key] = tf.distribute.TPUStrategy(resolver)
+    return _STRATEGIES[key]
 
 
 def jit_setting(runtime):
@@ -60,14 +76,6 @@ def learning_rate_schedule(optim, steps_per_epoch: int):
         return optim.lr
     values = [optim.lr * optim.decay_factor**i for i in range(len(boundaries) + 1)]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-
-
-class LearningRateLogger(keras.callbacks.Callback):
-    """Adds the current learning rate to the epoch logs (TensorBoard, CSV, history)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
 def prepare_workdir(workdir: str) -> bool:
@@ -96,25 +104,35 @@ def build(config: ExperimentConfig, datasets=None):
     info = datasets.info
     steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
     strategy = build_strategy(config.runtime)
-    with strategy.scope():
-        network = models.build_model(
-            config.model.name, info.image_shape, info.num_classes, info.mean, info.std,
-            depth=config.model.depth, width=config.model.width, seed=config.runtime.seed,
-        )
-        model = RobustModel(
-            network, defense,
-            eps=config.attack.eps, step_size=config.attack.step_size, steps=config.attack.steps,
-            norm=config.attack.norm, bn_mode=config.attack.bn_mode, steps_per_epoch=steps_per_epoch,
-            weight_decay=config.optim.weight_decay, eval_steps=config.eval.pgd_steps,
-            eval_step_size=config.eval.step_size, seed=config.runtime.seed,
-        )
-        optimizer = keras.optimizers.SGD(
-            learning_rate_schedule(config.optim, steps_per_epoch),
-            momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-        )
-        model.compile(optimizer=optimizer, jit_compile=jit_setting(config.runtime))
-        model(np.zeros((1,) + tuple(info.image_shape), np.float32))
-    return model, datasets, strategy
+    previous_policy = keras.config.dtype_policy()
+    policy = "float32" if config.runtime.mixed_precision == "none" else config.runtime.mixed_precision
+    keras.config.set_dtype_policy(policy)
+    try:
+        with strategy.scope():
+            return _build_in_scope(config, datasets, defense, info, steps_per_epoch) + (strategy,)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
+    network = models.build_model(
+        config.model.name, info.image_shape, info.num_classes, info.mean, info.std,
+        depth=config.model.depth, width=config.model.width, seed=config.runtime.seed,
+    )
+    model = RobustModel(
+        network, defense,
+        eps=config.attack.eps, step_size=config.attack.step_size, steps=config.attack.steps,
+        norm=config.attack.norm, bn_mode=config.attack.bn_mode, steps_per_epoch=steps_per_epoch,
+        weight_decay=config.optim.weight_decay, eval_steps=config.eval.pgd_steps,
+        eval_step_size=config.eval.step_size, seed=config.runtime.seed,
+    )
+    optimizer = keras.optimizers.SGD(
+        learning_rate_schedule(config.optim, steps_per_epoch),
+        momentum=config.optim.momentum, nesterov=config.optim.nesterov,
+    )
+    model.compile(optimizer=optimizer, jit_compile=jit_setting(config.runtime))
+    model(np.zeros((1,) + tuple(info.image_shape), np.float32))
+    return model, datasets
 
 
 def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=None):
@@ -134,32 +152,59 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
         with open(config_path, "w") as f:
             yaml.safe_dump(to_dict(config), f, sort_keys=False)
     keras.utils.set_random_seed(config.runtime.seed)
+    if config.runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
     model, datasets, _ = build(config, datasets)
     ckpt = os.path.join(workdir, "checkpoints")
     os.makedirs(ckpt, exist_ok=True)
-    callbacks = [
-        LearningRateLogger(),
-        *flatness_monitor(config, datasets, workdir),
-        keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(ckpt, "last.weights.h5"), save_weights_only=True),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
-        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
-        *extra_callbacks,
-    ]
+    backup_dir = os.path.join(workdir, "backup")
+    initial_epoch = callbacks_lib.EpochBackup.restore(model, backup_dir)
+    epochs = config.optim.epochs
     has_validation = datasets.validation_size > 0
+    log_dir = os.path.join(workdir, "tensorboard")
+    callbacks = [
+        callbacks_lib.NonFiniteLossGuard(os.path.join(ckpt, "last.weights.h5")),
+        callbacks_lib.LearningRateLogger(),
+        *flatness_monitor(config, datasets, workdir),
+        keras.callbacks.ModelCheckpoint(os.path.join(ckpt, "last.weights.h5"), save_weights_only=True),
+    ]
     if has_validation:
-        callbacks.insert(3, keras.callbacks.ModelCheckpoint(
+        callbacks.append(keras.callbacks.ModelCheckpoint(
             os.path.join(ckpt, "best.weights.h5"), monitor="val_pgd_accuracy", mode="max",
             save_best_only=True, save_weights_only=True,
         ))
+        if config.optim.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_pgd_accuracy", mode="max", patience=config.optim.early_stopping_patience,
+            ))
+        if config.eval.images_every:
+            x_show, y_show = next(iter(datasets.validation.unbatch().batch(8)))
+            callbacks.append(callbacks_lib.AdversarialExamplesImages(
+                x_show, y_show, log_dir, config.attack.eps, model.eval_step_size, config.eval.pgd_steps,
+                config.attack.norm, every=config.eval.images_every,
+            ))
+    callbacks += [
+        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(log_dir),
+        callbacks_lib.EpochBackup(backup_dir),
+        *extra_callbacks,
+    ]
+    if initial_epoch == 0:
+        callbacks_lib.write_hparams(log_dir, to_dict(config))
+    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
     start = time.time()
-    fit = model.fit(
-        datasets.train, epochs=config.optim.epochs,
-        validation_data=datasets.validation if has_validation else None,
-        callbacks=callbacks, verbose=config.runtime.verbose,
-    )
+    if initial_epoch < epochs:
+        fit = model.fit(
+            datasets.train_epochs(initial_epoch, epochs), epochs=epochs, initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=datasets.validation if has_validation else None,
+            callbacks=callbacks, verbose=config.runtime.verbose,
+        )
+        fit_history = fit.history
+    else:
+        fit_history = {}
     seconds = time.time() - start
-    history = _read_history(workdir, fit.history)
+    history = _read_history(workdir, fit_history)
     history["train_seconds"] = seconds
     with open(os.path.join(workdir, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
@@ -198,6 +243,11 @@ def _read_history(workdir, fallback):
 
     with open(path) as f:
         rows = list(csv.DictReader(f))
+    # An epoch written twice (a kill between the log and the backup) counts once: the last row wins.
+    by_epoch = {}
+    for row in rows:
+        by_epoch[row.get("epoch")] = row
+    rows = list(by_epoch.values())
     keys = rows[0].keys() if rows else []
     def number(value):
         try:

@@ -176,6 +176,10 @@ class RobustModel(keras.Model):
 
         return model_fn
 
+    def _attack_gradient_scale(self) -> float:
+        """Scale of the attack loss: large under float16 so small input gradients survive."""
+        return 1024.0 if self.network.compute_dtype == "float16" else 1.0
+
     def _snapshot(self, variables):
         return [tf.identity(v.value) for v in variables]
 
@@ -200,7 +204,7 @@ class RobustModel(keras.Model):
         x_init = start_point(x, self.eps, self.norm, objective.ATTACK_START, self._seed(1))
         x_adv = attacks.pgd(
             model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm,
-            loss=objective.ATTACK_LOSS, x_init=x_init,
+            loss=objective.ATTACK_LOSS, x_init=x_init, gradient_scale=self._attack_gradient_scale(),
         )
         if saved_kernels is not None:
             self._restore(noisy, saved_kernels)
@@ -224,9 +228,15 @@ class RobustModel(keras.Model):
         state = self.network.non_trainable_variables
         saved_state = self._snapshot(state)
         with tf.GradientTape() as tape:
-            loss = self._base_loss(x, x_adv, y, training=True)
+            # Scaled like the training loss so float16 gradients do not underflow;
+            # AWP normalises the gradient, so the scale cancels.
+            loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, training=True))
         grads = tape.gradient(loss, kernels)
-        grads = [tf.zeros_like(k.value) if g is None else g for k, g in zip(kernels, grads)]
+        grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(kernels, grads)]
+        # An overflowed (non-finite) gradient gives no perturbation: a NaN added
+        # to the weights could not be undone.
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
         self._restore(state, saved_state)
         return grads
 
