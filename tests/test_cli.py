@@ -89,3 +89,28 @@ def test_evaluate_any_saved_model(tmp_path, capsys):
     assert all(0 <= v <= 1 for v in acc.values())
     assert report["eps"] == pytest.approx(0.1) and report["examples"] == 40
     assert report["worst_case"] <= min(acc.values())
+
+
+def test_evaluate_autoattack_and_integrity_report(tmp_path):
+    import keras
+
+    from conftest import tiny_cnn
+
+    model = tiny_cnn()
+    model(keras.ops.zeros((1, 28, 28, 1)))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    out = tmp_path / "r.json"
+    argv = ["--model", path, "--examples", "24", "--attacks", "clean,pgd5_ce,fast", "--integrity-examples", "12",
+            "--output", str(out)]
+    assert evaluate_main(argv) == 0
+    report = json.loads(out.read_text())
+    acc = report["accuracy"]
+    assert {"clean", "pgd5_ce", "apgd_ce", "apgd_t", "autoattack_fast"} <= set(acc)
+    assert acc["apgd_t"] <= acc["apgd_ce"] <= acc["clean"]
+    assert report["worst_case"] <= min(acc.values())
+    names = [c["name"] for c in report["integrity"]["checks"]]
+    assert names == ["robust_le_clean", "eps0_equals_clean", "large_eps_near_zero", "more_steps_not_better",
+                     "gradient_free_not_better"]
+    assert report["integrity"]["probe_examples"] == 12
+    assert report["total_seconds"] > 0

@@ -34,8 +34,12 @@ def one_step(name, strategy, x, y, steps=1):
 def mirrored_strategy():
     # One strategy per process: TensorFlow caches collective instances by key,
     # and a second strategy over the same devices would reuse the keys.
+    # experiment.build_strategy keeps one instance per device list for the process.
+    from tfrobust.config import RuntimeConfig
+    from tfrobust.experiment import build_strategy
+
     assert len(tf.config.list_logical_devices("CPU")) >= 2
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return build_strategy(RuntimeConfig(strategy="mirrored", devices=["/cpu:0", "/cpu:1"]))
 
 
 @pytest.mark.parametrize("name", ["at+awp", "trades+s2o", "trades+rat"])

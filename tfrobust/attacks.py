@@ -193,7 +193,7 @@ def pgd(
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
             value = tf.reduce_sum(attack_loss(loss, model_fn(x_adv), y, clean_logits)) * gradient_scale
-        grad = tf.cast(tape.gradient(value, x_adv), tf.float32)
+        grad = tf.cast(tape.gradient(value, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO), tf.float32)
         if gradient_scale != 1.0:
             grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
         if norm == "linf":

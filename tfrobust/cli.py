@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 
 from tfrobust.errors import UserError
 
@@ -112,6 +113,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
     p.add_argument("--examples", type=int, help="evaluate the first N test examples")
+    p.add_argument("--integrity-examples", type=int, default=200,
+                   help="run the integrity probes (eps 0, large eps, more steps, Square vs gradients) on the "
+                        "first N examples (default 200; 0: skip)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten)")
@@ -150,10 +154,14 @@ def evaluate_main(argv=None) -> int:
         from tfrobust import data as data_lib
 
         x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
+        if args.integrity_examples < 0:
+            raise UserError("--integrity-examples must be >= 0")
+        start = time.time()
         report = evaluation.evaluate(
             loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
-            batch_size=args.batch_size, seed=args.seed,
+            batch_size=args.batch_size, seed=args.seed, integrity_examples=args.integrity_examples,
         )
+        report["total_seconds"] = round(time.time() - start, 3)
         report["model"] = args.model
         report["data"] = settings["data"]
         print(evaluation.format_table(report))

@@ -125,6 +125,8 @@ class EvalConfig:
     flatness_every: int = 0
     flatness_examples: int = 200
     flatness_samples: int = 5
+    # Integrity probes (tfrobust.integrity) on the first N test examples of the final report (0: off).
+    integrity_examples: int = 100
     # TensorBoard grid of clean and adversarial validation images every N epochs (0: off).
     images_every: int = 1
 
@@ -297,6 +299,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.runtime.mixed_precision in PRECISIONS, f"unknown runtime.mixed_precision {config.runtime.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}"),
         (config.optim.early_stopping_patience >= 0, "optim.early_stopping_patience must be >= 0"),
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
+        (config.eval.integrity_examples >= 0, "eval.integrity_examples must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

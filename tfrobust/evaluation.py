@@ -8,9 +8,18 @@ returns accuracies as fractions in [0, 1] under keys that name the attack:
 - ``pgd<N>_ce`` / ``pgd<N>_cw``: N-step PGD with a uniform random start on
   cross-entropy / on the Carlini-Wagner margin (Madry et al. 2018; Carlini &
   Wagner 2017), step eps/4 unless given (2/255 at eps 8/255, ALGORITHMS.md
-  section 7).
+  section 7);
+- ``apgd_ce``, ``apgd_t``, ``fab_t``, ``square``: the AutoAttack components
+  (Croce & Hein, ICML 2020; :mod:`tfrobust.autoattack`), run in that order as
+  one ensemble, each on the examples still correct, and reported
+  cumulatively as AutoAttack prints them;
+- ``standard`` (all four) and ``fast`` (APGD-CE and APGD-T): the ensembles,
+  reported as ``autoattack_standard`` / ``autoattack_fast`` (per-example
+  worst case) next to their components.
 
 ``worst_case`` is the per-example worst case over every attack that ran.
+With ``integrity_examples`` > 0 the report also carries the integrity checks
+of :mod:`tfrobust.integrity`, measured on the first examples.
 """
 
 from __future__ import annotations
@@ -30,19 +39,23 @@ DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20_ce", "pgd20_cw")
 _PGD = re.compile(r"^pgd(\d+)_(ce|cw)$")
 
 
+AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
+ENSEMBLES = {"standard": AUTOATTACK, "fast": ("apgd_ce", "apgd_t")}
+
+
 def attack_names_help() -> str:
-    return "clean, fgsm, pgd<N>_ce, pgd<N>_cw"
+    return "clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, standard, fast"
 
 
 def parse_attacks(spec) -> list:
     """Parses ``"clean,fgsm,pgd20_ce"`` (or a list) into checked attack names."""
-    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    names = [s.strip().lower().replace("-", "_") for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not names:
         raise UserError(f"no attack given; allowed: {attack_names_help()}")
     for name in names:
-        if name not in ("clean", "fgsm") and not _PGD.match(name):
+        if name not in ("clean", "fgsm") + AUTOATTACK + tuple(ENSEMBLES) and not _PGD.match(name):
             raise UserError(f"unknown attack {name!r}; allowed: {attack_names_help()}")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def _attack_fn(name: str, model_fn: Callable, eps: float, norm: str, step_size, seed: int):
@@ -78,6 +91,7 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
     verbose: bool = True,
+    integrity_examples: int = 0,
 ) -> dict:
     """Accuracy under each attack, and the per-example worst case.
 
@@ -103,7 +117,8 @@ def evaluate(
     if n == 0:
         raise UserError("no test examples to evaluate")
     report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm}
-    for name in names:
+    simple = [a for a in names if a not in AUTOATTACK and a not in ENSEMBLES]
+    for name in simple:
         run = _attack_fn(name, model_fn, eps, norm, step, seed)
         correct = []
         start = time.time()
@@ -116,24 +131,89 @@ def evaluate(
         report["correct"][name] = correct
         report["accuracy"][name] = float(correct.mean())
         report["seconds"][name] = round(time.time() - start, 3)
+    ensemble = [a for a in names if a in ENSEMBLES]
+    components = [a for a in AUTOATTACK if a in names or any(a in ENSEMBLES[e] for e in ensemble)]
+    if components:
+        _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose)
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
+    if integrity_examples:
+        report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
+                                        eps, norm, seed, verbose)
     return report
+
+
+def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose):
+    """Runs the AutoAttack components as one ensemble and records them in ``report``."""
+    from tfrobust import autoattack
+
+    start = time.time()
+    result = autoattack.run_autoattack(
+        model_fn, x, y, eps, norm=norm, attacks=[c.replace("_", "-") for c in components],
+        batch_size=batch_size, seed=seed, verbose=verbose,
+    )
+    seconds = round(time.time() - start, 3)
+    for name in components:
+        report["accuracy"][name] = float(result["per_attack"][name.replace("_", "-")])
+    mask = np.asarray(result["robust_mask"], bool)
+    report["correct"]["autoattack"] = mask
+    label = "autoattack_" + ensemble[0] if len(ensemble) == 1 else "autoattack"
+    report["accuracy"][label] = float(mask.mean())
+    report["seconds"][label] = seconds
+    report["autoattack"] = {"attacks": components, "seconds": seconds}
+    from tfrobust.integrity import from_autoattack
+
+    report["_autoattack_integrity"] = from_autoattack(result)
+
+
+def integrity(report, model_fn, x, y, eps, norm, seed, verbose) -> dict:
+    """Integrity checks on the main results and on probes run on the first examples.
+
+    A check fails when it fails on either; the details of both are kept.
+    """
+    from tfrobust.integrity import integrity_checks, run_integrity_probes
+
+    main_inputs = {"n_examples": report["examples"], "accuracy": dict(report["accuracy"])}
+    main_inputs["accuracy"]["clean"] = report["accuracy"].get("clean", main_inputs["accuracy"].get("clean"))
+    if main_inputs["accuracy"]["clean"] is None:
+        main_inputs["accuracy"].pop("clean")
+    aa = report.pop("_autoattack_integrity", None)
+    if aa and "gradient_free_only" in aa:
+        main_inputs["gradient_free_only"] = aa["gradient_free_only"]
+    start = time.time()
+    probes = run_integrity_probes(model_fn, x, y, eps, norm=norm, seed=seed, verbose=verbose)
+    merged = []
+    for a, b in zip(integrity_checks(main_inputs), integrity_checks(probes)):
+        used = [c for c in (a, b) if not c.get("skipped")]
+        merged.append({
+            "name": a["name"],
+            "passed": all(c["passed"] for c in used),
+            "skipped": not used,
+            "detail": " | ".join(c["detail"] for c in used) if used else a["detail"],
+        })
+    return {"checks": merged, "probe_examples": int(len(x)), "seconds": round(time.time() - start, 3),
+            "passed": all(c["passed"] for c in merged)}
 
 
 def format_table(report: dict) -> str:
     """A plain-text table of the accuracies in a report."""
     rows = [("attack", "accuracy", "seconds")]
     for name, acc in report["accuracy"].items():
-        rows.append((name, f"{100 * acc:.2f}%", f"{report['seconds'].get(name, 0):.1f}"))
+        seconds = report["seconds"].get(name)
+        rows.append((name, f"{100 * acc:.2f}%", "" if seconds is None else f"{seconds:.1f}"))
     rows.append(("worst case", f"{100 * report['worst_case']:.2f}%", ""))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     header = f"{report['examples']} examples, {report['norm']} eps={report['eps']:.4g}"
+    if "integrity" in report:
+        lines.append(f"integrity checks ({report['integrity']['probe_examples']} probe examples):")
+        for check in report["integrity"]["checks"]:
+            status = "skipped" if check["skipped"] else ("passed" if check["passed"] else "FAILED")
+            lines.append(f"  {status:<7} {check['name']}: {check['detail']}")
     return header + "\n" + "\n".join(lines)
 
 
 def to_json(report: dict) -> str:
     """The report without per-example arrays, as JSON."""
-    clean = {k: v for k, v in report.items() if k != "correct"}
+    clean = {k: v for k, v in report.items() if k not in ("correct", "_autoattack_integrity")}
     return json.dumps(clean, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))

@@ -287,7 +287,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
             model_fn, x_test, y_test, config.attack.eps, config.attack.norm,
             attacks=("clean", "fgsm", f"pgd{config.eval.pgd_steps}_ce", f"pgd{config.eval.pgd_steps}_cw"),
             step_size=config.eval.step_size, batch_size=config.data.eval_batch_size,
-            seed=config.runtime.seed, verbose=verbose,
+            seed=config.runtime.seed, verbose=verbose, integrity_examples=config.eval.integrity_examples,
         )
         result.pop("correct")
         report["models"]["last" if which == "model.keras" else "best"] = result

@@ -1,0 +1,191 @@
+"""Tests of tfrobust.integrity: the checks on crafted results, and the probes on a masked model."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrobust import autoattack as aa
+from tfrobust.errors import UserError
+from tfrobust.integrity import from_autoattack, integrity_checks, run_integrity_probes
+
+NAMES = ["robust_le_clean", "eps0_equals_clean", "large_eps_near_zero", "more_steps_not_better",
+         "gradient_free_not_better"]
+
+
+def _sane():
+    return {
+        "n_examples": 200,
+        "accuracy": {"clean": 0.90, "pgd-20": 0.50, "apgd-ce": 0.47, "square": 0.55},
+        "eps0_accuracy": 0.90,
+        "large_eps": 1.0,
+        "large_eps_accuracy": 0.0,
+        "pgd_steps": {10: 0.52, 20: 0.50, 50: 0.495},
+        "gradient_free_only": 0,
+    }
+
+
+def _by_name(checks):
+    assert [c["name"] for c in checks] == NAMES
+    return {c["name"]: c for c in checks}
+
+
+def test_sane_results_pass():
+    checks = _by_name(integrity_checks(_sane()))
+    for c in checks.values():
+        assert c["passed"] and not c["skipped"], c
+        assert isinstance(c["detail"], str) and c["detail"]
+
+
+@pytest.mark.parametrize("name,change", [
+    ("robust_le_clean", lambda r: r["accuracy"].update({"square": 0.91})),
+    ("eps0_equals_clean", lambda r: r.update({"eps0_accuracy": 0.895})),  # one example of 200
+    ("large_eps_near_zero", lambda r: r.update({"large_eps_accuracy": 0.15})),
+    ("more_steps_not_better", lambda r: r.update({"pgd_steps": {10: 0.50, 20: 0.52, 50: 0.49}})),
+    ("more_steps_not_better", lambda r: r.update({"pgd_steps": {"pgd-10": 0.40, "pgd-50": 0.45}})),
+    ("gradient_free_not_better", lambda r: r.update({"gradient_free_only": 3})),
+])
+def test_each_check_fails_on_its_violation(name, change):
+    results = _sane()
+    change(results)
+    checks = _by_name(integrity_checks(results))
+    assert not checks[name]["passed"]
+    for other, c in checks.items():
+        if other != name:
+            assert c["passed"], (other, c)
+    if name == "gradient_free_not_better":
+        assert "gradient masking" in checks[name]["detail"]
+
+
+def test_documented_tolerances():
+    results = _sane()
+    # One example of noise is allowed between step counts (1/200 = 0.005) ...
+    results["pgd_steps"] = {10: 0.50, 20: 0.505}
+    assert _by_name(integrity_checks(results))["more_steps_not_better"]["passed"]
+    # ... two are not.
+    results["pgd_steps"] = {10: 0.50, 20: 0.51}
+    assert not _by_name(integrity_checks(results))["more_steps_not_better"]["passed"]
+    # The large-eps threshold is 10%, inclusive.
+    results = _sane()
+    results["large_eps_accuracy"] = 0.10
+    assert _by_name(integrity_checks(results))["large_eps_near_zero"]["passed"]
+    assert not _by_name(integrity_checks(results, large_eps_max_accuracy=0.05))["large_eps_near_zero"]["passed"]
+    # Gradient-free threshold: 0.2% of the examples (0 of 200 allowed, 1 of 1000 allowed).
+    results = _sane()
+    results["gradient_free_only"] = 1
+    assert not _by_name(integrity_checks(results))["gradient_free_not_better"]["passed"]
+    results["n_examples"] = 1000
+    assert _by_name(integrity_checks(results))["gradient_free_not_better"]["passed"]
+
+
+def test_missing_inputs_are_skipped_not_failed():
+    checks = _by_name(integrity_checks({"accuracy": {"clean": 0.9}}))
+    for c in checks.values():
+        assert c["passed"] and c["skipped"] and c["detail"].startswith("skipped")
+    with pytest.raises(UserError):
+        integrity_checks([("clean", 0.9)])
+
+
+def test_from_autoattack():
+    result = {"clean": 0.9, "per_attack": {"apgd-ce": 0.5, "apgd-t": 0.48, "fab-t": 0.48, "square": 0.46},
+              "n_examples": 100, "robust_mask": np.zeros(100, bool)}
+    converted = from_autoattack(result)
+    assert converted["accuracy"]["clean"] == 0.9 and converted["gradient_free_only"] == 2
+    assert not _by_name(integrity_checks(converted))["gradient_free_not_better"]["passed"]
+    result["per_attack"]["square"] = 0.48
+    assert _by_name(integrity_checks(from_autoattack(result)))["gradient_free_not_better"]["passed"]
+
+
+# ---------------------------------------------------------------------------
+# A linear classifier with and without an input-quantisation layer (zero gradient).
+# ---------------------------------------------------------------------------
+
+SIDE = 16
+
+
+class Quantize(keras.layers.Layer):
+    """x -> round(255 x) / 255: harmless for accuracy, but its gradient is zero everywhere."""
+
+    def call(self, x):
+        return tf.round(x * 255.0) / 255.0
+
+
+def _halves_model(masked):
+    """Logit difference z_1 - z_0 = 2 <p, x - 0.5>, p = -1 on the left half and +1 on the right."""
+    pattern = np.ones((SIDE, SIDE, 1), np.float32)
+    pattern[:, : SIDE // 2] = -1.0
+    inputs = keras.Input((SIDE, SIDE, 1))
+    h = Quantize()(inputs) if masked else inputs
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    p = pattern.reshape(-1)
+    model.layers[-1].set_weights([np.stack([-p, p], 1), np.array([0.5 * p.sum(), -0.5 * p.sum()], np.float32)])
+    return model, pattern
+
+
+@pytest.fixture(scope="module")
+def halves_data():
+    """Images 0.5 +- 0.05 p + small noise: the exact L-inf distance to the boundary is about 0.05."""
+    rng = np.random.default_rng(0)
+    _, pattern = _halves_model(False)
+    s = np.where(np.arange(32) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    x = 0.5 + 0.05 * s[:, None, None, None] * pattern + rng.uniform(-0.01, 0.01, (32, SIDE, SIDE, 1))
+    y = (s > 0).astype(np.int32)
+    return np.clip(x, 0, 1).astype(np.float32), y
+
+
+EPS = 0.1  # twice the distance to the boundary
+
+
+def test_masked_gradients_fool_gradient_attacks_but_not_square(halves_data):
+    x, y = halves_data
+    model, _ = _halves_model(masked=True)
+    assert np.all(model.predict(x, verbose=0).argmax(1) == y)
+    with pytest.warns(RuntimeWarning, match="zero input gradient"):
+        x_apgd = aa.apgd(model, x, y, EPS, n_iter=30).numpy()
+    assert np.mean(model.predict(x_apgd, verbose=0).argmax(1) == y) == 1.0
+    x_sq = aa.square(model, x, y, EPS, n_queries=300).numpy()
+    assert np.mean(model.predict(x_sq, verbose=0).argmax(1) == y) <= 0.1
+    assert aa.perturbation_norms(x_sq, x, "linf").max() <= EPS + 1e-6
+    # The same classifier without the quantisation is broken by APGD.
+    plain, _ = _halves_model(masked=False)
+    x_plain = aa.apgd(plain, x, y, EPS, n_iter=30).numpy()
+    assert np.mean(plain.predict(x_plain, verbose=0).argmax(1) == y) == 0.0
+
+
+def test_probes_flag_masking_and_pass_a_healthy_model(halves_data):
+    x, y = halves_data
+    masked, _ = _halves_model(masked=True)
+    res = run_integrity_probes(masked, x, y, EPS, norm="linf", seed=0, apgd_iters=20, square_queries=300)
+    assert res["n_examples"] == 32 and res["accuracy"]["clean"] == 1.0
+    # PGD (10, 20, 50 steps) and APGD fail on the masked model.
+    for k in (10, 20, 50):
+        assert res["pgd_steps"][k] == 1.0
+    assert res["accuracy"]["apgd-ce"] == 1.0
+    assert res["gradient_free_tested"] == 32 and res["gradient_free_only"] >= 29
+    assert res["zero_gradient_examples"] == 32
+    checks = _by_name(integrity_checks(res))
+    assert not checks["gradient_free_not_better"]["passed"]
+    assert "gradient masking" in checks["gradient_free_not_better"]["detail"]
+    assert not checks["large_eps_near_zero"]["passed"]
+    assert checks["robust_le_clean"]["passed"] and checks["eps0_equals_clean"]["passed"]
+
+    plain, _ = _halves_model(masked=False)
+    res = run_integrity_probes(plain, x, y, EPS, norm="linf", seed=0, apgd_iters=20, square_queries=300)
+    assert res["accuracy"]["pgd-20"] == 0.0 and res["large_eps_accuracy"] == 0.0
+    assert res["eps0_accuracy"] == 1.0 and res["gradient_free_only"] == 0
+    assert res["zero_gradient_examples"] == 0
+    for c in integrity_checks(res):
+        assert c["passed"] and not c["skipped"], c
+
+
+def test_probes_l2(halves_data):
+    x, y = halves_data
+    plain, _ = _halves_model(masked=False)
+    eps = 0.1 * SIDE  # an L2 radius that breaks every example (the distance is about 0.05 * 16)
+    res = run_integrity_probes(plain, x[:8], y[:8], eps, norm="l2", seed=0, steps=(5, 10), apgd_iters=10,
+                               square_queries=50)
+    assert res["large_eps"] == pytest.approx(SIDE)
+    assert res["pgd_steps"] == {5: 0.0, 10: 0.0}
+    for c in integrity_checks(res):
+        assert c["passed"], c

@@ -1,0 +1,355 @@
+"""Checks that flag unreliable robustness evaluations (gradient masking and friends).
+
+An evaluation can report high robust accuracy because the attacks failed, not
+because the model is robust: gradients that are zero, noisy or uninformative
+(quantisation, randomness, saturated softmax) make gradient attacks stall.
+Athalye, Carlini and Wagner ("Obfuscated gradients give a false sense of
+security", ICML 2018) and Carlini et al. ("On evaluating adversarial
+robustness", 2019) list the symptoms tested here, and Croce and Hein (ICML
+2020, AutoAttack) warn when Square Attack beats the gradient attacks
+(ALGORITHMS.md section 7):
+
+1. ``robust_le_clean``: no attack raises accuracy above clean accuracy.
+2. ``eps0_equals_clean``: an attack with eps = 0 gives exactly the clean
+   accuracy (a difference means randomness or a broken attack).
+3. ``large_eps_near_zero``: with a very large eps (L-inf 1.0 or L2 sqrt(d):
+   every image in [0, 1]^d is reachable) accuracy is at most 10%.
+4. ``more_steps_not_better``: more PGD steps never raise accuracy by more than
+   one example (random starts and step sizes differ between runs, so one
+   example of noise is allowed).
+5. ``gradient_free_not_better``: a gradient-free attack (Square) breaks at most
+   0.2% of the examples that every gradient attack failed on (AutoAttack's
+   threshold); more is flagged as possible gradient masking.
+
+:func:`run_integrity_probes` measures the inputs with a small budget and
+:func:`integrity_checks` turns them into pass/fail results::
+
+    checks = integrity_checks(run_integrity_probes(model_fn, x, y, eps))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfrobust.errors import UserError
+
+LARGE_EPS_MAX_ACCURACY = 0.1
+STEPS_TOLERANCE_EXAMPLES = 1
+GRADIENT_FREE_MAX_FRACTION = 0.002
+
+GRADIENT_ATTACKS = ("fgsm", "pgd", "apgd", "fab", "cw")
+GRADIENT_FREE_ATTACKS = ("square",)
+
+
+def _check(name, passed, detail, skipped=False):
+    return {"name": name, "passed": bool(passed), "detail": detail, "skipped": bool(skipped)}
+
+
+def _skip(name, what):
+    return _check(name, True, f"skipped: no {what} in the results", skipped=True)
+
+
+def _steps_key(k) -> int:
+    if isinstance(k, str):
+        digits = "".join(ch for ch in k if ch.isdigit())
+        if not digits:
+            raise UserError(f"pgd_steps keys must be step counts, got {k!r}")
+        return int(digits)
+    return int(k)
+
+
+def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS_MAX_ACCURACY,
+                     steps_tolerance_examples: int = STEPS_TOLERANCE_EXAMPLES,
+                     gradient_free_max_fraction: float = GRADIENT_FREE_MAX_FRACTION) -> list:
+    """Runs the five integrity checks on an evaluation's results.
+
+    Args:
+      results: a dict with any of these keys (as returned by
+        :func:`run_integrity_probes`; a check whose inputs are missing is
+        reported with ``passed=True, skipped=True``):
+
+        - ``"n_examples"``: number of evaluated examples (turns example counts
+          into fractions; without it the tolerances of checks 2 and 4 are 0);
+        - ``"accuracy"``: {attack name: accuracy at the evaluation eps}, with
+          ``"clean"`` (all accuracies are fractions of all examples);
+        - ``"eps0_accuracy"``: accuracy of an attack run with eps = 0;
+        - ``"large_eps"``, ``"large_eps_accuracy"``: a very large eps and the
+          accuracy of an attack at it;
+        - ``"pgd_steps"``: {number of steps: PGD accuracy} (keys may be ints or
+          strings such as "pgd-20");
+        - ``"gradient_free_only"``: number of examples broken by the
+          gradient-free attack but by none of the gradient attacks.
+      large_eps_max_accuracy: threshold of check 3 (default 0.1).
+      steps_tolerance_examples: examples of noise allowed by check 4 (default 1).
+      gradient_free_max_fraction: threshold of check 5, as a fraction of all
+        examples (default 0.002, AutoAttack's).
+
+    Returns:
+      A list of ``{"name", "passed", "detail", "skipped"}`` dicts, one per check,
+      in the order of the module docstring.
+    """
+    if not isinstance(results, dict):
+        raise UserError(f"integrity_checks expects a dict of results, got {type(results).__name__}")
+    n = results.get("n_examples")
+    n = int(n) if n else None
+    one = (1.0 / n) if n else 0.0
+    acc = dict(results.get("accuracy") or {})
+    clean = acc.get("clean")
+    out = []
+
+    # 1. robust accuracy <= clean accuracy
+    name = "robust_le_clean"
+    attacked = {k: v for k, v in acc.items() if k != "clean"}
+    if clean is None or not attacked:
+        out.append(_skip(name, "clean and attacked accuracies"))
+    else:
+        bad = {k: v for k, v in attacked.items() if v > clean + 1e-9}
+        if bad:
+            detail = "; ".join(f"{k}: {v:.2%} > clean {clean:.2%}" for k, v in bad.items())
+            out.append(_check(name, False, f"attacked accuracy above clean accuracy ({detail}): "
+                                           "the attack or the model's output is unreliable"))
+        else:
+            out.append(_check(name, True, f"all {len(attacked)} attacks <= clean {clean:.2%}"))
+
+    # 2. eps = 0 gives the clean accuracy
+    name = "eps0_equals_clean"
+    eps0 = results.get("eps0_accuracy")
+    if clean is None or eps0 is None:
+        out.append(_skip(name, "eps0_accuracy or clean accuracy"))
+    else:
+        diff = abs(eps0 - clean)
+        if diff <= 0.5 * one + 1e-9:
+            out.append(_check(name, True, f"accuracy at eps=0 {eps0:.2%} equals clean {clean:.2%}"))
+        else:
+            out.append(_check(name, False, f"accuracy at eps=0 {eps0:.2%} differs from clean {clean:.2%}: "
+                                           "randomised model or broken attack"))
+
+    # 3. a very large eps breaks (almost) everything
+    name = "large_eps_near_zero"
+    large = results.get("large_eps_accuracy")
+    if large is None:
+        out.append(_skip(name, "large_eps_accuracy"))
+    else:
+        at = results.get("large_eps")
+        at = f" at eps={at:g}" if isinstance(at, (int, float)) else ""
+        if large <= large_eps_max_accuracy:
+            out.append(_check(name, True, f"accuracy{at} is {large:.2%} <= {large_eps_max_accuracy:.0%}"))
+        else:
+            out.append(_check(name, False, f"accuracy{at} is {large:.2%} > {large_eps_max_accuracy:.0%}: "
+                                           "the attack cannot reach points that are certainly reachable "
+                                           "(possible gradient masking)"))
+
+    # 4. more PGD steps never raise accuracy
+    name = "more_steps_not_better"
+    steps = results.get("pgd_steps") or {}
+    if len(steps) < 2:
+        out.append(_skip(name, "pgd_steps with at least two step counts"))
+    else:
+        series = sorted((_steps_key(k), float(v)) for k, v in steps.items())
+        tol = steps_tolerance_examples * one
+        bad = [(a, va, b, vb) for i, (a, va) in enumerate(series) for (b, vb) in series[i + 1:]
+               if b > a and vb > va + tol + 1e-9]
+        listing = ", ".join(f"{k}: {v:.2%}" for k, v in series)
+        if bad:
+            a, va, b, vb = bad[0]
+            out.append(_check(name, False, f"PGD with {b} steps ({vb:.2%}) is above {a} steps ({va:.2%}) by "
+                                           f"more than {steps_tolerance_examples} example(s) ({listing}): "
+                                           "the attack does not converge (possible gradient masking)"))
+        else:
+            out.append(_check(name, True, f"non-increasing within {steps_tolerance_examples} example(s): {listing}"))
+
+    # 5. gradient-free attack does not beat the gradient attacks
+    name = "gradient_free_not_better"
+    only = results.get("gradient_free_only")
+    if only is None:
+        out.append(_skip(name, "gradient_free_only"))
+    else:
+        frac = (only / n) if n else (1.0 if only > 0 else 0.0)
+        who = results.get("gradient_free_attack", "the gradient-free attack")
+        if frac <= gradient_free_max_fraction + 1e-12:
+            out.append(_check(name, True, f"{who} broke {int(only)} example(s) that all gradient attacks missed "
+                                          f"(<= {gradient_free_max_fraction:.1%})"))
+        else:
+            out.append(_check(name, False, f"possible gradient masking: {who} broke {int(only)} example(s) "
+                                           f"({frac:.2%}) that every gradient attack missed "
+                                           f"(threshold {gradient_free_max_fraction:.1%})"))
+    return out
+
+
+def from_autoattack(result: dict) -> dict:
+    """Integrity inputs from a :func:`tfrobust.autoattack.run_autoattack` result.
+
+    Gives ``accuracy`` (clean and the cumulative accuracy after each attack)
+    and ``n_examples``; if Square ran after every gradient attack of the
+    ensemble, also ``gradient_free_only`` (the examples Square removed).
+    Merge it with :func:`run_integrity_probes` output with ``dict.update``.
+    """
+    per = dict(result.get("per_attack") or {})
+    n = int(result.get("n_examples") or len(result.get("robust_mask", [])))
+    out = {"n_examples": n, "accuracy": {"clean": float(result["clean"]), **per}}
+    names = list(per)
+    if "square" in names and names.index("square") == len(names) - 1 and len(names) > 1:
+        before = per[names[-2]]
+        out["gradient_free_only"] = int(round((before - per["square"]) * n))
+        out["gradient_free_attack"] = "square"
+    return out
+
+
+def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size=256, steps=(10, 20, 50),
+                         large_eps: Optional[float] = None, apgd_iters=100, square_queries=1000,
+                         verbose=False) -> dict:
+    """Measures the inputs of :func:`integrity_checks` on (x, y).
+
+    Budget per example (d = number of input features):
+
+    - clean predictions;
+    - PGD (cross-entropy, uniform random start, step 2.5 eps / k; Madry et al.
+      2018) with k = 10, 20 and 50 steps at ``eps`` (80 gradient steps);
+    - PGD-10 at eps = 0;
+    - PGD-20 at ``large_eps`` (default 1.0 for L-inf, sqrt(d) for L2: both
+      reach every image in [0, 1]^d);
+    - APGD-CE with ``apgd_iters`` iterations at ``eps``;
+    - Square (margin loss, ``square_queries`` queries) at ``eps``, only on the
+      clean-correct examples that every gradient attack above failed on.
+
+    That is about 210 gradient evaluations per example plus the Square queries
+    on the survivors: a few times the cost of PGD-50. Use a few hundred
+    examples.
+
+    Args:
+      model_fn: callable mapping float32 NHWC images in [0, 1] to logits (a
+        keras model is called with ``training=False``).
+      x, y: images in [0, 1] and integer labels.
+      eps, norm: the threat model of the evaluation ("linf" or "l2").
+      seed: integer seed of every random start and of Square.
+      batch_size: examples per call.
+      steps: the PGD step counts compared by the step check.
+      large_eps: the radius of the large-eps probe (None: see above).
+      apgd_iters, square_queries: budgets of APGD-CE and Square.
+      verbose: show a progress bar.
+
+    Returns:
+      ``{"n_examples", "eps", "norm", "accuracy": {"clean", "pgd-10", "pgd-20",
+      "pgd-50", "apgd-ce"}, "eps0_accuracy", "large_eps", "large_eps_accuracy",
+      "pgd_steps": {10: .., 20: .., 50: ..}, "gradient_free_attack": "square",
+      "gradient_free_only", "gradient_free_tested" (examples Square ran on),
+      "zero_gradient_examples" (examples whose cross-entropy input gradient at
+      the clean point is exactly zero), "budget", "seconds"}``.
+    """
+    from tfrobust import attacks as attack_lib
+    from tfrobust import autoattack as aa
+
+    start = time.time()
+    norm = aa._check_norm(norm)
+    eps = aa._check_eps(eps)
+    seed = aa._check_seed(seed)
+    batch_size = aa._check_positive_int("batch_size", batch_size)
+    steps = sorted({aa._check_positive_int("steps", int(k)) for k in steps})
+    x_t, y_t = aa._as_inputs(x, y)
+    x_np, y_np = x_t.numpy(), y_t.numpy()
+    n = len(x_np)
+    if n == 0:
+        raise UserError("x is empty")
+    dims = int(np.prod(x_np.shape[1:]))
+    if large_eps is None:
+        large_eps = 1.0 if norm == "linf" else math.sqrt(dims)
+    large_eps = aa._check_eps(large_eps)
+
+    from tfrobust.autoattack import _call_model
+
+    call = lambda t: _call_model(model_fn, t)  # noqa: E731
+    spec = [aa._image_spec(x_np.shape), tf.TensorSpec([None], tf.int32), tf.TensorSpec([2], tf.int32)]
+
+    def make_pgd(radius, k):
+        step = 2.5 * radius / k
+
+        @tf.function(input_signature=spec)
+        def run(xb, yb, sd):
+            x_adv = attack_lib.pgd(call, xb, yb, radius, step, k, norm=norm, loss="ce", seed=sd)
+            return tf.equal(tf.argmax(call(x_adv), axis=-1, output_type=tf.int32), yb)
+
+        return run
+
+    def correct_under(run, tag):
+        parts = []
+        for b, i in enumerate(range(0, n, batch_size)):
+            sd = tf.constant([seed % (2**31 - 1), tag * 100003 + b], tf.int32)
+            parts.append(run(tf.constant(x_np[i:i + batch_size]), tf.constant(y_np[i:i + batch_size]), sd).numpy())
+        return np.concatenate(parts)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(steps) + 4, desc="integrity probes", disable=not verbose, leave=False)
+    logits = aa._predict_logits(model_fn, x_t, batch_size)
+    clean_correct = aa._predicted(logits).numpy() == y_np
+    bar.update(1)
+
+    accuracy = {"clean": float(clean_correct.mean())}
+    pgd_steps = {}
+    gradient_robust = clean_correct.copy()
+    for j, k in enumerate(steps):
+        ok = correct_under(make_pgd(eps, k), 10 + j)
+        pgd_steps[k] = float(ok.mean())
+        accuracy[f"pgd-{k}"] = pgd_steps[k]
+        gradient_robust &= ok
+        bar.update(1)
+
+    eps0 = correct_under(make_pgd(0.0, 10), 1)
+    bar.update(1)
+    large = correct_under(make_pgd(large_eps, 20), 2)
+    bar.update(1)
+
+    @tf.function(input_signature=spec[:2])
+    def zero_gradient(xb, yb):
+        with tf.GradientTape() as tape:
+            tape.watch(xb)
+        g = tape.gradient(loss, xb, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        g = tape.gradient(loss, xb)
+        return tf.reduce_all(tf.equal(tf.reshape(g, [tf.shape(g)[0], -1]), 0.0), axis=1)
+
+    zero_grad = 0
+    apgd_ok = np.empty(n, bool)
+    for i in range(0, n, batch_size):
+        xb, yb = x_np[i:i + batch_size], y_np[i:i + batch_size]
+        zero_grad += int(np.sum(zero_gradient(tf.constant(xb), tf.constant(yb)).numpy()))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*zero input gradient", category=RuntimeWarning)
+            xa = aa.apgd(model_fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed)
+        apgd_ok[i:i + batch_size] = aa._predicted(aa._predict_logits(model_fn, xa)).numpy() == yb
+    accuracy["apgd-ce"] = float(apgd_ok.mean())
+    gradient_robust &= apgd_ok
+    bar.update(1)
+
+    idx = np.flatnonzero(gradient_robust)
+    square_fooled = 0
+    if idx.size and eps > 0:
+        for i in range(0, idx.size, batch_size):
+            sel = idx[i:i + batch_size]
+            xs = aa.square(model_fn, x_np[sel], y_np[sel], eps, norm=norm, n_queries=square_queries, seed=seed)
+            square_fooled += int(np.sum(aa._predicted(aa._predict_logits(model_fn, xs)).numpy() != y_np[sel]))
+    bar.update(1)
+    bar.close()
+
+    return {
+        "n_examples": n,
+        "eps": eps,
+        "norm": norm,
+        "accuracy": accuracy,
+        "eps0_accuracy": float(eps0.mean()),
+        "large_eps": large_eps,
+        "large_eps_accuracy": float(large.mean()),
+        "pgd_steps": pgd_steps,
+        "gradient_free_attack": "square",
+        "gradient_free_only": square_fooled,
+        "gradient_free_tested": int(idx.size),
+        "zero_gradient_examples": zero_grad,
+        "budget": {"pgd_steps": list(steps), "pgd_step_size": "2.5 * eps / steps", "eps0_steps": 10,
+                   "large_eps_steps": 20, "apgd_iters": int(apgd_iters), "square_queries": int(square_queries)},
+        "seconds": time.time() - start,
+    }
