@@ -1,0 +1,63 @@
+"""The papers' CIFAR-10 settings in configs/ run end to end (a few steps, tfds mock data)."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from tfrobust import experiment
+from tfrobust.config import load_config
+from tfrobust.defenses import parse_defense
+
+CONFIGS = sorted(glob.glob("configs/cifar10_*.yaml"))
+
+
+def test_every_weight_space_method_has_a_paper_config():
+    names = {load_config(p).defense.name for p in CONFIGS}
+    for needed in ("at", "trades", "mart", "at+awp", "trades+awp", "mart+awp", "at+s2o", "trades+s2o",
+                   "trades+awp+s2o", "trades+rat", "trades+awp+rat"):
+        assert needed in names, needed
+
+
+def small(path, **extra):
+    overrides = {
+        # Keep the config's defense, attack norm/eps/step, optimizer and schedule; shrink only the sizes.
+        "data.train_examples": 8, "data.validation_examples": 4, "data.test_examples": 4,
+        "data.batch_size": 4, "data.eval_batch_size": 4, "attack.steps": 1, "eval.pgd_steps": 1,
+        "optim.epochs": 1, "runtime.verbose": 0, "eval.images_every": 0, "eval.integrity_examples": 0,
+    }
+    overrides.update(extra)
+    return load_config(path, overrides)
+
+
+def adversarial_steps(cfg, steps=2):
+    with tfds.testing.mock_data(num_examples=16):
+        model, datasets, _ = experiment.build(cfg)
+        assert datasets.info.image_shape == (32, 32, 3)
+        history = model.fit(datasets.train_epochs(0, 1), epochs=1, steps_per_epoch=steps, verbose=0,
+                            validation_data=datasets.validation)
+    return model, history.history
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_paper_config_trains_a_few_steps(path):
+    # Every setting of the config but the network, which is swapped for the small CNN
+    # (tracing PreActResNet-18 or WRN-34-10 takes minutes on CPU); the networks
+    # themselves are exercised below and in test_models.py.
+    cfg = small(path, **{"model.name": "small_cnn"})
+    model, history = adversarial_steps(cfg)
+    assert model.defense == parse_defense(cfg.defense.name, cfg.defense)
+    assert np.isfinite(history["loss"][0]) and "val_pgd_accuracy" in history
+    assert model.optimizer.momentum == pytest.approx(cfg.optim.momentum)
+
+
+@pytest.mark.parametrize("path", ["configs/cifar10_wrn34_10_trades_awp_rat.yaml"])
+def test_paper_network_takes_adversarial_steps(path):
+    """The papers' own networks through the double perturbation (WRN at depth 10, width 2)."""
+    cfg = small(path, **{"model.depth": 10, "model.width": 2})
+    model, history = adversarial_steps(cfg)
+    assert np.isfinite(history["loss"][0])
+    if model.defense.awp and model.defense.awp_warmup_epochs == 0:
+        assert history["awp_relative_norm"][0] > 0
