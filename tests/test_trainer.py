@@ -250,3 +250,18 @@ def test_validation_reports_clean_and_pgd_accuracy(fashion_subset):
     for key in ("val_clean_accuracy", "val_pgd_accuracy", "val_pgd_loss"):
         assert key in history.history
     assert history.history["val_pgd_accuracy"][0] <= history.history["val_clean_accuracy"][0]
+
+
+def test_attack_in_batchnorm_train_mode_leaves_statistics_unchanged(batch):
+    x, y = batch
+    model = make("trades", batch_norm=True, bn_mode="train")
+    model(x[:1])
+    before = values(model.network.non_trainable_variables)
+    x_adv_train = model.adversarial_examples(tf.constant(x), tf.constant(y)).numpy()
+    for b, a in zip(before, values(model.network.non_trainable_variables)):
+        np.testing.assert_array_equal(a, b)
+    evaluating = make("trades", network=model.network, bn_mode="eval")
+    evaluating.compile(optimizer=keras.optimizers.SGD(0.1))
+    x_adv_eval = evaluating.adversarial_examples(tf.constant(x), tf.constant(y)).numpy()
+    assert not np.array_equal(x_adv_train, x_adv_eval)  # the mode really changed what the attack saw
+    assert np.abs(x_adv_train - x).max() <= 0.1 + 1e-6
