@@ -587,6 +587,13 @@ def apgd(model_fn, x, y, eps, norm="linf", loss="ce", n_iter=100, n_restarts=1, 
     return tf.convert_to_tensor(adv)
 
 
+
+def _check_targeted_args(norm, eps, n_iter, n_target_classes, n_restarts, seed):
+    """Validates the arguments shared by the targeted attacks (APGD-T, FAB-T)."""
+    return (_check_norm(norm), _check_eps(eps), _check_positive_int("n_iter", n_iter),
+            _check_positive_int("n_target_classes", n_target_classes),
+            _check_positive_int("n_restarts", n_restarts, 0), _check_seed(seed))
+
 def apgd_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes=9, seed=0, *,
                   n_restarts=1, rho=0.75, reference_quirks=False):
     """APGD-T (Croce & Hein, ICML 2020): APGD on the targeted DLR loss.
@@ -597,12 +604,8 @@ def apgd_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes
     logits. ``n_target_classes`` is capped at C - 1; the model needs at least
     4 classes. Other arguments and the return value are as in :func:`apgd`.
     """
-    norm = _check_norm(norm)
-    eps = _check_eps(eps)
-    n_iter = _check_positive_int("n_iter", n_iter)
-    n_target_classes = _check_positive_int("n_target_classes", n_target_classes)
-    n_restarts = _check_positive_int("n_restarts", n_restarts, 0)
-    seed = _check_seed(seed)
+    norm, eps, n_iter, n_target_classes, n_restarts, seed = _check_targeted_args(
+        norm, eps, n_iter, n_target_classes, n_restarts, seed)
     x, y = _as_inputs(x, y)
     if int(x.shape[0]) == 0:
         return x
@@ -764,12 +767,8 @@ def fab_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes=
       ``x_adv`` (tf.Tensor): the closest adversarial point found where it is
       within eps, ``x`` elsewhere.
     """
-    norm = _check_norm(norm)
-    eps = _check_eps(eps)
-    n_iter = _check_positive_int("n_iter", n_iter)
-    n_target_classes = _check_positive_int("n_target_classes", n_target_classes)
-    n_restarts = _check_positive_int("n_restarts", n_restarts, 0)
-    seed = _check_seed(seed)
+    norm, eps, n_iter, n_target_classes, n_restarts, seed = _check_targeted_args(
+        norm, eps, n_iter, n_target_classes, n_restarts, seed)
     x, y = _as_inputs(x, y)
     if int(x.shape[0]) == 0:
         return x

@@ -432,6 +432,22 @@ def robust_loss(
 # ---------------------------------------------------------------------------
 
 
+
+def _with_settings(result, n, seed, variables, loss_fn, clean, eps, norm, step_size, steps, restarts, perturbations):
+    """Adds what a measure was computed with (and optionally its perturbations) to its result."""
+    result.update({
+        "examples": n,
+        "seed": int(seed),
+        "variables": [getattr(v, "path", getattr(v, "name", "")) for v in variables],
+    })
+    if loss_fn is None:
+        result.update({"eps": 0.0 if clean else float(eps), "norm": norm, "clean": bool(clean)})
+        if not clean:
+            result.update({"step_size": float(step_size), "steps": int(steps), "restarts": int(restarts)})
+    if perturbations is not None:
+        result["perturbations"] = perturbations
+    return result
+
 def average_case_flatness(
     model,
     x,
@@ -519,17 +535,9 @@ def average_case_flatness(
         "std_error": float(np.std(losses_arr, ddof=1) / math.sqrt(len(losses_arr))) if len(losses_arr) > 1 else 0.0,
         "xi": float(xi),
         "samples": int(samples),
-        "examples": n,
-        "seed": int(seed),
-        "variables": [getattr(v, "path", getattr(v, "name", "")) for v in variables],
     }
-    if loss_fn is None:
-        result.update({"eps": 0.0 if clean else float(eps), "norm": norm, "clean": bool(clean)})
-        if not clean:
-            result.update({"step_size": float(step_size), "steps": int(steps), "restarts": int(restarts)})
-    if return_perturbations:
-        result["perturbations"] = perturbations
-    return result
+    return _with_settings(result, n, seed, variables, loss_fn, clean, eps, norm, step_size, steps, restarts,
+                          perturbations if return_perturbations else None)
 
 
 # ---------------------------------------------------------------------------
@@ -741,17 +749,9 @@ def worst_case_flatness(
         "attempts": int(attempts),
         "passes": int(passes),
         "weight_step": float(weight_step),
-        "examples": n,
-        "seed": int(seed),
-        "variables": [getattr(v, "path", getattr(v, "name", "")) for v in variables],
     }
-    if loss_fn is None:
-        result.update({"eps": 0.0 if clean else float(eps), "norm": norm, "clean": bool(clean)})
-        if not clean:
-            result.update({"step_size": float(step_size), "steps": int(steps), "restarts": int(restarts)})
-    if return_perturbations:
-        result["perturbations"] = perturbations
-    return result
+    return _with_settings(result, n, seed, variables, loss_fn, clean, eps, norm, step_size, steps, restarts,
+                          perturbations if return_perturbations else None)
 
 
 # ---------------------------------------------------------------------------
