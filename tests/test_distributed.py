@@ -19,11 +19,12 @@ from tfrobust.defenses import parse_defense
 from tfrobust.trainer import RobustModel
 
 
-def one_step(name, strategy, x, y, steps=1):
+def one_step(name, strategy, x, y, steps=1, **attack):
     d = dataclasses.replace(parse_defense(name), awp_warmup_epochs=0)
     with strategy.scope():
-        model = RobustModel(tiny_cnn(batch_norm=False, seed=3), d, eps=0.1, step_size=0.025, steps=3,
-                            weight_decay=5e-4, seed=7)
+        settings = dict(eps=0.1, step_size=0.025, steps=3)
+        settings.update(attack)
+        model = RobustModel(tiny_cnn(batch_norm=False, seed=3), d, weight_decay=5e-4, seed=7, **settings)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x) // steps)
     model.fit(ds, epochs=1, verbose=0)
@@ -42,11 +43,14 @@ def mirrored_strategy():
     return build_strategy(RuntimeConfig(strategy="mirrored", devices=["/cpu:0", "/cpu:1"]))
 
 
-@pytest.mark.parametrize("name", ["at+awp", "trades+s2o", "trades+rat"])
-def test_two_replicas_match_one_device(fashion_subset, mirrored_strategy, name):
+@pytest.mark.parametrize("name,attack", [
+    ("at+awp", {}), ("trades+s2o", {}), ("trades+rat", {}),
+    ("at+awp", {"norm": "l2", "eps": 1.0, "step_size": 0.3}),
+])
+def test_two_replicas_match_one_device(fashion_subset, mirrored_strategy, name, attack):
     x, y = fashion_subset[0][:32], fashion_subset[1][:32]
-    single = one_step(name, tf.distribute.OneDeviceStrategy("/cpu:0"), x, y)
-    mirrored = one_step(name, mirrored_strategy, x, y)
+    single = one_step(name, tf.distribute.OneDeviceStrategy("/cpu:0"), x, y, **attack)
+    mirrored = one_step(name, mirrored_strategy, x, y, **attack)
     for a, b in zip(single.network.trainable_variables, mirrored.network.trainable_variables):
         replicas = [r.numpy() for r in b.value.values]
         assert len(replicas) == 2

@@ -85,6 +85,8 @@ def train_main(argv=None) -> int:
             from tfrobust.errors import unknown_choice
 
             raise unknown_choice("model", cfg.model.name, models.MODELS)
+        if cfg.runtime.strategy == "multi_worker" and not args.workdir:
+            raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
         workdir = args.workdir or os.path.join(
             "runs", f"{cfg.data.name}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         )

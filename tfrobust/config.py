@@ -136,7 +136,7 @@ class RuntimeConfig:
     """Where and how the computation runs."""
 
     seed: int = 0
-    strategy: str = "default"  # default | mirrored | tpu
+    strategy: str = "default"  # default | mirrored | tpu | multi_worker (cluster from TF_CONFIG)
     devices: Optional[list] = None  # for mirrored, e.g. ["GPU:0", "GPU:1"]
     jit_compile: str = "auto"  # auto | on | off
     # none | mixed_float16 | mixed_bfloat16 (Keras dtype policies).
@@ -159,7 +159,7 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-STRATEGIES = ("default", "mirrored", "tpu")
+STRATEGIES = ("default", "mirrored", "tpu", "multi_worker")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 

@@ -50,6 +50,10 @@ def build_strategy(runtime) -> tf.distribute.Strategy:
     if key not in _STRATEGIES:
         if runtime.strategy == "mirrored":
             _STRATEGIES[key] = tf.distribute.MirroredStrategy(runtime.devices or None)
+        elif runtime.strategy == "multi_worker":
+            from tfrobust.multiworker import multi_worker_strategy
+
+            _STRATEGIES[key] = multi_worker_strategy()
         else:
             try:
                 resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -139,8 +143,15 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     """Trains per ``config`` into ``workdir`` (resuming an unfinished run there).
 
     Returns ``(model, datasets, history)`` where history maps metric names to
-    per-epoch lists.
+    per-epoch lists. With ``runtime.strategy=multi_worker`` the run goes
+    through :func:`tfrobust.multiworker.train_multi_worker`.
     """
+    if config.runtime.strategy == "multi_worker":
+        if extra_callbacks or datasets is not None:
+            raise UserError("runtime.strategy=multi_worker takes no extra callbacks or preloaded datasets")
+        from tfrobust.multiworker import train_multi_worker
+
+        return train_multi_worker(config, workdir)
     resuming = prepare_workdir(workdir)
     config_path = os.path.join(workdir, "config.yaml")
     if resuming:
@@ -275,6 +286,11 @@ def save_networks(model: RobustModel, workdir: str, has_best: bool) -> None:
 def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = True) -> dict:
     """Trains, then evaluates the last and best networks on the test split."""
     model, datasets, history = train(config, workdir)
+    if config.runtime.strategy == "multi_worker":
+        from tfrobust.multiworker import is_chief
+
+        if not is_chief():
+            return {"models": {}, "train_seconds": history["train_seconds"]}
     x_test, y_test = data_lib.load_test_arrays(config.data.name, config.data.data_dir, config.data.test_examples)
     report = {"config": to_dict(config), "train_seconds": history["train_seconds"], "models": {}}
     for which in ("model.keras", "best.keras"):

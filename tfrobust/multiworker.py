@@ -11,7 +11,10 @@ and ``"index": 1`` on the second. The workers keep one synchronous copy of the
 network: every step all-reduces the gradients (and AWP's, S2O's and RAT's
 cross-replica statistics, see :mod:`tfrobust.trainer`) across all replicas of
 all workers, so that a step on N workers computes what one device computes on
-the same global batch.
+the same global batch, up to floating-point rounding. (Over many steps the
+runs drift apart: PGD's sign step turns a last-bit difference in an input
+gradient into a full step on a pixel. Two workers give exactly the weights of
+``experiment.train`` under MirroredStrategy with one replica per worker.)
 
 Keras' ``fit`` does not run under this strategy (keras-team/keras#20585), so
 the loop here uses only the public ``tf.distribute`` API: a per-worker input
@@ -47,8 +50,14 @@ as Keras' TensorBoard callback names them, plus hparams),
 ``best.keras``, ``saved_model/`` and ``saved_model_best/``. The other workers
 perform the same saves into a temporary directory of their own, deleted at the
 end, as tf.distribute recommends (a save may read values that every worker
-must take part in). With a shared filesystem, pass the same ``workdir`` to all
-workers.
+must take part in). Pass the same ``workdir`` on every worker; the files end
+up on the chief's filesystem. At the end every worker waits for the others,
+so that none leaves the cluster while another is still saving.
+
+Each worker uses all of its GPUs (or its CPU when it has none) as local
+replicas; ``runtime.devices`` is not used. A worker that fails alone (say,
+its data directory is missing) leaves the others waiting until the cluster's
+health check notices it is gone.
 
 Not available here (they are Keras callbacks of ``experiment.train``):
 resuming an unfinished run, ``eval.flatness_every`` and ``eval.images_every``.
@@ -68,7 +77,6 @@ import tempfile
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 import yaml
 
@@ -151,6 +159,11 @@ def parse_tf_config(value) -> ClusterTask:
     return ClusterTask({job: list(a) for job, a in cluster.items()}, task_type, index)
 
 
+def is_chief() -> bool:
+    """Whether this process is the chief of the cluster in ``TF_CONFIG`` (the one that writes the run)."""
+    return parse_tf_config(os.environ.get(TF_CONFIG)).is_chief
+
+
 _STRATEGY = {}
 
 
@@ -207,10 +220,15 @@ def _check_batches(size: int, batch_size: int, replicas: int, what: str) -> None
             )
 
 
-def _agree(strategy, failed: bool) -> bool:
-    """True on every worker when any worker passes ``failed=True`` (a cross-worker sum)."""
-    value = strategy.run(lambda: tf.constant(1.0 if failed else 0.0))
-    return float(strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)) > 0
+def _any_worker(strategy, flag: bool) -> bool:
+    """True on every worker when any worker passes ``flag=True`` (a sum over all replicas)."""
+
+    @tf.function
+    def total(value):
+        per_replica = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return float(total(tf.constant(1.0 if flag else 0.0))) > 0
 
 
 def _build_model(config: ExperimentConfig, strategy, datasets):
@@ -265,20 +283,21 @@ def train_multi_worker(config: ExperimentConfig, workdir: str) -> tuple[RobustMo
                 refusal = f"workdir {workdir} holds an unfinished run; multi-worker training does not resume, choose another --workdir"
         except UserError as e:
             refusal = str(e)
-    if _agree(strategy, refusal is not None):
+    if _any_worker(strategy, refusal is not None):
         raise UserError(refusal or f"the chief refused workdir {workdir}; see the chief's output")
     write_dir = workdir if task.is_chief else tempfile.mkdtemp(prefix=f"tfrobust-{task.task_type}{task.task_index}-")
     try:
-        return _train(config, strategy, task, workdir, write_dir)
+        result = _train(config, strategy, task, workdir, write_dir)
     finally:
         if not task.is_chief:
             shutil.rmtree(write_dir, ignore_errors=True)
+    # A last collective as a barrier: no worker leaves (and stops answering
+    # the cluster's health checks) while another is still saving.
+    _any_worker(strategy, False)
+    return result
 
 
 def _train(config, strategy, task, workdir, write_dir):
-    if task.is_chief:
-        with open(os.path.join(workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False)
     keras.utils.set_random_seed(config.runtime.seed)
     if config.runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -291,6 +310,9 @@ def _train(config, strategy, task, workdir, write_dir):
     model, steps_per_epoch = _build_model(config, strategy, datasets)
     epochs = config.optim.epochs
     validation_steps = math.ceil(datasets.validation_size / config.data.eval_batch_size)
+    if task.is_chief:
+        with open(os.path.join(workdir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
     train_data = strategy.distribute_datasets_from_function(
         lambda ctx: replica_batches(datasets.train_epochs(0, epochs), ctx)

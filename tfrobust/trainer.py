@@ -73,7 +73,13 @@ def start_point(x, eps, norm, kind, seed):
         return tf.clip_by_value(x + 0.001 * _global_slice("normal", x, seed), 0.0, 1.0)
     if norm == "linf":
         return tf.clip_by_value(x + eps * _global_slice("uniform", x, seed), 0.0, 1.0)
-    return attacks.random_start(x, eps, norm, "uniform", seed)
+    # L2: a uniform point of the ball, from a Gaussian direction and a radius eps * u^(1/d).
+    direction = _global_slice("normal", x, seed)
+    flat = tf.reshape(direction, [tf.shape(x)[0], -1])
+    direction = direction / tf.reshape(tf.maximum(tf.norm(flat, axis=1), 1e-12), [-1] + [1] * (len(x.shape) - 1))
+    u = (_global_slice("uniform", x[:, :1, :1, :1], seed + 1) + 1.0) / 2.0
+    dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
+    return tf.clip_by_value(x + direction * eps * tf.pow(u, 1.0 / dims), 0.0, 1.0)
 
 
 def last_dense_kernel(network):

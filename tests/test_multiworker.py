@@ -1,0 +1,285 @@
+"""Multi-worker training: two local worker processes with TF_CONFIG on 127.0.0.1.
+
+The two workers split each global batch of 32 into two contiguous halves of
+16, worker k taking half k. A single-process run of ``experiment.train`` under
+MirroredStrategy over two logical CPUs splits every global batch into the same
+two halves, so it performs the same computation step by step: the workers must
+end with identical weights equal to it. (That run in turn matches one device
+step by step, tests/test_distributed.py. Over several steps the comparison with
+one device is not tight: the two-replica and one-device gradients differ in
+the last bits, and PGD's sign step turns such a difference into a full step on
+a pixel, after which the runs drift apart by about 1e-3.)
+
+The workers see no GPU, so that they compute on the CPU as the reference run
+does.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrobust import experiment, models
+from tfrobust.config import load_config
+from tfrobust.errors import UserError
+from tfrobust.multiworker import is_chief, parse_tf_config, replica_batches, train_multi_worker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fashion_mnist.yaml")
+OVERRIDES = {
+    "data.train_examples": 128, "data.validation_examples": 64, "data.batch_size": 32,
+    "attack.steps": 2, "eval.pgd_steps": 2, "optim.epochs": 2, "runtime.verbose": 0,
+    "eval.images_every": 0, "defense.name": "at+awp", "defense.awp.warmup_epochs": 0,
+}
+WORKER_TIMEOUT = 300
+
+WORKER_SCRIPT = """
+import json
+import sys
+
+import numpy as np
+
+from tfrobust.config import load_config
+from tfrobust.errors import UserError
+from tfrobust.multiworker import train_multi_worker
+
+config_path, overrides, workdir, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+try:
+    model, _, history = train_multi_worker(load_config(config_path, overrides), workdir)
+except UserError as e:
+    print(f"UserError: {e}", flush=True)
+    sys.exit(2)
+np.savez(out, *[v.numpy() for v in model.network.weights])
+with open(out + ".json", "w") as f:
+    json.dump(history, f)
+"""
+
+
+def free_ports(n):
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Cluster:
+    """Two worker processes running WORKER_SCRIPT; each has its own TMPDIR and log file."""
+
+    def __init__(self, tmp_path, workdir, overrides=OVERRIDES, workers=2):
+        script = tmp_path / "worker.py"
+        script.write_text(WORKER_SCRIPT)
+        addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
+        self.tmp_path = tmp_path
+        self.procs, self.logs = [], []
+        for index in range(workers):
+            tmpdir = tmp_path / f"tmp{index}"
+            tmpdir.mkdir()
+            env = dict(
+                os.environ,
+                TF_CONFIG=json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}),
+                PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
+                TMPDIR=str(tmpdir),
+                CUDA_VISIBLE_DEVICES="",
+                TF_CPP_MIN_LOG_LEVEL="2",
+            )
+            log = open(tmp_path / f"worker{index}.log", "w")
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, str(script), CONFIG, json.dumps(overrides), str(workdir),
+                 str(tmp_path / f"worker{index}.npz")],
+                env=env, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+            ))
+
+    def wait(self, timeout=WORKER_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"the workers did not finish within {timeout} s:\n{self.output()}")
+        return codes
+
+    def kill(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in self.logs:
+            log.close()
+
+    def output(self, index=None):
+        indices = range(len(self.procs)) if index is None else [index]
+        return "\n".join(
+            f"--- worker {i}:\n" + (self.tmp_path / f"worker{i}.log").read_text()[-4000:] for i in indices
+        )
+
+    def weights(self, index):
+        with np.load(self.tmp_path / f"worker{index}.npz") as z:
+            return [z[f"arr_{k}"] for k in range(len(z.files))]
+
+    def history(self, index):
+        with open(self.tmp_path / f"worker{index}.npz.json") as f:
+            return json.load(f)
+
+
+def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
+    workdir = tmp_path / "run"
+    cluster = Cluster(tmp_path, workdir)
+    try:
+        reference_config = load_config(
+            CONFIG, dict(OVERRIDES, **{"runtime.strategy": "mirrored", "runtime.devices": "/cpu:0,/cpu:1"})
+        )
+        reference, _, reference_history = experiment.train(reference_config, str(tmp_path / "reference"))
+        codes = cluster.wait()
+    finally:
+        cluster.kill()
+    assert codes == [0, 0], cluster.output()
+
+    first, second = cluster.weights(0), cluster.weights(1)
+    expected = [v.numpy() for v in reference.network.weights]
+    assert len(first) == len(second) == len(expected)
+    for a, b, c in zip(first, second, expected):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=0, atol=1e-5)
+    # Training moved the weights: the comparison is not between two initial networks.
+    fresh = models.build_model("small_cnn", (28, 28, 1), 10, (0.2860,), (0.3530,), seed=0)
+    assert max(np.abs(a - f.numpy()).max() for a, f in zip(first, fresh.weights)) > 1e-3
+
+    # Metrics are reduced over both workers: the same values on both, and those of the reference run.
+    histories = [cluster.history(0), cluster.history(1)]
+    assert histories[0] == {**histories[1], "train_seconds": histories[0]["train_seconds"]}
+    for key in ("loss", "ce_adv", "clean_accuracy", "adv_accuracy", "awp_relative_norm",
+                "val_clean_accuracy", "val_pgd_accuracy", "val_pgd_loss", "learning_rate"):
+        np.testing.assert_allclose(histories[0][key], reference_history[key], rtol=0, atol=1e-5, err_msg=key)
+    assert histories[0]["epoch"] == [0, 1]
+
+    # Only the chief wrote the run directory; the other worker's temporary directory is gone.
+    for name in ("config.yaml", "history.json", "history.csv", "checkpoints/last.weights.h5",
+                 "checkpoints/best.weights.h5", "model.keras", "best.keras", "saved_model/saved_model.pb",
+                 "saved_model_best/saved_model.pb"):
+        assert (workdir / name).exists(), name
+    assert list((tmp_path / "tmp1").iterdir()) == []
+    with open(workdir / "history.json") as f:
+        assert json.load(f) == histories[0]
+    import keras
+
+    saved = keras.saving.load_model(workdir / "model.keras")
+    for a, v in zip(first, saved.weights):
+        np.testing.assert_array_equal(a, v.numpy())
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train = EventAccumulator(str(workdir / "tensorboard" / "train")).Reload()
+    tags = set(train.Tags()["scalars"]) | set(train.Tags().get("tensors", []))
+    assert {"epoch_loss", "epoch_adv_accuracy", "epoch_learning_rate"} <= tags, tags
+    validation = EventAccumulator(str(workdir / "tensorboard" / "validation")).Reload()
+    vtags = set(validation.Tags()["scalars"]) | set(validation.Tags().get("tensors", []))
+    assert "epoch_pgd_accuracy" in vtags, vtags
+
+
+def test_every_worker_stops_when_the_chief_refuses_the_workdir(tmp_path):
+    workdir = tmp_path / "finished"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text("{}\n")
+    (workdir / "report.json").write_text("{}\n")
+    cluster = Cluster(tmp_path, workdir)
+    try:
+        codes = cluster.wait(timeout=180)
+    finally:
+        cluster.kill()
+    assert codes == [2, 2], cluster.output()
+    assert "holds a finished run" in cluster.output(0)
+    assert "the chief refused workdir" in cluster.output(1)
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.yaml", "report.json"]
+
+
+def test_missing_tf_config_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="TF_CONFIG") as info:
+        train_multi_worker(load_config(CONFIG, OVERRIDES), str(tmp_path / "run"))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "not set"),
+    ("{cluster", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ('{"task": {"type": "worker", "index": 0}}', "'cluster'"),
+    ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}', "non-empty list"),
+    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "'ps' job"),
+    ('{"cluster": {"worker": ["a:1"]}}', "'task'"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "not a job"),
+    ('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 2}}', "0..1"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "0"}}', "task index"),
+])
+def test_malformed_tf_config_is_a_one_line_user_error(value, message):
+    with pytest.raises(UserError, match=message) as info:
+        parse_tf_config(value)
+    assert "\n" not in str(info.value)
+
+
+def test_chief_and_worker_numbering():
+    cluster = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    chief = parse_tf_config(json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}}))
+    worker = parse_tf_config(json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    assert (chief.is_chief, chief.id_in_cluster, chief.num_workers) == (True, 0, 3)
+    assert (worker.is_chief, worker.id_in_cluster) == (False, 2)
+    first = parse_tf_config(json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}))
+    assert first.is_chief
+
+
+def test_is_chief_reads_tf_config(monkeypatch):
+    workers = {"worker": ["a:1", "b:1"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": workers, "task": {"type": "worker", "index": 1}}))
+    assert not is_chief()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": workers, "task": {"type": "worker", "index": 0}}))
+    assert is_chief()
+
+
+def _batches(sizes):
+    data = np.arange(sum(sizes))
+    starts = np.cumsum([0] + list(sizes))
+    return tf.data.Dataset.from_generator(
+        lambda: ((data[a:b], -data[a:b]) for a, b in zip(starts[:-1], starts[1:])),
+        output_signature=(tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)),
+    )
+
+
+def test_replica_batches_are_contiguous_chunks_of_each_global_batch():
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
+    chunks = [(x.numpy().tolist(), y.numpy().tolist()) for x, y in replica_batches(_batches([8, 6]), context)]
+    # Pipeline 1 feeds replicas 2 and 3: the third and fourth quarter of each global batch.
+    assert chunks == [([4, 5], [-4, -5]), ([6, 7], [-6, -7]), ([11], [-11]), ([12, 13], [-12, -13])]
+
+
+def test_replica_batches_reach_the_replicas_in_order():
+    from tfrobust.config import RuntimeConfig
+
+    strategy = experiment.build_strategy(RuntimeConfig(strategy="mirrored", devices=["/cpu:0", "/cpu:1"]))
+    dataset = strategy.distribute_datasets_from_function(lambda ctx: replica_batches(_batches([4, 4]), ctx))
+
+    def tagged(batch):
+        return tf.distribute.get_replica_context().replica_id_in_sync_group, batch[0]
+
+    seen = []
+    for batch in dataset:
+        ids, xs = strategy.run(tagged, args=(batch,))
+        seen.append([(int(i), x.numpy().tolist())
+                     for i, x in zip(strategy.experimental_local_results(ids), strategy.experimental_local_results(xs))])
+    assert seen == [[(0, [0, 1]), (1, [2, 3])], [(0, [4, 5]), (1, [6, 7])]]
