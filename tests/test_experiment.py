@@ -111,3 +111,16 @@ def test_learning_rate_schedule_is_piecewise():
     schedule = experiment.learning_rate_schedule(cfg.optim, steps_per_epoch=10)
     values = [float(schedule(step)) for step in (0, 19, 20, 29, 30, 39)]
     np.testing.assert_allclose(values, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_tensorboard_images_and_hparams(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _ = finished_run
+    images = EventAccumulator(os.path.join(workdir, "tensorboard", "images"), size_guidance={"tensors": 0}).Reload()
+    tags = images.Tags()
+    assert "clean_and_adversarial" in tags.get("tensors", []) + tags.get("images", [])
+    events = images.Tensors("clean_and_adversarial") if "clean_and_adversarial" in tags.get("tensors", []) else images.Images("clean_and_adversarial")
+    assert [e.step for e in events] == [0, 1]
+    hparams = EventAccumulator(os.path.join(workdir, "tensorboard", "hparams")).Reload()
+    assert hparams.PluginTagToContent("hparams"), "no hparams summary"

@@ -13,6 +13,10 @@ returns accuracies as fractions in [0, 1] under keys that name the attack:
   (Croce & Hein, ICML 2020; :mod:`tfrobust.autoattack`), run in that order as
   one ensemble, each on the examples still correct, and reported
   cumulatively as AutoAttack prints them;
+- ``cleverhans_fgsm``, ``cleverhans_pgd<N>``, ``cleverhans_mim<N>``: the same
+  threat model through cleverhans 4.0.0 (FGSM, PGD with a uniform start,
+  momentum iterative method, Dong et al. 2018), as independent cross-checks
+  of tfrobust's own attacks (L-inf and L2);
 - ``standard`` (all four) and ``fast`` (APGD-CE and APGD-T): the ensembles,
   reported as ``autoattack_standard`` / ``autoattack_fast`` (per-example
   worst case) next to their components.
@@ -37,6 +41,7 @@ from tfrobust.errors import UserError
 
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20_ce", "pgd20_cw")
 _PGD = re.compile(r"^pgd(\d+)_(ce|cw)$")
+_CLEVERHANS = re.compile(r"^cleverhans_(fgsm|pgd(\d+)|mim(\d+))$")
 
 
 AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
@@ -44,7 +49,8 @@ ENSEMBLES = {"standard": AUTOATTACK, "fast": ("apgd_ce", "apgd_t")}
 
 
 def attack_names_help() -> str:
-    return "clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, standard, fast"
+    return ("clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, standard, fast, "
+            "cleverhans_fgsm, cleverhans_pgd<N>, cleverhans_mim<N>")
 
 
 def parse_attacks(spec) -> list:
@@ -53,7 +59,7 @@ def parse_attacks(spec) -> list:
     if not names:
         raise UserError(f"no attack given; allowed: {attack_names_help()}")
     for name in names:
-        if name not in ("clean", "fgsm") + AUTOATTACK + tuple(ENSEMBLES) and not _PGD.match(name):
+        if name not in ("clean", "fgsm") + AUTOATTACK + tuple(ENSEMBLES) and not (_PGD.match(name) or _CLEVERHANS.match(name)):
             raise UserError(f"unknown attack {name!r}; allowed: {attack_names_help()}")
     return list(dict.fromkeys(names))
 
@@ -68,6 +74,8 @@ def _attack_fn(name: str, model_fn: Callable, eps: float, norm: str, step_size, 
             x_adv = x
         elif name == "fgsm":
             x_adv = attack_lib.fgsm(model_fn, x, y, eps, norm=norm)
+        elif name.startswith("cleverhans_"):
+            x_adv = _cleverhans(name, model_fn, x, y, eps, norm, step_size)
         else:
             steps, loss = int(match.group(1)), match.group(2)
             x_adv = attack_lib.pgd(
@@ -78,6 +86,26 @@ def _attack_fn(name: str, model_fn: Callable, eps: float, norm: str, step_size, 
         return tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
 
     return run
+
+
+def _cleverhans(name, model_fn, x, y, eps, norm, step_size):
+    """A cleverhans 4.0.0 attack (sanity_checks off: they fail inside tf.function)."""
+    import numpy as np_
+
+    from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
+    from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
+    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+
+    order = np_.inf if norm == "linf" else 2
+    match = _CLEVERHANS.match(name)
+    fn = lambda t: tf.cast(model_fn(t), tf.float32)  # noqa: E731
+    if match.group(1) == "fgsm":
+        return fast_gradient_method(fn, x, eps, order, clip_min=0.0, clip_max=1.0, y=y, sanity_checks=False)
+    if match.group(2):
+        return projected_gradient_descent(fn, x, eps, step_size, int(match.group(2)), order, clip_min=0.0,
+                                          clip_max=1.0, y=y, rand_init=True, sanity_checks=False)
+    return momentum_iterative_method(fn, x, eps, step_size, int(match.group(3)), order, clip_min=0.0, clip_max=1.0,
+                                     y=y, sanity_checks=False)
 
 
 def evaluate(

@@ -1,0 +1,38 @@
+"""evaluate(): named attacks, the worst case, and cleverhans cross-checks."""
+
+import numpy as np
+import pytest
+
+from tfrobust import evaluation
+from tfrobust.errors import UserError
+
+
+def test_report_and_worst_case(trained_tiny, fashion_subset):
+    x, y = fashion_subset[0][500:600], fashion_subset[1][500:600]
+    fn = lambda t: trained_tiny(t, training=False)  # noqa: E731
+    report = evaluation.evaluate(fn, x, y, 0.1, attacks="clean,fgsm,pgd10_ce,pgd10_cw", batch_size=64, verbose=False)
+    acc = report["accuracy"]
+    clean = (trained_tiny(x).numpy().argmax(1) == y).mean()
+    assert acc["clean"] == pytest.approx(clean)
+    assert acc["pgd10_ce"] <= acc["fgsm"] + 0.02 and acc["pgd10_ce"] < acc["clean"]
+    both = np.logical_and.reduce([report["correct"][k] for k in acc])
+    assert report["worst_case"] == pytest.approx(both.mean())
+    assert report["worst_case"] <= min(acc.values())
+
+
+@pytest.mark.parametrize("norm,eps,step", [("linf", 0.05, 0.0125), ("l2", 1.0, 0.25)])
+def test_cleverhans_agrees_with_our_pgd(trained_tiny, fashion_subset, norm, eps, step):
+    x, y = fashion_subset[0][500:600], fashion_subset[1][500:600]
+    fn = lambda t: trained_tiny(t, training=False)  # noqa: E731
+    report = evaluation.evaluate(fn, x, y, eps, norm=norm, step_size=step, verbose=False,
+                                 attacks="clean,pgd10_ce,cleverhans_pgd10,cleverhans_mim10,cleverhans_fgsm,fgsm")
+    acc = report["accuracy"]
+    assert abs(acc["pgd10_ce"] - acc["cleverhans_pgd10"]) <= 0.05
+    assert abs(acc["fgsm"] - acc["cleverhans_fgsm"]) <= 0.02
+    assert acc["cleverhans_mim10"] < acc["clean"]
+
+
+def test_unknown_attack_names_the_allowed_ones():
+    with pytest.raises(UserError, match="allowed: clean, fgsm, pgd<N>_ce"):
+        evaluation.parse_attacks("clean,pgd")
+    assert evaluation.parse_attacks("APGD-CE, clean, clean") == ["apgd_ce", "clean"]
