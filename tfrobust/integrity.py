@@ -19,7 +19,7 @@ robustness", 2019) list the symptoms tested here, and Croce and Hein (ICML
    example of noise is allowed).
 5. ``gradient_free_not_better``: a gradient-free attack (Square) breaks at most
    0.2% of the examples that every gradient attack failed on (AutoAttack's
-   threshold); more is flagged as possible gradient masking.
+   threshold), or one example; more is flagged as possible gradient masking.
 
 :func:`run_integrity_probes` measures the inputs with a small budget and
 :func:`integrity_checks` turns them into pass/fail results::
@@ -42,6 +42,10 @@ from tfrobust.errors import UserError
 LARGE_EPS_MAX_ACCURACY = 0.1
 STEPS_TOLERANCE_EXAMPLES = 1
 GRADIENT_FREE_MAX_FRACTION = 0.002
+# A single example is always allowed: on probe sets of a few hundred examples
+# 0.2% is less than one, and one example is within the noise of Square's random
+# search against finite-step gradient attacks.
+GRADIENT_FREE_ALLOWED_EXAMPLES = 1
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "apgd", "fab", "cw")
 GRADIENT_FREE_ATTACKS = ("square",)
@@ -172,9 +176,10 @@ def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS
     else:
         frac = (only / n) if n else (1.0 if only > 0 else 0.0)
         who = results.get("gradient_free_attack", "the gradient-free attack")
-        if frac <= gradient_free_max_fraction + 1e-12:
+        if frac <= gradient_free_max_fraction + 1e-12 or only <= GRADIENT_FREE_ALLOWED_EXAMPLES:
             out.append(_check(name, True, f"{who} broke {int(only)} example(s) that all gradient attacks missed "
-                                          f"(<= {gradient_free_max_fraction:.1%})"))
+                                          f"(allowed: {gradient_free_max_fraction:.1%} or "
+                                          f"{GRADIENT_FREE_ALLOWED_EXAMPLES} example)"))
         else:
             out.append(_check(name, False, f"possible gradient masking: {who} broke {int(only)} example(s) "
                                            f"({frac:.2%}) that every gradient attack missed "
