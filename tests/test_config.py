@@ -44,6 +44,7 @@ def test_shipped_configs_load_and_name_valid_defenses(path):
     ({"data.augment": "maybe"}, "needs true or false"),
     ({"attack.norm": "l1"}, "allowed: l2, linf"),
     ({"optim.epochs": "0"}, "optim.epochs must be > 0"),
+    ({"model.cnn_width": "0"}, "model.cnn_width must be >= 1"),
     ({"runtime.strategy": "tpu9"}, "unknown runtime.strategy"),
 ])
 def test_bad_values_are_named(overrides, message):

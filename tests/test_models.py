@@ -97,6 +97,18 @@ def test_small_cnn_architecture():
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
 
 
+def test_small_cnn_width_multiplier():
+    model = build_model("small_cnn", (28, 28, 1), 10, cnn_width=2, seed=0)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [64, 128]
+    assert model.layers[-2].units == 512
+    # 28 -> conv 26 -> pool 13 -> conv 11 -> pool 5: 5 * 5 * 128 inputs to the hidden layer.
+    expected = (3 * 3 * 1 * 64 + 64) + (3 * 3 * 64 * 128 + 128) + (5 * 5 * 128 * 512 + 512) + (512 * 10 + 10)
+    assert _trainable_count(model) == expected
+    with pytest.raises(UserError, match="cnn_width"):
+        build_model("small_cnn", (28, 28, 1), 10, cnn_width=0)
+
+
 def test_preact_resnet18_size_and_layers():
     model = build_model("preact_resnet18", (32, 32, 3), 10, CIFAR_MEAN, CIFAR_STD, seed=0)
     assert abs(_trainable_count(model) - 11.17e6) / 11.17e6 < 0.01

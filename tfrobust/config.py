@@ -48,6 +48,7 @@ class ModelConfig:
     name: str = "small_cnn"
     depth: int = 34  # wide_resnet only
     width: int = 10  # wide_resnet only
+    cnn_width: int = 1  # small_cnn only: multiplies its widths 32/64/256
 
 
 @dataclass
@@ -288,6 +289,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.data.validation_examples >= 0, "data.validation_examples must be >= 0"),
         (config.data.train_examples is None or config.data.train_examples > 0, "data.train_examples must be > 0"),
         (config.data.test_examples is None or config.data.test_examples > 0, "data.test_examples must be > 0"),
+        (config.model.cnn_width >= 1, "model.cnn_width must be >= 1"),
         (config.optim.epochs > 0, "optim.epochs must be > 0"),
         (config.optim.lr >= 0, "optim.lr must be >= 0"),
         (config.eval.pgd_steps >= 0, "eval.pgd_steps must be >= 0"),

@@ -121,7 +121,8 @@ def build(config: ExperimentConfig, datasets=None):
 def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
     network = models.build_model(
         config.model.name, info.image_shape, info.num_classes, info.mean, info.std,
-        depth=config.model.depth, width=config.model.width, seed=config.runtime.seed,
+        depth=config.model.depth, width=config.model.width,
+        cnn_width=config.model.cnn_width, seed=config.runtime.seed,
     )
     model = RobustModel(
         network, defense,

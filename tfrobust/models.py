@@ -115,13 +115,13 @@ def _head(x, num_classes: int, init: _Initializers):
     return keras.layers.Dense(num_classes, use_bias=True, kernel_initializer=init.dense(), name=LOGITS_LAYER)(x)
 
 
-def _small_cnn(x, num_classes: int, init: _Initializers):
-    x = keras.layers.Conv2D(32, 3, activation="relu", kernel_initializer=init.dense())(x)
+def _small_cnn(x, num_classes: int, init: _Initializers, cnn_width: int = 1):
+    x = keras.layers.Conv2D(32 * cnn_width, 3, activation="relu", kernel_initializer=init.dense())(x)
     x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.Conv2D(64, 3, activation="relu", kernel_initializer=init.dense())(x)
+    x = keras.layers.Conv2D(64 * cnn_width, 3, activation="relu", kernel_initializer=init.dense())(x)
     x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(256, activation="relu", kernel_initializer=init.dense())(x)
+    x = keras.layers.Dense(256 * cnn_width, activation="relu", kernel_initializer=init.dense())(x)
     return keras.layers.Dense(num_classes, use_bias=True, kernel_initializer=init.dense(), name=LOGITS_LAYER)(x)
 
 
@@ -151,6 +151,7 @@ def build_model(
     *,
     depth: int = 34,
     width: int = 10,
+    cnn_width: int = 1,
     seed: Optional[int] = None,
 ) -> keras.Model:
     """Builds a classifier from :data:`MODELS`.
@@ -164,6 +165,8 @@ def build_model(
         alone defaults to ones).
       depth, width: WideResNet depth (``(depth - 4) % 6 == 0``) and widening
         factor; ignored by the other models.
+      cnn_width: ``small_cnn`` only: multiplies its widths (32 and 64
+        filters, 256 hidden units); 2 gives the 64/128/512 network.
       seed: makes the initial weights reproducible; None draws them from
         Keras' global random state.
 
@@ -182,14 +185,16 @@ def build_model(
             raise UserError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
         if width < 1:
             raise UserError(f"wide_resnet width must be >= 1, got {width}")
+    if name == "small_cnn" and cnn_width < 1:
+        raise UserError(f"small_cnn cnn_width must be >= 1, got {cnn_width}")
     init = _Initializers(seed)
     inputs = keras.Input(shape=input_shape, dtype="float32", name="images")
     x = inputs
     if mean is not None:
         x = _normalize(x, mean, std, input_shape[-1])
     if name == "small_cnn":
-        outputs = _small_cnn(x, num_classes, init)
-        model_name = "small_cnn"
+        outputs = _small_cnn(x, num_classes, init, cnn_width)
+        model_name = "small_cnn" if cnn_width == 1 else f"small_cnn_x{cnn_width}"
     elif name == "preact_resnet18":
         outputs = _preact_resnet18(x, num_classes, init)
         model_name = "preact_resnet18"
