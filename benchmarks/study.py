@@ -32,7 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 FIGURES = os.path.join(DOCS, "figures")
 RESULTS_DIR = os.path.join(FIGURES, "study")
-RESULTS_MD = os.path.join(DOCS, "results.md")
 
 METHODS = ("at", "at+awp", "trades", "trades+awp", "at+s2o", "trades+rat", "mart", "mart+awp")
 
@@ -40,22 +39,26 @@ METHODS = ("at", "at+awp", "trades", "trades+awp", "at+s2o", "trades+rat", "mart
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated defenses, run in this order")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--train-examples", type=int, default=2000)
-    p.add_argument("--validation-examples", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--train-examples", type=int, default=500)
+    p.add_argument("--validation-examples", type=int, default=500)
     p.add_argument("--test-examples", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cnn-width", type=int, default=2, help="small_cnn width multiplier (2: 64/128/512)")
+    p.add_argument("--val-pgd-steps", type=int, default=10,
+                   help="PGD steps of the per-epoch validation and of the flatness monitor")
     p.add_argument("--awp-warmup", type=int, default=None, help="AWP warm-up epochs (default: 10%% of the epochs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--flatness-every", type=int, default=5, help="FlatnessMonitor period in epochs (0: off)")
+    p.add_argument("--flatness-every", type=int, default=10, help="FlatnessMonitor period in epochs (0: off)")
     p.add_argument("--flatness-every-methods", default="all",
                    help="methods that get the FlatnessMonitor: 'all' or a comma-separated list")
-    p.add_argument("--autoattack", default="fast", help="AutoAttack version on all test examples ('none': skip)")
-    p.add_argument("--autoattack-standard-examples", type=int, default=0,
+    p.add_argument("--autoattack", default="none", help="AutoAttack version on all test examples ('none': skip)")
+    p.add_argument("--autoattack-standard-examples", type=int, default=200,
                    help="also run standard AutoAttack on the first N test examples (0: skip)")
     p.add_argument("--flatness-examples", type=int, default=500)
     p.add_argument("--flatness-samples", type=int, default=5, help="average case: random directions")
     p.add_argument("--worst-attempts", type=int, default=3)
-    p.add_argument("--worst-passes", type=int, default=5)
+    p.add_argument("--worst-passes", type=int, default=20)
     p.add_argument("--workroot", default="/tmp/tfrobust-study", help="run directories go here")
     p.add_argument("--results", default=RESULTS_DIR, help="directory of the per-method JSON files")
     p.add_argument("--jobs", type=int, default=1, help="methods run at the same time, each in its own process")
@@ -75,6 +78,9 @@ def overrides(args, method: str) -> dict:
         "data.train_examples": args.train_examples,
         "data.validation_examples": args.validation_examples,
         "data.test_examples": args.test_examples,
+        "data.batch_size": args.batch_size,
+        "model.cnn_width": args.cnn_width,
+        "eval.pgd_steps": args.val_pgd_steps,
         "optim.epochs": args.epochs,
         "optim.lr": 0.05,
         "optim.decay_at": [0.5, 0.75],
@@ -227,6 +233,34 @@ def flatness_of(network, x, y, eps, norm, args) -> dict:
     }
 
 
+def train_robustness(entry, config, workdir, best_epoch, args) -> None:
+    """Clean and PGD-20 accuracy of the best and last networks on their own training examples
+    (unaugmented, eval mode, unperturbed weights): the train side of the robust generalisation gap."""
+    import keras
+
+    from tfrobust import data as data_lib
+    from tfrobust import evaluation
+
+    done = entry.setdefault("train_eval", {})
+    if all(w in done for w in ("best", "last")):
+        return
+    x, y = data_lib.load_training_arrays(config.data, config.runtime.seed)
+    eps, norm = config.attack.eps, config.attack.norm
+    for which, filename in (("best", "best.keras"), ("last", "model.keras")):
+        path = os.path.join(workdir, filename)
+        if which in done or not os.path.exists(path):
+            continue
+        if which == "last" and "best" in done and best_epoch == config.optim.epochs - 1:
+            done["last"] = dict(done["best"], same_as_best=True)
+            continue
+        network = keras.saving.load_model(path)
+        rep = evaluation.evaluate(lambda t: network(t, training=False), x, y, eps, norm,  # noqa: B023
+                                  attacks=["clean", "pgd20_ce"], step_size=eps / 4, seed=args.seed,
+                                  batch_size=args.eval_batch_size, verbose=False, integrity_examples=0)
+        done[which] = {"accuracy": rep["accuracy"], "examples": rep["examples"], "seconds": rep["seconds"]}
+        print(f"   {which} on the training examples: {done[which]['accuracy']}", flush=True)
+
+
 def run_method(method, args):
     import keras
 
@@ -281,6 +315,8 @@ def run_method(method, args):
         entry["test"][which]["eval_seconds"] = round(time.time() - start, 1)
         print(f"   {which}: {entry['test'][which]['accuracy']}", flush=True)
         save_entry(entry, method, args.results)
+    train_robustness(entry, config, workdir, best_epoch, args)
+    save_entry(entry, method, args.results)
     if "flatness" not in entry and args.flatness_examples > 0:
         network = keras.saving.load_model(os.path.join(workdir, "model.keras"))
         entry["flatness"] = flatness_of(network, x, y, eps, norm, args)
@@ -289,257 +325,12 @@ def run_method(method, args):
     keras.backend.clear_session()
 
 
-# ---------------------------------------------------------------------------
-# The document
-
-
-def _fmt(v, digits=3):
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _acc(entry, which, key):
-    return entry.get("test", {}).get(which, {}).get("accuracy", {}).get(key)
-
-
-def figures(results) -> list:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(FIGURES, exist_ok=True)
-    made = []
-    methods = [m for m in METHODS if m in results["methods"]] + [m for m in results["methods"] if m not in METHODS]
-    if not methods:
-        return made
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m in methods:
-        s = results["methods"][m]["series"]["val_pgd_accuracy"]
-        xs = [i + 1 for i, v in enumerate(s) if v is not None]
-        ax.plot(xs, [v for v in s if v is not None], label=m, linewidth=2 if m in ("at", "at+awp") else 1.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation PGD-20 accuracy")
-    epochs = results["setting"].get("epochs")
-    if epochs:
-        for frac in (0.5, 0.75):
-            ax.axvline(frac * epochs + 0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set_title(f"Robust validation accuracy (Fashion-MNIST, {results['setting'].get('train_examples')} "
-                 "training examples; dotted: lr x0.1)")
-    ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(FIGURES, "val_pgd_accuracy.png"), dpi=110)
-    plt.close(fig)
-    made.append("val_pgd_accuracy.png")
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    plotted = False
-    for m in ("at", "at+awp"):
-        if m not in results["methods"]:
-            continue
-        s = results["methods"][m]["series"]["val_robust_flatness"]
-        pts = [(i + 1, v) for i, v in enumerate(s) if v is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
-            plotted = True
-    if plotted:
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("average-case robust flatness (lower is flatter)")
-        ax.set_title("Average-case robust flatness on 200 validation examples")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(FIGURES, "robust_flatness.png"), dpi=110)
-        made.append("robust_flatness.png")
-    plt.close(fig)
-    return made
-
-
-def table(results) -> list:
-    rows = [
-        "| method | clean best | clean last | PGD-20 best | PGD-20 last | AA best | AA last | "
-        "PGD-20 gap (best − last) | best epoch | flatness avg | flatness worst | train time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m in [m for m in METHODS if m in results["methods"]] + [m for m in results["methods"] if m not in METHODS]:
-        e = results["methods"][m]
-        aa = "autoattack_" + results["setting"].get("autoattack", "fast")
-        pb, pl = _acc(e, "best", "pgd20_ce"), _acc(e, "last", "pgd20_ce")
-        gap = None if pb is None or pl is None else pb - pl
-        fl = e.get("flatness", {})
-        ts = e.get("train_seconds")
-        rows.append(
-            f"| {m} | {_fmt(_acc(e, 'best', 'clean'))} | {_fmt(_acc(e, 'last', 'clean'))} | {_fmt(pb)} | {_fmt(pl)} "
-            f"| {_fmt(_acc(e, 'best', aa))} | {_fmt(_acc(e, 'last', aa))} | {_fmt(gap, 3) if gap is not None else '–'} "
-            f"| {e.get('best_epoch', -1) + 1}/{e.get('epochs')} | {_fmt(fl.get('average'), 4)} | {_fmt(fl.get('worst'), 4)} "
-            f"| {'–' if ts is None else f'{ts / 60:.1f} min'} |"
-        )
-    return rows
-
-
 def write_document(results, analysis_path=None) -> None:
-    s = results.get("setting", {})
-    made = figures(results)
-    done = [m for m in METHODS if m in results["methods"]]
-    missing = [m for m in METHODS if m not in results["methods"]]
-    std_methods, std_examples = [], None
-    for m in done:
-        for which in ("best", "last"):
-            st = results["methods"][m].get("test", {}).get(which, {}).get("standard")
-            if st:
-                std_methods.append(f"{m} ({which})")
-                std_examples = st["examples"]
-    lines = [
-        "# Results: robust overfitting, flatness and cost of the defenses at CPU scale",
-        "",
-        "Every number here is regenerated by",
-        "",
-        "```bash",
-        s.get("command", "PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python benchmarks/study.py"),
-        "```",
-        "",
-        "which writes `docs/figures/study/<method>.json` after every step of every method and rebuilds this page from it "
-        "(`--report-only` rebuilds the page alone). A rerun skips every step already recorded there and resumes "
-        "unfinished training runs in `--workroot` (default `/tmp/tfrobust-study`); delete `docs/figures/study/` to "
-        "start from scratch.",
-        "",
-        "## Setting",
-        "",
-        f"- Data: Fashion-MNIST, {s.get('train_examples')} training examples, {s.get('validation_examples')} "
-        f"validation examples held out from the training split (model selection only), the first "
-        f"{s.get('test_examples')} test examples for every test number.",
-        "- Model: `small_cnn` (Conv(32,3)-ReLU-MaxPool-Conv(64,3)-ReLU-MaxPool-Dense(128)-ReLU-Dense(10), no BatchNorm).",
-        "- Threat model: L-inf, eps 0.1. Training attack PGD-10 with step 0.025; validation and test PGD-20 "
-        "with step 0.025 (eps/4), cross-entropy.",
-        f"- Training: {s.get('epochs')} epochs, batch 128, SGD momentum 0.9, weight decay 5e-4, lr 0.05 "
-        f"multiplied by 0.1 at 50% and 75% of the epochs; seed {s.get('seed')} for every method. "
-        f"AWP: the papers' gamma (0.01 for AT and MART, 0.005 for TRADES) after a warm-up of "
-        f"{s.get('awp_warmup')} epochs (the CNN has no BatchNorm); S2O and RAT, TRADES/MART beta: the papers' defaults.",
-        f"- Best checkpoint: the epoch with the highest validation PGD-20 accuracy (`best.keras`); last: "
-        f"`model.keras` after epoch {s.get('epochs')}.",
-        f"- AutoAttack: version `{s.get('autoattack')}` (APGD-CE then APGD-T, 9 target classes, 100 iterations) "
-        f"on all {s.get('test_examples')} test examples"
-        + (f"; `standard` (APGD-CE, APGD-T, FAB-T, Square) on the first {std_examples} test examples only, for "
-           f"{', '.join(std_methods)} (table below)." if std_methods else
-           "; the `standard` version was not run (about 1 example/s on this CPU)."),
-        f"- Flatness (Stutz et al., ICCV 2021) of the last network on the first {s.get('flatness_examples')} test "
-        f"examples, robust loss under PGD-20 (step 0.0223, the flatness module's default of 0.007/(8/255) times eps): average case xi 0.5 with {s.get('flatness_samples')} random directions; "
-        f"worst case xi 0.00075 with {s.get('worst_attempts')} attempts of {s.get('worst_passes')} passes (the paper: "
-        "10 attempts of 20 passes on 1000 examples). Both are RLoss(w + nu) − RLoss(w); lower is flatter. "
-        f"During training, the average case (3 directions, 200 validation examples) every {s.get('flatness_every')} epochs.",
-        f"- Machine: {s.get('machine', '2 CPU cores, no GPU')}, shared with other work (load average 3 to 14 "
-        f"during the runs), with several methods trained at the same time (`--jobs {s.get('jobs', 1)}`), so times "
-        "are indicative: compare ratios of methods that ran side by side, not seconds."
-        + (f" Wall-clock time of the whole study: {s['wall_seconds'] / 60:.0f} min." if s.get("wall_seconds") else ""),
-        f"- One seed. Differences of a point or two of accuracy are within what another seed could change.",
-        "",
-    ]
-    if missing:
-        lines += [f"Not run in this budget: {', '.join(missing)}.", ""]
-    lines += ["## Test accuracy, gap, flatness and cost", ""]
-    lines += table(results)
-    lines += [
-        "",
-        "Accuracies are fractions of the test subset; AA is AutoAttack "
-        f"(`{s.get('autoattack')}`). Gap: PGD-20 accuracy of the best minus the last network (positive: robust "
-        "overfitting). Best epoch: the one chosen on validation PGD-20. Train time: `history[\"train_seconds\"]`, "
-        "including the per-epoch validation PGD-20 and the flatness measurements during training.",
-        "",
-    ]
-    std_rows = []
-    for m in done:
-        for which in ("best", "last"):
-            st = results["methods"][m].get("test", {}).get(which, {}).get("standard")
-            if st:
-                std_rows.append(f"| {m} | {which} | {st['examples']} | {_fmt(st['accuracy'].get('clean'))} "
-                                f"| {_fmt(st['accuracy'].get('autoattack_standard'))} |")
-    if std_rows:
-        lines += ["Standard AutoAttack on the first test examples (a network whose best epoch is the last appears "
-                  "once, as best):", "",
-                  "| method | network | examples | clean | AutoAttack standard |", "|---|---|---|---|---|", *std_rows, ""]
-    if done:
-        lines += [f"Validation PGD-20 accuracy ({s.get('validation_examples')} validation examples) at the best and "
-                  "last epoch, training robust accuracy of the last epoch, and the cost of the test evaluation:", "",
-                  "| method | val PGD best | val PGD last | val gap | train PGD-10 acc, last epoch | train − val, last epoch "
-                  "| test eval time (best + last) | flatness time |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for m in done:
-            e = results["methods"][m]
-            vb, vl = e.get("val_pgd_best"), e.get("val_pgd_last")
-            tr = [v for v in e["series"].get("adv_accuracy", []) if v is not None]
-            tr = tr[-1] if tr else None
-            ev = sum(e.get("test", {}).get(w, {}).get("eval_seconds", 0) for w in ("best", "last"))
-            ft = e.get("flatness", {}).get("seconds")
-            lines.append(f"| {m} | {_fmt(vb)} | {_fmt(vl)} | {_fmt(None if vb is None or vl is None else vb - vl)} "
-                         f"| {_fmt(tr)} | {_fmt(None if tr is None or vl is None else tr - vl)} "
-                         f"| {ev / 60:.1f} min | {'–' if ft is None else f'{ft / 60:.1f} min'} |")
-        lines += ["", "The training robust accuracy is Keras' running mean over the last epoch of the accuracy on the "
-                  "PGD-10 examples the step trained on; with AWP it is measured with the perturbed weights, so it "
-                  "understates the accuracy of the network itself; with TRADES (and RAT on TRADES) the training "
-                  "examples maximise the KL term, not the cross-entropy, so the column compares only within a base. "
-                  "When the best epoch is the last, the test evaluation ran once.", ""]
-    if "val_pgd_accuracy.png" in made:
-        lines += ["## Figures", "", "![validation PGD-20 accuracy per epoch](figures/val_pgd_accuracy.png)", ""]
-    if "robust_flatness.png" in made:
-        lines += ["![average-case robust flatness per epoch, AT and AT+AWP](figures/robust_flatness.png)", ""]
-    lines += automatic_findings(results)
-    if analysis_path and os.path.exists(analysis_path):
-        with open(analysis_path) as f:
-            lines += [f.read().rstrip(), ""]
-    with open(RESULTS_MD, "w") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
+    """docs/results.md and its figures (benchmarks/study_report.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import study_report
 
-
-def automatic_findings(results) -> list:
-    """Plain statements read off the numbers (the comparisons the papers make)."""
-    M = results["methods"]
-    out = ["## What matches the papers and what does not", ""]
-
-    def pgd(m, w):
-        return _acc(M.get(m, {}), w, "pgd20_ce")
-
-    def aa(m, w):
-        return _acc(M.get(m, {}), w, "autoattack_" + results["setting"].get("autoattack", "fast"))
-
-    def gap(m):
-        b, l = pgd(m, "best"), pgd(m, "last")
-        return None if b is None or l is None else b - l
-
-    if "at" in M and "at+awp" in M:
-        ga, gw = gap("at"), gap("at+awp")
-        if ga is not None and gw is not None:
-            if ga < 0.01:
-                verdict = ("AT itself shows no robust overfitting here (a gap under 0.01, the best epoch is "
-                           f"{M['at'].get('best_epoch', -1) + 1} of {M['at'].get('epochs')}), so this setting cannot "
-                           "test whether AWP reduces it.")
-            else:
-                verdict = "smaller with AWP, as the paper reports." if gw < ga else "not smaller with AWP here."
-            out.append(f"- Robust overfitting (Wu et al.): the best − last PGD-20 gap is {ga:+.3f} for AT and "
-                       f"{gw:+.3f} for AT+AWP: " + verdict)
-    for base, awp in (("at", "at+awp"), ("trades", "trades+awp"), ("mart", "mart+awp")):
-        if base not in M or awp not in M:
-            continue
-        fa, fw = M[base].get("flatness", {}), M[awp].get("flatness", {})
-        for k, name in (("average", "average-case"), ("worst", "worst-case")):
-            if fa.get(k) is not None and fw.get(k) is not None:
-                rel = (fw[k] - fa[k]) / abs(fa[k]) if fa[k] else 0.0
-                if abs(rel) < 0.1:
-                    verdict = "about equal (within 10%)."
-                elif rel < 0:
-                    verdict = f"{awp} is flatter ({rel:+.0%}), as Stutz et al. find for AWP."
-                else:
-                    verdict = f"{awp} is not flatter ({rel:+.0%})."
-                out.append(f"- Flatness: {name} robust flatness of the last network is {fa[k]:.4f} for {base} and "
-                           f"{fw[k]:.4f} for {awp}: " + verdict)
-    for base, other in (("at", "at+awp"), ("at", "trades"), ("trades", "trades+awp"), ("at", "at+s2o"), ("trades", "trades+rat"),
-                        ("mart", "mart+awp")):
-        if base in M and other in M:
-            out.append(f"- {other} vs {base}: AutoAttack best {_fmt(aa(other, 'best'))} vs {_fmt(aa(base, 'best'))}, "
-                       f"last {_fmt(aa(other, 'last'))} vs {_fmt(aa(base, 'last'))}; PGD-20 gap {_fmt(gap(other))} vs "
-                       f"{_fmt(gap(base))}; train time {M[other]['train_seconds'] / M[base]['train_seconds']:.2f}x.")
-    out += ["", "One seed and 1000 test examples: the standard error of an accuracy near 0.6 is about 0.015, so "
-            "differences of 0.02 or less are within noise.", ""]
-    return out
+    study_report.write_document(results, METHODS, analysis_path)
 
 
 def setting_of(args) -> dict:
@@ -548,6 +339,9 @@ def setting_of(args) -> dict:
         "train_examples": args.train_examples,
         "validation_examples": args.validation_examples,
         "test_examples": args.test_examples,
+        "batch_size": args.batch_size,
+        "cnn_width": args.cnn_width,
+        "val_pgd_steps": args.val_pgd_steps,
         "awp_warmup": args.awp_warmup if args.awp_warmup is not None else max(1, round(0.1 * args.epochs)),
         "seed": args.seed,
         "flatness_every": args.flatness_every,

@@ -127,6 +127,22 @@ def test_limits_and_seeds(tmp_path):
     assert set(_match_rows(_collect(other.validation)[0], originals)) != set(val_idx)
 
 
+def test_training_arrays_are_the_training_set(tmp_path):
+    arrays = _write_idx_set(str(tmp_path))
+    cfg = DataConfig(name="fashion_mnist", data_dir=str(tmp_path), validation_examples=10, batch_size=4,
+                     train_examples=15, augment=False)
+    x, y = data.load_training_arrays(cfg, seed=1)
+    assert x.shape == (15, 28, 28, 1) and x.dtype == np.float32 and y.dtype == np.int32
+    train_idx, _ = data.split_indices(N_TRAIN, 10, seed=1)
+    np.testing.assert_array_equal(x, arrays["train"][0][train_idx[:15], ..., None].astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(y, arrays["train"][1][train_idx[:15]].astype(np.int32))
+    # The same examples as one pass of the training pipeline, in another order.
+    x_pipe, y_pipe = _collect(data.load_datasets(cfg, seed=1).train)
+    order = _match_rows(x_pipe, x)
+    assert sorted(order.tolist()) == list(range(15))
+    np.testing.assert_array_equal(y_pipe, y[order])
+
+
 def test_train_reshuffles_each_epoch_and_is_one_pass(tmp_path):
     _write_idx_set(str(tmp_path))
     cfg = DataConfig(name="fashion_mnist", data_dir=str(tmp_path), validation_examples=5, batch_size=45, shuffle_buffer=100)

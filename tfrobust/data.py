@@ -397,15 +397,8 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise UserError(f"data.{key} must be > 0, got {value}")
-    _check_data_dir(cfg.data_dir)
-    x_train, y_train = load_arrays(cfg.name, "train", cfg.data_dir)
-    train_idx, val_idx = split_indices(len(x_train), cfg.validation_examples, seed)
-    if cfg.train_examples is not None:
-        train_idx = train_idx[: cfg.train_examples]
+    (x_tr, y_tr), (x_val, y_val) = _split(cfg, seed)
     x_test, y_test = load_arrays(cfg.name, "test", cfg.data_dir, limit=cfg.test_examples)
-    x_val, y_val = x_train[val_idx], y_train[val_idx]
-    x_tr, y_tr = x_train[train_idx], y_train[train_idx]
-    del x_train, y_train
     return Datasets(
         train=_train_pipeline(x_tr, y_tr, cfg, seed),
         validation=_eval_pipeline(x_val, y_val, cfg.eval_batch_size),
@@ -416,3 +409,21 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         test_size=len(x_test),
         train_epochs=lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end),
     )
+
+
+def _split(cfg: DataConfig, seed: int) -> tuple:
+    """((train images, labels), (validation images, labels)) as uint8/int64, as load_datasets splits them."""
+    _check_data_dir(cfg.data_dir)
+    x_train, y_train = load_arrays(cfg.name, "train", cfg.data_dir)
+    train_idx, val_idx = split_indices(len(x_train), cfg.validation_examples, seed)
+    if cfg.train_examples is not None:
+        train_idx = train_idx[: cfg.train_examples]
+    return (x_train[train_idx], y_train[train_idx]), (x_train[val_idx], y_train[val_idx])
+
+
+def load_training_arrays(cfg: DataConfig, seed: int = 0) -> tuple:
+    """The examples :func:`load_datasets` trains on (before augmentation), as
+    ``float32`` images in [0, 1] and ``int32`` labels: for measuring how
+    robust a network is on its own training data."""
+    (x, y), _ = _split(cfg, seed)
+    return x.astype(np.float32) / np.float32(255.0), y.astype(np.int32)
