@@ -83,18 +83,7 @@ def parse_args(argv=None):
     if args.defenses == "all":
         args.defenses = list(DEFENSES)
     else:
-        from tfrobust.defenses import parse_defense
-        from tfrobust.errors import UserError
-
-        names = []
-        for name in args.defenses.split(","):
-            if name.strip():
-                try:
-                    canonical = parse_defense(name).name
-                except UserError as e:
-                    p.error(str(e))
-                if canonical not in names:
-                    names.append(canonical)
+        names = canonical_defenses(p, args.defenses.split(","))
         if not names:
             p.error("--defenses names no defense")
         args.defenses = names
@@ -108,6 +97,24 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------
 # data and models
+
+
+def canonical_defenses(parser, names):
+    """The defenses' canonical names, each once, in order; an unknown name ends the program via ``parser``."""
+    from tfrobust.defenses import parse_defense
+    from tfrobust.errors import UserError
+
+    out = []
+    for name in names:
+        if not name.strip():
+            continue
+        try:
+            canonical = parse_defense(name).name
+        except UserError as e:
+            parser.error(str(e))
+        if canonical not in out:
+            out.append(canonical)
+    return out
 
 
 def load_data(args):
@@ -151,8 +158,11 @@ def attack_settings(image_shape):
     return 8.0 / 255.0, 2.0 / 255.0
 
 
-def build_robust_model(name, args, info, awp_active=True):
-    """A compiled RobustModel; with ``awp_active=False`` AWP stays in its warm-up (no perturbation)."""
+def build_robust_model(name, args, info, awp_active=True, model_options=None):
+    """A compiled RobustModel; with ``awp_active=False`` AWP stays in its warm-up (no perturbation).
+
+    ``model_options``: extra arguments of ``tfrobust.models.build_model`` (e.g. WideResNet depth and width).
+    """
     import keras
 
     from tfrobust import models
@@ -163,7 +173,8 @@ def build_robust_model(name, args, info, awp_active=True):
     warmup = 0 if awp_active else 10**6
     defense = parse_defense(name, DefenseConfig(name=name, awp=AWPConfig(warmup_epochs=warmup)))
     eps, step_size = attack_settings(info.image_shape)
-    network = models.build_model(args.model, info.image_shape, info.num_classes, info.mean, info.std, seed=args.seed)
+    network = models.build_model(args.model, info.image_shape, info.num_classes, info.mean, info.std, seed=args.seed,
+                                 **(model_options or {}))
     model = RobustModel(
         network, defense, eps=eps, step_size=step_size, steps=args.attack_steps,
         steps_per_epoch=args.steps, weight_decay=5e-4, seed=args.seed,
@@ -447,16 +458,23 @@ def machine_description():
             f"TensorFlow {tf.__version__}, Keras {keras.__version__}")
 
 
-def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = parse_args(argv)
-    import keras
-
+def make_logger():
+    """A function printing messages to stderr with the seconds since it was made."""
     wall_start = time.perf_counter()
 
     def log(message):
         print(f"[{time.perf_counter() - wall_start:6.0f}s] {message}", file=sys.stderr, flush=True)
 
+    log.start = wall_start
+    return log
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = parse_args(argv)
+    import keras
+
+    log = make_logger()
     load_before = loadavg()
     x, y, info, data_description = load_data(args)
     eps, step_size = attack_settings(info.image_shape)
@@ -504,7 +522,7 @@ def main(argv=None):
         "jit": next(iter(models.values())).jit_compile if models else args.jit_compile,
         "load_before": "n/a" if load_before is None else f"{load_before[0]:.2f}",
         "load_after": "n/a" if loadavg() is None else f"{loadavg()[0]:.2f}",
-        "wall": time.perf_counter() - wall_start,
+        "wall": time.perf_counter() - log.start,
         "reps": reps,
         "cores_used": statistics.median(c / t for name in times for c, t in zip(cpu[name], times[name])),
         "notes": notes,
