@@ -388,7 +388,12 @@ def main(argv=None):
                 print(f"[{datetime.datetime.now():%H:%M:%S}] {method} exited with {proc.returncode}", flush=True)
                 write_document(load_results(args.results), analysis)
     setting["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-    setting["wall_seconds"] = round(time.time() - start, 1) + previous.get("wall_seconds", 0)
+    if previous.get("started") and not previous.get("finished"):
+        # An interrupted run continued: count from its start.
+        began = datetime.datetime.fromisoformat(previous["started"]).timestamp()
+        setting["wall_seconds"] = round(time.time() - began, 1)
+    else:
+        setting["wall_seconds"] = round(time.time() - start, 1) + previous.get("wall_seconds", 0)
     _write_json(setting, os.path.join(args.results, "setting.json"))
     write_document(load_results(args.results), analysis)
 
