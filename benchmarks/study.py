@@ -164,7 +164,7 @@ def per_epoch(workdir: str, epochs: int, history: dict) -> dict:
         with open(path) as f:
             rows = json.load(f)
     series = {}
-    keys = ("val_pgd_accuracy", "val_clean_accuracy", "adv_accuracy", "clean_accuracy", "loss",
+    keys = ("val_pgd_accuracy", "val_pgd_loss", "val_clean_accuracy", "adv_accuracy", "clean_accuracy", "loss",
             "val_robust_flatness", "val_robust_flatness_rloss")
     for key in keys:
         values = [None] * epochs

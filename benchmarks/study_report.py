@@ -106,20 +106,23 @@ def figures(results, known) -> list:
     made = []
     if not methods:
         return made
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    for m in methods:
-        v = results["methods"][m]["series"]["val_pgd_accuracy"]
-        xs = [i + 1 for i, a in enumerate(v) if a is not None]
-        ax.plot(xs, [a for a in v if a is not None], label=m, linewidth=2 if m in ("at", "at+awp") else 1.1)
-    if s.get("epochs"):
-        for frac in (0.5, 0.75):
-            ax.axvline(frac * s["epochs"] + 0.5, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"validation PGD-{s.get('val_pgd_steps', 20)} accuracy")
-    ax.set_title(f"Robust validation accuracy ({s.get('validation_examples')} validation examples; "
-                 "dotted: lr x0.1)")
-    ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=8)
+    with_loss = any(any(v is not None for v in results["methods"][m]["series"].get("val_pgd_loss", []))
+                    for m in methods)
+    fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(13, 4.8) if with_loss else (8, 4.8), squeeze=False)
+    panels = [("val_pgd_accuracy", "accuracy"), ("val_pgd_loss", "cross-entropy loss")][: 2 if with_loss else 1]
+    for ax, (key, what) in zip(axes[0], panels):
+        for m in methods:
+            v = results["methods"][m]["series"].get(key, [])
+            xs = [i + 1 for i, a in enumerate(v) if a is not None]
+            ax.plot(xs, [a for a in v if a is not None], label=m, linewidth=2 if m in ("at", "at+awp") else 1.1)
+        if s.get("epochs"):
+            for frac in (0.5, 0.75):
+                ax.axvline(frac * s["epochs"] + 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"validation PGD-{s.get('val_pgd_steps', 20)} {what}")
+        ax.set_title(f"Robust validation {what} ({s.get('validation_examples')} examples; dotted: lr x0.1)")
+        ax.grid(alpha=0.3)
+        ax.legend(ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(FIGURES, "val_pgd_accuracy.png"), dpi=110)
     plt.close(fig)
@@ -275,8 +278,14 @@ def findings(results) -> list:
         if base in M and other in M and M[base].get("train_seconds") and M[other].get("train_seconds"):
             out.append(f"- Training time {other} / {base} (trained side by side): "
                        f"{M[other]['train_seconds'] / M[base]['train_seconds']:.2f}x.")
+    n_std = s.get("autoattack_standard_examples")
+    std_note = ""
+    if n_std:
+        std_note = (f"; AutoAttack ran on the first {n_std} only, where it is about {(0.24 / n_std) ** 0.5:.3f} "
+                    f"(differences under about {2 * (0.24 / n_std) ** 0.5:.2f} are within noise)")
     out += ["", f"One seed and {n_test} test examples: the standard error of an accuracy near 0.6 is about "
-            f"{se:.3f}, so differences under about {2 * se:.2f} are within noise.", ""]
+            f"{se:.3f}, so differences under about {2 * se:.2f} are within noise{std_note}. Comparisons of two "
+            "methods on the same examples are less noisy than that, but a second seed would move them too.", ""]
     return out
 
 
@@ -362,7 +371,7 @@ def write_document(results, known, analysis_path=None) -> None:
               "`history[\"train_seconds\"]`, including the per-epoch validation and, for AT and AT+AWP, the flatness "
               "monitor; test eval time: clean, PGD-20 and standard AutoAttack of the best and last networks.", ""]
     captions = {
-        "val_pgd_accuracy.png": "validation PGD accuracy per epoch, every method",
+        "val_pgd_accuracy.png": "validation PGD accuracy and loss per epoch, every method",
         "robust_flatness.png": "average-case robust flatness during training, AT and AT+AWP",
         "flatness_vs_gap.png": "average-case robust flatness against the train − test PGD-20 gap",
     }
