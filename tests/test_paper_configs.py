@@ -61,3 +61,15 @@ def test_paper_network_takes_adversarial_steps(path):
     assert np.isfinite(history["loss"][0])
     if model.defense.awp and model.defense.awp_warmup_epochs == 0:
         assert history["awp_relative_norm"][0] > 0
+
+
+@pytest.mark.parametrize("path", ["configs/cifar10_preactresnet18_mart.yaml", "configs/cifar10_preactresnet18_mart_awp.yaml"])
+def test_mart_configs_follow_marts_reference_schedule(path):
+    # YisenWang/MART train_resnet.py: lr 0.01, x0.1 from epoch 75, x0.01 from 90, x0.001 from 100
+    # (counted from 1 there; here the decay starts with the epoch after), 120 epochs, weight decay 3.5e-3.
+    cfg = load_config(path)
+    assert cfg.optim.epochs == 120 and cfg.optim.weight_decay == pytest.approx(3.5e-3)
+    schedule = experiment.learning_rate_schedule(cfg.optim, steps_per_epoch=3)
+    for epoch, factor in ((0, 1.0), (74, 1.0), (75, 0.1), (89, 0.1), (90, 0.01), (99, 0.01), (100, 0.001), (119, 0.001)):
+        assert float(schedule(epoch * 3)) == pytest.approx(0.01 * factor), epoch
+        assert float(schedule(epoch * 3 + 2)) == pytest.approx(0.01 * factor), epoch
