@@ -268,6 +268,15 @@ def findings(results) -> list:
         out.append(f"- Flatness and robust generalisation across the {len(pts)} methods: Spearman correlation "
                    f"{rho:+.2f} between the average-case flatness of the last network and its train − test "
                    "PGD-20 gap (positive: sharper networks generalise worse, as Stutz et al. find).")
+    for m in ("at", "at+awp"):
+        series = _get(M.get(m, {}), "series") or {}
+        pairs = [(f, l) for f, l in zip(series.get("val_robust_flatness", []), series.get("val_pgd_loss", []))
+                 if f is not None and l is not None]
+        rho = spearman(*zip(*pairs)) if len(pairs) >= 3 else None
+        if rho is not None:
+            out.append(f"- {m} during training: average-case flatness went from {pairs[0][0]:.3f} to {pairs[-1][0]:.3f} "
+                       f"and the validation robust loss from {pairs[0][1]:.3f} to {pairs[-1][1]:.3f} over the "
+                       f"{len(pairs)} measurements; Spearman correlation of the two {rho:+.2f}.")
     for base, other in (("at", "at+s2o"), ("trades", "trades+rat"), ("at", "trades"), ("at", "mart")):
         if base in M and other in M:
             out.append(f"- {other} vs {base}: AutoAttack best {_fmt(autoattack(M[other], 'best'))} vs "
