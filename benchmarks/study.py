@@ -2,15 +2,17 @@
 
 Trains AT, AT+AWP, TRADES, TRADES+AWP, AT+S2O, TRADES+RAT, MART and MART+AWP
 with the same network, data, attack, epochs and seed; evaluates the best
-(validation PGD) and last networks on the test subset with clean, PGD-20 and
-AutoAttack accuracy; measures the average- and worst-case robust flatness of
-Stutz et al. (ICCV 2021) of the last network; and writes
-``docs/results.md`` with figures under ``docs/figures/``.
+(validation PGD) and last networks on the test subset with clean and PGD-20
+accuracy and standard AutoAttack on its first examples, and on their own
+training examples with PGD-20 (the robust generalisation gap); measures the
+average- and worst-case robust flatness of Stutz et al. (ICCV 2021) of the
+last network; and writes ``docs/results.md`` with figures under
+``docs/figures/`` (benchmarks/study_report.py).
 
 Results are kept in ``docs/figures/study/<method>.json`` after every step of
 every method (training, each evaluation, flatness), so a run that is cut off
 still leaves a usable document, and a rerun of the same command skips what is
-done (an unfinished training run resumes). ``--jobs 2`` trains two methods
+done (an unfinished training run resumes). ``--jobs N`` trains N methods
 at a time in separate processes, taking them in the listed order.
 
     PYTHONPATH=. .venv/bin/python benchmarks/study.py              # everything
