@@ -61,6 +61,7 @@ def test_evaluate_refuses_to_overwrite_output(tmp_path, capsys):
     assert out.read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train.py", "--defense", "trades+sam", "--workdir", str(tmp_path / "w")],

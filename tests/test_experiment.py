@@ -29,6 +29,7 @@ def finished_run(tmp_path_factory):
     return workdir, report
 
 
+@pytest.mark.slow
 def test_run_directory_contents(finished_run):
     workdir, report = finished_run
     for name in ("config.yaml", "history.csv", "history.json", "model.keras", "best.keras", "report.json",
@@ -48,6 +49,7 @@ def test_run_directory_contents(finished_run):
         assert acc["pgd3_ce"] <= acc["clean"]
 
 
+@pytest.mark.slow
 def test_tensorboard_has_metrics_and_learning_rate(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -61,6 +63,7 @@ def test_tensorboard_has_metrics_and_learning_rate(finished_run):
     assert "epoch_pgd_accuracy" in vtags
 
 
+@pytest.mark.slow
 def test_saved_model_serves_the_same_logits(finished_run):
     import keras
 
@@ -71,6 +74,7 @@ def test_saved_model_serves_the_same_logits(finished_run):
     np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), network(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_chosen_on_validation(finished_run):
     workdir, _ = finished_run
     with open(os.path.join(workdir, "history.json")) as f:
@@ -91,6 +95,7 @@ def test_best_checkpoint_is_chosen_on_validation(finished_run):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.slow
 def test_finished_run_is_never_overwritten(finished_run):
     workdir, _ = finished_run
     before = os.path.getmtime(os.path.join(workdir, "model.keras"))
@@ -113,6 +118,7 @@ def test_learning_rate_schedule_is_piecewise():
     np.testing.assert_allclose(values, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tensorboard_images_and_hparams(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -136,6 +136,7 @@ class Cluster:
             return json.load(f)
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
     workdir = tmp_path / "run"
     cluster = Cluster(tmp_path, workdir)
@@ -191,6 +192,7 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
     assert "epoch_pgd_accuracy" in vtags, vtags
 
 
+@pytest.mark.slow
 def test_every_worker_stops_when_the_chief_refuses_the_workdir(tmp_path):
     workdir = tmp_path / "finished"
     workdir.mkdir()

@@ -41,6 +41,7 @@ def adversarial_steps(cfg, steps=2):
     return model, history.history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_paper_config_trains_a_few_steps(path):
     # Every setting of the config but the network, which is swapped for the small CNN
@@ -53,6 +54,7 @@ def test_paper_config_trains_a_few_steps(path):
     assert model.optimizer.momentum == pytest.approx(cfg.optim.momentum)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["configs/cifar10_wrn34_10_trades_awp_rat.yaml"])
 def test_paper_network_takes_adversarial_steps(path):
     """The papers' own networks through the double perturbation (WRN at depth 10, width 2)."""

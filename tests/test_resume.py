@@ -33,6 +33,7 @@ def weights_of(path):
     return [w.numpy() for w in keras.saving.load_model(path).weights]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     epochs = "4"
     command = [sys.executable, "train.py", "--defense", "at+awp", "--epochs", epochs, "--no-eval",
@@ -91,6 +92,7 @@ def test_backup_survives_a_torn_write(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     with pytest.raises(TrainingDiverged, match="became nan at epoch 2"):
@@ -117,6 +119,7 @@ class _PoisonAt(keras.callbacks.Callback):
                 w.assign(w * np.nan)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(tmp_path):
     cfg = tiny_config(**{"optim.epochs": 1, "runtime.deterministic": True, "defense.name": "trades+rat"})
     a, _, _ = experiment.train(cfg, str(tmp_path / "a"))
@@ -125,6 +128,7 @@ def test_same_seed_gives_identical_weights(tmp_path):
         np.testing.assert_array_equal(u.numpy(), v.numpy())
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_trains_on_cpu(tmp_path):
     cfg = tiny_config(**{"optim.epochs": 2, "runtime.mixed_precision": "mixed_bfloat16", "defense.name": "at+awp",
                          "defense.awp.warmup_epochs": 0})
@@ -134,22 +138,49 @@ def test_mixed_bfloat16_trains_on_cpu(tmp_path):
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
 
 
+@pytest.mark.slow
 def test_mirrored_run_matches_one_device(tmp_path):
+    """Two epochs of trades+awp through experiment.train on two replicas and on one device.
+
+    The weight-space step on two replicas equals one device to rounding
+    (tests/test_distributed.py, with the attack fixed). Here the TRADES attack
+    runs too, and a gradient entry within rounding of zero may take the other
+    sign under another summation order (one device against two replicas, Intel
+    against AMD kernels); that pixel then moves a whole step, so the weights
+    drift apart by up to ~1e-3 after a few steps and no weight tolerance holds on
+    every CPU. The runs are compared by what such drift cannot change much: the
+    per-epoch mean losses (measured apart by 1e-4 relative; a relative tolerance
+    of 2% still fails for a per-replica perturbation or a loss not divided by
+    the replica count, which double a term or move it by more than 10%), and
+    accuracies up to a few examples whose margin is within the drift.
+    """
     import tensorflow as tf
 
-    single = tiny_config(**{"optim.epochs": 1, "data.train_examples": 128, "defense.name": "trades+awp",
-                            "defense.awp.warmup_epochs": 0})
-    mirrored = tiny_config(**{"optim.epochs": 1, "data.train_examples": 128, "defense.name": "trades+awp",
-                              "defense.awp.warmup_epochs": 0, "runtime.strategy": "mirrored",
-                              "runtime.devices": '["/cpu:0", "/cpu:1"]'})
-    a, _, _ = experiment.train(single, str(tmp_path / "one"))
-    b, _, _ = experiment.train(mirrored, str(tmp_path / "two"))
+    common = {"optim.epochs": 2, "data.train_examples": 128, "defense.name": "trades+awp",
+              "defense.awp.warmup_epochs": 0}
+    single = tiny_config(**common)
+    mirrored = tiny_config(**common, **{"runtime.strategy": "mirrored", "runtime.devices": '["/cpu:0", "/cpu:1"]'})
+    a, _, one = experiment.train(single, str(tmp_path / "one"))
+    b, _, two = experiment.train(mirrored, str(tmp_path / "two"))
     assert isinstance(b.distribute_strategy, tf.distribute.MirroredStrategy)
-    for u, v in zip(a.network.trainable_variables, b.network.trainable_variables):
-        np.testing.assert_allclose(v.value.values[0].numpy(), u.numpy(), atol=1e-4)
+    for v in b.network.trainable_variables:
+        # Every replica applies the same all-reduced update: identical on any CPU.
         np.testing.assert_array_equal(v.value.values[0].numpy(), v.value.values[1].numpy())
+    assert one["epoch"] == two["epoch"] == [0.0, 1.0]
+    np.testing.assert_array_equal(one["learning_rate"], two["learning_rate"])
+    np.testing.assert_allclose(one["awp_relative_norm"], two["awp_relative_norm"], rtol=1e-5)
+    for key in ("loss", "ce_clean", "val_pgd_loss"):
+        np.testing.assert_allclose(two[key], one[key], rtol=0.02, err_msg=key)
+    # TRADES' KL term is small (~2e-3) and relative to it the drift is larger; its
+    # contribution to the loss is checked through "loss" above.
+    np.testing.assert_allclose(two["kl"], one["kl"], rtol=0.2, atol=1e-3)
+    # Accuracies: up to 4 of 128 training and 4 of 64 validation examples may flip.
+    for key, n in (("clean_accuracy", 128), ("adv_accuracy", 128), ("val_clean_accuracy", 64),
+                   ("val_pgd_accuracy", 64)):
+        np.testing.assert_allclose(two[key], one[key], atol=4.5 / n, err_msg=key)
 
 
+@pytest.mark.slow
 def test_mixed_float16_scales_losses_and_learns(tmp_path):
     cfg = tiny_config(**{"optim.epochs": 2, "runtime.mixed_precision": "mixed_float16", "defense.name": "at+awp",
                          "defense.awp.warmup_epochs": 0})
