@@ -179,6 +179,11 @@ def test_measures_are_scale_invariant():
     # ...but the weights are not.
     assert not np.allclose(model.get_layer("hidden").kernel.numpy(), scaled.get_layer("hidden").kernel.numpy())
 
+    # The two networks agree to rounding, not bitwise, and PGD inside the robust
+    # loss takes signs of input gradients: an entry within rounding of zero may
+    # flip and move its pixel by a step. Such a pixel has a gradient of ~0, so
+    # the loss moves only at second order (far below 1e-4 at step 0.007 on 24
+    # examples); any real scale dependence moves the flatness by > 1e-2.
     avg_a = F.average_case_flatness(model, x, y, xi=0.5, samples=3, return_perturbations=True, **SMALL)
     avg_b = F.average_case_flatness(scaled, x, y, xi=0.5, samples=3, return_perturbations=True, **SMALL)
     assert abs(avg_a["flatness"]) > 1e-2
