@@ -48,7 +48,8 @@ def _user_errors():
 
 def train_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Adversarial training with weight-space defenses (AT, TRADES, MART + AWP, S2O, RAT).")
-    p.add_argument("--config", help="YAML experiment file (default: the Fashion-MNIST defaults)")
+    p.add_argument("--config", help="YAML experiment file, or the name of a packaged config (--list-configs); "
+                   "default: the Fashion-MNIST defaults")
     p.add_argument("--defense", help="e.g. at, trades, mart, awp, s2o, rat, trades+awp, trades+awp+s2o")
     p.add_argument("--data", help="data set: fashion_mnist, mnist, cifar10, cifar100, svhn_cropped")
     p.add_argument("--model", help="network: small_cnn, preact_resnet18, wide_resnet")
@@ -58,12 +59,20 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set optim.lr=0.05 (repeatable)")
     p.add_argument("--no-eval", action="store_true", help="train only; skip the final test evaluation")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file, flags and --set applied) as YAML and exit")
+    p.add_argument("--list-configs", action="store_true",
+                   help="list the configs shipped with tfrobust (usable as --config NAME) and exit")
     return p
 
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
     _quiet_tensorflow()
+    if args.list_configs:
+        from tfrobust.commands import list_configs
+
+        return list_configs()
     with _user_errors():
         from tfrobust import config as config_lib
 
@@ -74,6 +83,11 @@ def train_main(argv=None) -> int:
                 overrides[key] = getattr(args, flag)
         overrides.update(config_lib.parse_overrides(args.set))
         cfg = config_lib.load_config(args.config, overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), end="")
+            return 0
         from tfrobust.defenses import parse_defense
 
         cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name

@@ -233,17 +233,55 @@ def _merge(config, values: dict, prefix: str = "") -> None:
             setattr(config, key, _coerce(value, types[key], full))
 
 
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_configs() -> dict:
+    """The experiment files shipped with tfrobust: ``{name: one-line description}``.
+
+    The description is the file's first comment line. Names are file names
+    without ``.yaml`` (e.g. ``cifar10_preactresnet18_at_awp``) and can be given
+    to ``--config`` or :func:`load_config` in place of a path.
+    """
+    found = {}
+    for entry in sorted(os.listdir(PACKAGED_CONFIGS)):
+        if entry.endswith(".yaml"):
+            with open(os.path.join(PACKAGED_CONFIGS, entry), encoding="utf-8") as f:
+                first = f.readline().strip()
+            found[entry[: -len(".yaml")]] = first.lstrip("#").strip() if first.startswith("#") else ""
+    return found
+
+
+def resolve_config(name_or_path: str) -> str:
+    """The file behind ``--config``: an existing path, else a packaged config's name.
+
+    ``cifar10_preactresnet18_at_awp`` (with or without ``.yaml``) names the
+    packaged file, and so does ``configs/<name>.yaml`` where no such file is
+    (the README's form, outside a clone); anything that exists as a file is
+    taken as it is.
+    """
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = os.path.basename(name_or_path)
+    name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    packaged = os.path.join(PACKAGED_CONFIGS, name + ".yaml")
+    if os.path.dirname(name_or_path) in ("", "configs") and os.path.isfile(packaged):
+        return packaged
+    raise UserError(f"config file not found: {name_or_path} (neither a file nor a packaged config; "
+                    "'tfrobust configs' lists the packaged ones)")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> ExperimentConfig:
     """Builds a config from defaults, an optional YAML file and dotted overrides.
 
     Args:
-      path: a YAML file whose nested mapping sets fields, or None.
+      path: a YAML file whose nested mapping sets fields, or the name of a
+        packaged config (:func:`packaged_configs`), or None.
       overrides: ``{"optim.lr": "0.05", ...}``; values are strings or values.
     """
     config = ExperimentConfig()
     if path is not None:
-        if not os.path.isfile(path):
-            raise UserError(f"config file not found: {path}")
+        path = resolve_config(path)
         with open(path) as f:
             try:
                 values = yaml.safe_load(f) or {}
