@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import shlex
 import sys
 import time
 
@@ -31,8 +32,19 @@ def _training_diverged():
     return TrainingDiverged
 
 
+def _resume_command(argv, workdir: str) -> str:
+    """The command line that resumes this run: the same arguments, with ``--workdir``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--workdir" or a.startswith("--workdir=") for a in args):
+        args += ["--workdir", workdir]
+    program = sys.argv[0] if argv is None and sys.argv and sys.argv[0] else "train.py"
+    prefix = [sys.executable, program] if program.endswith(".py") else [program]
+    return shlex.join(prefix + args)
+
+
 @contextlib.contextmanager
-def _user_errors():
+def _user_errors(resume=None):
+    """Maps errors to one line and an exit status; ``resume["command"]``, once set, is printed on Ctrl-C."""
     try:
         yield
     except UserError as e:
@@ -42,7 +54,11 @@ def _user_errors():
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        command = (resume or {}).get("command")
+        if command:
+            print(f"interrupted; resume with: {command}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -64,7 +80,8 @@ def train_parser() -> argparse.ArgumentParser:
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
     _quiet_tensorflow()
-    with _user_errors():
+    resume = {}
+    with _user_errors(resume):
         from tfrobust import config as config_lib
 
         overrides = {}
@@ -85,6 +102,8 @@ def train_main(argv=None) -> int:
             from tfrobust.errors import unknown_choice
 
             raise unknown_choice("model", cfg.model.name, models.MODELS)
+        if args.workdir is not None and not args.workdir.strip():
+            raise UserError("--workdir must not be empty")
         if cfg.runtime.strategy == "multi_worker" and not args.workdir:
             raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
         workdir = args.workdir or os.path.join(
@@ -93,6 +112,7 @@ def train_main(argv=None) -> int:
         from tfrobust import evaluation, experiment
 
         print(f"run directory: {workdir}")
+        resume["command"] = _resume_command(argv, workdir)
         if args.no_eval:
             experiment.train(cfg, workdir)
             return 0

@@ -271,8 +271,8 @@ def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
     callbacks_lib.atomic_write(os.path.join(workdir, "history.json"), json.dumps(history, indent=1))
     history_log.write()
     save_networks(model, workdir, has_validation)
+    rundir.mark_finished(workdir, evaluated=False)
     if not keep_backup:
-        rundir.mark_finished(workdir, evaluated=False)
         callbacks_lib.EpochBackup.discard(backup_dir)
     return model, datasets, history
 
