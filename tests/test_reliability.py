@@ -168,3 +168,221 @@ def test_second_process_is_refused_while_the_first_runs(tmp_path, capsys):
     finally:
         first.kill()
         first.wait()
+
+
+def _compiled_tiny():
+    from conftest import tiny_cnn
+
+    model = tiny_cnn()
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    model(np.zeros((1, 28, 28, 1), "float32"))
+    return model
+
+
+def _callbacks(tmp_path):
+    best = callbacks_lib.AtomicModelCheckpoint(str(tmp_path / "ckpt" / "best.weights.h5"), monitor="val_pgd_accuracy",
+                                               mode="max", save_best_only=True, save_weights_only=True)
+    stopping = callbacks_lib.ResumableEarlyStopping(monitor="val_pgd_accuracy", mode="max", patience=3)
+    history = callbacks_lib.HistoryLog(str(tmp_path / "history.csv"))
+    return best, stopping, history, {"best_checkpoint": best, "early_stopping": stopping, "history": history}
+
+
+def test_backup_holds_best_score_early_stopping_counters_and_history(tmp_path):
+    """Three epochs through the real callbacks; a fresh set of callbacks restored from the backup carries
+    on exactly: the best score and its epoch's weights, the early-stopping counters, the history rows."""
+    (tmp_path / "ckpt").mkdir()
+    model = _compiled_tiny()
+    best, stopping, history, stateful = _callbacks(tmp_path)
+    backup = callbacks_lib.EpochBackup(str(tmp_path / "backup"), stateful, best=best)
+    for cb in (best, stopping, history, backup):
+        cb.set_model(model)
+        cb.on_train_begin()
+    best_weights = None
+    for epoch, accuracy in enumerate([0.2, 0.5, 0.4]):  # the best is the second epoch
+        for w in model.weights:
+            w.assign(w + 0.01 * (epoch + 1))
+        logs = {"loss": 1.0 / (epoch + 1), "val_pgd_accuracy": accuracy}
+        for cb in (best, stopping, history, backup):
+            cb.on_epoch_end(epoch, logs)
+        if epoch == 1:
+            best_weights = [w.numpy().copy() for w in model.weights]
+    last_weights = [w.numpy().copy() for w in model.weights]
+    # The checkpoints on disk are then torn or stale (a kill between a checkpoint and the backup).
+    (tmp_path / "ckpt" / "best.weights.h5").write_bytes(b"torn")
+
+    fresh = _compiled_tiny()
+    best2, stopping2, history2, stateful2 = _callbacks(tmp_path)
+    checkpoints = {"best": str(tmp_path / "ckpt" / "best.weights.h5"), "last": str(tmp_path / "ckpt" / "last.weights.h5")}
+    resumed = callbacks_lib.EpochBackup.restore(fresh, str(tmp_path / "backup"), stateful2, checkpoints)
+    stopping2.set_model(fresh)
+    stopping2.on_train_begin()  # Keras resets the counters here; the restored ones must win
+    assert resumed.epoch == 3 and not resumed.stopped
+    assert (best2.best, best2.best_epoch) == (0.5, 2)
+    assert (stopping2.wait, stopping2.best, stopping2.best_epoch, stopping2.stopped_epoch) == (1, 0.5, 1, 0)
+    assert history2.history()["val_pgd_accuracy"] == [0.2, 0.5, 0.4]
+    for w, expected in zip(fresh.weights, last_weights):
+        np.testing.assert_array_equal(w.numpy(), expected)
+    fresh.load_weights(checkpoints["best"])
+    for w, expected in zip(fresh.weights, best_weights):
+        np.testing.assert_array_equal(w.numpy(), expected)
+    fresh.load_weights(checkpoints["last"])
+    for w, expected in zip(fresh.weights, last_weights):
+        np.testing.assert_array_equal(w.numpy(), expected)
+    # A fourth epoch that is worse than the best neither replaces the best file nor resets the counter.
+    best2.set_model(fresh)
+    best2.on_epoch_end(3, {"val_pgd_accuracy": 0.45})
+    stopping2.on_epoch_end(3, {"val_pgd_accuracy": 0.45})
+    assert best2.best_epoch == 2 and stopping2.wait == 2
+    fresh.load_weights(checkpoints["best"])
+    np.testing.assert_array_equal(fresh.weights[0].numpy(), best_weights[0])
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_lock_one_owner_stale_locks_and_other_hosts(tmp_path):
+    lock = tmp_path / rundir.LOCK
+    with rundir.lock(str(tmp_path)):
+        assert lock.read_text().split() == [str(os.getpid()), socket.gethostname()]
+        with rundir.lock(str(tmp_path)):  # re-entrant in the owning process
+            pass
+        assert lock.exists()
+    assert not lock.exists()
+    # A live process on this host (our parent) owns it: refused in one line.
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")
+    with pytest.raises(UserError, match=f"in use by process {os.getppid()} "):
+        with rundir.lock(str(tmp_path)):
+            pass
+    # Another host: refused, naming the host (its pid cannot be checked from here).
+    lock.write_text("1 some-other-host\n")
+    with pytest.raises(UserError, match="on host some-other-host"):
+        with rundir.lock(str(tmp_path)):
+            pass
+    # A dead owner (kill -9) on this host: the lock is stale and taken over.
+    lock.write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    with rundir.lock(str(tmp_path)):
+        assert lock.read_text().split()[0] == str(os.getpid())
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_failed_writes_never_tear_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    rundir.atomic_write(str(path), '{"good": 1}')
+    monkeypatch.setattr(os, "fsync", _enospc)  # the disk fills while the new file is written
+    with pytest.raises(OSError):
+        rundir.atomic_write(str(path), '{"new": 2, "much longer": "text"}')
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"good": 1}
+    assert os.listdir(tmp_path) == ["report.json"], "the partial file is cleaned up"
+
+    # A checkpoint whose save fails half-way keeps the previous good checkpoint.
+    model = _compiled_tiny()
+    last = tmp_path / "last.weights.h5"
+    checkpoint = callbacks_lib.AtomicModelCheckpoint(str(last), save_weights_only=True)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {})
+    good = [w.numpy().copy() for w in model.weights]
+    for w in model.weights:
+        w.assign(w + 1.0)
+
+    def torn_save(filepath, overwrite=True):
+        with open(filepath, "wb") as f:
+            f.write(b"\x89HDF\r\n half a file")
+        _enospc()
+
+    monkeypatch.setattr(model, "save_weights", torn_save)
+    with pytest.raises(OSError):
+        checkpoint.on_epoch_end(1, {})
+    monkeypatch.undo()
+    model.load_weights(str(last))
+    for w, expected in zip(model.weights, good):
+        np.testing.assert_array_equal(w.numpy(), expected)
+
+
+def test_finished_only_by_the_marker(tmp_path):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    (tmp_path / "report.json").write_text('{"models": {"last": {"accur')  # torn (written by an older version)
+    assert rundir.finished(str(tmp_path)) == {}
+    assert experiment.workdir_status(str(tmp_path)) == "unfinished"
+    (tmp_path / "report.json").write_text("{}")
+    assert experiment.workdir_status(str(tmp_path)) == "finished"  # a complete report without a marker: older runs
+    (tmp_path / rundir.FINISHED).write_text('{"trained": tr')  # a torn marker is no marker
+    assert experiment.workdir_status(str(tmp_path)) == "unfinished"
+    rundir.mark_finished(str(tmp_path), evaluated=False)
+    assert experiment.workdir_status(str(tmp_path)) == "trained"
+    with pytest.raises(UserError, match="finished training run"):
+        experiment.prepare_workdir(str(tmp_path))
+    rundir.mark_finished(str(tmp_path), evaluated=True)
+    with pytest.raises(UserError, match="holds a finished run"):
+        experiment.prepare_workdir(str(tmp_path))
+    with pytest.raises(UserError, match="must not be empty"):
+        experiment.workdir_status("")
+
+
+def test_interrupt_prints_the_exact_resume_command(monkeypatch, capsys):
+    import shlex
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--epochs", "1", "--set", "optim.lr=0.01"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 130
+    workdir = out.split("run directory: ")[1].split()[0]
+    assert err.startswith("interrupted; resume with: ")
+    command = shlex.split(err.strip().split("resume with: ")[1])
+    assert command[-2:] == ["--workdir", workdir]
+    assert command[-6:-2] == ["--epochs", "1", "--set", "optim.lr=0.01"]
+    assert not os.path.exists(workdir)
+
+
+def test_refused_start_leaves_nothing_that_refuses_the_corrected_command(tmp_path, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--set", f"data.data_dir={empty}", "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is empty" in err and len(err.strip().splitlines()) == 1
+    assert experiment.workdir_status(str(workdir)) == "new"  # no config.yaml, no lock left behind
+
+
+@pytest.mark.slow
+def test_finished_train_only_run_is_kept_and_can_be_evaluated(tmp_path):
+    from tfrobust.config import load_config
+
+    cfg = load_config("configs/fashion_mnist.yaml", {
+        "data.train_examples": 64, "data.validation_examples": 32, "data.test_examples": 32, "data.batch_size": 32,
+        "attack.steps": 1, "eval.pgd_steps": 1, "optim.epochs": 1, "runtime.verbose": 0,
+        "eval.images_every": 0, "eval.integrity_examples": 0})
+    workdir = str(tmp_path / "run")
+    experiment.train(cfg, workdir)
+    assert rundir.finished(workdir) == {"trained": True, "evaluated": False}
+    assert not os.path.exists(os.path.join(workdir, "backup"))
+    assert not os.path.exists(os.path.join(workdir, rundir.LOCK))
+    mtime = os.path.getmtime(os.path.join(workdir, "model.keras"))
+    with pytest.raises(UserError, match=r"finished training run \(--no-eval\)"):
+        experiment.train(cfg, workdir)
+    other = load_config("configs/fashion_mnist.yaml", {**{"optim.lr": 0.01}, **{
+        "data.train_examples": 64, "data.validation_examples": 32, "data.test_examples": 32, "data.batch_size": 32,
+        "attack.steps": 1, "eval.pgd_steps": 1, "optim.epochs": 1, "runtime.verbose": 0,
+        "eval.images_every": 0, "eval.integrity_examples": 0}})
+    with pytest.raises(UserError, match="different config"):
+        experiment.train_and_evaluate(other, workdir, verbose=False)
+    # Without --no-eval the same command evaluates the trained networks; it does not train again.
+    report = experiment.train_and_evaluate(cfg, workdir, verbose=False)
+    assert os.path.getmtime(os.path.join(workdir, "model.keras")) == mtime
+    assert set(report["models"]) == {"last", "best"}
+    with open(os.path.join(workdir, "report.json")) as f:
+        assert json.load(f)["models"]["last"]["accuracy"] == report["models"]["last"]["accuracy"]
+    assert rundir.finished(workdir) == {"trained": True, "evaluated": True}
+    with pytest.raises(UserError, match="holds a finished run"):
+        experiment.train_and_evaluate(cfg, workdir, verbose=False)

@@ -214,8 +214,17 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], limit: Optional[i
 
 
 def _check_data_dir(data_dir: Optional[str]) -> None:
-    if data_dir is not None and not os.path.isdir(data_dir):
+    if data_dir is None:
+        return
+    if not os.path.isdir(data_dir):
         raise UserError(f"data.data_dir {data_dir!r} does not exist or is not a directory")
+    try:
+        empty = not os.listdir(data_dir)
+    except OSError as e:
+        raise UserError(f"data.data_dir {data_dir!r} cannot be read: {e.strerror or e}") from None
+    if empty:
+        # Never fall back silently to other data than the directory the user named.
+        raise UserError(f"data.data_dir {data_dir!r} is empty; put the data set's files there or leave data.data_dir unset")
 
 
 def load_arrays(
