@@ -18,9 +18,11 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from tfrobust.errors import UserError, unknown_choice
+from tfrobust.errors import UserError, check_number, check_steps, unknown_choice
 
 NORMS = ("linf", "l2")
+# The steps are unrolled when traced (a Python loop): far more would trace for minutes before any output.
+MAX_STEPS = 1000
 LOSSES = ("ce", "cw", "trades_kl")
 STARTS = ("uniform", "gaussian", "none")
 
@@ -89,8 +91,8 @@ def _check(norm, loss, start, eps):
         raise unknown_choice("attack loss", loss, LOSSES)
     if start not in STARTS:
         raise unknown_choice("random start", start, STARTS)
-    if isinstance(eps, (int, float)) and eps < 0:
-        raise UserError(f"eps must be >= 0, got {eps}")
+    if isinstance(eps, (int, float)):
+        check_number("eps", eps)
 
 
 def _random(kind, shape, seed, dtype=tf.float32):
@@ -179,6 +181,7 @@ def pgd(
       Adversarial images ``x'`` with ``||x' - x|| <= eps`` and ``x'`` in [0, 1].
     """
     _check(norm, loss, random_start_kind, eps)
+    steps = check_steps("steps", steps, maximum=MAX_STEPS)
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y)
     eps = tf.cast(eps, tf.float32)

@@ -157,16 +157,9 @@ def evaluate_main(argv=None) -> int:
     args = evaluate_parser().parse_args(argv)
     _quiet_tensorflow()
     with _user_errors():
+        _check_evaluate_args(args)
         from tfrobust import evaluation, loading
 
-        if args.output and os.path.exists(args.output):
-            raise UserError(f"output file {args.output} exists; choose another --output")
-        if args.examples is not None and args.examples <= 0:
-            raise UserError("--examples must be > 0")
-        if args.eps is not None and args.eps < 0:
-            raise UserError(f"--eps must be >= 0, got {args.eps}")
-        if args.batch_size <= 0:
-            raise UserError("--batch-size must be > 0")
         names = evaluation.parse_attacks(args.attacks)
         loaded = loading.load(args.model, args.which)
         landscape_dir = _landscape_dir(args, loaded) if args.landscape is not None else None
@@ -176,8 +169,6 @@ def evaluate_main(argv=None) -> int:
         from tfrobust import data as data_lib
 
         x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
-        if args.integrity_examples < 0:
-            raise UserError("--integrity-examples must be >= 0")
         start = time.time()
         report = evaluation.evaluate(
             loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
@@ -204,10 +195,54 @@ def evaluate_main(argv=None) -> int:
             )
             print(f"landscapes: {landscape_dir}")
         if args.output:
-            with open(args.output, "w") as f:
-                f.write(evaluation.to_json(report))
+            from tfrobust.rundir import atomic_write
+
+            try:
+                atomic_write(args.output, evaluation.to_json(report))
+            except OSError as e:
+                raise UserError(f"cannot write --output {args.output} ({e.strerror or e}); "
+                                "the table above holds the accuracies") from None
             print(f"report: {args.output}")
     return 0
+
+
+def _check_evaluate_args(args) -> None:
+    """Refuses bad values and an unwritable --output before any model or data is loaded."""
+    import math
+
+    if args.output is not None:
+        if not args.output.strip():
+            raise UserError("--output must not be empty")
+        if os.path.exists(args.output):
+            raise UserError(f"output file {args.output} exists; choose another --output")
+        directory = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(directory):
+            raise UserError(f"--output {args.output}: directory {directory} does not exist")
+        _check_writable(directory, "--output")
+    if args.examples is not None and args.examples <= 0:
+        raise UserError("--examples must be > 0")
+    if args.eps is not None and not math.isfinite(args.eps):
+        raise UserError(f"--eps must be finite, got {args.eps}")
+    if args.eps is not None and args.eps < 0:
+        raise UserError(f"--eps must be >= 0, got {args.eps}")
+    if args.batch_size <= 0:
+        raise UserError("--batch-size must be > 0")
+    if args.integrity_examples < 0:
+        raise UserError("--integrity-examples must be >= 0")
+    if args.flatness_examples <= 0:
+        raise UserError("--flatness-examples must be > 0")
+    if args.flatness_restarts <= 0:
+        raise UserError("--flatness-restarts must be > 0")
+
+
+def _check_writable(directory: str, flag: str) -> None:
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tfrobust-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write in {directory} ({e.strerror or e})") from None
 
 
 def _landscape_dir(args, loaded) -> str:

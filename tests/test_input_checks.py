@@ -1,0 +1,145 @@
+"""Bad input and broken models: one-line errors (exit 2 on the command line), found before time is spent,
+and never an accuracy computed from NaN outputs."""
+
+import errno
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_cnn
+from tfrobust import evaluation
+from tfrobust.cli import evaluate_main, train_main
+from tfrobust.errors import UserError
+
+
+def run_main(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    return exit_info.value.code, err
+
+
+@pytest.fixture(scope="module")
+def data():
+    from tfrobust.data import load_test_arrays
+
+    return load_test_arrays("fashion_mnist", limit=40)
+
+
+@pytest.fixture(scope="module")
+def network():
+    return tiny_cnn()
+
+
+def model_fn_of(net):
+    return lambda x: net(x, training=False)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"eps": float("nan")}, "eps must be finite"),
+    ({"eps": float("inf")}, "eps must be finite"),
+    ({"eps": "0.1"}, "eps must be a number"),
+    ({"eps": np.array([0.1, 0.2])}, "eps must be a single number"),
+    ({"eps": -0.1}, "eps must be >= 0"),
+    ({"eps": 0.1, "step_size": float("nan")}, "step_size must be finite"),
+    ({"eps": 0.1, "batch_size": 0}, "batch_size must be a positive integer"),
+    ({"eps": 0.1, "integrity_examples": -1}, "integrity_examples must be an integer >= 0"),
+    ({"eps": 0.1, "attacks": ["pgd0_ce"]}, "between 1 and 1000"),
+    ({"eps": 0.1, "attacks": ["pgd100000_ce"]}, "between 1 and 1000"),
+])
+def test_evaluate_api_refuses_bad_arguments(kwargs, message, data, network):
+    x, y = data
+    with pytest.raises(UserError, match=message) as info:
+        evaluation.evaluate(model_fn_of(network), x, y, verbose=False, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_evaluate_api_data_and_model_mismatches(data, network):
+    x, y = data
+    with pytest.raises(UserError, match="x has 40 examples but y has 39 labels"):
+        evaluation.evaluate(model_fn_of(network), x, y[:-1], 0.1, verbose=False)
+    rgb = tiny_cnn(input_shape=(32, 32, 3))
+    with pytest.raises(UserError, match=r"cannot take the data's images of shape \(28, 28, 1\)"):
+        evaluation.evaluate(model_fn_of(rgb), x, y, 0.1, verbose=False)
+    five = tiny_cnn(num_classes=5)
+    with pytest.raises(UserError, match="outputs 5 classes but the labels go up to 9"):
+        evaluation.evaluate(model_fn_of(five), x, y, 0.1, verbose=False)
+    with pytest.raises(UserError, match=r"outputs shape \(2,\)"):
+        evaluation.evaluate(lambda t: tf.reduce_sum(network(t), axis=-1), x, y, 0.1, verbose=False)
+    # A tensor eps is a number like any other.
+    report = evaluation.evaluate(model_fn_of(network), x, y, tf.constant(0.1), attacks=["clean"], verbose=False)
+    assert report["eps"] == pytest.approx(0.1)
+
+
+def test_nan_outputs_are_an_integrity_failure_never_an_accuracy(data, network):
+    x, y = data
+    with pytest.raises(evaluation.ModelIntegrityError, match="NaN or infinite on 40 of 40 test examples"):
+        evaluation.evaluate(lambda t: network(t) * np.nan, x, y, 0.1, verbose=False)
+
+    # Finite on the clean images (multiples of 1/255), NaN wherever an attack moved a pixel off that grid.
+    def off_grid_nan(t):
+        off = tf.reduce_max(tf.abs(t * 255.0 - tf.round(t * 255.0)), axis=[1, 2, 3]) > 1e-3
+        return tf.where(off[:, None], np.nan, network(t))
+
+    report = evaluation.evaluate(off_grid_nan, x, y, 0.1, attacks=["clean", "fgsm"], verbose=False)
+    expected_clean = np.mean(np.argmax(network(x).numpy(), -1) == y)
+    assert report["accuracy"]["clean"] == pytest.approx(expected_clean)
+    assert report["accuracy"]["fgsm"] == 0.0  # NaN never counts as the right class (argmax would say class 0)
+    assert report["non_finite_outputs"]["fgsm"] > 30  # all but images that FGSM left on the grid
+    check = report["integrity"]["checks"][-1]
+    assert check["name"] == "finite outputs" and not check["passed"] and not report["integrity"]["passed"]
+    assert re.search(r"FAILED +finite outputs", evaluation.format_table(report))
+
+
+def test_evaluate_cli_checks_before_any_work(tmp_path, capsys, monkeypatch):
+    cases = [
+        (["--eps", "nan"], "--eps must be finite"),
+        (["--flatness-examples", "0"], "--flatness-examples must be > 0"),
+        (["--flatness-restarts", "-1"], "--flatness-restarts must be > 0"),
+        (["--integrity-examples", "-1"], "--integrity-examples must be >= 0"),
+        (["--output", str(tmp_path / "missing" / "r.json")], "does not exist"),
+        (["--output", ""], "--output must not be empty"),
+    ]
+    for argv, message in cases:
+        # --model names nothing usable: the argument errors must come first.
+        code, err = run_main(evaluate_main, ["--model", "no/such/model", *argv], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    code, err = run_main(evaluate_main, ["--model", "no/such/model", "--output", str(tmp_path / "r.json")], capsys)
+    assert code == 2 and "cannot write in" in err and "Permission denied" in err
+
+
+def test_evaluate_cli_nan_model_and_failed_output_write(tmp_path, capsys, monkeypatch, network):
+    broken = tiny_cnn()
+    for w in broken.weights:
+        w.assign(w * np.nan)
+    path = str(tmp_path / "nan.keras")
+    broken.save(path)
+    code, err = run_main(evaluate_main, ["--model", path, "--examples", "20", "--integrity-examples", "0"], capsys)
+    assert code == 2 and "integrity failure" in err and len(err.strip().splitlines()) == 1
+
+    good = str(tmp_path / "good.keras")
+    network.save(good)
+    from tfrobust import rundir
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "atomic_write", disk_full)
+    out = tmp_path / "report.json"
+    code, err = run_main(evaluate_main, ["--model", good, "--examples", "20", "--attacks", "clean",
+                                         "--integrity-examples", "0", "--output", str(out)], capsys)
+    last = err.strip().split("\r")[-1]  # after tqdm's progress lines, one error line
+    assert code == 2 and last.startswith("error: cannot write --output") and "No space left on device" in last
+    assert "\n" not in last
+    assert not out.exists()
