@@ -143,3 +143,79 @@ def test_evaluate_cli_nan_model_and_failed_output_write(tmp_path, capsys, monkey
     assert code == 2 and last.startswith("error: cannot write --output") and "No space left on device" in last
     assert "\n" not in last
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "optim.weight_decay=-0.0005"], "optim.weight_decay must be >= 0"),
+    (["--set", "optim.decay_factor=-0.1"], "optim.decay_factor must be in (0, 1]"),
+    (["--set", "optim.decay_at=[0.5,1.5]"], "optim.decay_at values are fractions of training in (0, 1), got 1.5"),
+    (["--set", "optim.decay_at=0.5,abc"], "optim.decay_at needs numbers"),
+    (["--set", "optim.lr=nan"], "config key 'optim.lr' must be finite, got nan"),
+    (["--set", "attack.eps=inf"], "config key 'attack.eps' must be finite, got inf"),
+    (["--set", "optim.epochs=100000000000000000000"], "config key 'optim.epochs' is too large"),
+    (["--seed", "-3"], "runtime.seed must be >= 0"),
+    (["--set", "attack.steps=100000"], "attack.steps must be <= 1000"),
+    (["--workdir", ""], "--workdir must not be empty"),
+])
+def test_train_refuses_bad_values_in_one_line(argv, message, capsys, tmp_path):
+    if "--workdir" not in argv:
+        argv = argv + ["--workdir", str(tmp_path / "w")]
+    code, err = run_main(train_main, argv, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_decay_at_as_comma_separated_numbers():
+    from tfrobust.config import load_config
+
+    cfg = load_config(None, {"optim.decay_at": "0.5,0.75", "runtime.devices": "CPU:0,CPU:1"})
+    assert cfg.optim.decay_at == [0.5, 0.75]
+    assert cfg.runtime.devices == ["CPU:0", "CPU:1"]
+
+
+def test_bad_config_files_and_devices(tmp_path, capsys, monkeypatch):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("optim:\n  lr: 0.1  # r\xe9glage\n".encode("latin-1"))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("optim:\n  lr: 0.1\n  lr: 0.01\n")
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("optim:\n  lr: 0.1\n")
+    cases = [
+        (["--config", str(latin)], "is not UTF-8 text"),
+        (["--config", str(twice)], "config key 'lr' is given twice (line 3)"),
+        (["--set", "runtime.strategy=mirrored", "--set", "runtime.devices=[GPU:7]"], "no device 'GPU:7' on this machine"),
+    ]
+    for argv, message in cases:
+        code, err = run_main(train_main, argv + ["--workdir", str(tmp_path / "w")], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not os.path.exists(tmp_path / "w"), "a refused start leaves no directory behind"
+    import builtins
+
+    real_open = builtins.open
+
+    def unreadable(path, *args, **kwargs):  # root ignores chmod, so the refusal is simulated
+        if str(path) == str(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", unreadable)
+    code, err = run_main(train_main, ["--config", str(locked), "--workdir", str(tmp_path / "w")], capsys)
+    assert code == 2 and "cannot be read: Permission denied" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_api_refuses_a_string_defense_and_bad_budgets(network):
+    from tfrobust.attacks import pgd
+    from tfrobust.defenses import parse_defense
+    from tfrobust.trainer import RobustModel
+
+    with pytest.raises(UserError, match="defense must be a Defense"):
+        RobustModel(network, "trades", eps=0.1, step_size=0.025, steps=2)
+    with pytest.raises(UserError, match="eps must be finite"):
+        RobustModel(network, parse_defense("at"), eps=float("nan"), step_size=0.025, steps=2)
+    with pytest.raises(UserError, match="steps must be between 0 and 1000"):
+        RobustModel(network, parse_defense("at"), eps=0.1, step_size=0.025, steps=-1)
+    x = np.zeros((2, 28, 28, 1), "float32")
+    with pytest.raises(UserError, match="steps must be between 0 and 1000"):
+        pgd(network, x, np.zeros(2, "int32"), 0.1, 0.025, -3)
+    with pytest.raises(UserError, match="eps must be finite"):
+        pgd(network, x, np.zeros(2, "int32"), float("nan"), 0.025, 3)

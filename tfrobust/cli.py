@@ -18,7 +18,47 @@ from tfrobust.errors import UserError
 
 
 def _quiet_tensorflow():
+    """Imports TensorFlow without its start-up lines (oneDNN, CUDA drivers, CPU instructions).
+
+    Those lines are written to the stderr file descriptor before TensorFlow's
+    logging reads TF_CPP_MIN_LOG_LEVEL, so they are silenced by pointing that
+    descriptor at /dev/null during the import. A user who sets
+    TF_CPP_MIN_LOG_LEVEL below 2 sees them as before.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("2", "3"):
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _quiet_device_start():
+    """Initialises TensorFlow's devices with stderr silenced (a GPU-less machine logs a failed cuInit)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") not in ("2", "3"):
+        return
+    import tensorflow as tf
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        tf.config.list_logical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +151,8 @@ def train_main(argv=None) -> int:
         )
         from tfrobust import evaluation, experiment
 
+        if cfg.runtime.strategy != "multi_worker":  # the multi-worker strategy must come before any device use
+            _quiet_device_start()
         print(f"run directory: {workdir}")
         resume["command"] = _resume_command(argv, workdir)
         if args.no_eval:
@@ -158,6 +200,7 @@ def evaluate_main(argv=None) -> int:
     _quiet_tensorflow()
     with _user_errors():
         _check_evaluate_args(args)
+        _quiet_device_start()
         from tfrobust import evaluation, loading
 
         names = evaluation.parse_attacks(args.attacks)

@@ -26,6 +26,7 @@ into place, so a kill or a failed write never tears a good file):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -59,6 +60,7 @@ def build_strategy(runtime) -> tf.distribute.Strategy:
     key = (runtime.strategy, tuple(runtime.devices or ()))
     if key not in _STRATEGIES:
         if runtime.strategy == "mirrored":
+            check_devices(runtime.devices or ())
             _STRATEGIES[key] = tf.distribute.MirroredStrategy(runtime.devices or None)
         elif runtime.strategy == "multi_worker":
             from tfrobust.multiworker import multi_worker_strategy
@@ -73,6 +75,20 @@ def build_strategy(runtime) -> tf.distribute.Strategy:
                 raise UserError(f"runtime.strategy=tpu but no TPU was found ({str(e).splitlines()[0]})") from None
             _STRATEGIES[key] = tf.distribute.TPUStrategy(resolver)
     return _STRATEGIES[key]
+
+
+def check_devices(names) -> None:
+    """Refuses a device name that this machine does not have (MirroredStrategy would fail later, obscurely)."""
+    logical = tf.config.list_logical_devices()
+    available = {(d.device_type.upper(), int(d.name.rsplit(":", 1)[1])) for d in logical}
+    listing = ", ".join(d.name.replace("/device:", "") for d in logical)
+    for name in names:
+        try:
+            spec = tf.DeviceSpec.from_string(name if name.startswith("/") else "/device:" + name)
+        except (ValueError, TypeError):
+            spec = None
+        if spec is None or spec.device_type is None or (spec.device_type.upper(), spec.device_index or 0) not in available:
+            raise UserError(f"runtime.devices: no device {name!r} on this machine; available: {listing}")
 
 
 def jit_setting(runtime):
@@ -189,10 +205,28 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
         from tfrobust.multiworker import train_multi_worker
 
         return train_multi_worker(config, workdir)
-    workdir_status(workdir)  # refuses a foreign directory before anything is created
-    os.makedirs(workdir, exist_ok=True)
-    with rundir.lock(workdir):
+    with _owned(workdir):
         return _train_locked(config, workdir, extra_callbacks, datasets, keep_backup)
+
+
+@contextlib.contextmanager
+def _owned(workdir: str):
+    """Creates ``workdir`` if needed and holds its lock; a start refused before anything was written
+    removes the directory it created."""
+    workdir_status(workdir)  # refuses a foreign directory before anything is created
+    created = not os.path.exists(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+    try:
+        with rundir.lock(workdir):
+            yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)  # only if empty
+        raise
 
 
 def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
@@ -347,9 +381,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
         report = _evaluate_run(config, workdir, history["train_seconds"], verbose)
         rundir.mark_finished(workdir, evaluated=True)
         return report
-    workdir_status(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with rundir.lock(workdir):
+    with _owned(workdir):
         status = workdir_status(workdir)
         if status == "finished":
             raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
