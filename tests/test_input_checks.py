@@ -219,3 +219,15 @@ def test_python_api_refuses_a_string_defense_and_bad_budgets(network):
         pgd(network, x, np.zeros(2, "int32"), 0.1, 0.025, -3)
     with pytest.raises(UserError, match="eps must be finite"):
         pgd(network, x, np.zeros(2, "int32"), float("nan"), 0.025, 3)
+
+
+def test_file_system_errors_are_one_line(monkeypatch, capsys, tmp_path):
+    from tfrobust import experiment
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "w" / "report.json"))
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", disk_full)
+    code, err = run_main(train_main, ["--workdir", str(tmp_path / "w")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: file system: No space left on device (") and "report.json" in err

@@ -243,7 +243,14 @@ class EpochBackup(keras.callbacks.Callback):
             return ResumeState()
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(os.path.join(backup_dir, state["weights"]))
+        try:
+            model.load_weights(os.path.join(backup_dir, state["weights"]))
+        except (OSError, ValueError, KeyError) as e:
+            from tfrobust.errors import UserError
+
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"the backup in {backup_dir} cannot be loaded ({first}); "
+                            "move the run directory aside and start again") from None
         for key, cb in (stateful or {}).items():
             if key in state.get("callbacks", {}):
                 cb.set_state(state["callbacks"][key])

@@ -93,6 +93,11 @@ def _user_errors(resume=None):
     except _training_diverged() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # disk full, read-only or vanished directories
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: file system: {e.strerror or e}{where}; every file is written under a temporary name "
+              "first, so the files already there are complete", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         command = (resume or {}).get("command")
         if command:
