@@ -386,3 +386,39 @@ def test_finished_train_only_run_is_kept_and_can_be_evaluated(tmp_path):
     assert rundir.finished(workdir) == {"trained": True, "evaluated": True}
     with pytest.raises(UserError, match="holds a finished run"):
         experiment.train_and_evaluate(cfg, workdir, verbose=False)
+
+
+def test_unreadable_backup_is_a_one_line_error(tmp_path):
+    model = _compiled_tiny()
+    (tmp_path / "state.json").write_text('{"epoch": 3, "weig')
+    with pytest.raises(UserError, match="cannot be read") as info:
+        callbacks_lib.EpochBackup.restore(model, str(tmp_path))
+    assert "\n" not in str(info.value)
+    (tmp_path / "state.json").write_text('{"epoch": 3, "weights": "epoch-00003.weights.h5"}')
+    (tmp_path / "epoch-00003.weights.h5").write_bytes(b"not hdf5")
+    with pytest.raises(UserError, match="cannot be loaded") as info:
+        callbacks_lib.EpochBackup.restore(model, str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_backup_holds_the_float16_loss_scale(tmp_path):
+    """mixed_float16's non-finite guard lives in the LossScaleOptimizer (its dynamic scale and the count of
+    good steps); both come back from the backup."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+        model.fit(np.ones((8, 4)), np.ones((8, 2)), verbose=0)
+        model.optimizer.dynamic_scale.assign(123.0)
+        model.optimizer.step_counter.assign(7)
+        backup = callbacks_lib.EpochBackup(str(tmp_path))
+        backup.set_model(model)
+        backup.on_epoch_end(0)
+        model.optimizer.dynamic_scale.assign(1.0)
+        model.optimizer.step_counter.assign(0)
+        assert callbacks_lib.EpochBackup.restore(model, str(tmp_path)).epoch == 1
+        assert float(model.optimizer.dynamic_scale.numpy()) == 123.0
+        assert int(model.optimizer.step_counter.numpy()) == 7
+    finally:
+        keras.config.set_dtype_policy(previous)

@@ -163,9 +163,10 @@ class EpochBackup(keras.callbacks.Callback):
     weights of the best epoch so far (the file of that epoch, kept), and in
     ``state.json`` the number of finished epochs, whether training stopped
     (early stopping), the training time so far, and the state of every
-    callback in ``stateful`` (name -> callback with ``get_state``/
-    ``set_state``: the best checkpoint's score and epoch, early stopping's
-    counters, the history). Weight files are written under a temporary name
+    callback in ``stateful`` (name -> callback with ``get_state`` returning
+    JSON-able data and ``set_state`` taking it back: the best checkpoint's
+    score and epoch, early stopping's counters, the history, and any other
+    callback that implements the two methods). Weight files are written under a temporary name
     and renamed; ``state.json`` is replaced last by an atomic rename, so a
     kill at any moment leaves ``state.json`` naming complete files.
 

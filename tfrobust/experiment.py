@@ -279,6 +279,10 @@ def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
                 x_show, y_show, log_dir, config.attack.eps, model.eval_step_size, config.eval.pgd_steps,
                 config.attack.norm, every=config.eval.images_every,
             ))
+    # Any other callback with get_state/set_state (e.g. one passed in extra_callbacks) is backed up too.
+    for i, cb in enumerate(extra_callbacks):
+        if hasattr(cb, "get_state") and hasattr(cb, "set_state"):
+            stateful[f"extra-{i}-{type(cb).__name__}"] = cb
     resumed = callbacks_lib.EpochBackup.restore(
         model, backup_dir, stateful, checkpoints={"last": last_path, "best": best_path if has_validation else None},
     )
