@@ -231,3 +231,16 @@ def test_file_system_errors_are_one_line(monkeypatch, capsys, tmp_path):
     code, err = run_main(train_main, ["--workdir", str(tmp_path / "w")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: file system: No space left on device (") and "report.json" in err
+
+
+@pytest.mark.slow
+def test_names_are_checked_before_tensorflow_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tfrobust.cli import train_main\n"
+            "try:\n    train_main(['--defense', 'fgsm'])\nexcept SystemExit as e:\n    print(e.code, 'tensorflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.startswith("error: unknown defense 'fgsm'") and len(done.stderr.strip().splitlines()) == 1

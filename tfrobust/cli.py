@@ -124,7 +124,6 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
-    _quiet_tensorflow()
     resume = {}
     with _user_errors(resume):
         from tfrobust import config as config_lib
@@ -135,22 +134,16 @@ def train_main(argv=None) -> int:
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
         overrides.update(config_lib.parse_overrides(args.set))
+        # Names and values are checked before TensorFlow is imported (seconds), so a typo is refused at once.
         cfg = config_lib.load_config(args.config, overrides)
-        from tfrobust.defenses import parse_defense
-
-        cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name
-        from tfrobust import data as data_lib
-        from tfrobust import models
-
-        data_lib.dataset_info(cfg.data.name)
-        if cfg.model.name not in models.MODELS:
-            from tfrobust.errors import unknown_choice
-
-            raise unknown_choice("model", cfg.model.name, models.MODELS)
         if args.workdir is not None and not args.workdir.strip():
             raise UserError("--workdir must not be empty")
         if cfg.runtime.strategy == "multi_worker" and not args.workdir:
             raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
+        _quiet_tensorflow()
+        from tfrobust.defenses import parse_defense
+
+        cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name
         workdir = args.workdir or os.path.join(
             "runs", f"{cfg.data.name}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         )

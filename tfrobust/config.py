@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tfrobust.errors import UserError
+from tfrobust.errors import UserError, unknown_choice
 
 
 @dataclass
@@ -161,6 +161,10 @@ class ExperimentConfig:
 
 
 STRATEGIES = ("default", "mirrored", "tpu", "multi_worker")
+# The names tfrobust.data and tfrobust.models implement (kept here, free of TensorFlow, so that a
+# misspelt name is refused before TensorFlow is imported).
+DATA_SETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn_cropped")
+MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 
@@ -343,6 +347,13 @@ def validate(config: ExperimentConfig) -> None:
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
         (config.eval.integrity_examples >= 0, "eval.integrity_examples must be >= 0"),
     ]
+    from tfrobust.defense_names import check_defense_name
+
+    if config.data.name not in DATA_SETS:
+        raise unknown_choice("data set", config.data.name, DATA_SETS)
+    if config.model.name not in MODEL_NAMES:
+        raise unknown_choice("model", config.model.name, MODEL_NAMES)
+    check_defense_name(config.defense.name)
     _check_numbers(config)
     decay_at = config.optim.decay_at
     checks += [

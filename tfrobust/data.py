@@ -23,10 +23,10 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from tfrobust.config import DataConfig
+from tfrobust.config import DATA_SETS, DataConfig
 from tfrobust.errors import UserError, unknown_choice
 
-SUPPORTED = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn_cropped")
+SUPPORTED = DATA_SETS
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
