@@ -41,11 +41,12 @@ if at == "mid_epoch":  # the 4th batch of the second epoch
         if self._epoch == 1 and batch == 3:
             die()
     cb.NonFiniteLossGuard.on_train_batch_end = on_batch
-elif at in ("weights_write", "state_write"):  # a complete temporary file, not yet renamed into place
-    target = "state.json" if at == "state_write" else ".weights.h5"
+elif at.endswith("_write"):  # a complete temporary file, not yet renamed into place
+    target = {"checkpoint_write": os.path.join("checkpoints", "last.weights.h5"), "history_write": "history.csv",
+              "weights_write": os.path.join("backup", "epoch-"), "state_write": os.path.join("backup", "state.json")}[at]
     replace = os.replace
     def on_replace(src, dst):
-        if "backup" in str(dst) and str(dst).endswith(target):
+        if target in str(dst):
             die()
         replace(src, dst)
     os.replace = on_replace
@@ -99,10 +100,12 @@ def reference(tmp_path_factory):
 
 @pytest.mark.slow
 def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, tmp_path, capsys):
-    """One run killed five times in a row (mid-epoch, while writing the backup's weights, while writing its
-    state, during the final save, during the final evaluation), resumed each time by the same command."""
+    """One run killed seven times in a row (mid-epoch, while writing the last checkpoint, the history, the
+    backup's weights and its state, during the final save, during the final evaluation), resumed each time by
+    the same command."""
     workdir = tmp_path / "killed"
-    for kill_at in ("mid_epoch", "weights_write", "state_write", "final_save", "final_evaluation"):
+    for kill_at in ("mid_epoch", "checkpoint_write", "history_write", "weights_write", "state_write", "final_save",
+                    "final_evaluation"):
         killed = run(workdir, kill_at)
         assert killed.returncode == -signal.SIGKILL, (kill_at, killed.returncode, killed.stderr[-2000:])
         assert not os.path.exists(workdir / "report.json"), kill_at
