@@ -244,3 +244,15 @@ def test_names_are_checked_before_tensorflow_is_imported():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert done.stderr.startswith("error: unknown defense 'fgsm'") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_models_are_one_line_errors(tmp_path, capsys):
+    corrupt = tmp_path / "broken.keras"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    code, err = run_main(evaluate_main, ["--model", str(corrupt)], capsys)
+    assert code == 2 and "cannot be loaded as a Keras model" in err and len(err.strip().splitlines()) == 1
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"\x00garbage")
+    code, err = run_main(evaluate_main, ["--model", str(saved)], capsys)
+    assert code == 2 and "cannot be loaded as a SavedModel" in err and len(err.strip().splitlines()) == 1

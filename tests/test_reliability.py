@@ -425,3 +425,33 @@ def test_backup_holds_the_float16_loss_scale(tmp_path):
         assert int(model.optimizer.step_counter.numpy()) == 7
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+class _PoisonFirstBatch(keras.callbacks.Callback):
+    """Turns the weights into NaN before the first batch (a learning rate far too high, in effect)."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            for w in self.model.network.trainable_variables:
+                w.assign(w * np.nan)
+
+
+@pytest.mark.slow
+def test_divergence_in_the_first_epoch_does_not_poison_the_directory(tmp_path):
+    from tfrobust.callbacks import TrainingDiverged
+    from tfrobust.config import load_config
+
+    tiny = {"data.train_examples": 64, "data.validation_examples": 32, "data.batch_size": 32, "attack.steps": 1,
+            "eval.pgd_steps": 1, "optim.epochs": 1, "runtime.verbose": 0, "eval.images_every": 0}
+    workdir = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match="lower optim.lr .* new --workdir"):
+        experiment.train(load_config("configs/fashion_mnist.yaml", tiny), workdir, extra_callbacks=[_PoisonFirstBatch()])
+    assert experiment.workdir_status(workdir) == "unfinished" and not os.path.exists(os.path.join(workdir, rundir.LOCK))
+    # No epoch was backed up: the corrected command (another learning rate) starts afresh in the same directory.
+    corrected = load_config("configs/fashion_mnist.yaml", dict(tiny, **{"optim.lr": 0.01}))
+    _, _, history = experiment.train(corrected, workdir)
+    assert history["learning_rate"] == [pytest.approx(0.01)]
+    import yaml
+
+    with open(os.path.join(workdir, "config.yaml")) as f:
+        assert yaml.safe_load(f)["optim"]["lr"] == 0.01
