@@ -244,6 +244,11 @@ def test_names_are_checked_before_tensorflow_is_imported():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert done.stderr.startswith("error: unknown defense 'fgsm'") and len(done.stderr.strip().splitlines()) == 1
+    code = code.replace("train_main(['--defense', 'fgsm'])", "evaluate_main(['--model', 'm', '--attacks', 'pgd_ce'])")
+    code = code.replace("import train_main", "import evaluate_main")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.startswith("error: unknown attack 'pgd_ce'")
 
 
 def test_corrupt_models_are_one_line_errors(tmp_path, capsys):

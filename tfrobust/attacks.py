@@ -18,11 +18,10 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from tfrobust.attack_names import MAX_STEPS
 from tfrobust.errors import UserError, check_number, check_steps, unknown_choice
 
 NORMS = ("linf", "l2")
-# The steps are unrolled when traced (a Python loop): far more would trace for minutes before any output.
-MAX_STEPS = 1000
 LOSSES = ("ce", "cw", "trades_kl")
 STARTS = ("uniform", "gaussian", "none")
 

@@ -165,7 +165,7 @@ def train_main(argv=None) -> int:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    from tfrobust.evaluation import attack_names_help
+    from tfrobust.attack_names import attack_names_help
 
     p = _Parser(description="Robust accuracy of a SavedModel, a .keras file or a tfrobust run directory.")
     p.add_argument("--model", required=True, help="run directory, SavedModel directory or .keras file")
@@ -195,13 +195,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv=None) -> int:
     args = evaluate_parser().parse_args(argv)
-    _quiet_tensorflow()
     with _user_errors():
-        _check_evaluate_args(args)
+        from tfrobust.attack_names import parse_attacks
+
+        _check_evaluate_args(args)  # before TensorFlow is imported: a typo is refused at once
+        names = parse_attacks(args.attacks)
+        _quiet_tensorflow()
         _quiet_device_start()
         from tfrobust import evaluation, loading
 
-        names = evaluation.parse_attacks(args.attacks)
         loaded = loading.load(args.model, args.which)
         landscape_dir = _landscape_dir(args, loaded) if args.landscape is not None else None
         if (args.flatness or landscape_dir) and loaded.network is None:

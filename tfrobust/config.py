@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from tfrobust.attack_names import MAX_STEPS
 from tfrobust.errors import UserError, unknown_choice
 
 
@@ -377,7 +378,6 @@ def validate(config: ExperimentConfig) -> None:
             raise UserError(f"optim.decay_at values are fractions of training in (0, 1), got {f}")
 
 
-MAX_STEPS = 1000
 MAX_INT = 2**31 - 1
 
 
