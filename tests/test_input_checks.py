@@ -5,7 +5,6 @@ import errno
 import os
 import re
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf

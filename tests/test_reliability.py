@@ -104,6 +104,7 @@ def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, tmp_p
     backup's weights and its state, during the final save, during the final evaluation), resumed each time by
     the same command."""
     workdir = tmp_path / "killed"
+    final_state_mtime = last_mtime = None
     for kill_at in ("mid_epoch", "checkpoint_write", "history_write", "weights_write", "state_write", "final_save",
                     "final_evaluation"):
         killed = run(workdir, kill_at)

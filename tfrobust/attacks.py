@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import tensorflow as tf
 
 from tfrobust.attack_names import MAX_STEPS
-from tfrobust.errors import UserError, check_number, check_steps, unknown_choice
+from tfrobust.errors import check_number, check_steps, unknown_choice
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw", "trades_kl")

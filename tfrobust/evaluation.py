@@ -24,12 +24,20 @@ returns accuracies as fractions in [0, 1] under keys that name the attack:
 ``worst_case`` is the per-example worst case over every attack that ran.
 With ``integrity_examples`` > 0 the report also carries the integrity checks
 of :mod:`tfrobust.integrity`, measured on the first examples.
+
+Before any attack, the arguments are checked (finite eps and step, PGD steps
+in 1..1000, positive batch size, as many labels as images) and so is the
+model against the data (:func:`check_model_and_data`: it takes the images,
+outputs (batch, classes) logits covering every label, and its outputs are
+finite on every clean image -- otherwise :class:`ModelIntegrityError`, and no
+accuracy). An adversarial image whose outputs are not finite counts as wrong;
+``non_finite_outputs`` counts them per attack and a failing ``finite outputs``
+integrity check is added.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Callable, Sequence
 
@@ -37,11 +45,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks as attack_lib
-from tfrobust.errors import UserError, check_number
-
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
     _CLEVERHANS, _PGD, AUTOATTACK, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS, attack_names_help, parse_attacks,
 )
+from tfrobust.errors import UserError, check_number
 
 
 class ModelIntegrityError(UserError):

@@ -30,7 +30,6 @@ import contextlib
 import json
 import math
 import os
-import time
 
 import keras
 import numpy as np
@@ -305,7 +304,7 @@ def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
         )
     # The final phase: everything below is redone from the backup after a kill.
     history = history_log.history()
-    history["train_seconds"] = backup.train_seconds() if backup._start is not None else resumed.train_seconds
+    history["train_seconds"] = backup.train_seconds()
     callbacks_lib.atomic_write(os.path.join(workdir, "history.json"), json.dumps(history, indent=1))
     history_log.write()
     save_networks(model, workdir, has_validation)
