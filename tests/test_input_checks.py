@@ -260,3 +260,28 @@ def test_corrupt_models_are_one_line_errors(tmp_path, capsys):
     (saved / "saved_model.pb").write_bytes(b"\x00garbage")
     code, err = run_main(evaluate_main, ["--model", str(saved)], capsys)
     assert code == 2 and "cannot be loaded as a SavedModel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tfds_without_network_is_refused_at_once(monkeypatch):
+    import socket
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from tfrobust import data
+
+    calls = []
+
+    def not_prepared(name, download=True, **kwargs):
+        calls.append(download)
+        raise AssertionError(f"Dataset {name}: could not find data")
+
+    def no_route(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tfds, "load", not_prepared)
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    with pytest.raises(UserError, match="not prepared .* no network .*Network is unreachable") as info:
+        data.load_arrays("cifar10", "train")
+    assert "\n" not in str(info.value)
+    assert calls == [False], "the downloader (minutes of retries) is never started"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import os
 import zlib
 from typing import Callable, Optional
@@ -184,12 +185,25 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], limit: Optional[i
     import tensorflow_datasets as tfds
 
     split_arg = split if limit is None else f"{split}[:{int(limit)}]"
+    kwargs = dict(split=split_arg, data_dir=data_dir, as_supervised=True, shuffle_files=False)
     try:
-        ds = tfds.load(name, split=split_arg, data_dir=data_dir, as_supervised=True, shuffle_files=False)
+        try:
+            absl_logger = logging.getLogger("absl")
+            level = absl_logger.level
+            absl_logger.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" while probing
+            try:
+                ds = tfds.load(name, download=False, **kwargs)
+            finally:
+                absl_logger.setLevel(level)
+        except AssertionError:  # tfds' way of saying "not prepared in data_dir"
+            _check_network(name)
+            ds = tfds.load(name, **kwargs)
         images, labels = [], []
         for x, y in tfds.as_numpy(ds.batch(4096)):
             images.append(x)
             labels.append(y)
+    except UserError:
+        raise
     except Exception as e:  # tfds raises many kinds when it cannot download or find the data.
         raise UserError(
             f"data set {name!r} could not be loaded through tensorflow_datasets ({type(e).__name__}); "
@@ -207,6 +221,26 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], limit: Optional[i
     if x.shape[1:] != info.image_shape:
         raise UserError(f"data set {name!r} from tensorflow_datasets has images of shape {x.shape[1:]}")
     return x.astype(np.uint8, copy=False), y.astype(np.int64, copy=False)
+
+
+# tfds' downloader retries for minutes before it gives up; without a network
+# (no route to tfds' storage and no proxy configured) refuse at once.
+DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
+
+
+def _check_network(name: str, timeout: float = 5.0) -> None:
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return  # the downloader goes through the proxy; a direct probe says nothing
+    try:
+        socket.create_connection(DOWNLOAD_PROBE, timeout=timeout).close()
+    except OSError as e:
+        raise UserError(
+            f"data set {name!r} is not prepared in tensorflow_datasets' data directory and there is no network "
+            f"({DOWNLOAD_PROBE[0]}: {e.strerror or e}); pass data.data_dir=DIR with the prepared data set, "
+            "or run with a network"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
