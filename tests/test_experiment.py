@@ -42,6 +42,9 @@ def test_run_directory_contents(finished_run):
     assert len(history["loss"]) == 2
     for key in ("ce_adv", "clean_accuracy", "adv_accuracy", "val_pgd_accuracy", "val_clean_accuracy", "learning_rate"):
         assert key in history and len(history[key]) == 2, key
+    # Each epoch logs the rate it trained with: 2 epochs of 4 steps, decay x0.1 at half of training
+    # (step 4, the second epoch's first step) and at 3/4 (step 6, inside the second epoch).
+    np.testing.assert_allclose(history["learning_rate"], [0.05, 0.005], rtol=1e-6)
     for which in ("last", "best"):
         acc = report["models"][which]["accuracy"]
         assert set(acc) == {"clean", "fgsm", "pgd3_ce", "pgd3_cw"}

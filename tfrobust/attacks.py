@@ -18,7 +18,8 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from tfrobust.errors import UserError, unknown_choice
+from tfrobust.attack_names import MAX_STEPS
+from tfrobust.errors import check_number, check_steps, unknown_choice
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw", "trades_kl")
@@ -89,8 +90,8 @@ def _check(norm, loss, start, eps):
         raise unknown_choice("attack loss", loss, LOSSES)
     if start not in STARTS:
         raise unknown_choice("random start", start, STARTS)
-    if isinstance(eps, (int, float)) and eps < 0:
-        raise UserError(f"eps must be >= 0, got {eps}")
+    if isinstance(eps, (int, float)):
+        check_number("eps", eps)
 
 
 def _random(kind, shape, seed, dtype=tf.float32):
@@ -179,6 +180,7 @@ def pgd(
       Adversarial images ``x'`` with ``||x' - x|| <= eps`` and ``x'`` in [0, 1].
     """
     _check(norm, loss, random_start_kind, eps)
+    steps = check_steps("steps", steps, maximum=MAX_STEPS)
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y)
     eps = tf.cast(eps, tf.float32)

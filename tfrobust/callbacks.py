@@ -1,76 +1,270 @@
-"""Keras callbacks for long, safe runs: backup/resume, divergence, TensorBoard extras."""
+"""Keras callbacks for long, safe runs: backup/resume, divergence, TensorBoard extras.
+
+Every file these callbacks write is written under a temporary name and then
+renamed into place (:func:`atomic_write`), so a kill or a failed write (disk
+full) never leaves a torn file where a good one was.
+"""
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
 import json
 import math
 import os
+import shutil
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks
+from tfrobust.rundir import _partial_name, _remove, atomic_path, atomic_write
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training was stopped before anything was saved."""
 
 
-class EpochBackup(keras.callbacks.Callback):
-    """Saves the whole training state (weights and optimizer) after every epoch.
+def _json_number(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
 
-    Writes ``epoch-<N>.weights.h5`` under a temporary name, renames it into
-    place, then replaces ``state.json`` (which names the file and the number
-    of finished epochs) with an atomic rename. A kill at any moment, even
-    during a write, leaves ``state.json`` pointing at a complete file.
-    :func:`restore` reads it back before ``fit`` so the run resumes at the
-    start of the first unfinished epoch. The directory is removed when
-    training ends normally.
+
+def _from_json_number(value):
+    return None if value is None else float(value)
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' ModelCheckpoint writing to ``partial-<name>`` and renaming, with resumable state.
+
+    The previous good checkpoint stays in place until a new one is complete.
+    ``best_epoch`` (1-based) is the epoch whose weights are in the file; with
+    ``save_best_only`` it is the epoch of the best monitored value ``best``.
+    :meth:`get_state` / :meth:`set_state` carry both across a resume.
+    """
+
+    def __init__(self, filepath: str, **kwargs):
+        self.final_path = filepath
+        super().__init__(_partial_name(filepath), **kwargs)
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        _remove(self.filepath)
+        super().on_epoch_end(epoch, logs)
+        if os.path.exists(self.filepath):
+            os.replace(self.filepath, self.final_path)
+            self.best_epoch = epoch + 1
+
+    def get_state(self) -> dict:
+        return {"best": _json_number(self.best), "best_epoch": self.best_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.best = _from_json_number(state.get("best"))
+        self.best_epoch = state.get("best_epoch")
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' EarlyStopping whose counters (wait, best, stopped epoch) survive a resume.
+
+    Keras resets the counters in ``on_train_begin``; a state given to
+    :meth:`set_state` is applied right after that reset.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._resume_state = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._resume_state is not None:
+            state = self._resume_state
+            self.wait = int(state["wait"])
+            self.best = _from_json_number(state["best"])
+            self.best_epoch = int(state["best_epoch"])
+            self.stopped_epoch = int(state["stopped_epoch"])
+
+    def get_state(self) -> dict:
+        return {"wait": int(self.wait), "best": _json_number(self.best), "best_epoch": int(self.best_epoch),
+                "stopped_epoch": int(self.stopped_epoch)}
+
+    def set_state(self, state: dict) -> None:
+        self._resume_state = dict(state)
+
+
+class HistoryLog(keras.callbacks.Callback):
+    """Every epoch's logs, kept in order and rewritten atomically to ``history.csv`` after each epoch.
+
+    Unlike an appending CSV log, the rows are part of the backup state, so a
+    resumed run's history is exactly the uninterrupted run's (no epoch twice,
+    no torn row).
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.rows: list = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": int(epoch)}
+        for key, value in sorted((logs or {}).items()):
+            try:
+                row[key] = float(value)
+            except (TypeError, ValueError):
+                continue
+        self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
+        self.write()
+
+    def write(self) -> None:
+        keys = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in keys})
+        atomic_write(self.path, buffer.getvalue())
+
+    def history(self) -> dict:
+        """Metric name -> per-epoch list (None where an epoch lacks the metric)."""
+        keys = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
+        return {k: [None if r.get(k) is None else float(r[k]) for r in self.rows] for k in keys}
+
+    def get_state(self) -> dict:
+        return {"rows": [{k: _json_number(v) for k, v in r.items()} for r in self.rows]}
+
+    def set_state(self, state: dict) -> None:
+        self.rows = [{k: (int(v) if k == "epoch" else _from_json_number(v)) for k, v in r.items()}
+                     for r in state.get("rows", [])]
+
+
+def _csv_value(value):
+    return "" if value is None else repr(float(value))
+
+
+class ResumeState:
+    """What :meth:`EpochBackup.restore` found: finished epochs, whether training is over, callback states."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.epoch = int(state.get("epoch", 0))
+        self.stopped = bool(state.get("stopped", False))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.callbacks = state.get("callbacks", {})
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Saves the whole training state after every epoch, atomically.
+
+    The state is: the weights and optimizer (``epoch-<N>.weights.h5``), the
+    weights of the best epoch so far (the file of that epoch, kept), and in
+    ``state.json`` the number of finished epochs, whether training stopped
+    (early stopping), the training time so far, and the state of every
+    callback in ``stateful`` (name -> callback with ``get_state`` returning
+    JSON-able data and ``set_state`` taking it back: the best checkpoint's
+    score and epoch, early stopping's counters, the history, and any other
+    callback that implements the two methods). Weight files are written under a temporary name
+    and renamed; ``state.json`` is replaced last by an atomic rename, so a
+    kill at any moment leaves ``state.json`` naming complete files.
+
+    :meth:`restore` loads it back before ``fit``: the weights into the model,
+    the callback states into the callbacks, and the last and best checkpoints
+    are rewritten from the backup, so they match the restored epoch. The
+    directory is kept when ``fit`` ends; :meth:`discard` removes it once the
+    final networks (and report) are on disk.
     """
 
     STATE = "state.json"
 
-    def __init__(self, backup_dir: str):
+    def __init__(self, backup_dir: str, stateful: dict | None = None, best: AtomicModelCheckpoint | None = None,
+                 resumed: ResumeState | None = None):
         super().__init__()
         self.backup_dir = backup_dir
+        self.stateful = dict(stateful or {})
+        self.best = best
+        resumed = resumed or ResumeState()
+        self._seconds_before = resumed.train_seconds
+        self._best_name = None
+        self._start = None
+        state_path = os.path.join(backup_dir, self.STATE)
+        if os.path.exists(state_path):
+            self._best_name = self.read_state(backup_dir).get("best_weights")
+
+    def on_train_begin(self, logs=None):
+        self._start = time.time()
+
+    def train_seconds(self) -> float:
+        return self._seconds_before + (time.time() - self._start if self._start is not None else 0.0)
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"epoch-{epoch + 1:05d}.weights.h5"
-        final = os.path.join(self.backup_dir, name)
-        partial = os.path.join(self.backup_dir, f"partial-{name}")
-        self.model.save_weights(partial, overwrite=True)
-        os.replace(partial, final)
-        state_path = os.path.join(self.backup_dir, self.STATE)
-        with open(state_path + ".tmp", "w") as f:
-            json.dump({"epoch": epoch + 1, "weights": name}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(state_path + ".tmp", state_path)
+        with atomic_path(os.path.join(self.backup_dir, name)) as partial:
+            self.model.save_weights(partial, overwrite=True)
+        if self.best is not None and self.best.best_epoch == epoch + 1:
+            self._best_name = name
+        state = {
+            "epoch": epoch + 1, "weights": name, "best_weights": self._best_name,
+            "stopped": bool(self.model.stop_training), "train_seconds": self.train_seconds(),
+            "callbacks": {key: cb.get_state() for key, cb in self.stateful.items()},
+        }
+        atomic_write(os.path.join(self.backup_dir, self.STATE), json.dumps(state))
+        keep = {name, self._best_name}
         for old in glob.glob(os.path.join(self.backup_dir, "*.weights.h5")):
-            if os.path.basename(old) != name:
-                os.remove(old)
-
-    def on_train_end(self, logs=None):
-        import shutil
-
-        shutil.rmtree(self.backup_dir, ignore_errors=True)
+            if os.path.basename(old) not in keep:
+                _remove(old)
 
     @classmethod
-    def restore(cls, model: keras.Model, backup_dir: str) -> int:
-        """Loads the last complete backup into ``model``; returns the number of finished epochs."""
+    def read_state(cls, backup_dir: str) -> dict:
+        """The parsed ``state.json`` ({} when there is none)."""
         state_path = os.path.join(backup_dir, cls.STATE)
         if not os.path.exists(state_path):
-            return 0
-        with open(state_path) as f:
-            state = json.load(f)
+            return {}
+        try:
+            with open(state_path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            from tfrobust.errors import UserError
+
+            raise UserError(f"the backup {state_path} cannot be read ({e}); move the run directory aside and start again") from None
+
+    @classmethod
+    def restore(cls, model: keras.Model, backup_dir: str, stateful: dict | None = None,
+                checkpoints: dict | None = None) -> ResumeState:
+        """Loads the last complete backup into ``model`` and ``stateful`` callbacks.
+
+        ``checkpoints`` maps "last"/"best" to checkpoint paths that are
+        rewritten (atomically) from the backup's weight files.
+        """
+        state = cls.read_state(backup_dir)
+        if not state:
+            return ResumeState()
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(os.path.join(backup_dir, state["weights"]))
-        return int(state["epoch"])
+        try:
+            model.load_weights(os.path.join(backup_dir, state["weights"]))
+        except (OSError, ValueError, KeyError) as e:
+            from tfrobust.errors import UserError
+
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"the backup in {backup_dir} cannot be loaded ({first}); "
+                            "move the run directory aside and start again") from None
+        for key, cb in (stateful or {}).items():
+            if key in state.get("callbacks", {}):
+                cb.set_state(state["callbacks"][key])
+        for which, source in (("last", state["weights"]), ("best", state.get("best_weights"))):
+            target = (checkpoints or {}).get(which)
+            if target and source:
+                with atomic_path(target) as partial:
+                    shutil.copyfile(os.path.join(backup_dir, source), partial)
+        return ResumeState(state)
+
+    @staticmethod
+    def discard(backup_dir: str) -> None:
+        shutil.rmtree(backup_dir, ignore_errors=True)
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):
@@ -78,7 +272,9 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
 
     Raising (rather than ``stop_training``) keeps Keras from running the
     epoch-end callbacks, so no checkpoint or backup is written from the
-    diverged weights: the last good ones stay on disk.
+    diverged weights: the last good ones stay on disk. The guard keeps no
+    state across epochs (its decision depends on the current batch only), so
+    a resumed run guards exactly as an uninterrupted one.
     """
 
     def __init__(self, checkpoint_hint: str = ""):
@@ -95,16 +291,28 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
             hint = f"; the last good checkpoint is {self.checkpoint_hint}" if self.checkpoint_hint else ""
             raise TrainingDiverged(
                 f"the training loss became {float(loss)} at epoch {self._epoch + 1}, batch {batch + 1}{hint}; "
-                "lower optim.lr or check the data"
+                "lower optim.lr (or check the data) and start again in a new --workdir; rerunning the same command "
+                "retries from the last backup"
             )
 
 
 class LearningRateLogger(keras.callbacks.Callback):
-    """Adds the current learning rate to the epoch logs (TensorBoard, CSV, history)."""
+    """Adds the epoch's learning rate to the epoch logs (TensorBoard, CSV, history).
+
+    The rate is read at the epoch's first step: read at the epoch's end, a
+    schedule would already give the next epoch's rate.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._rate = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        if logs is not None and self._rate is not None:
+            logs["learning_rate"] = self._rate
 
 
 def _grid_png(clean, adversarial, labels, clean_pred, adv_pred, class_names=None) -> bytes:

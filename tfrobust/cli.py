@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import datetime
 import os
+import shlex
 import sys
 import time
 
@@ -17,7 +18,47 @@ from tfrobust.errors import UserError
 
 
 def _quiet_tensorflow():
+    """Imports TensorFlow without its start-up lines (oneDNN, CUDA drivers, CPU instructions).
+
+    Those lines are written to the stderr file descriptor before TensorFlow's
+    logging reads TF_CPP_MIN_LOG_LEVEL, so they are silenced by pointing that
+    descriptor at /dev/null during the import. A user who sets
+    TF_CPP_MIN_LOG_LEVEL below 2 sees them as before.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("2", "3"):
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _quiet_device_start():
+    """Initialises TensorFlow's devices with stderr silenced (a GPU-less machine logs a failed cuInit)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") not in ("2", "3"):
+        return
+    import tensorflow as tf
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        tf.config.list_logical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,8 +72,19 @@ def _training_diverged():
     return TrainingDiverged
 
 
+def _resume_command(argv, workdir: str) -> str:
+    """The command line that resumes this run: the same arguments, with ``--workdir``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--workdir" or a.startswith("--workdir=") for a in args):
+        args += ["--workdir", workdir]
+    program = sys.argv[0] if argv is None and sys.argv and sys.argv[0] else "train.py"
+    prefix = [sys.executable, program] if program.endswith(".py") else [program]
+    return shlex.join(prefix + args)
+
+
 @contextlib.contextmanager
-def _user_errors():
+def _user_errors(resume=None):
+    """Maps errors to one line and an exit status; ``resume["command"]``, once set, is printed on Ctrl-C."""
     try:
         yield
     except UserError as e:
@@ -41,8 +93,17 @@ def _user_errors():
     except _training_diverged() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # disk full, read-only or vanished directories
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: file system: {e.strerror or e}{where}; every file is written under a temporary name "
+              "first, so the files already there are complete", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        command = (resume or {}).get("command")
+        if command:
+            print(f"interrupted; resume with: {command}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
@@ -68,12 +129,12 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
-    _quiet_tensorflow()
     if args.list_configs:
         from tfrobust.commands import list_configs
 
         return list_configs()
-    with _user_errors():
+    resume = {}
+    with _user_errors(resume):
         from tfrobust import config as config_lib
 
         overrides = {}
@@ -82,31 +143,30 @@ def train_main(argv=None) -> int:
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
         overrides.update(config_lib.parse_overrides(args.set))
+        # Names and values are checked before TensorFlow is imported (seconds), so a typo is refused at once.
         cfg = config_lib.load_config(args.config, overrides)
         if args.print_config:
             import yaml
 
             print(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False), end="")
             return 0
+        if args.workdir is not None and not args.workdir.strip():
+            raise UserError("--workdir must not be empty")
+        if cfg.runtime.strategy == "multi_worker" and not args.workdir:
+            raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
+        _quiet_tensorflow()
         from tfrobust.defenses import parse_defense
 
         cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name
-        from tfrobust import data as data_lib
-        from tfrobust import models
-
-        data_lib.dataset_info(cfg.data.name)
-        if cfg.model.name not in models.MODELS:
-            from tfrobust.errors import unknown_choice
-
-            raise unknown_choice("model", cfg.model.name, models.MODELS)
-        if cfg.runtime.strategy == "multi_worker" and not args.workdir:
-            raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
         workdir = args.workdir or os.path.join(
             "runs", f"{cfg.data.name}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         )
         from tfrobust import evaluation, experiment
 
+        if cfg.runtime.strategy != "multi_worker":  # the multi-worker strategy must come before any device use
+            _quiet_device_start()
         print(f"run directory: {workdir}")
+        resume["command"] = _resume_command(argv, workdir)
         if args.no_eval:
             experiment.train(cfg, workdir)
             return 0
@@ -114,12 +174,12 @@ def train_main(argv=None) -> int:
         for which, result in report["models"].items():
             print(f"\n{which} checkpoint ({'chosen on validation PGD accuracy' if which == 'best' else 'final epoch'}):")
             print(evaluation.format_table(result))
-        print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.FINISHED)}")
+        print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.REPORT)}")
     return 0
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    from tfrobust.evaluation import attack_names_help
+    from tfrobust.attack_names import attack_names_help
 
     p = _Parser(description="Robust accuracy of a SavedModel, a .keras file or a tfrobust run directory.")
     p.add_argument("--model", required=True, help="run directory, SavedModel directory or .keras file")
@@ -149,19 +209,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv=None) -> int:
     args = evaluate_parser().parse_args(argv)
-    _quiet_tensorflow()
     with _user_errors():
+        from tfrobust.attack_names import parse_attacks
+
+        _check_evaluate_args(args)  # before TensorFlow is imported: a typo is refused at once
+        names = parse_attacks(args.attacks)
+        _quiet_tensorflow()
+        _quiet_device_start()
         from tfrobust import evaluation, loading
 
-        if args.output and os.path.exists(args.output):
-            raise UserError(f"output file {args.output} exists; choose another --output")
-        if args.examples is not None and args.examples <= 0:
-            raise UserError("--examples must be > 0")
-        if args.eps is not None and args.eps < 0:
-            raise UserError(f"--eps must be >= 0, got {args.eps}")
-        if args.batch_size <= 0:
-            raise UserError("--batch-size must be > 0")
-        names = evaluation.parse_attacks(args.attacks)
         loaded = loading.load(args.model, args.which)
         landscape_dir = _landscape_dir(args, loaded) if args.landscape is not None else None
         if (args.flatness or landscape_dir) and loaded.network is None:
@@ -170,8 +226,6 @@ def evaluate_main(argv=None) -> int:
         from tfrobust import data as data_lib
 
         x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
-        if args.integrity_examples < 0:
-            raise UserError("--integrity-examples must be >= 0")
         start = time.time()
         report = evaluation.evaluate(
             loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
@@ -198,10 +252,54 @@ def evaluate_main(argv=None) -> int:
             )
             print(f"landscapes: {landscape_dir}")
         if args.output:
-            with open(args.output, "w") as f:
-                f.write(evaluation.to_json(report))
+            from tfrobust.rundir import atomic_write
+
+            try:
+                atomic_write(args.output, evaluation.to_json(report))
+            except OSError as e:
+                raise UserError(f"cannot write --output {args.output} ({e.strerror or e}); "
+                                "the table above holds the accuracies") from None
             print(f"report: {args.output}")
     return 0
+
+
+def _check_evaluate_args(args) -> None:
+    """Refuses bad values and an unwritable --output before any model or data is loaded."""
+    import math
+
+    if args.output is not None:
+        if not args.output.strip():
+            raise UserError("--output must not be empty")
+        if os.path.exists(args.output):
+            raise UserError(f"output file {args.output} exists; choose another --output")
+        directory = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(directory):
+            raise UserError(f"--output {args.output}: directory {directory} does not exist")
+        _check_writable(directory, "--output")
+    if args.examples is not None and args.examples <= 0:
+        raise UserError("--examples must be > 0")
+    if args.eps is not None and not math.isfinite(args.eps):
+        raise UserError(f"--eps must be finite, got {args.eps}")
+    if args.eps is not None and args.eps < 0:
+        raise UserError(f"--eps must be >= 0, got {args.eps}")
+    if args.batch_size <= 0:
+        raise UserError("--batch-size must be > 0")
+    if args.integrity_examples < 0:
+        raise UserError("--integrity-examples must be >= 0")
+    if args.flatness_examples <= 0:
+        raise UserError("--flatness-examples must be > 0")
+    if args.flatness_restarts <= 0:
+        raise UserError("--flatness-restarts must be > 0")
+
+
+def _check_writable(directory: str, flag: str) -> None:
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tfrobust-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write in {directory} ({e.strerror or e})") from None
 
 
 def _landscape_dir(args, loaded) -> str:

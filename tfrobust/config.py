@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
-from tfrobust.errors import UserError
+from tfrobust.attack_names import MAX_STEPS
+from tfrobust.errors import UserError, unknown_choice
 
 
 @dataclass
@@ -161,6 +162,10 @@ class ExperimentConfig:
 
 
 STRATEGIES = ("default", "mirrored", "tpu", "multi_worker")
+# The names tfrobust.data and tfrobust.models implement (kept here, free of TensorFlow, so that a
+# misspelt name is refused before TensorFlow is imported).
+DATA_SETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn_cropped")
+MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 
@@ -205,11 +210,43 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return str(value)
     if annotation is list or origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            if value.strip().startswith("["):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise UserError(f"config key {key!r} needs a list, got {value!r}") from None
+            else:
+                # "0.5,0.75" -> [0.5, 0.75]: each item is read as a YAML scalar, like the items of a [...] list.
+                value = [_scalar(item.strip()) for item in value.split(",") if item.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key!r} needs a list, got {value!r}")
         return list(value)
     return value
+
+
+def _scalar(text: str):
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, str, bool)) else text
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise UserError(f"config key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _field_types(cls) -> dict:
@@ -282,11 +319,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
     config = ExperimentConfig()
     if path is not None:
         path = resolve_config(path)
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except OSError as e:
+            raise UserError(f"config file {path} cannot be read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+        try:
+            values = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        except UserError as e:
+            raise UserError(f"config file {path}: {e}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         _merge(config, values)
     for key, value in (overrides or {}).items():
         set_value(config, key, value)
@@ -341,6 +386,55 @@ def validate(config: ExperimentConfig) -> None:
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
         (config.eval.integrity_examples >= 0, "eval.integrity_examples must be >= 0"),
     ]
+    from tfrobust.defense_names import check_defense_name
+
+    if config.data.name not in DATA_SETS:
+        raise unknown_choice("data set", config.data.name, DATA_SETS)
+    if config.model.name not in MODEL_NAMES:
+        raise unknown_choice("model", config.model.name, MODEL_NAMES)
+    check_defense_name(config.defense.name)
+    _check_numbers(config)
+    decay_at = config.optim.decay_at
+    checks += [
+        (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (config.optim.momentum >= 0, "optim.momentum must be >= 0"),
+        (0 < config.optim.decay_factor <= 1, "optim.decay_factor must be in (0, 1]"),
+        (all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in decay_at),
+         f"optim.decay_at needs numbers (fractions of training), got {decay_at!r}"),
+        (config.runtime.seed >= 0, "runtime.seed must be >= 0"),
+        (config.eval.step_size is None or config.eval.step_size > 0, "eval.step_size must be > 0"),
+        (config.attack.steps <= MAX_STEPS, f"attack.steps must be <= {MAX_STEPS} (the PGD loop is unrolled when traced)"),
+        (config.eval.pgd_steps <= MAX_STEPS, f"eval.pgd_steps must be <= {MAX_STEPS} (the PGD loop is unrolled when traced)"),
+        (config.runtime.devices is None or all(isinstance(d, str) and d for d in config.runtime.devices),
+         f"runtime.devices needs device names such as GPU:0, got {config.runtime.devices!r}"),
+    ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    for f in decay_at:
+        if not 0 < f < 1:
+            raise UserError(f"optim.decay_at values are fractions of training in (0, 1), got {f}")
+
+
+MAX_INT = 2**31 - 1
+
+
+def _check_numbers(config, prefix: str = "") -> None:
+    """Every number in the config is finite, every integer fits TensorFlow's int32 (huge values are typos)."""
+    import math
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key {key!r} must be finite, got {value}")
+        elif isinstance(value, int) and abs(value) > MAX_INT:
+            raise UserError(f"config key {key!r} is too large: {value}")
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise UserError(f"config key {key!r} must hold finite numbers, got {item}")

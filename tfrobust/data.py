@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import os
 import zlib
 from typing import Callable, Optional
@@ -23,10 +24,10 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from tfrobust.config import DataConfig
+from tfrobust.config import DATA_SETS, DataConfig
 from tfrobust.errors import UserError, unknown_choice
 
-SUPPORTED = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn_cropped")
+SUPPORTED = DATA_SETS
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -184,12 +185,25 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], limit: Optional[i
     import tensorflow_datasets as tfds
 
     split_arg = split if limit is None else f"{split}[:{int(limit)}]"
+    kwargs = dict(split=split_arg, data_dir=data_dir, as_supervised=True, shuffle_files=False)
     try:
-        ds = tfds.load(name, split=split_arg, data_dir=data_dir, as_supervised=True, shuffle_files=False)
+        try:
+            absl_logger = logging.getLogger("absl")
+            level = absl_logger.level
+            absl_logger.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" while probing
+            try:
+                ds = tfds.load(name, download=False, **kwargs)
+            finally:
+                absl_logger.setLevel(level)
+        except AssertionError:  # tfds' way of saying "not prepared in data_dir"
+            _check_network(name)
+            ds = tfds.load(name, **kwargs)
         images, labels = [], []
         for x, y in tfds.as_numpy(ds.batch(4096)):
             images.append(x)
             labels.append(y)
+    except UserError:
+        raise
     except Exception as e:  # tfds raises many kinds when it cannot download or find the data.
         raise UserError(
             f"data set {name!r} could not be loaded through tensorflow_datasets ({type(e).__name__}); "
@@ -209,13 +223,42 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], limit: Optional[i
     return x.astype(np.uint8, copy=False), y.astype(np.int64, copy=False)
 
 
+# tfds' downloader retries for minutes before it gives up; without a network
+# (no route to tfds' storage and no proxy configured) refuse at once.
+DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
+
+
+def _check_network(name: str, timeout: float = 5.0) -> None:
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return  # the downloader goes through the proxy; a direct probe says nothing
+    try:
+        socket.create_connection(DOWNLOAD_PROBE, timeout=timeout).close()
+    except OSError as e:
+        raise UserError(
+            f"data set {name!r} is not prepared in tensorflow_datasets' data directory and there is no network "
+            f"({DOWNLOAD_PROBE[0]}: {e.strerror or e}); pass data.data_dir=DIR with the prepared data set, "
+            "or run with a network"
+        ) from None
+
+
 # ---------------------------------------------------------------------------
 # Arrays
 
 
 def _check_data_dir(data_dir: Optional[str]) -> None:
-    if data_dir is not None and not os.path.isdir(data_dir):
+    if data_dir is None:
+        return
+    if not os.path.isdir(data_dir):
         raise UserError(f"data.data_dir {data_dir!r} does not exist or is not a directory")
+    try:
+        empty = not os.listdir(data_dir)
+    except OSError as e:
+        raise UserError(f"data.data_dir {data_dir!r} cannot be read: {e.strerror or e}") from None
+    if empty:
+        # Never fall back silently to other data than the directory the user named.
+        raise UserError(f"data.data_dir {data_dir!r} is empty; put the data set's files there or leave data.data_dir unset")
 
 
 def load_arrays(

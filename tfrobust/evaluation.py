@@ -24,12 +24,20 @@ returns accuracies as fractions in [0, 1] under keys that name the attack:
 ``worst_case`` is the per-example worst case over every attack that ran.
 With ``integrity_examples`` > 0 the report also carries the integrity checks
 of :mod:`tfrobust.integrity`, measured on the first examples.
+
+Before any attack, the arguments are checked (finite eps and step, PGD steps
+in 1..1000, positive batch size, as many labels as images) and so is the
+model against the data (:func:`check_model_and_data`: it takes the images,
+outputs (batch, classes) logits covering every label, and its outputs are
+finite on every clean image -- otherwise :class:`ModelIntegrityError`, and no
+accuracy). An adversarial image whose outputs are not finite counts as wrong;
+``non_finite_outputs`` counts them per attack and a failing ``finite outputs``
+integrity check is added.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Callable, Sequence
 
@@ -37,31 +45,45 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks as attack_lib
-from tfrobust.errors import UserError
-
-DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20_ce", "pgd20_cw")
-_PGD = re.compile(r"^pgd(\d+)_(ce|cw)$")
-_CLEVERHANS = re.compile(r"^cleverhans_(fgsm|pgd(\d+)|mim(\d+))$")
-
-
-AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
-ENSEMBLES = {"standard": AUTOATTACK, "fast": ("apgd_ce", "apgd_t")}
+from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
+    _CLEVERHANS, _PGD, AUTOATTACK, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS, attack_names_help, parse_attacks,
+)
+from tfrobust.errors import UserError, check_number
 
 
-def attack_names_help() -> str:
-    return ("clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, standard, fast, "
-            "cleverhans_fgsm, cleverhans_pgd<N>, cleverhans_mim<N>")
+class ModelIntegrityError(UserError):
+    """The model's outputs cannot be evaluated (not finite): an integrity failure, never an accuracy."""
 
 
-def parse_attacks(spec) -> list:
-    """Parses ``"clean,fgsm,pgd20_ce"`` (or a list) into checked attack names."""
-    names = [s.strip().lower().replace("-", "_") for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    if not names:
-        raise UserError(f"no attack given; allowed: {attack_names_help()}")
-    for name in names:
-        if name not in ("clean", "fgsm") + AUTOATTACK + tuple(ENSEMBLES) and not (_PGD.match(name) or _CLEVERHANS.match(name)):
-            raise UserError(f"unknown attack {name!r}; allowed: {attack_names_help()}")
-    return list(dict.fromkeys(names))
+def check_model_and_data(model_fn: Callable, x, y, batch_size: int) -> int:
+    """Checks that ``model_fn`` takes the images and outputs logits for every label; returns the class count.
+
+    Also runs the model once over all of ``x``: outputs that are NaN or
+    infinite raise :class:`ModelIntegrityError` (an argmax over NaN would
+    read as class 0 and look like an accuracy).
+    """
+    probe = tf.convert_to_tensor(x[: min(len(x), 2)], tf.float32)
+    try:
+        logits = model_fn(probe)
+    except Exception as e:  # a mismatched model raises many kinds (ValueError, InvalidArgumentError, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"the model cannot take the data's images of shape {tuple(x.shape[1:])}: {first}") from None
+    shape = tuple(logits.shape)
+    if len(shape) != 2 or shape[0] != probe.shape[0]:
+        raise UserError(f"the model outputs shape {shape} for {probe.shape[0]} images; expected (batch, classes) logits")
+    classes = int(shape[1])
+    if len(y) and int(np.max(y)) >= classes:
+        raise UserError(f"the model outputs {classes} classes but the labels go up to {int(np.max(y))}")
+    bad = 0
+    for i in range(0, len(x), batch_size):
+        out = tf.cast(model_fn(tf.convert_to_tensor(x[i : i + batch_size], tf.float32)), tf.float32)
+        bad += int(tf.reduce_sum(tf.cast(tf.reduce_any(~tf.math.is_finite(out), axis=-1), tf.int32)))
+    if bad:
+        raise ModelIntegrityError(
+            f"integrity failure: the model's outputs are NaN or infinite on {bad} of {len(x)} test examples; "
+            "no accuracy is reported"
+        )
+    return classes
 
 
 def _attack_fn(name: str, model_fn: Callable, eps: float, norm: str, step_size, seed: int):
@@ -83,7 +105,10 @@ def _attack_fn(name: str, model_fn: Callable, eps: float, norm: str, step_size, 
                 random_start_kind="uniform", seed=tf.stack([tf.constant(seed, tf.int32), batch_index]),
             )
         logits = tf.cast(model_fn(x_adv), tf.float32)
-        return tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
+        finite = tf.reduce_all(tf.math.is_finite(logits), axis=-1)
+        # A non-finite output is never counted as a correct prediction (argmax over NaN reads as class 0).
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)) & finite
+        return correct, finite
 
     return run
 
@@ -135,27 +160,43 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    if eps < 0:
-        raise UserError(f"eps must be >= 0, got {eps}")
+    eps = check_number("eps", eps)
     if norm not in attack_lib.NORMS:
         raise UserError(f"unknown norm {norm!r}; allowed: l2, linf")
     names = parse_attacks(attacks)
-    step = eps / 4.0 if step_size is None else float(step_size)
+    step = eps / 4.0 if step_size is None else check_number("step_size", step_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(integrity_examples, bool) or not isinstance(integrity_examples, (int, np.integer)) or integrity_examples < 0:
+        raise UserError(f"integrity_examples must be an integer >= 0, got {integrity_examples!r}")
+    x, y = np.asarray(x), np.asarray(y)
     n = len(x)
     if n == 0:
         raise UserError("no test examples to evaluate")
-    report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm}
+    if len(y) != n:
+        raise UserError(f"x has {n} examples but y has {len(y)} labels")
+    if x.ndim != 4:
+        raise UserError(f"x must be images of shape (N, H, W, C), got shape {x.shape}")
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise UserError(f"y must be integer labels of shape (N,), got {y.dtype} of shape {y.shape}")
+    check_model_and_data(model_fn, x, y, batch_size)
+    report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm,
+              "non_finite_outputs": {}}
     simple = [a for a in names if a not in AUTOATTACK and a not in ENSEMBLES]
     for name in simple:
         run = _attack_fn(name, model_fn, eps, norm, step, seed)
-        correct = []
+        correct, non_finite = [], 0
         start = time.time()
         batches = range(0, n, batch_size)
         for i in tqdm(batches, desc=f"{name:>10}", disable=not verbose, leave=False):
             xb = tf.convert_to_tensor(x[i : i + batch_size], tf.float32)
             yb = tf.convert_to_tensor(y[i : i + batch_size], tf.int32)
-            correct.append(run(xb, yb, tf.constant(i // batch_size, tf.int32)).numpy())
+            ok, finite = run(xb, yb, tf.constant(i // batch_size, tf.int32))
+            correct.append(ok.numpy())
+            non_finite += int(np.sum(~finite.numpy()))
         correct = np.concatenate(correct)
+        if non_finite:
+            report["non_finite_outputs"][name] = non_finite
         report["correct"][name] = correct
         report["accuracy"][name] = float(correct.mean())
         report["seconds"][name] = round(time.time() - start, 3)
@@ -167,6 +208,15 @@ def evaluate(
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
                                         eps, norm, seed, verbose)
+    if report["non_finite_outputs"]:
+        counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
+        check = {"name": "finite outputs", "passed": False, "skipped": False,
+                 "detail": f"NaN or infinite logits on adversarial examples (counted as wrong) -- {counts}"}
+        if "integrity" in report:
+            report["integrity"]["checks"].append(check)
+            report["integrity"]["passed"] = False
+        else:
+            report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
     return report
 
 

@@ -1,26 +1,35 @@
 """Training runs: build everything from a config, fit, export, evaluate.
 
-A run directory holds:
+A run directory holds (every file written under a temporary name and renamed
+into place, so a kill or a failed write never tears a good file):
 
-- ``config.yaml``: the effective configuration;
+- ``run.lock``: the pid and host of the process that owns the directory,
+  while it runs (see :mod:`tfrobust.rundir`);
+- ``config.yaml``: the effective configuration, written once the data and
+  network are built;
 - ``tensorboard/``: Keras' TensorBoard logs (every metric and the learning rate);
 - ``checkpoints/``: ``last.weights.h5`` every epoch and ``best.weights.h5``,
   chosen on robust accuracy on the validation split (never the test split);
-- ``backup/``: Keras' BackupAndRestore state while a run is unfinished; rerun
-  the same command to resume;
+- ``backup/``: the whole training state after the last finished epoch
+  (weights, optimizer, best score and epoch, early-stopping counters,
+  history, training time) while a run is unfinished; rerun the same command
+  to resume. It is removed only after the final networks (and the report)
+  are on disk, so a kill in the final phase redoes only the final phase;
 - ``history.csv`` and ``history.json``: the metrics of every epoch;
 - ``model.keras`` / ``best.keras``: the last and best networks;
 - ``saved_model/`` / ``saved_model_best/``: the same exported as SavedModels
   whose ``serve`` endpoint maps float32 NHWC images in [0, 1] to logits;
-- ``report.json``: the final test evaluation.
+- ``report.json``: the final test evaluation;
+- ``finished.json``: written last; says the run is complete (train-only or
+  evaluated). A finished run is never retrained or overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import time
 
 import keras
 import numpy as np
@@ -31,12 +40,13 @@ from tfrobust import callbacks as callbacks_lib
 from tfrobust import data as data_lib
 from tfrobust import evaluation
 from tfrobust import models
+from tfrobust import rundir
 from tfrobust.config import ExperimentConfig, to_dict
 from tfrobust.defenses import parse_defense
 from tfrobust.errors import UserError
 from tfrobust.trainer import RobustModel
 
-FINISHED = "report.json"
+REPORT = rundir.REPORT
 
 
 _STRATEGIES = {}
@@ -49,6 +59,7 @@ def build_strategy(runtime) -> tf.distribute.Strategy:
     key = (runtime.strategy, tuple(runtime.devices or ()))
     if key not in _STRATEGIES:
         if runtime.strategy == "mirrored":
+            check_devices(runtime.devices or ())
             _STRATEGIES[key] = tf.distribute.MirroredStrategy(runtime.devices or None)
         elif runtime.strategy == "multi_worker":
             from tfrobust.multiworker import multi_worker_strategy
@@ -63,6 +74,20 @@ def build_strategy(runtime) -> tf.distribute.Strategy:
                 raise UserError(f"runtime.strategy=tpu but no TPU was found ({str(e).splitlines()[0]})") from None
             _STRATEGIES[key] = tf.distribute.TPUStrategy(resolver)
     return _STRATEGIES[key]
+
+
+def check_devices(names) -> None:
+    """Refuses a device name that this machine does not have (MirroredStrategy would fail later, obscurely)."""
+    logical = tf.config.list_logical_devices()
+    available = {(d.device_type.upper(), int(d.name.rsplit(":", 1)[1])) for d in logical}
+    listing = ", ".join(d.name.replace("/device:", "") for d in logical)
+    for name in names:
+        try:
+            spec = tf.DeviceSpec.from_string(name if name.startswith("/") else "/device:" + name)
+        except (ValueError, TypeError):
+            spec = None
+        if spec is None or spec.device_type is None or (spec.device_type.upper(), spec.device_index or 0) not in available:
+            raise UserError(f"runtime.devices: no device {name!r} on this machine; available: {listing}")
 
 
 def jit_setting(runtime):
@@ -85,19 +110,41 @@ def learning_rate_schedule(optim, steps_per_epoch: int):
 def prepare_workdir(workdir: str) -> bool:
     """Creates ``workdir``; returns True when an unfinished run is there to resume.
 
-    A finished run (one with a report) or a non-empty directory that is not a
-    run of ours is never overwritten.
+    A finished run or a non-empty directory that is not a run of ours is
+    never overwritten (UserError).
     """
+    status = workdir_status(workdir)
+    if status == "finished":
+        raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
+    if status == "trained":
+        raise UserError(f"workdir {workdir} holds a finished training run (--no-eval); choose another --workdir, "
+                        "or run the same command without --no-eval to evaluate it")
+    os.makedirs(workdir, exist_ok=True)
+    return status == "unfinished"
+
+
+def workdir_status(workdir: str) -> str:
+    """"new" (absent or empty), "unfinished", "trained" (finished train-only run) or "finished" (evaluated).
+
+    Raises UserError for a path that is not a directory or a directory that
+    holds something else than a tfrobust run.
+    """
+    if not workdir:
+        raise UserError("--workdir must not be empty")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} exists and is not a directory")
-    if os.path.isdir(workdir) and os.listdir(workdir):
-        if os.path.exists(os.path.join(workdir, FINISHED)):
-            raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
-        if not os.path.exists(os.path.join(workdir, "config.yaml")):
-            raise UserError(f"workdir {workdir} is not empty and holds no tfrobust run; choose another --workdir")
-        return True
-    os.makedirs(workdir, exist_ok=True)
-    return False
+    try:
+        entries = set(os.listdir(workdir)) if os.path.isdir(workdir) else set()
+    except OSError as e:
+        raise UserError(f"workdir {workdir} cannot be read: {e.strerror or e}") from None
+    if not entries - {rundir.LOCK}:
+        return "new"
+    marker = rundir.finished(workdir)
+    if marker:
+        return "finished" if marker.get("evaluated") else "trained"
+    if "config.yaml" not in entries:
+        raise UserError(f"workdir {workdir} is not empty and holds no tfrobust run; choose another --workdir")
+    return "unfinished"
 
 
 def build(config: ExperimentConfig, datasets=None):
@@ -140,12 +187,16 @@ def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
     return model, datasets
 
 
-def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=None):
+def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=None, keep_backup: bool = False):
     """Trains per ``config`` into ``workdir`` (resuming an unfinished run there).
 
     Returns ``(model, datasets, history)`` where history maps metric names to
-    per-epoch lists. With ``runtime.strategy=multi_worker`` the run goes
-    through :func:`tfrobust.multiworker.train_multi_worker`.
+    per-epoch lists. The run directory is locked for the duration (a second
+    process is refused). The run counts as finished once the last and best
+    networks and the history are on disk: then the finished marker is written
+    and the backup removed (kept when ``keep_backup``: the caller finishes the
+    run). With ``runtime.strategy=multi_worker`` the run goes through
+    :func:`tfrobust.multiworker.train_multi_worker`.
     """
     if config.runtime.strategy == "multi_worker":
         if extra_callbacks or datasets is not None:
@@ -153,75 +204,119 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
         from tfrobust.multiworker import train_multi_worker
 
         return train_multi_worker(config, workdir)
+    with _owned(workdir):
+        return _train_locked(config, workdir, extra_callbacks, datasets, keep_backup)
+
+
+@contextlib.contextmanager
+def _owned(workdir: str):
+    """Creates ``workdir`` if needed and holds its lock; a start refused before anything was written
+    removes the directory it created."""
+    workdir_status(workdir)  # refuses a foreign directory before anything is created
+    created = not os.path.exists(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+    try:
+        with rundir.lock(workdir):
+            yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)  # only if empty
+        raise
+
+
+def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
     resuming = prepare_workdir(workdir)
     config_path = os.path.join(workdir, "config.yaml")
-    if resuming:
-        with open(config_path) as f:
-            saved = yaml.safe_load(f)
+    backup_dir = os.path.join(workdir, "backup")
+    if resuming and callbacks_lib.EpochBackup.read_state(backup_dir):
+        saved = _read_yaml(config_path)
         if saved != to_dict(config):
             raise UserError(f"workdir {workdir} holds an unfinished run with a different config; resume with the same command or choose another --workdir")
-    else:
-        with open(config_path, "w") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False)
     keras.utils.set_random_seed(config.runtime.seed)
     if config.runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
     model, datasets, _ = build(config, datasets)
+    # The config is committed only once the data and network are built: a
+    # refused start (bad data, bad device) leaves nothing that would refuse
+    # the corrected command. Before the first backup a different config
+    # simply replaces it.
+    callbacks_lib.atomic_write(config_path, yaml.safe_dump(to_dict(config), sort_keys=False))
     ckpt = os.path.join(workdir, "checkpoints")
     os.makedirs(ckpt, exist_ok=True)
-    backup_dir = os.path.join(workdir, "backup")
-    initial_epoch = callbacks_lib.EpochBackup.restore(model, backup_dir)
     epochs = config.optim.epochs
     has_validation = datasets.validation_size > 0
     log_dir = os.path.join(workdir, "tensorboard")
+    last_path, best_path = os.path.join(ckpt, "last.weights.h5"), os.path.join(ckpt, "best.weights.h5")
+    history_log = callbacks_lib.HistoryLog(os.path.join(workdir, "history.csv"))
+    stateful = {"history": history_log}
     callbacks = [
-        callbacks_lib.NonFiniteLossGuard(os.path.join(ckpt, "last.weights.h5")),
+        callbacks_lib.NonFiniteLossGuard(last_path),
         callbacks_lib.LearningRateLogger(),
         *flatness_monitor(config, datasets, workdir),
-        keras.callbacks.ModelCheckpoint(os.path.join(ckpt, "last.weights.h5"), save_weights_only=True),
+        callbacks_lib.AtomicModelCheckpoint(last_path, save_weights_only=True),
     ]
+    best_checkpoint = None
     if has_validation:
-        callbacks.append(keras.callbacks.ModelCheckpoint(
-            os.path.join(ckpt, "best.weights.h5"), monitor="val_pgd_accuracy", mode="max",
-            save_best_only=True, save_weights_only=True,
-        ))
+        best_checkpoint = callbacks_lib.AtomicModelCheckpoint(
+            best_path, monitor="val_pgd_accuracy", mode="max", save_best_only=True, save_weights_only=True,
+        )
+        stateful["best_checkpoint"] = best_checkpoint
+        callbacks.append(best_checkpoint)
         if config.optim.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(
+            stopping = callbacks_lib.ResumableEarlyStopping(
                 monitor="val_pgd_accuracy", mode="max", patience=config.optim.early_stopping_patience,
-            ))
+            )
+            stateful["early_stopping"] = stopping
+            callbacks.append(stopping)
         if config.eval.images_every:
             x_show, y_show = next(iter(datasets.validation.unbatch().batch(8)))
             callbacks.append(callbacks_lib.AdversarialExamplesImages(
                 x_show, y_show, log_dir, config.attack.eps, model.eval_step_size, config.eval.pgd_steps,
                 config.attack.norm, every=config.eval.images_every,
             ))
+    # Any other callback with get_state/set_state (e.g. one passed in extra_callbacks) is backed up too.
+    for i, cb in enumerate(extra_callbacks):
+        if hasattr(cb, "get_state") and hasattr(cb, "set_state"):
+            stateful[f"extra-{i}-{type(cb).__name__}"] = cb
+    resumed = callbacks_lib.EpochBackup.restore(
+        model, backup_dir, stateful, checkpoints={"last": last_path, "best": best_path if has_validation else None},
+    )
+    backup = callbacks_lib.EpochBackup(backup_dir, stateful, best=best_checkpoint, resumed=resumed)
     callbacks += [
-        keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True),
+        history_log,
         keras.callbacks.TensorBoard(log_dir),
-        callbacks_lib.EpochBackup(backup_dir),
+        backup,
         *extra_callbacks,
     ]
-    if initial_epoch == 0:
+    if resumed.epoch == 0:
         callbacks_lib.write_hparams(log_dir, to_dict(config))
     steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
-    start = time.time()
-    if initial_epoch < epochs:
-        fit = model.fit(
-            datasets.train_epochs(initial_epoch, epochs), epochs=epochs, initial_epoch=initial_epoch,
+    if resumed.epoch < epochs and not resumed.stopped:
+        model.fit(
+            datasets.train_epochs(resumed.epoch, epochs), epochs=epochs, initial_epoch=resumed.epoch,
             steps_per_epoch=steps_per_epoch,
             validation_data=datasets.validation if has_validation else None,
             callbacks=callbacks, verbose=config.runtime.verbose,
         )
-        fit_history = fit.history
-    else:
-        fit_history = {}
-    seconds = time.time() - start
-    history = _read_history(workdir, fit_history)
-    history["train_seconds"] = seconds
-    with open(os.path.join(workdir, "history.json"), "w") as f:
-        json.dump(history, f, indent=1)
+    # The final phase: everything below is redone from the backup after a kill.
+    history = history_log.history()
+    history["train_seconds"] = backup.train_seconds()
+    callbacks_lib.atomic_write(os.path.join(workdir, "history.json"), json.dumps(history, indent=1))
+    history_log.write()
     save_networks(model, workdir, has_validation)
+    rundir.mark_finished(workdir, evaluated=False)
+    if not keep_backup:
+        callbacks_lib.EpochBackup.discard(backup_dir)
     return model, datasets, history
+
+
+def _read_yaml(path):
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
 
 
 def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:
@@ -246,54 +341,71 @@ def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:
     )]
 
 
-def _read_history(workdir, fallback):
-    """All epochs of the run, from the CSV log (continuous across resumes)."""
-    path = os.path.join(workdir, "history.csv")
-    if not os.path.exists(path):
-        return {k: [float(v) for v in vals] for k, vals in fallback.items()}
-    import csv
-
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    # An epoch written twice (a kill between the log and the backup) counts once: the last row wins.
-    by_epoch = {}
-    for row in rows:
-        by_epoch[row.get("epoch")] = row
-    rows = list(by_epoch.values())
-    keys = rows[0].keys() if rows else []
-    def number(value):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return None
-
-    return {k: [number(r[k]) for r in rows] for k in keys}
-
-
 def save_networks(model: RobustModel, workdir: str, has_best: bool) -> None:
-    """Saves the last (and best) network as .keras and as SavedModel."""
-    model.network.save(os.path.join(workdir, "model.keras"))
-    model.network.export(os.path.join(workdir, "saved_model"), format="tf_saved_model", verbose=False)
+    """Saves the last (and best) network as .keras and as SavedModel.
+
+    Each file is written under a temporary name and renamed into place, so a
+    failed or killed save leaves the previous complete file (or none).
+    """
+    _save_network(model.network, workdir, "model.keras", "saved_model")
     best = os.path.join(workdir, "checkpoints", "best.weights.h5")
     if has_best and os.path.exists(best):
         last = [v.numpy() for v in model.weights]
         model.load_weights(best)
-        model.network.save(os.path.join(workdir, "best.keras"))
-        model.network.export(os.path.join(workdir, "saved_model_best"), format="tf_saved_model", verbose=False)
-        for v, value in zip(model.weights, last):
-            v.assign(value)
+        try:
+            _save_network(model.network, workdir, "best.keras", "saved_model_best")
+        finally:
+            for v, value in zip(model.weights, last):
+                v.assign(value)
+
+
+def _save_network(network, workdir, keras_name, export_name):
+    with callbacks_lib.atomic_path(os.path.join(workdir, keras_name)) as partial:
+        network.save(partial)
+    rundir.atomic_replace_dir(
+        os.path.join(workdir, export_name),
+        lambda path: network.export(path, format="tf_saved_model", verbose=False),
+    )
 
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = True) -> dict:
-    """Trains, then evaluates the last and best networks on the test split."""
-    model, datasets, history = train(config, workdir)
+    """Trains, then evaluates the last and best networks on the test split.
+
+    The backup stays until ``report.json`` is on disk; the finished marker is
+    written last. A finished train-only run (``--no-eval``) in ``workdir``
+    with the same config is not retrained: only its evaluation runs.
+    """
     if config.runtime.strategy == "multi_worker":
+        model, datasets, history = train(config, workdir)
         from tfrobust.multiworker import is_chief
 
         if not is_chief():
             return {"models": {}, "train_seconds": history["train_seconds"]}
+        report = _evaluate_run(config, workdir, history["train_seconds"], verbose)
+        rundir.mark_finished(workdir, evaluated=True)
+        return report
+    with _owned(workdir):
+        status = workdir_status(workdir)
+        if status == "finished":
+            raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
+        if status == "trained":
+            if _read_yaml(os.path.join(workdir, "config.yaml")) != to_dict(config):
+                raise UserError(f"workdir {workdir} holds a finished training run with a different config; "
+                                "evaluate it with the same config or choose another --workdir")
+            with open(os.path.join(workdir, "history.json"), encoding="utf-8") as f:
+                seconds = json.load(f)["train_seconds"]
+        else:
+            _, _, history = train(config, workdir, keep_backup=True)
+            seconds = history["train_seconds"]
+        report = _evaluate_run(config, workdir, seconds, verbose)
+        rundir.mark_finished(workdir, evaluated=True)
+        callbacks_lib.EpochBackup.discard(os.path.join(workdir, "backup"))
+    return report
+
+
+def _evaluate_run(config, workdir, train_seconds, verbose):
     x_test, y_test = data_lib.load_test_arrays(config.data.name, config.data.data_dir, config.data.test_examples)
-    report = {"config": to_dict(config), "train_seconds": history["train_seconds"], "models": {}}
+    report = {"config": to_dict(config), "train_seconds": train_seconds, "models": {}}
     for which in ("model.keras", "best.keras"):
         path = os.path.join(workdir, which)
         if not os.path.exists(path):
@@ -308,6 +420,5 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
         )
         result.pop("correct")
         report["models"]["last" if which == "model.keras" else "best"] = result
-    with open(os.path.join(workdir, FINISHED), "w") as f:
-        json.dump(report, f, indent=2)
+    callbacks_lib.atomic_write(os.path.join(workdir, REPORT), evaluation.to_json(report))
     return report

@@ -28,7 +28,14 @@ class LoadedModel:
 def _keras(path: str):
     import keras
 
-    return keras.saving.load_model(path)
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:  # a corrupt or foreign file raises many kinds (ValueError, OSError, zipfile errors)
+        raise UserError(f"{path} cannot be loaded as a Keras model: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
 
 
 def load(path: str, which: str = "last") -> LoadedModel:
@@ -51,7 +58,10 @@ def load(path: str, which: str = "last") -> LoadedModel:
         network = _keras(keras_path)
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network, run_config)
     if os.path.exists(os.path.join(path, "saved_model.pb")):
-        loaded = tf.saved_model.load(path)
+        try:
+            loaded = tf.saved_model.load(path)
+        except Exception as e:  # a corrupt SavedModel raises many kinds
+            raise UserError(f"{path} cannot be loaded as a SavedModel: {_first_line(e)}") from None
         if "serve" in getattr(loaded, "signatures", {}) or hasattr(loaded, "serve"):
             serve = loaded.serve if hasattr(loaded, "serve") else loaded.signatures["serve"]
         elif "serving_default" in loaded.signatures:

@@ -22,9 +22,10 @@ from typing import Optional
 import keras
 import numpy as np
 
+from tfrobust.config import MODEL_NAMES
 from tfrobust.errors import UserError, unknown_choice
 
-MODELS = ("small_cnn", "preact_resnet18", "wide_resnet")
+MODELS = MODEL_NAMES
 
 LOGITS_LAYER = "logits"
 NORMALIZATION_LAYER = "normalize"

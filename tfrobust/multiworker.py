@@ -349,6 +349,8 @@ def _train(config, strategy, task, workdir, write_dir):
         for epoch in range(epochs):
             for metric in model.metrics:
                 metric.reset_state()
+            # The rate this epoch trains with (at its end the schedule already gives the next epoch's).
+            learning_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
             for _ in range(steps_per_epoch):
                 train_step(train_iterator)
             # Read in cross-replica context: the sums behind each mean are
@@ -363,7 +365,7 @@ def _train(config, strategy, task, workdir, write_dir):
                 for _ in range(validation_steps):
                     test_step(validation_iterator)
                 logs.update({f"val_{name}": float(t.result()) for name, t in model.val_trackers.items()})
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+            logs["learning_rate"] = learning_rate
             history.setdefault("epoch", []).append(epoch)
             for name, value in logs.items():
                 history.setdefault(name, []).append(value)

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tfrobust import attacks
 from tfrobust.defenses import Defense, awp, rat, s2o
+from tfrobust.errors import UserError, check_number, check_steps
 
 
 def _replica_context():
@@ -123,6 +124,10 @@ class RobustModel(keras.Model):
         seed: int = 0,
         **kwargs,
     ):
+        if not isinstance(defense, Defense):
+            raise UserError(f"defense must be a Defense (tfrobust.defenses.parse_defense({defense!r})), got {type(defense).__name__}")
+        eps, step_size = check_number("eps", eps), check_number("step_size", step_size)
+        steps, eval_steps = check_steps("steps", steps), check_steps("eval_steps", eval_steps)
         super().__init__(**kwargs)
         self.network = network
         self.defense = defense

@@ -5,7 +5,9 @@ any of the weight-space terms (``awp``, ``s2o``, ``rat``), joined with ``+``:
 ``trades+awp``, ``mart+s2o``, ``trades+awp+rat``. Short names stand for the
 papers' main settings: ``awp`` = ``at+awp``, ``s2o`` = ``at+s2o``, ``rat`` =
 ``trades+rat``. Each method lives in its own module of this package; adding a
-method means adding a module and registering it here.
+method means adding a module, registering it here and its name in
+:mod:`tfrobust.defense_names` (which the command line checks before importing
+TensorFlow).
 """
 
 from __future__ import annotations
@@ -14,18 +16,12 @@ import dataclasses
 from typing import Optional
 
 from tfrobust.defenses import at, awp, mart, rat, s2o, trades
-from tfrobust.errors import UserError, unknown_choice
+from tfrobust.defense_names import BASE_NAMES, DEFENSES, SHORT_NAMES, TERMS, canonical_name, check_defense_name
+from tfrobust.errors import UserError
 
-BASES = {"at": at, "trades": trades, "mart": mart}
-TERMS = ("awp", "s2o", "rat")
-SHORT_NAMES = {"awp": "at+awp", "s2o": "at+s2o", "rat": "trades+rat"}
-# The combinations the papers define; the others are refused with a reason.
-DEFENSES = (
-    "at", "trades", "mart",
-    "at+awp", "trades+awp", "mart+awp",
-    "at+s2o", "trades+s2o", "mart+s2o", "trades+awp+s2o",
-    "trades+rat", "trades+awp+rat",
-)
+__all__ = ["BASES", "DEFENSES", "Defense", "SHORT_NAMES", "TERMS", "canonical_name", "parse_defense"]
+
+BASES = dict(zip(BASE_NAMES, (at, trades, mart)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,27 +54,6 @@ class Defense:
         return dataclasses.asdict(self)
 
 
-def canonical_name(name: str) -> str:
-    """Normalises a defense name: short names expanded, terms in a fixed order."""
-    name = str(name).strip().lower().replace(" ", "")
-    name = SHORT_NAMES.get(name, name)
-    parts = name.split("+")
-    if parts[0] not in BASES:
-        if parts[0] in TERMS:
-            raise UserError(
-                f"defense {name!r} must start with a base objective (at, trades, mart), e.g. at+{parts[0]}"
-            )
-        raise unknown_choice("defense", name, DEFENSES + tuple(SHORT_NAMES))
-    terms = parts[1:]
-    for t in terms:
-        if t not in TERMS:
-            raise unknown_choice(f"weight-space term in defense {name!r}:", t, TERMS)
-    if len(set(terms)) != len(terms):
-        raise UserError(f"defense {name!r} names a term twice")
-    ordered = [parts[0]] + [t for t in TERMS if t in terms]
-    return "+".join(ordered)
-
-
 def parse_defense(name: str, config=None) -> Defense:
     """Resolves a defense name and a :class:`~tfrobust.config.DefenseConfig`.
 
@@ -88,13 +63,9 @@ def parse_defense(name: str, config=None) -> Defense:
     from tfrobust.config import DefenseConfig
 
     config = config or DefenseConfig()
-    canonical = canonical_name(name)
+    canonical = check_defense_name(name)
     parts = canonical.split("+")
     base, terms = parts[0], set(parts[1:])
-    if "rat" in terms and base != "trades":
-        raise UserError(f"defense {canonical!r} is not defined: RAT builds on TRADES (use trades+rat or trades+awp+rat)")
-    if "rat" in terms and "s2o" in terms:
-        raise UserError(f"defense {canonical!r} is not defined: RAT and S2O both replace the soft targets; choose one")
     module = BASES[base]
     beta = config.beta if config.beta is not None else module.DEFAULT_BETA
     if beta is not None and beta < 0:

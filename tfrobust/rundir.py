@@ -1,0 +1,215 @@
+"""Ownership and completion of a run directory: a lock file and a "finished" marker.
+
+- ``run.lock`` names the process that owns the directory (``pid host``). It
+  is created atomically (a hard link of a complete temporary file, which
+  fails if the lock exists), so two processes never both own a directory.
+  A lock whose pid is no longer alive on this host is stale and is taken
+  over; a lock held by another host is refused (remove it by hand once that
+  process is gone).
+- ``finished.json`` is written last, atomically, and says what is complete:
+  ``{"trained": true, "evaluated": false}`` after a train-only (``--no-eval``)
+  run, ``"evaluated": true`` once ``report.json`` is also on disk. A run
+  directory without it is unfinished, whatever other files it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import threading
+
+from tfrobust.errors import UserError
+
+LOCK = "run.lock"
+FINISHED = "finished.json"
+REPORT = "report.json"
+
+_held: dict = {}
+_held_guard = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().split()
+        return int(text[0]), text[1]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+    """Holds ``workdir/run.lock`` for the block; refuses with a UserError when another live process holds it.
+
+    Re-entrant within one process (a train inside a train-and-evaluate).
+    """
+    path = os.path.abspath(os.path.join(workdir, LOCK))
+    with _held_guard:
+        if path in _held:
+            _held[path] += 1
+            reentrant = True
+        else:
+            reentrant = False
+    if reentrant:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[path] -= 1
+        return
+    _acquire(path, workdir)
+    with _held_guard:
+        _held[path] = 1
+    try:
+        yield
+    finally:
+        with _held_guard:
+            del _held[path]
+        owner = _read_lock(path)
+        if owner == (os.getpid(), socket.gethostname()):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _acquire(path: str, workdir: str) -> None:
+    me = f"{os.getpid()} {socket.gethostname()}\n"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(me)
+    except OSError as e:
+        raise UserError(f"cannot write in workdir {workdir}: {e.strerror or e}") from None
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return
+            except FileExistsError:
+                pass
+            owner = _read_lock(path)
+            if owner is None:
+                raise UserError(f"workdir {workdir} has an unreadable {LOCK}; if no run is using it, remove that file")
+            pid, host = owner
+            if host == socket.gethostname() and not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # stale: its owner died (kill -9, power loss)
+                continue
+            where = "" if host == socket.gethostname() else f" on host {host}"
+            raise UserError(f"workdir {workdir} is in use by process {pid}{where} ({LOCK}); "
+                            "wait for it to finish or choose another --workdir")
+        raise UserError(f"workdir {workdir}: could not take {LOCK}; try again")
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise UserError(f"workdir {workdir} is on a file system without hard links; the run lock needs them") from None
+        raise UserError(f"cannot write in workdir {workdir}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def finished(workdir: str) -> dict:
+    """The finished marker ({} when the run is not finished).
+
+    A directory written before the marker existed counts as evaluated when it
+    holds a ``report.json`` that is complete JSON and no backup.
+    """
+    path = os.path.join(workdir, FINISHED)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                marker = json.load(f)
+            if isinstance(marker, dict) and marker.get("trained"):
+                return marker
+        except (OSError, ValueError):
+            pass
+        return {}
+    report = os.path.join(workdir, REPORT)
+    if os.path.exists(report) and not os.path.exists(os.path.join(workdir, "backup", "state.json")):
+        try:
+            with open(report, encoding="utf-8") as f:
+                json.load(f)
+            return {"trained": True, "evaluated": True}
+        except (OSError, ValueError):
+            return {}
+    return {}
+
+
+def _partial_name(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f"partial-{name}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name next to ``path``; renames it onto ``path`` when the block succeeds.
+
+    The temporary name keeps the file's suffix (``partial-<name>``) so that
+    writers that check it (Keras' ``.weights.h5``, ``.keras``) accept it. If
+    the block fails, the temporary file is removed and ``path`` is untouched.
+    """
+    partial = _partial_name(path)
+    _remove(partial)
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        _remove(partial)
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file, fsync and rename."""
+    with atomic_path(path) as partial:
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_replace_dir(path: str, write) -> None:
+    """Calls ``write(tmp)`` to build a directory, then puts it at ``path`` (replacing an old one).
+
+    The old directory is moved aside before the new one is renamed into
+    place, so ``path`` is either the old or the new complete directory, or
+    (for an instant) absent -- never a mixture.
+    """
+    partial = _partial_name(path)
+    old = os.path.join(os.path.dirname(path), f"old-{os.path.basename(path)}")
+    _remove(partial)
+    try:
+        write(partial)
+    except BaseException:
+        _remove(partial)
+        raise
+    _remove(old)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(partial, path)
+    _remove(old)
+
+
+def mark_finished(workdir: str, evaluated: bool) -> None:
+    """Writes the finished marker atomically (the last write of a run)."""
+    atomic_write(os.path.join(workdir, FINISHED), json.dumps({"trained": True, "evaluated": bool(evaluated)}) + "\n")
