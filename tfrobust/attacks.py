@@ -152,6 +152,7 @@ def pgd(
     clean_logits=None,
     x_init=None,
     gradient_scale: float = 1.0,
+    project_start: bool = True,
 ):
     """Projected gradient ascent on a per-example loss (Madry et al. 2018, eq. 2).
 
@@ -174,6 +175,9 @@ def pgd(
         (the step uses only the gradient's sign or direction, so the scale
         cancels); a large value keeps float16 gradients from underflowing.
         Non-finite gradient entries count as zero.
+      project_start: False takes the first gradient at ``x_init`` as given,
+        even outside [0, 1] (the reference code's unclipped Gaussian start);
+        every step is projected either way.
 
     Returns:
       Adversarial images ``x'`` with ``||x' - x|| <= eps`` and ``x'`` in [0, 1].
@@ -187,7 +191,9 @@ def pgd(
         clean_logits = model_fn(x)
     if x_init is None:
         x_init = random_start(x, eps, norm, random_start_kind, seed)
-    x_adv = project(tf.convert_to_tensor(x_init, tf.float32), x, eps, norm)
+    x_adv = tf.convert_to_tensor(x_init, tf.float32)
+    if project_start or int(steps) == 0:
+        x_adv = project(x_adv, x, eps, norm)
 
     def step(x_adv):
         with tf.GradientTape() as tape:

@@ -97,6 +97,9 @@ class DefenseConfig:
     awp: AWPConfig = field(default_factory=AWPConfig)
     s2o: S2OConfig = field(default_factory=S2OConfig)
     rat: RATConfig = field(default_factory=RATConfig)
+    # Start the TRADES/MART/RAT attack at x + 0.001 N(0, 1) without clipping to
+    # [0, 1], as the reference code does (docs/algorithms.md, deviations).
+    unclipped_gaussian_start: bool = False
 
 
 @dataclass
