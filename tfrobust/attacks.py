@@ -216,3 +216,19 @@ def pgd(
 def fgsm(model_fn: Callable, x, y, eps, norm: str = "linf"):
     """Fast gradient (sign) method (Goodfellow et al., ICLR 2015, eq. 3): one step of size eps from x."""
     return pgd(model_fn, x, y, eps, eps, 1, norm=norm, loss="ce", random_start_kind="none")
+
+
+__all__ = [
+    "NORMS",
+    "LOSSES",
+    "STARTS",
+    "cross_entropy",
+    "cw_margin",
+    "kl_divergence",
+    "kl_from_probabilities",
+    "project",
+    "random_start",
+    "attack_loss",
+    "pgd",
+    "fgsm",
+]

@@ -309,3 +309,25 @@ def validate(config: ExperimentConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "AttackConfig",
+    "AWPConfig",
+    "S2OConfig",
+    "RATConfig",
+    "DefenseConfig",
+    "OptimConfig",
+    "EvalConfig",
+    "RuntimeConfig",
+    "ExperimentConfig",
+    "STRATEGIES",
+    "PRECISIONS",
+    "to_dict",
+    "load_config",
+    "set_value",
+    "parse_overrides",
+    "validate",
+]

@@ -427,3 +427,21 @@ def load_training_arrays(cfg: DataConfig, seed: int = 0) -> tuple:
     robust a network is on its own training data."""
     (x, y), _ = _split(cfg, seed)
     return x.astype(np.float32) / np.float32(255.0), y.astype(np.int32)
+
+
+__all__ = [
+    "SUPPORTED",
+    "DEBIAN_FASHION_MNIST_DIR",
+    "CROP_PADDING",
+    "DatasetInfo",
+    "Datasets",
+    "dataset_info",
+    "read_idx",
+    "load_arrays",
+    "load_test_arrays",
+    "split_indices",
+    "augment_options",
+    "augment_batch",
+    "load_datasets",
+    "load_training_arrays",
+]

@@ -14,3 +14,6 @@ def unknown_choice(kind: str, value, allowed) -> UserError:
     """Builds the error for a value that is not one of ``allowed``."""
     allowed = ", ".join(sorted(str(a) for a in allowed))
     return UserError(f"unknown {kind} {value!r}; allowed: {allowed}")
+
+
+__all__ = ["UserError", "unknown_choice"]

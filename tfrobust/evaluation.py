@@ -245,3 +245,16 @@ def to_json(report: dict) -> str:
     """The report without per-example arrays, as JSON."""
     clean = {k: v for k, v in report.items() if k not in ("correct", "_autoattack_integrity")}
     return json.dumps(clean, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "AUTOATTACK",
+    "ENSEMBLES",
+    "attack_names_help",
+    "parse_attacks",
+    "evaluate",
+    "integrity",
+    "format_table",
+    "to_json",
+]

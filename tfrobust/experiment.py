@@ -311,3 +311,17 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
     with open(os.path.join(workdir, FINISHED), "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+__all__ = [
+    "FINISHED",
+    "build_strategy",
+    "jit_setting",
+    "learning_rate_schedule",
+    "prepare_workdir",
+    "build",
+    "train",
+    "flatness_monitor",
+    "save_networks",
+    "train_and_evaluate",
+]

@@ -358,3 +358,16 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
                    "large_eps_steps": 20, "apgd_iters": int(apgd_iters), "square_queries": int(square_queries)},
         "seconds": time.time() - start,
     }
+
+
+__all__ = [
+    "LARGE_EPS_MAX_ACCURACY",
+    "STEPS_TOLERANCE_EXAMPLES",
+    "GRADIENT_FREE_MAX_FRACTION",
+    "GRADIENT_FREE_ALLOWED_EXAMPLES",
+    "GRADIENT_ATTACKS",
+    "GRADIENT_FREE_ATTACKS",
+    "integrity_checks",
+    "from_autoattack",
+    "run_integrity_probes",
+]

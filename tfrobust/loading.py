@@ -81,3 +81,6 @@ def evaluation_settings(loaded: LoadedModel, data=None, eps=None, norm=None, dat
         eps = 0.1 if data in ("fashion_mnist", "mnist") else 8 / 255
     norm = norm or cfg.get("attack", {}).get("norm") or "linf"
     return {"data": data, "data_dir": data_dir, "eps": float(eps), "norm": norm}
+
+
+__all__ = ["LoadedModel", "load", "evaluation_settings"]

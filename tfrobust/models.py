@@ -202,3 +202,6 @@ def build_model(
         outputs = _wide_resnet(x, num_classes, depth, width, init)
         model_name = f"wide_resnet_{depth}_{width}"
     return keras.Model(inputs, outputs, name=model_name)
+
+
+__all__ = ["MODELS", "LOGITS_LAYER", "NORMALIZATION_LAYER", "build_model"]

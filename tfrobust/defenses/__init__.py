@@ -180,4 +180,7 @@ def parse_defense(name: str, config=None) -> Defense:
     )
 
 
-__all__ = ["Defense", "parse_defense", "canonical_name", "DEFENSES", "BASES", "TERMS", "SHORT_NAMES"]
+__all__ = [
+    "Defense", "parse_defense", "canonical_name", "DEFENSES", "BASES", "TERMS", "SHORT_NAMES",
+    "at", "trades", "mart", "awp", "s2o", "rat",
+]

@@ -21,3 +21,6 @@ def loss_terms(logits_clean, logits_adv, y, beta=None):
     """
     ce = cross_entropy(logits_adv, y)
     return ce, 0.0 * ce, {"ce_adv": ce}
+
+
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "DEFAULT_BETA", "loss_terms"]

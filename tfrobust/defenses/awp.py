@@ -51,3 +51,13 @@ def relative_size(weights, perturbation):
     """Mean over layers of ``||v_l|| / ||w_l||`` (logged to TensorBoard)."""
     ratios = [tf.norm(v) / (tf.norm(tf.convert_to_tensor(w)) + 1e-20) for w, v in zip(weights, perturbation)]
     return tf.reduce_mean(tf.stack(ratios)) if ratios else tf.constant(0.0)
+
+
+__all__ = [
+    "NAME",
+    "DEFAULT_GAMMA",
+    "DEFAULT_WARMUP_EPOCHS",
+    "perturbed_variables",
+    "adversarial_weight_perturbation",
+    "relative_size",
+]

@@ -35,3 +35,14 @@ def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
     p_true = tf.reduce_sum(p_clean * onehot, axis=-1)
     weighted_kl = kl_divergence(logits_clean, logits_adv) * (1.0000001 - p_true)
     return bce, beta * weighted_kl, {"bce": bce, "weighted_kl": weighted_kl}
+
+
+__all__ = [
+    "NAME",
+    "ATTACK_LOSS",
+    "ATTACK_START",
+    "NEEDS_CLEAN_LOGITS",
+    "DEFAULT_BETA",
+    "boosted_cross_entropy",
+    "loss_terms",
+]

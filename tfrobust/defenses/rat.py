@@ -95,3 +95,16 @@ def taylor_terms(logits_clean, logits_adv, targets):
     first = 0.5 * (kl_from_probabilities(y1, logits_adv) + kl_from_probabilities(y2, logits_clean))
     second = 0.5 * (kl_from_probabilities(yy1, logits_adv) + kl_from_probabilities(yy2, logits_clean))
     return first, second
+
+
+__all__ = [
+    "NAME",
+    "DEFAULT_ALPHA",
+    "DEFAULT_SIGMA",
+    "noisy_variables",
+    "weight_noise",
+    "class_gradient_sums",
+    "reg_gap",
+    "taylor_targets",
+    "taylor_terms",
+]

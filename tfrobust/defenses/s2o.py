@@ -69,3 +69,14 @@ def correlation_statistic(moment):
     off = corr * (1.0 - tf.eye(tf.shape(moment)[0], dtype=tf.float32))
     return tf.norm(off)
 
+
+
+__all__ = [
+    "NAME",
+    "DEFAULT_A",
+    "second_moment",
+    "soft_target_matrix",
+    "soft_targets",
+    "s2o_loss",
+    "correlation_statistic",
+]

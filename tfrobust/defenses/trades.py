@@ -19,3 +19,6 @@ def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
     ce = cross_entropy(logits_clean, y)
     kl = kl_divergence(logits_clean, logits_adv)
     return ce, beta * kl, {"ce_clean": ce, "kl": kl}
+
+
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "DEFAULT_BETA", "loss_terms"]
