@@ -59,3 +59,26 @@ def test_api_reference_generates(tmp_path):
     assert "RobustModel" in page and "sample_weight" in page  # the class docstring is rendered
     assert (tmp_path / "tfrobust" / "defenses" / "awp.html").exists()
     assert "Defense" in (tmp_path / "tfrobust.html").read_text()
+
+
+def test_docstrings_cite_sections_that_exist_in_algorithms_md():
+    import pathlib
+    import re
+
+    root = pathlib.Path(tr.__file__).parent
+    doc = (root.parent / "docs" / "algorithms.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\. ", doc, flags=re.M))
+    deviations = doc[doc.index("## 9."):]
+    items = set(re.findall(r"^ ?(\d+)\. \*\*", deviations, flags=re.M))
+    cited = 0
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "ALGORITHMS.md" not in text, f"{path} cites a file that does not exist"
+        for match in re.finditer(r"docs/algorithms\.md,\s+sections?\s+([\d\- and]+)", text):
+            numbers = re.findall(r"\d+", match.group(1))
+            assert set(numbers) <= sections, f"{path}: section {numbers} not in docs/algorithms.md"
+            cited += 1
+        for match in re.finditer(r"section\s+9,\s+items?\s+([\d and]+)", text):
+            for item in re.findall(r"\d+", match.group(1)):
+                assert item in items, f"{path}: deviation item {item} not in docs/algorithms.md"
+    assert cited >= 12

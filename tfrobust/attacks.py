@@ -6,7 +6,7 @@ adversarial inputs inside the eps-ball around ``x`` and inside [0, 1]. An
 attack never changes a model variable: it reads the model only through
 ``model_fn``. All functions work eagerly and inside ``tf.function``.
 
-Threat model and defaults follow ALGORITHMS.md section 1:
+Threat model and defaults follow docs/algorithms.md, section 1:
 PGD (Madry et al., ICLR 2018, eq. 2 and section 2.1): a random start, then
 ``steps`` projected steps along the sign of the gradient (L-inf) or its
 normalised direction (L2).

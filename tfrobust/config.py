@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    """The inner maximisation used during training (ALGORITHMS.md section 1)."""
+    """The inner maximisation used during training (docs/algorithms.md, section 1)."""
 
     norm: str = "linf"  # linf | l2
     eps: float = 0.1
@@ -98,7 +98,7 @@ class DefenseConfig:
     s2o: S2OConfig = field(default_factory=S2OConfig)
     rat: RATConfig = field(default_factory=RATConfig)
     # Start the TRADES/MART/RAT attack at x + 0.001 N(0, 1) without clipping to
-    # [0, 1], as the reference code does (docs/algorithms.md, deviations).
+    # [0, 1], as the reference code does (docs/algorithms.md, section 9, item 1).
     unclipped_gaussian_start: bool = False
 
 

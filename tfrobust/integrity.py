@@ -7,7 +7,7 @@ Athalye, Carlini and Wagner ("Obfuscated gradients give a false sense of
 security", ICML 2018) and Carlini et al. ("On evaluating adversarial
 robustness", 2019) list the symptoms tested here, and Croce and Hein (ICML
 2020, AutoAttack) warn when Square Attack beats the gradient attacks
-(ALGORITHMS.md section 7):
+(docs/algorithms.md, section 7):
 
 1. ``robust_le_clean``: no attack raises accuracy above clean accuracy.
 2. ``eps0_equals_clean``: an attack with eps = 0 gives exactly the clean

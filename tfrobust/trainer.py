@@ -75,7 +75,7 @@ def start_point(x, eps, norm, kind, seed):
     if kind == "gaussian":
         return tf.clip_by_value(x + 0.001 * _global_slice("normal", x, seed), 0.0, 1.0)
     if kind == "gaussian_unclipped":
-        # The reference code's start: not clipped to [0, 1] (docs/algorithms.md, deviations).
+        # The reference code's start: not clipped to [0, 1] (docs/algorithms.md, section 9, item 1).
         return x + 0.001 * _global_slice("normal", x, seed)
     if norm == "linf":
         return tf.clip_by_value(x + eps * _global_slice("uniform", x, seed), 0.0, 1.0)

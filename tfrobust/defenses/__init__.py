@@ -53,10 +53,10 @@ class Defense:
         a :class:`~tfrobust.trainer.RobustModel` needs ``steps_per_epoch`` to count them.
       s2o_a: S2O's weight ``a`` (0.1 for AT, 0.3 for TRADES/MART).
       rat_alpha, rat_sigma: RAT's Taylor-term weight (0.2) and weight-noise std (1e-4).
-      rat_reference_quirk: reproduce the reference's ``yy1`` (docs/algorithms.md, RAT).
+      rat_reference_quirk: reproduce the reference's ``yy1`` (docs/algorithms.md, section 9, item 8).
       unclipped_gaussian_start: start the TRADES/MART/RAT attack at
         ``x + 0.001 N(0, 1)`` without clipping to [0, 1], as the reference code
-        does; the default clips (docs/algorithms.md, deviations).
+        does; the default clips (docs/algorithms.md, section 9, item 1).
     """
 
     name: str

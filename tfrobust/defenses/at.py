@@ -1,7 +1,7 @@
 """PGD adversarial training (Madry et al., ICLR 2018, eq. 2.1).
 
 Outer objective ``L = CE(f(x'), y)``; the inner attack is PGD on the
-cross-entropy from a uniform random start (ALGORITHMS.md sections 1 and 2).
+cross-entropy from a uniform random start (docs/algorithms.md, sections 1 and 2).
 """
 
 from tfrobust.attacks import cross_entropy

@@ -14,7 +14,8 @@ The reference takes one SGD step on a proxy copy of the model and uses the
 difference of the weights; that difference is ``lr * g``, which the
 normalisation cancels, so the direct gradient gives the same ``v`` without a
 copy of the model. The ascent uses the plain base objective (AT, TRADES or
-MART) without S2O or RAT terms (ALGORITHMS.md section 3).
+MART) without S2O or RAT terms, plus the network's own losses
+(docs/algorithms.md, section 3; the warm-up count is section 9, item 3).
 """
 
 import tensorflow as tf

@@ -25,7 +25,7 @@ The reference computes ``yy1`` from ``t2_adv - t2_nat`` (the same matrix as
 ``yy2``) and handles only 10 or 100 classes; here ``yy1`` follows the paper by
 default, and ``reference_quirk=True`` reproduces the reference. With AWP, RAT
 uses no weight noise: the loss above is evaluated at the AWP-perturbed weights
-(ALGORITHMS.md section 5).
+(docs/algorithms.md, section 5; section 9, items 4 and 8).
 """
 
 import tensorflow as tf

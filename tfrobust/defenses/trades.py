@@ -2,7 +2,9 @@
 
 ``L = CE(f(x), y) + beta * KL(p(x) || p(x'))``, beta = 6, with no stop-gradient
 on either branch. The inner attack ascends ``KL(p(x) || p(x'))`` from
-``x + 0.001 N(0, 1)`` (ALGORITHMS.md sections 1 and 2).
+``x + 0.001 N(0, 1)``, clipped to [0, 1] unless the defense asks for the
+reference's unclipped start (docs/algorithms.md, sections 1 and 2; section 9
+lists the deviations from the reference code).
 """
 
 from tfrobust.attacks import cross_entropy, kl_divergence
