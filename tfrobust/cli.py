@@ -50,8 +50,11 @@ def train_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Adversarial training with weight-space defenses (AT, TRADES, MART + AWP, S2O, RAT).")
     p.add_argument("--config", help="YAML experiment file (default: the Fashion-MNIST defaults)")
     p.add_argument("--defense", help="e.g. at, trades, mart, awp, s2o, rat, trades+awp, trades+awp+s2o")
-    p.add_argument("--data", help="data set: fashion_mnist, mnist, cifar10, cifar100, svhn_cropped")
-    p.add_argument("--model", help="network: small_cnn, preact_resnet18, wide_resnet")
+    p.add_argument("--data", help="data: fashion_mnist, mnist, cifar10, cifar100, svhn_cropped, any tfds name, "
+                                  "an image folder (one sub-folder per class) or a .npz with x_train, y_train, x_test, y_test")
+    p.add_argument("--model", help="network: small_cnn, preact_resnet18, wide_resnet, a .keras file, or module:function "
+                                   "returning a Keras network (called with input_shape=, num_classes=); "
+                                   "images in [0, 1] -> logits")
     p.add_argument("--epochs", type=int, help="number of training epochs")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--workdir", help="run directory (default: runs/<data>-<defense>-<time>)")
@@ -80,15 +83,12 @@ def train_main(argv=None) -> int:
         from tfrobust import data as data_lib
         from tfrobust import models
 
-        data_lib.dataset_info(cfg.data.name)
-        if cfg.model.name not in models.MODELS:
-            from tfrobust.errors import unknown_choice
-
-            raise unknown_choice("model", cfg.model.name, models.MODELS)
+        data_lib.check_source(cfg.data.name)
+        models.check_model_name(cfg.model.name)
         if cfg.runtime.strategy == "multi_worker" and not args.workdir:
             raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
         workdir = args.workdir or os.path.join(
-            "runs", f"{cfg.data.name}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            "runs", f"{_run_label(cfg.data.name)}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         )
         from tfrobust import evaluation, experiment
 
@@ -104,12 +104,19 @@ def train_main(argv=None) -> int:
     return 0
 
 
+def _run_label(data_name: str) -> str:
+    """A file-name-safe label for a data source (a path becomes its last component)."""
+    base = os.path.basename(os.path.normpath(str(data_name))) or "data"
+    base = os.path.splitext(base)[0] if base.endswith(".npz") else base
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     from tfrobust.evaluation import attack_names_help
 
     p = _Parser(description="Robust accuracy of a SavedModel, a .keras file or a tfrobust run directory.")
     p.add_argument("--model", required=True, help="run directory, SavedModel directory or .keras file")
-    p.add_argument("--data", help="data set (default: the run's, else fashion_mnist)")
+    p.add_argument("--data", help="data set, image folder or .npz, as for training (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="directory with the data set's files")
     p.add_argument("--eps", type=float, help="attack budget (default: the run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
@@ -156,6 +163,7 @@ def evaluate_main(argv=None) -> int:
         from tfrobust import data as data_lib
 
         x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
+        loading.check_compatible(loaded, x, y)
         if args.integrity_examples < 0:
             raise UserError("--integrity-examples must be >= 0")
         start = time.time()
