@@ -255,3 +255,65 @@ def test_evaluate_refuses_a_model_that_does_not_fit_the_data(tmp_path, capsys, f
     my_nets.build((12, 10, 3), 3).save(path)
     code, err = run_main(evaluate_main, ["--model", path, "--data", npz], capsys)
     assert code == 2 and "does not accept images of shape (8, 8, 1)" in err and len(err.strip().splitlines()) == 1
+
+
+# --- end to end: a user's BatchNorm + regularizer network with trades+awp ---------------------
+
+
+@pytest.mark.slow
+def test_user_network_trained_with_trades_awp_by_fit_and_by_cli_then_reloaded_and_evaluated(
+        tmp_path, capsys, factory_module):
+    import json
+
+    import my_nets
+    import tfrobust as tr
+
+    npz = str(tmp_path / "d.npz")
+    write_npz(npz, n_train=60, n_test=20)
+    x_train, y_train = data.load_arrays(npz, "train")
+    x_train = x_train.astype(np.float32) / 255
+    x_test, y_test = data.load_test_arrays(npz)
+
+    # Through fit.
+    network = my_nets.build((12, 10, 3), 3)
+    assert network.losses  # the kernel regularizer
+    model = tr.RobustModel(network, tr.Defense("trades+awp", awp_warmup_epochs=1), eps=0.05, step_size=0.02,
+                           steps=1, steps_per_epoch=2, eval_steps=2)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), metrics=["sparse_categorical_accuracy"])
+    history = model.fit(x_train, y_train, batch_size=30, epochs=2, verbose=0).history
+    assert history["awp_relative_norm"][0] == 0 and history["awp_relative_norm"][1] > 0
+    assert all(np.isfinite(history["loss"]))
+    path = str(tmp_path / "fit.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert loaded.defense == model.defense and loaded.network.losses
+    moving = [v for v in loaded.network.non_trainable_variables if "moving_mean" in v.path]
+    assert moving and np.abs(moving[0].numpy()).max() > 0  # BatchNorm statistics were trained and saved
+    report = tr.evaluate(loaded.network, x_test, y_test, 0.05, attacks=("clean", "pgd5_ce"), verbose=False)
+    accuracy = report["accuracy"]
+    assert 0 <= accuracy["pgd5_ce"] <= accuracy["clean"] <= 1 and report["examples"] == 20
+
+    # Through the command line, with the network from module:function and the data from the .npz.
+    workdir = str(tmp_path / "run")
+    argv = ["--data", npz, "--model", f"{factory_module}:build", "--defense", "trades+awp", "--epochs", "2",
+            "--workdir", workdir]
+    for item in ("defense.awp.warmup_epochs=1", "data.validation_examples=10", "data.batch_size=25",
+                 "attack.eps=0.05", "attack.step_size=0.02", "attack.steps=1", "eval.pgd_steps=2",
+                 "eval.integrity_examples=0", "eval.images_every=0", "runtime.verbose=0"):
+        argv += ["--set", item]
+    assert train_main(argv) == 0
+    with open(os.path.join(workdir, "history.json")) as f:
+        run_history = json.load(f)
+    assert run_history["awp_relative_norm"][0] == 0 and run_history["awp_relative_norm"][1] > 0
+    trained = keras.models.load_model(os.path.join(workdir, "model.keras"))
+    assert trained.input_shape == (None, 12, 10, 3) and trained.output_shape == (None, 3)
+    assert trained.losses and any(isinstance(l, keras.layers.BatchNormalization) for l in trained.layers)
+    output = str(tmp_path / "eval.json")
+    assert evaluate_main(["--model", workdir, "--attacks", "clean,pgd5_ce", "--integrity-examples", "0",
+                          "--output", output]) == 0
+    with open(output) as f:
+        evaluated = json.load(f)
+    assert evaluated["data"] == npz and evaluated["examples"] == 20  # the run's data, found from its config
+    assert 0 <= evaluated["accuracy"]["pgd5_ce"] <= evaluated["accuracy"]["clean"] <= 1
