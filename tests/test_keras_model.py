@@ -241,6 +241,19 @@ def test_subclassed_network_ending_in_softmax_is_refused_at_fit(batch):
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)
 
 
+def test_unbuilt_network_ending_in_softmax_is_refused_when_fit_builds_it(batch):
+    x, y = batch
+    net = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])  # no Input
+    model = RobustModel(net, Defense("at"), eps=0.1, step_size=0.025, steps=1)
+    model.compile(optimizer="sgd")
+    with pytest.raises(UserError, match="probabilities"):
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    logits_net = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(10)])
+    model = RobustModel(logits_net, Defense("at"), eps=0.1, step_size=0.025, steps=1)
+    model.compile(optimizer="sgd")
+    assert np.isfinite(model.fit(x, y, batch_size=32, epochs=1, verbose=0).history["loss"][0])
+
+
 # --- Defense from a name, and the reference's unclipped Gaussian start -------------------
 
 

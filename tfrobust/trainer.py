@@ -123,7 +123,8 @@ def check_outputs_are_logits(network, input_shape=None, examples: int = 4) -> No
     if shape is None:
         return
     probe = np.random.default_rng(0).uniform(size=(examples,) + tuple(shape)).astype("float32")
-    out = np.asarray(tf.cast(network(probe, training=False), tf.float32))
+    with tf.init_scope():  # eagerly, also when Keras builds the model inside a graph
+        out = np.asarray(tf.cast(network(probe, training=False), tf.float32))
     if out.ndim != 2:
         raise UserError(f"the network must output logits of shape (batch, classes), got shape {out.shape}")
     if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
@@ -237,8 +238,9 @@ class RobustModel(keras.Model):
         self._eval_step_size_arg = eval_step_size
         self.eval_step_size = float(eval_step_size) if eval_step_size is not None else self.eps / 4.0
         self.seed = int(seed)
+        self._logits_checked = False
         if getattr(network, "built", False):
-            check_outputs_are_logits(network)
+            self._check_logits()
             self.built = True
         names = ["loss"] + self._term_names() + ["clean_accuracy", "adv_accuracy"]
         if defense.awp:
@@ -303,13 +305,23 @@ class RobustModel(keras.Model):
         """Builds an unbuilt network on ``input_shape`` and checks that it outputs logits."""
         if not self.network.built:
             self.network.build(input_shape)
-        check_outputs_are_logits(self.network, tuple(input_shape)[1:])
+        self._check_logits(tuple(input_shape)[1:])
         self.built = True
+
+    def _check_logits(self, input_shape=None):
+        """Runs :func:`check_outputs_are_logits` once, as soon as the input shape is known."""
+        if self._logits_checked:
+            return
+        shape = tuple(input_shape) if input_shape is not None else _probe_shape(self.network)
+        if shape is None or any(d is None for d in shape):
+            return
+        check_outputs_are_logits(self.network, shape)
+        self._logits_checked = True
 
     def fit(self, *args, callbacks=None, **kwargs):
         """Keras' fit; refuses an epoch length that would change AWP's warm-up."""
         if getattr(self.network, "built", False):
-            check_outputs_are_logits(self.network)
+            self._check_logits()
         callbacks = list(callbacks or [])
         if self.defense.awp and self.defense.awp_warmup_epochs > 0:
             callbacks.append(_WarmupLengthCheck())
@@ -465,6 +477,7 @@ class RobustModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
+        self._check_logits(x.shape[1:])  # at trace time, for a network built by its first batch
         d = self.defense
         weights = self._sample_weights(sample_weight, y)
         x_adv = self.adversarial_examples(x, y)
