@@ -308,3 +308,36 @@ def test_config_option_reaches_the_defense():
     cfg = load_config(overrides={"defense.name": "mart", "defense.unclipped_gaussian_start": "true"})
     assert parse_defense(cfg.defense.name, cfg.defense).attack_start == "gaussian_unclipped"
     assert parse_defense("mart").attack_start == "gaussian"
+
+
+# --- under tf.distribute ------------------------------------------------------------------
+
+
+def test_weights_and_regularizers_on_two_replicas_match_one_device(batch):
+    from tfrobust.config import RuntimeConfig
+    from tfrobust.experiment import build_strategy
+
+    x, y = batch[0][:32], batch[1][:32]
+    # Uneven weights: the first replica's half of the batch weighs more, so a per-replica
+    # normalisation (instead of the global sum of weights) would give a different step.
+    w = np.r_[np.full(16, 3.0), np.linspace(0.1, 1.0, 16)].astype("float32")
+
+    def one_step(strategy):
+        with strategy.scope():
+            model = RobustModel(regularized_cnn(l2=0.05, batch_norm=False, seed=3), Defense("at+awp"),
+                                eps=0.0, step_size=0.0, steps=0, seed=7)
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.0))
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y, w)).batch(32), epochs=1, verbose=0)
+        return model
+
+    single = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    mirrored = one_step(build_strategy(RuntimeConfig(strategy="mirrored", devices=["/cpu:0", "/cpu:1"])))
+    moved = 0.0
+    for a, b, w0 in zip(single.network.trainable_variables, mirrored.network.trainable_variables,
+                        regularized_cnn(l2=0.05, batch_norm=False, seed=3).trainable_variables):
+        replicas = [r.numpy() for r in b.value.values]
+        # eps = 0: no sign step amplifies rounding, so float32 summation order is the only difference.
+        np.testing.assert_allclose(replicas[0], a.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(replicas[0], replicas[1])
+        moved = max(moved, float(np.abs(a.numpy() - w0.numpy()).max()))
+    assert moved > 1e-3

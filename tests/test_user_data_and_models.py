@@ -317,3 +317,12 @@ def test_user_network_trained_with_trades_awp_by_fit_and_by_cli_then_reloaded_an
         evaluated = json.load(f)
     assert evaluated["data"] == npz and evaluated["examples"] == 20  # the run's data, found from its config
     assert 0 <= evaluated["accuracy"]["pgd5_ce"] <= evaluated["accuracy"]["clean"] <= 1
+
+
+def test_default_run_directory_names_the_data_by_its_last_component():
+    from tfrobust.cli import _run_label
+
+    assert _run_label("fashion_mnist") == "fashion_mnist"
+    assert _run_label("path/to/mydata.npz") == "mydata"
+    assert _run_label("./images/") == "images"
+    assert _run_label("mnist_corrupted/shot_noise") == "shot_noise"

@@ -187,8 +187,8 @@ class RobustModel(keras.Model):
         the moving statistics are left exactly as they were).
       steps_per_epoch: optimizer steps per epoch, which turns AWP's warm-up
         (in epochs) into steps. Required when the defense has a warm-up
-        (``trades+awp`` has 10 epochs by default); ``fit`` refuses a
-        different number of steps per epoch.
+        (``trades+awp`` has 10 epochs by default); ``fit`` refuses epochs of
+        a different length whenever Keras knows their length.
       weight_decay: L2 penalty ``wd/2 ||w||^2`` on all trainable variables,
         added to the loss (as PyTorch SGD's weight_decay; with AWP it is
         taken at the perturbed weights, as in the reference).
