@@ -229,9 +229,14 @@ def run_main(main, argv, capsys):
 
 
 def test_train_refuses_bad_user_pieces_in_one_line(tmp_path, capsys, factory_module):
+    import my_nets
+
     npz = str(tmp_path / "d.npz")
     write_npz(npz)
+    other_shape = str(tmp_path / "gray.keras")
+    my_nets.build((8, 8, 1), 3).save(other_shape)
     cases = [
+        (["--data", npz, "--model", other_shape], "does not accept images of shape (12, 10, 3)"),
         (["--data", str(tmp_path / "no.npz")], "data file not found"),
         (["--data", str(tmp_path / "nodir") + "/"], "data folder not found"),
         (["--data", npz, "--model", str(tmp_path / "no.keras")], "model file not found"),
@@ -244,6 +249,7 @@ def test_train_refuses_bad_user_pieces_in_one_line(tmp_path, capsys, factory_mod
         code, err = run_main(train_main, argv + ["--workdir", str(workdir)], capsys)
         assert code == 2, err
         assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not workdir.exists()  # nothing is created for a run that cannot start
 
 
 def test_evaluate_refuses_a_model_that_does_not_fit_the_data(tmp_path, capsys, factory_module):

@@ -85,6 +85,12 @@ def train_main(argv=None) -> int:
 
         data_lib.check_source(cfg.data.name)
         models.check_model_name(cfg.model.name)
+        if models.model_kind(cfg.model.name) != "builtin":
+            # The user's network is checked against the data before a run directory is made.
+            from tfrobust.trainer import check_outputs_are_logits
+
+            info = data_lib.source_info(cfg.data.name, cfg.data.data_dir)
+            check_outputs_are_logits(models.user_network(cfg.model.name, info.image_shape, info.num_classes))
         if cfg.runtime.strategy == "multi_worker" and not args.workdir:
             raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
         workdir = args.workdir or os.path.join(
