@@ -332,3 +332,19 @@ def test_default_run_directory_names_the_data_by_its_last_component():
     assert _run_label("path/to/mydata.npz") == "mydata"
     assert _run_label("./images/") == "images"
     assert _run_label("mnist_corrupted/shot_noise") == "shot_noise"
+
+
+def test_normalisation_from_the_config_overrides_the_data(tmp_path):
+    path = str(tmp_path / "d.npz")
+    write_npz(path)
+    cfg = DataConfig(name=path, validation_examples=10, mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.25])
+    info = data.load_datasets(cfg).info
+    assert info.mean == (0.5, 0.4, 0.3) and info.std == (0.2, 0.2, 0.25)
+    net = models.network_for(ModelConfig(name="small_cnn"), info, seed=0)
+    norm = net.get_layer(models.NORMALIZATION_LAYER)
+    np.testing.assert_allclose(np.ravel(norm.mean), [0.5, 0.4, 0.3], rtol=1e-6)
+    with pytest.raises(UserError, match="need 3 values"):
+        data.load_datasets(DataConfig(name=path, validation_examples=10, mean=[0.5]))
+    from tfrobust.config import load_config
+
+    assert load_config(overrides={"data.mean": "[0.1, 0.2, 0.3]"}).data.mean == [0.1, 0.2, 0.3]

@@ -39,6 +39,10 @@ class DataConfig:
     # 32x32 data sets; ignored for 28x28 ones.
     augment: bool = True
     shuffle_buffer: int = 10000
+    # Per-channel normalisation of the built-in networks; None: measured on the
+    # training images (the user's data) or the data set's known constants.
+    mean: Optional[list] = None
+    std: Optional[list] = None
 
 
 @dataclass

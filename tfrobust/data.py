@@ -628,6 +628,14 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     one epoch.
     """
     info = source_info(cfg.name, cfg.data_dir)
+    if cfg.mean is not None or cfg.std is not None:
+        channels = info.image_shape[-1]
+        mean = tuple(float(m) for m in (cfg.mean if cfg.mean is not None else [0.0] * channels))
+        std = tuple(float(v) for v in (cfg.std if cfg.std is not None else [1.0] * channels))
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise UserError(f"data.mean and data.std need {channels} values (one per channel), std > 0; "
+                            f"got {list(mean)} and {list(std)}")
+        info = dataclasses.replace(info, mean=mean, std=std)
     if cfg.batch_size <= 0 or cfg.eval_batch_size <= 0:
         raise UserError("data.batch_size and data.eval_batch_size must be > 0")
     for key in ("train_examples", "test_examples"):
