@@ -39,4 +39,5 @@ def test_guide_examples_run(tmp_path, monkeypatch, capsys):
     result = namespace["result"]
     assert 0 <= result["worst_case"] <= min(result["per_attack"].values()) <= result["clean"] <= 1
     assert set(namespace["report"]["accuracy"]) == {"clean", "fgsm", "pgd5_ce"}
-    assert (tmp_path / "landscape.png").exists() and (tmp_path / "runs" / "mydata" / "report.json").exists()
+    assert namespace["datasets"].info.image_shape == (28, 28, 1)  # taken from the .npz
+    assert (tmp_path / "landscape.png").exists() and (tmp_path / "runs" / "mydata" / "model.keras").exists()

@@ -304,7 +304,7 @@ def test_user_network_trained_with_trades_awp_by_fit_and_by_cli_then_reloaded_an
     # Through the command line, with the network from module:function and the data from the .npz.
     workdir = str(tmp_path / "run")
     argv = ["--data", npz, "--model", f"{factory_module}:build", "--defense", "trades+awp", "--epochs", "2",
-            "--workdir", workdir]
+            "--workdir", workdir, "--no-eval"]  # evaluated below by evaluate.py
     for item in ("defense.awp.warmup_epochs=1", "data.validation_examples=10", "data.batch_size=25",
                  "attack.eps=0.05", "attack.step_size=0.02", "attack.steps=1", "eval.pgd_steps=2",
                  "eval.integrity_examples=0", "eval.images_every=0", "runtime.verbose=0"):
