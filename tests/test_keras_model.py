@@ -152,7 +152,7 @@ def test_awp_ascent_includes_regularization_losses(batch, name):
 # --- sample weights ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["at", "at+awp", "trades"])
+@pytest.mark.parametrize("name", ["at+awp", "trades"])
 def test_zero_sample_weights_equal_training_on_the_rest(batch, name):
     x, y = batch
     weights = np.r_[np.ones(32), np.zeros(32)].astype("float32")
