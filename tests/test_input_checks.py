@@ -202,13 +202,17 @@ def test_bad_config_files_and_devices(tmp_path, capsys, monkeypatch):
     assert code == 2 and "cannot be read: Permission denied" in err and len(err.strip().splitlines()) == 1
 
 
-def test_python_api_refuses_a_string_defense_and_bad_budgets(network):
+def test_python_api_refuses_a_bad_defense_and_bad_budgets(network):
     from tfrobust.attacks import pgd
     from tfrobust.defenses import parse_defense
     from tfrobust.trainer import RobustModel
 
-    with pytest.raises(UserError, match="defense must be a Defense"):
-        RobustModel(network, "trades", eps=0.1, step_size=0.025, steps=2)
+    # A name is a defense (tr.Defense("trades")); anything else is refused in one line.
+    assert RobustModel(network, "trades", eps=0.1, step_size=0.025, steps=2).defense == parse_defense("trades")
+    with pytest.raises(UserError, match="defense must be a Defense or a defense name"):
+        RobustModel(network, {"name": "trades"}, eps=0.1, step_size=0.025, steps=2)
+    with pytest.raises(UserError, match="unknown defense 'tradse'"):
+        RobustModel(network, "tradse", eps=0.1, step_size=0.025, steps=2)
     with pytest.raises(UserError, match="eps must be finite"):
         RobustModel(network, parse_defense("at"), eps=float("nan"), step_size=0.025, steps=2)
     with pytest.raises(UserError, match="steps must be between 0 and 1000"):

@@ -6,7 +6,7 @@ adversarial inputs inside the eps-ball around ``x`` and inside [0, 1]. An
 attack never changes a model variable: it reads the model only through
 ``model_fn``. All functions work eagerly and inside ``tf.function``.
 
-Threat model and defaults follow ALGORITHMS.md section 1:
+Threat model and defaults follow docs/algorithms.md, section 1:
 PGD (Madry et al., ICLR 2018, eq. 2 and section 2.1): a random start, then
 ``steps`` projected steps along the sign of the gradient (L-inf) or its
 normalised direction (L2).
@@ -153,6 +153,7 @@ def pgd(
     clean_logits=None,
     x_init=None,
     gradient_scale: float = 1.0,
+    project_start: bool = True,
 ):
     """Projected gradient ascent on a per-example loss (Madry et al. 2018, eq. 2).
 
@@ -175,6 +176,9 @@ def pgd(
         (the step uses only the gradient's sign or direction, so the scale
         cancels); a large value keeps float16 gradients from underflowing.
         Non-finite gradient entries count as zero.
+      project_start: False takes the first gradient at ``x_init`` as given,
+        even outside [0, 1] (the reference code's unclipped Gaussian start);
+        every step is projected either way.
 
     Returns:
       Adversarial images ``x'`` with ``||x' - x|| <= eps`` and ``x'`` in [0, 1].
@@ -189,7 +193,9 @@ def pgd(
         clean_logits = model_fn(x)
     if x_init is None:
         x_init = random_start(x, eps, norm, random_start_kind, seed)
-    x_adv = project(tf.convert_to_tensor(x_init, tf.float32), x, eps, norm)
+    x_adv = tf.convert_to_tensor(x_init, tf.float32)
+    if project_start or int(steps) == 0:
+        x_adv = project(x_adv, x, eps, norm)
 
     def step(x_adv):
         with tf.GradientTape() as tape:
@@ -212,3 +218,19 @@ def pgd(
 def fgsm(model_fn: Callable, x, y, eps, norm: str = "linf"):
     """Fast gradient (sign) method (Goodfellow et al., ICLR 2015, eq. 3): one step of size eps from x."""
     return pgd(model_fn, x, y, eps, eps, 1, norm=norm, loss="ce", random_start_kind="none")
+
+
+__all__ = [
+    "NORMS",
+    "LOSSES",
+    "STARTS",
+    "cross_entropy",
+    "cw_margin",
+    "kl_divergence",
+    "kl_from_probabilities",
+    "project",
+    "random_start",
+    "attack_loss",
+    "pgd",
+    "fgsm",
+]

@@ -390,3 +390,13 @@ def write_hparams(log_dir: str, config: dict) -> None:
     walk("", config)
     with tf.summary.create_file_writer(os.path.join(log_dir, "hparams")).as_default():
         hp.hparams(flat)
+
+
+__all__ = [
+    "TrainingDiverged",
+    "EpochBackup",
+    "NonFiniteLossGuard",
+    "LearningRateLogger",
+    "AdversarialExamplesImages",
+    "write_hparams",
+]

@@ -112,8 +112,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML experiment file, or the name of a packaged config (--list-configs); "
                    "default: the Fashion-MNIST defaults")
     p.add_argument("--defense", help="e.g. at, trades, mart, awp, s2o, rat, trades+awp, trades+awp+s2o")
-    p.add_argument("--data", help="data set: fashion_mnist, mnist, cifar10, cifar100, svhn_cropped")
-    p.add_argument("--model", help="network: small_cnn, preact_resnet18, wide_resnet")
+    p.add_argument("--data", help="data: fashion_mnist, mnist, cifar10, cifar100, svhn_cropped, any tfds name, "
+                                  "an image folder (one sub-folder per class) or a .npz with x_train, y_train, x_test, y_test")
+    p.add_argument("--model", help="network: small_cnn, preact_resnet18, wide_resnet, a .keras file, or module:function "
+                                   "returning a Keras network (called with input_shape=, num_classes=); "
+                                   "images in [0, 1] -> logits")
     p.add_argument("--epochs", type=int, help="number of training epochs")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--workdir", help="run directory (default: runs/<data>-<defense>-<time>)")
@@ -158,8 +161,19 @@ def train_main(argv=None) -> int:
         from tfrobust.defenses import parse_defense
 
         cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name
+        from tfrobust import data as data_lib
+        from tfrobust import models
+
+        data_lib.check_source(cfg.data.name)
+        models.check_model_name(cfg.model.name)
+        if models.model_kind(cfg.model.name) != "builtin":
+            # The user's network is checked against the data before a run directory is made.
+            from tfrobust.trainer import check_outputs_are_logits
+
+            info = data_lib.source_info(cfg.data.name, cfg.data.data_dir)
+            check_outputs_are_logits(models.user_network(cfg.model.name, info.image_shape, info.num_classes))
         workdir = args.workdir or os.path.join(
-            "runs", f"{cfg.data.name}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            "runs", f"{_run_label(cfg.data.name)}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         )
         from tfrobust import evaluation, experiment
 
@@ -178,12 +192,19 @@ def train_main(argv=None) -> int:
     return 0
 
 
+def _run_label(data_name: str) -> str:
+    """A file-name-safe label for a data source (a path becomes its last component)."""
+    base = os.path.basename(os.path.normpath(str(data_name))) or "data"
+    base = os.path.splitext(base)[0] if base.endswith(".npz") else base
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     from tfrobust.attack_names import attack_names_help
 
     p = _Parser(description="Robust accuracy of a SavedModel, a .keras file or a tfrobust run directory.")
     p.add_argument("--model", required=True, help="run directory, SavedModel directory or .keras file")
-    p.add_argument("--data", help="data set (default: the run's, else fashion_mnist)")
+    p.add_argument("--data", help="data set, image folder or .npz, as for training (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="directory with the data set's files")
     p.add_argument("--eps", type=float, help="attack budget (default: the run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
@@ -226,6 +247,7 @@ def evaluate_main(argv=None) -> int:
         from tfrobust import data as data_lib
 
         x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
+        loading.check_compatible(loaded, x, y)
         start = time.time()
         report = evaluation.evaluate(
             loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,

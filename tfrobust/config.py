@@ -40,6 +40,10 @@ class DataConfig:
     # 32x32 data sets; ignored for 28x28 ones.
     augment: bool = True
     shuffle_buffer: int = 10000
+    # Per-channel normalisation of the built-in networks; None: measured on the
+    # training images (the user's data) or the data set's known constants.
+    mean: Optional[list] = None
+    std: Optional[list] = None
 
 
 @dataclass
@@ -54,7 +58,7 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    """The inner maximisation used during training (ALGORITHMS.md section 1)."""
+    """The inner maximisation used during training (docs/algorithms.md, section 1)."""
 
     norm: str = "linf"  # linf | l2
     eps: float = 0.1
@@ -98,6 +102,9 @@ class DefenseConfig:
     awp: AWPConfig = field(default_factory=AWPConfig)
     s2o: S2OConfig = field(default_factory=S2OConfig)
     rat: RATConfig = field(default_factory=RATConfig)
+    # Start the TRADES/MART/RAT attack at x + 0.001 N(0, 1) without clipping to
+    # [0, 1], as the reference code does (docs/algorithms.md, section 9, item 1).
+    unclipped_gaussian_start: bool = False
 
 
 @dataclass
@@ -388,10 +395,8 @@ def validate(config: ExperimentConfig) -> None:
     ]
     from tfrobust.defense_names import check_defense_name
 
-    if config.data.name not in DATA_SETS:
-        raise unknown_choice("data set", config.data.name, DATA_SETS)
-    if config.model.name not in MODEL_NAMES:
-        raise unknown_choice("model", config.model.name, MODEL_NAMES)
+    _check_data_name(str(config.data.name))
+    _check_model_name(str(config.model.name))
     check_defense_name(config.defense.name)
     _check_numbers(config)
     decay_at = config.optim.decay_at
@@ -419,6 +424,34 @@ def validate(config: ExperimentConfig) -> None:
 MAX_INT = 2**31 - 1
 
 
+def _check_data_name(name: str) -> None:
+    """Refuses a missing data file or folder at once; other names are tfds names, checked once TensorFlow loads.
+
+    The kinds follow :func:`tfrobust.data.source_kind`.
+    """
+    if name in DATA_SETS:
+        return
+    if name.lower().endswith(".npz"):
+        if not os.path.isfile(name):
+            raise UserError(f"data file not found: {name}")
+    elif name.startswith(("/", ".", "~")) and not os.path.isdir(name):
+        raise UserError(f"data folder not found: {name}")
+
+
+def _check_model_name(name: str) -> None:
+    """A built-in network, an existing .keras file, or module:function (imported later)."""
+    if name in MODEL_NAMES or ":" in name:
+        return
+    if name.endswith(".keras"):
+        if not os.path.isfile(name):
+            raise UserError(f"model file not found: {name}")
+        return
+    raise UserError(
+        f"unknown model {name!r}; allowed: {', '.join(sorted(MODEL_NAMES))}, a .keras file, "
+        "or module:function (a function returning a Keras network)"
+    )
+
+
 def _check_numbers(config, prefix: str = "") -> None:
     """Every number in the config is finite, every integer fits TensorFlow's int32 (huge values are typos)."""
     import math
@@ -438,3 +471,30 @@ def _check_numbers(config, prefix: str = "") -> None:
             for item in value:
                 if isinstance(item, float) and not math.isfinite(item):
                     raise UserError(f"config key {key!r} must hold finite numbers, got {item}")
+
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "AttackConfig",
+    "AWPConfig",
+    "S2OConfig",
+    "RATConfig",
+    "DefenseConfig",
+    "OptimConfig",
+    "EvalConfig",
+    "RuntimeConfig",
+    "ExperimentConfig",
+    "STRATEGIES",
+    "DATA_SETS",
+    "MODEL_NAMES",
+    "PACKAGED_CONFIGS",
+    "packaged_configs",
+    "resolve_config",
+    "PRECISIONS",
+    "to_dict",
+    "load_config",
+    "set_value",
+    "parse_overrides",
+    "validate",
+]

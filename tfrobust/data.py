@@ -6,8 +6,22 @@ original distribution; Fashion-MNIST is also found in
 package is installed. Every other data set, and these two when no IDX files
 are at hand, comes through ``tensorflow_datasets``.
 
-Images stay ``uint8`` in memory and are turned into ``float32`` values in
-``[0, 1]`` inside the pipeline. A validation split is held out from the
+``data.name`` may also name the user's own data (see :func:`source_kind`):
+
+- an image folder with one sub-folder per class (read with
+  ``keras.utils.image_dataset_from_directory``), split into ``train/`` and
+  ``test/`` sub-folders or else with a fixed 20% held out as the test split;
+  the image size and channels are those of its first image;
+- a ``.npz`` file with ``x_train, y_train, x_test, y_test`` (images
+  ``(N, H, W)`` or ``(N, H, W, C)``, uint8 or floats in [0, 1]; integer labels);
+- any tensorflow_datasets name with ``train`` and ``test`` splits.
+
+For these, the image shape, the number of classes and the per-channel mean
+and standard deviation (used by the built-in networks' normalisation layer)
+are taken from the data, and no augmentation is applied.
+
+Images stay ``uint8`` (or the user's float32) in memory and are turned into
+``float32`` values in ``[0, 1]`` inside the pipeline. A validation split is held out from the
 training split with a permutation fixed by a seed, so it never overlaps the
 examples trained on and never touches the test set.
 """
@@ -89,9 +103,10 @@ _IDX_TYPES = {
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """Shape, number of classes and normalisation constants of ``name``."""
+    """Shape, number of classes and normalisation constants of a built-in data set (see :func:`source_info`)."""
     if name not in _INFO:
-        raise unknown_choice("data set", name, SUPPORTED)
+        check_source(name)
+        raise UserError(f"data set {name!r} is not built in ({', '.join(SUPPORTED)}); source_info describes any data source")
     return _INFO[name]
 
 
@@ -244,6 +259,221 @@ def _check_network(name: str, timeout: float = 5.0) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The user's own data: an image folder, a .npz file or any tfds name
+
+# Image files image_dataset_from_directory reads.
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# The part of a class-per-sub-folder image folder held out as its test split
+# when it has no train/ and test/ sub-folders (a fixed permutation, seed 0).
+FOLDER_TEST_FRACTION = 0.2
+_CUSTOM_CACHE: dict = {}
+
+
+def source_kind(name: str) -> str:
+    """What ``data.name`` refers to: ``builtin``, ``folder``, ``npz`` or ``tfds``.
+
+    A built-in name wins; a name ending in ``.npz`` is a file; an existing
+    directory, or a name that starts like a path (``/``, ``.``, ``~``), is an
+    image folder; any other name (``kmnist``, ``mnist_corrupted/shot_noise``)
+    is looked up in tensorflow_datasets.
+    """
+    name = str(name)
+    if name in _INFO:
+        return "builtin"
+    if name.lower().endswith(".npz"):
+        return "npz"
+    if os.path.isdir(name) or name.startswith(("/", ".", "~")):
+        return "folder"
+    return "tfds"
+
+
+def check_source(name: str) -> None:
+    """Refuses a data source that cannot exist, before anything is built (one-line UserError)."""
+    kind = source_kind(name)
+    if kind == "npz" and not os.path.isfile(name):
+        raise UserError(f"data file not found: {name}")
+    if kind == "folder" and not os.path.isdir(name):
+        raise UserError(f"data folder not found: {name}")
+    if kind == "tfds":
+        import tensorflow_datasets as tfds
+
+        try:
+            tfds.builder_cls(name.split("/")[0].split(":")[0])
+        except Exception:  # tfds raises its own not-found error kinds
+            allowed = ", ".join(sorted(SUPPORTED))
+            raise UserError(
+                f"unknown data set {name!r}; allowed: {allowed}, any tensorflow_datasets name, "
+                "an image folder (one sub-folder per class) or a .npz file"
+            ) from None
+
+
+def _unit_float(x: np.ndarray) -> np.ndarray:
+    """Images as float32 in [0, 1]: uint8 divided by 255, floats as they are."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    return x.astype(np.float32)
+
+
+def _check_images(x, y, where: str) -> tuple:
+    """Validates one split of user data: NHWC images (uint8, or floats in [0, 1]) and integer labels."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4) or min(x.shape[1:3], default=0) < 1:
+        raise UserError(f"{where} must hold images of shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(f"{where} has {len(x)} images but labels of shape {y.shape}; need one integer label per image")
+    if y.size and (y.dtype.kind not in "iu" and not np.all(np.mod(y, 1) == 0)):
+        raise UserError(f"{where} has non-integer labels")
+    if y.size and y.min() < 0:
+        raise UserError(f"{where} has negative labels")
+    if x.dtype != np.uint8:
+        if x.dtype.kind not in "fiu":
+            raise UserError(f"{where} holds images of type {x.dtype}; need uint8 or floats in [0, 1]")
+        if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or np.isnan(x).any()):
+            raise UserError(f"{where} holds non-uint8 images outside [0, 1]; scale them to [0, 1] or store uint8")
+        x = x.astype(np.float32)
+    return x, y.astype(np.int64)
+
+
+def _load_npz(path: str) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zlib.error) as e:
+        raise UserError(f"{path} could not be read as a .npz file: {str(e).splitlines()[0]}") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; a .npz data set needs x_train, y_train, x_test, y_test")
+    train = _check_images(arrays["x_train"], arrays["y_train"], f"{path} x_train/y_train")
+    test = _check_images(arrays["x_test"], arrays["y_test"], f"{path} x_test/y_test")
+    return {"train": train, "test": test, "classes": None}
+
+
+def _first_image_shape(directory: str) -> tuple:
+    for root, _, files in sorted(os.walk(directory)):
+        for f in sorted(files):
+            if f.lower().endswith(_IMAGE_EXTENSIONS):
+                path = os.path.join(root, f)
+                try:
+                    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+                except tf.errors.OpError:
+                    raise UserError(f"{path} is not a readable image") from None
+                return tuple(int(d) for d in image.shape)
+    raise UserError(f"data folder {directory} holds no images ({', '.join(_IMAGE_EXTENSIONS)}) in class sub-folders")
+
+
+def _read_folder(directory: str, shape: tuple, class_names=None) -> tuple:
+    import keras
+
+    modes = {1: "grayscale", 3: "rgb", 4: "rgba"}
+    if shape[-1] not in modes:
+        raise UserError(f"images in {directory} have {shape[-1]} channels; need 1, 3 or 4")
+    try:
+        ds = keras.utils.image_dataset_from_directory(
+            directory, labels="inferred", label_mode="int", class_names=class_names,
+            color_mode=modes[shape[-1]], image_size=shape[:2], batch_size=None, shuffle=False, verbose=False,
+        )
+    except ValueError as e:
+        raise UserError(f"data folder {directory}: {str(e).splitlines()[0]}") from None
+    names = list(ds.class_names)
+    xs, ys = [], []
+    for x, y in ds.batch(1024).as_numpy_iterator():
+        xs.append(np.round(x).clip(0, 255).astype(np.uint8))
+        ys.append(y)
+    if not xs:
+        raise UserError(f"data folder {directory} holds no images in class sub-folders")
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), names
+
+
+def _load_folder(directory: str) -> dict:
+    """A class-per-sub-folder image folder; ``train/`` and ``test/`` sub-folders when present.
+
+    The image size and channels are those of the first image (every other
+    image is resized to it); the classes are the sub-folder names, sorted.
+    Without ``train/`` and ``test/``, a fixed ``FOLDER_TEST_FRACTION`` of the
+    images (a permutation with seed 0) is the test split.
+    """
+    train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
+    if os.path.isdir(train_dir) and os.path.isdir(test_dir):
+        shape = _first_image_shape(train_dir)
+        x_train, y_train, names = _read_folder(train_dir, shape)
+        test_names = sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d)))
+        if test_names != names:
+            raise UserError(f"{test_dir} has classes {test_names}, but {train_dir} has {names}")
+        x_test, y_test, _ = _read_folder(test_dir, shape, names)
+    else:
+        shape = _first_image_shape(directory)
+        x, y, names = _read_folder(directory, shape)
+        order = np.random.default_rng(0).permutation(len(x))
+        cut = len(x) - max(1, int(round(FOLDER_TEST_FRACTION * len(x))))
+        if cut < 1:
+            raise UserError(f"data folder {directory} has too few images ({len(x)}) to hold out a test split")
+        x_train, y_train, x_test, y_test = x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+    return {"train": (x_train, y_train), "test": (x_test, y_test), "classes": len(names)}
+
+
+def _load_tfds_any(name: str, data_dir: Optional[str]) -> dict:
+    import tensorflow_datasets as tfds
+
+    splits = {}
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        label = builder.info.features.get("label") if hasattr(builder.info.features, "get") else None
+        classes = getattr(label, "num_classes", None)
+        for split in ("train", "test"):
+            ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, shuffle_files=False)
+            xs, ys = [], []
+            for x, y in tfds.as_numpy(ds.batch(4096)):
+                xs.append(x)
+                ys.append(y)
+            splits[split] = _check_images(np.concatenate(xs), np.concatenate(ys), f"data set {name!r} {split} split")
+    except UserError:
+        raise
+    except Exception as e:  # tfds raises many kinds when it cannot find, download or batch the data.
+        raise UserError(
+            f"data set {name!r} could not be loaded through tensorflow_datasets "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    return dict(splits, classes=classes)
+
+
+def _custom(name: str, data_dir: Optional[str]) -> dict:
+    """Both splits and the class count of a user data source (read once per process)."""
+    key = (os.path.abspath(name) if source_kind(name) != "tfds" else name, data_dir)
+    if key not in _CUSTOM_CACHE:
+        check_source(name)
+        kind = source_kind(name)
+        loaded = {"npz": _load_npz, "folder": _load_folder}[kind](name) if kind != "tfds" else _load_tfds_any(name, data_dir)
+        (x_train, y_train), (x_test, y_test) = loaded["train"], loaded["test"]
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise UserError(f"data {name}: training images have shape {x_train.shape[1:]} but test images {x_test.shape[1:]}")
+        if len(x_train) == 0:
+            raise UserError(f"data {name} has no training images")
+        classes = loaded["classes"] or int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+        if max(y_train.max(initial=0), y_test.max(initial=0)) >= classes:
+            raise UserError(f"data {name} has labels outside 0..{classes - 1}")
+        if classes < 2:
+            raise UserError(f"data {name} has only one class")
+        unit = _unit_float(x_train)
+        axes = tuple(range(unit.ndim - 1))
+        std = np.maximum(unit.std(axis=axes), 1e-3)
+        info = DatasetInfo(name, tuple(int(d) for d in x_train.shape[1:]), classes,
+                           tuple(float(m) for m in unit.mean(axis=axes)), tuple(float(s) for s in std))
+        _CUSTOM_CACHE[key] = {"info": info, "train": (x_train, y_train), "test": (x_test, y_test)}
+    return _CUSTOM_CACHE[key]
+
+
+def source_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
+    """Shape, class count and per-channel mean/std of any data source (taken from the data for the user's own)."""
+    if source_kind(name) == "builtin":
+        return dataset_info(name)
+    return _custom(name, data_dir)["info"]
+
+
+# ---------------------------------------------------------------------------
 # Arrays
 
 
@@ -276,12 +506,15 @@ def load_arrays(
     Returns:
       ``uint8`` images of shape (N, H, W, C) and ``int64`` labels of shape (N,).
     """
-    info = dataset_info(name)
     if split not in _IDX_FILES:
         raise unknown_choice("split", split, tuple(_IDX_FILES))
     if limit is not None and limit < 0:
         raise UserError(f"limit must be >= 0, got {limit}")
     _check_data_dir(data_dir)
+    if source_kind(name) != "builtin":
+        x, y = _custom(name, data_dir)[split]
+        return (x, y) if limit is None else (x[:limit], y[:limit])
+    info = dataset_info(name)
     directories = []
     if data_dir is not None:
         directories.append(data_dir)
@@ -299,7 +532,7 @@ def load_arrays(
 def load_test_arrays(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> tuple:
     """The test split as ``float32`` images in [0, 1] (NHWC) and ``int32`` labels."""
     x, y = load_arrays(name, "test", data_dir=data_dir, limit=limit)
-    return x.astype(np.float32) / np.float32(255.0), y.astype(np.int32)
+    return _unit_float(x), y.astype(np.int32)
 
 
 def split_indices(num_examples: int, validation_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -330,8 +563,10 @@ def augment_options(name: str, augment: bool = True) -> Optional[dict]:
 
     32x32 data sets get a 4-pixel pad and random crop, plus a random
     horizontal flip except on SVHN, whose digits are not mirror symmetric.
-    28x28 data sets are not augmented.
+    28x28 data sets and the user's own data are not augmented.
     """
+    if source_kind(name) != "builtin":
+        return None
     info = dataset_info(name)
     if not augment or info.image_shape[:2] != (32, 32):
         return None
@@ -372,6 +607,8 @@ def augment_batch(images: tf.Tensor, seed, pad: int = CROP_PADDING, flip_probabi
 
 
 def _to_float(x, y):
+    if x.dtype != tf.uint8:  # the user's float images, already in [0, 1]
+        return tf.cast(x, tf.float32), tf.cast(y, tf.int32)
     return tf.cast(x, tf.float32) / 255.0, tf.cast(y, tf.int32)
 
 
@@ -433,7 +670,15 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     ``train`` is shuffled anew (and augmented) on each pass; one pass is
     one epoch.
     """
-    info = dataset_info(cfg.name)
+    info = source_info(cfg.name, cfg.data_dir)
+    if cfg.mean is not None or cfg.std is not None:
+        channels = info.image_shape[-1]
+        mean = tuple(float(m) for m in (cfg.mean if cfg.mean is not None else [0.0] * channels))
+        std = tuple(float(v) for v in (cfg.std if cfg.std is not None else [1.0] * channels))
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise UserError(f"data.mean and data.std need {channels} values (one per channel), std > 0; "
+                            f"got {list(mean)} and {list(std)}")
+        info = dataclasses.replace(info, mean=mean, std=std)
     if cfg.batch_size <= 0 or cfg.eval_batch_size <= 0:
         raise UserError("data.batch_size and data.eval_batch_size must be > 0")
     for key in ("train_examples", "test_examples"):
@@ -469,4 +714,26 @@ def load_training_arrays(cfg: DataConfig, seed: int = 0) -> tuple:
     ``float32`` images in [0, 1] and ``int32`` labels: for measuring how
     robust a network is on its own training data."""
     (x, y), _ = _split(cfg, seed)
-    return x.astype(np.float32) / np.float32(255.0), y.astype(np.int32)
+    return _unit_float(x), y.astype(np.int32)
+
+
+__all__ = [
+    "SUPPORTED",
+    "DEBIAN_FASHION_MNIST_DIR",
+    "CROP_PADDING",
+    "DatasetInfo",
+    "Datasets",
+    "dataset_info",
+    "read_idx",
+    "load_arrays",
+    "load_test_arrays",
+    "split_indices",
+    "augment_options",
+    "augment_batch",
+    "load_datasets",
+    "load_training_arrays",
+    "FOLDER_TEST_FRACTION",
+    "source_kind",
+    "check_source",
+    "source_info",
+]

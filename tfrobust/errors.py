@@ -53,3 +53,6 @@ def check_steps(name: str, value, minimum: int = 0, maximum: int = 1000) -> int:
     if not minimum <= number <= maximum:
         raise UserError(f"{name} must be between {minimum} and {maximum}, got {number}")
     return number
+
+
+__all__ = ["UserError", "unknown_choice", "check_number", "check_steps"]

@@ -7,7 +7,7 @@ returns accuracies as fractions in [0, 1] under keys that name the attack:
 - ``fgsm``: one signed-gradient step of size eps (Goodfellow et al. 2015);
 - ``pgd<N>_ce`` / ``pgd<N>_cw``: N-step PGD with a uniform random start on
   cross-entropy / on the Carlini-Wagner margin (Madry et al. 2018; Carlini &
-  Wagner 2017), step eps/4 unless given (2/255 at eps 8/255, ALGORITHMS.md
+  Wagner 2017), step eps/4 unless given (2/255 at eps 8/255, docs/algorithms.md,
   section 7);
 - ``apgd_ce``, ``apgd_t``, ``fab_t``, ``square``: the AutoAttack components
   (Croce & Hein, ICML 2020; :mod:`tfrobust.autoattack`), run in that order as
@@ -295,3 +295,16 @@ def to_json(report: dict) -> str:
     """The report without per-example arrays, as JSON."""
     clean = {k: v for k, v in report.items() if k not in ("correct", "_autoattack_integrity")}
     return json.dumps(clean, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+__all__ = [
+    "DEFAULT_ATTACKS",
+    "AUTOATTACK",
+    "ENSEMBLES",
+    "attack_names_help",
+    "parse_attacks",
+    "evaluate",
+    "integrity",
+    "format_table",
+    "to_json",
+]

@@ -166,11 +166,7 @@ def build(config: ExperimentConfig, datasets=None):
 
 
 def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
-    network = models.build_model(
-        config.model.name, info.image_shape, info.num_classes, info.mean, info.std,
-        depth=config.model.depth, width=config.model.width,
-        cnn_width=config.model.cnn_width, seed=config.runtime.seed,
-    )
+    network = models.network_for(config.model, info, seed=config.runtime.seed)
     model = RobustModel(
         network, defense,
         eps=config.attack.eps, step_size=config.attack.step_size, steps=config.attack.steps,
@@ -422,3 +418,17 @@ def _evaluate_run(config, workdir, train_seconds, verbose):
         report["models"]["last" if which == "model.keras" else "best"] = result
     callbacks_lib.atomic_write(os.path.join(workdir, REPORT), evaluation.to_json(report))
     return report
+
+
+__all__ = [
+    "FINISHED",
+    "build_strategy",
+    "jit_setting",
+    "learning_rate_schedule",
+    "prepare_workdir",
+    "build",
+    "train",
+    "flatness_monitor",
+    "save_networks",
+    "train_and_evaluate",
+]

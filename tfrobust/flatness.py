@@ -2,7 +2,7 @@
 
 Implements the scale-invariant flatness measures of Stutz, Hein and Schiele,
 "Relating Adversarially Robust Generalization to Flat Minima", ICCV 2021
-(arXiv:2104.04448; ALGORITHMS.md section 6). The paper's definitions, as
+(arXiv:2104.04448; docs/algorithms.md, section 6). The paper's definitions, as
 numbered in this package:
 
 (F1) robust loss

@@ -7,7 +7,7 @@ Athalye, Carlini and Wagner ("Obfuscated gradients give a false sense of
 security", ICML 2018) and Carlini et al. ("On evaluating adversarial
 robustness", 2019) list the symptoms tested here, and Croce and Hein (ICML
 2020, AutoAttack) warn when Square Attack beats the gradient attacks
-(ALGORITHMS.md section 7):
+(docs/algorithms.md, section 7):
 
 1. ``robust_le_clean``: no attack raises accuracy above clean accuracy.
 2. ``eps0_equals_clean``: an attack with eps = 0 gives exactly the clean
@@ -358,3 +358,16 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
                    "large_eps_steps": 20, "apgd_iters": int(apgd_iters), "square_queries": int(square_queries)},
         "seconds": time.time() - start,
     }
+
+
+__all__ = [
+    "LARGE_EPS_MAX_ACCURACY",
+    "STEPS_TOLERANCE_EXAMPLES",
+    "GRADIENT_FREE_MAX_FRACTION",
+    "GRADIENT_FREE_ALLOWED_EXAMPLES",
+    "GRADIENT_ATTACKS",
+    "GRADIENT_FREE_ATTACKS",
+    "integrity_checks",
+    "from_autoattack",
+    "run_integrity_probes",
+]

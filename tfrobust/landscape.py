@@ -1,7 +1,7 @@
 """Loss landscapes in weight space, as numbers and PNG plots.
 
 Stutz, Hein and Schiele, "Relating Adversarially Robust Generalization to Flat
-Minima", ICCV 2021, loss-landscape visualisations (ALGORITHMS.md section 6):
+Minima", ICCV 2021, loss-landscape visualisations (docs/algorithms.md, section 6):
 the robust loss ``RLoss(w + s * d)`` ((F1) in :mod:`tfrobust.flatness`) along
 a direction ``d`` in weight space, for ``s`` in ``[-1, 1]``, re-running PGD at
 every point. The direction is random (Gaussian) or adversarial (the final

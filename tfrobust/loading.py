@@ -80,6 +80,25 @@ def load(path: str, which: str = "last") -> LoadedModel:
     raise UserError(f"{path} is neither a tfrobust run directory, a SavedModel nor a .keras file")
 
 
+def check_compatible(loaded: LoadedModel, x, y) -> None:
+    """Refuses, with a one-line UserError, a model that cannot classify these images and labels."""
+    import numpy as np
+
+    if len(x) == 0:
+        raise UserError("the data has no test examples")
+    try:
+        out = loaded.model_fn(tf.constant(x[:1]))
+    except Exception as e:  # a shape mismatch surfaces as several exception types
+        raise UserError(
+            f"model {loaded.path} does not accept images of shape {tuple(x.shape[1:])} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if len(out.shape) != 2 or int(out.shape[-1]) <= int(np.max(y)):
+        raise UserError(
+            f"model {loaded.path} outputs shape {tuple(out.shape)}, but the data has labels up to {int(np.max(y))}"
+        )
+
+
 def evaluation_settings(loaded: LoadedModel, data=None, eps=None, norm=None, data_dir=None) -> dict:
     """Data set and threat model: command line first, then the run's config, then defaults."""
     cfg = loaded.run_config or {}
@@ -91,3 +110,6 @@ def evaluation_settings(loaded: LoadedModel, data=None, eps=None, norm=None, dat
         eps = 0.1 if data in ("fashion_mnist", "mnist") else 8 / 255
     norm = norm or cfg.get("attack", {}).get("norm") or "linf"
     return {"data": data, "data_dir": data_dir, "eps": float(eps), "norm": norm}
+
+
+__all__ = ["LoadedModel", "load", "check_compatible", "evaluation_settings"]

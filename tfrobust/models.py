@@ -13,10 +13,18 @@ on the last layer's weights find it with ``model.get_layer("logits")``.
 
 BatchNormalization uses momentum 0.9 and epsilon 1e-5 (PyTorch's defaults);
 ResNet convolutions have no bias.
+
+``model.name`` may also name the user's own network (:func:`network_for`): a
+``.keras`` file, or ``module:function``, a function called as
+``function(input_shape=(H, W, C), num_classes=K)`` that returns a Keras model.
+Either must map float32 images in [0, 1] to logits.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from typing import Optional
 
 import keras
@@ -203,3 +211,96 @@ def build_model(
         outputs = _wide_resnet(x, num_classes, depth, width, init)
         model_name = f"wide_resnet_{depth}_{width}"
     return keras.Model(inputs, outputs, name=model_name)
+
+
+def model_kind(name: str) -> str:
+    """What ``model.name`` refers to: ``builtin``, ``keras_file`` or ``factory`` (``module:function``)."""
+    name = str(name)
+    if name in MODELS:
+        return "builtin"
+    if name.endswith(".keras"):
+        return "keras_file"
+    if ":" in name:
+        return "factory"
+    raise UserError(
+        f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}, a .keras file, "
+        "or module:function (a function returning a Keras network)"
+    )
+
+
+def check_model_name(name: str) -> None:
+    """Refuses a model name that cannot work, before any data is loaded (one-line UserError)."""
+    kind = model_kind(name)
+    if kind == "keras_file" and not os.path.isfile(name):
+        raise UserError(f"model file not found: {name}")
+    if kind == "factory":
+        _factory(name)
+
+
+def _factory(name: str):
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"model {name!r} must be module:function, e.g. mypackage.nets:build")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module next to where the command runs, as `python -m` finds it
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"model factory {name!r}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"model factory {name!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def user_network(name: str, input_shape: tuple, num_classes: int) -> keras.Model:
+    """The user's network: a ``.keras`` file, or ``module:function`` called as
+    ``function(input_shape=(H, W, C), num_classes=K)``.
+
+    The network must map float32 images in [0, 1] of ``input_shape`` to
+    ``num_classes`` logits (any normalisation inside it); a mismatch is a
+    one-line UserError.
+    """
+    kind = model_kind(name)
+    input_shape = tuple(int(d) for d in input_shape)
+    if kind == "keras_file":
+        check_model_name(name)
+        try:
+            network = keras.saving.load_model(name, compile=False)
+        except Exception as e:  # Keras raises many kinds for an unreadable file or an unknown class.
+            raise UserError(f"model file {name} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    else:
+        network = _factory(name)(input_shape=input_shape, num_classes=int(num_classes))
+    if not isinstance(network, keras.Model):
+        raise UserError(f"model {name!r} gave a {type(network).__name__}, not a keras.Model")
+    probe = np.zeros((1,) + input_shape, np.float32)
+    try:
+        out = network(probe, training=False)
+    except Exception as e:  # a shape mismatch surfaces as several exception types
+        raise UserError(
+            f"model {name!r} does not accept images of shape {input_shape} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if len(out.shape) != 2 or int(out.shape[-1]) != int(num_classes):
+        raise UserError(f"model {name!r} outputs shape {tuple(out.shape)}, but the data has {num_classes} classes")
+    return network
+
+
+def network_for(config, info, seed: Optional[int] = None) -> keras.Model:
+    """The network a :class:`~tfrobust.config.ModelConfig` names, for data described by ``info``.
+
+    Built-in networks normalise with the data's per-channel mean and std; the
+    user's own networks are used as they are.
+    """
+    if model_kind(config.name) == "builtin":
+        return build_model(
+            config.name, info.image_shape, info.num_classes, info.mean, info.std,
+            depth=config.depth, width=config.width, cnn_width=config.cnn_width, seed=seed,
+        )
+    return user_network(config.name, info.image_shape, info.num_classes)
+
+
+__all__ = [
+    "MODELS", "LOGITS_LAYER", "NORMALIZATION_LAYER", "build_model",
+    "model_kind", "check_model_name", "user_network", "network_for",
+]

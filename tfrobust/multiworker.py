@@ -401,3 +401,15 @@ def _train(config, strategy, task, workdir, write_dir):
     _write_history_csv(os.path.join(write_dir, "history.csv"), history)
     experiment.save_networks(model, write_dir, has_validation)
     return model, datasets, history
+
+
+__all__ = [
+    "TF_CONFIG",
+    "JOBS",
+    "ClusterTask",
+    "parse_tf_config",
+    "is_chief",
+    "multi_worker_strategy",
+    "replica_batches",
+    "train_multi_worker",
+]

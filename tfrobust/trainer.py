@@ -1,6 +1,6 @@
 """RobustModel: a keras.Model whose ``train_step`` performs adversarial training.
 
-One compiled step does, for a batch ``(x, y)`` (ALGORITHMS.md sections 1-5):
+One compiled step does, for a batch ``(x, y)`` (docs/algorithms.md, sections 1-5):
 
 1. the inner attack of the base objective (PGD on CE for AT, on KL for
    TRADES, on CE from a Gaussian start for MART); for RAT against randomly
@@ -27,6 +27,8 @@ import tensorflow as tf
 from tfrobust import attacks
 from tfrobust.defenses import Defense, awp, rat, s2o
 from tfrobust.errors import UserError, check_number, check_steps
+
+__all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "last_dense_kernel"]
 
 
 def _replica_context():
@@ -72,6 +74,9 @@ def start_point(x, eps, norm, kind, seed):
         return x
     if kind == "gaussian":
         return tf.clip_by_value(x + 0.001 * _global_slice("normal", x, seed), 0.0, 1.0)
+    if kind == "gaussian_unclipped":
+        # The reference code's start: not clipped to [0, 1] (docs/algorithms.md, section 9, item 1).
+        return x + 0.001 * _global_slice("normal", x, seed)
     if norm == "linf":
         return tf.clip_by_value(x + eps * _global_slice("uniform", x, seed), 0.0, 1.0)
     # L2: a uniform point of the ball, from a Gaussian direction and a radius eps * u^(1/d).
@@ -83,6 +88,65 @@ def start_point(x, eps, norm, kind, seed):
     return tf.clip_by_value(x + direction * eps * tf.pow(u, 1.0 / dims), 0.0, 1.0)
 
 
+def _probe_shape(network):
+    """The input shape (without batch) of a built network, or None when unknown."""
+    inputs = getattr(network, "inputs", None)
+    try:
+        if inputs:
+            shape = tuple(inputs[0].shape[1:])
+        else:
+            build = network.get_build_config() or {}
+            shape = build.get("input_shape")
+            shape = tuple(shape[1:]) if shape is not None else None
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    if not shape or any(d is None for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def check_outputs_are_logits(network, input_shape=None, examples: int = 4) -> None:
+    """Refuses a network whose outputs look like probabilities instead of logits.
+
+    The network is called in inference mode on a fixed probe batch of images
+    uniform in [0, 1]; if every output row is non-negative and sums to 1
+    (within 1e-4), the network most likely ends in a softmax, and the
+    objectives, which apply their own softmax, would silently train the wrong
+    thing. Does nothing when the input shape is unknown.
+
+    Raises:
+      UserError: the outputs are probabilities.
+    """
+    import numpy as np
+
+    shape = tuple(input_shape) if input_shape is not None else _probe_shape(network)
+    if shape is None:
+        return
+    probe = np.random.default_rng(0).uniform(size=(examples,) + tuple(shape)).astype("float32")
+    with tf.init_scope():  # eagerly, also when Keras builds the model inside a graph
+        out = np.asarray(tf.cast(network(probe, training=False), tf.float32))
+    if out.ndim != 2:
+        raise UserError(f"the network must output logits of shape (batch, classes), got shape {out.shape}")
+    if np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
+        raise UserError(
+            "the network outputs probabilities (non-negative rows summing to 1), not logits; "
+            "remove its final softmax: tfrobust's objectives apply softmax themselves"
+        )
+
+
+class _WarmupLengthCheck(keras.callbacks.Callback):
+    """Stops fit when its epoch length differs from the model's ``steps_per_epoch``."""
+
+    def on_train_begin(self, logs=None):
+        steps = self.params.get("steps") if self.params else None
+        expected = self.model.steps_per_epoch
+        if steps is not None and steps != expected:
+            raise UserError(
+                f"fit runs {steps} steps per epoch but the model was built with steps_per_epoch={expected}; "
+                f"AWP's warm-up of {self.model.defense.awp_warmup_epochs} epochs would not last that many epochs"
+            )
+
+
 def last_dense_kernel(network):
     """The kernel of the network's last Dense layer (S2O's and RAT's W)."""
     for layer in reversed(network.layers):
@@ -91,20 +155,45 @@ def last_dense_kernel(network):
     raise ValueError("the network has no Dense layer; RAT needs a last Dense layer")
 
 
+@keras.saving.register_keras_serializable(package="tfrobust")
 class RobustModel(keras.Model):
     """Wraps a network (images in [0, 1] -> logits) with an adversarial train_step.
 
+    A regular Keras model: ``compile``/``fit``/``evaluate``, callbacks
+    (``ModelCheckpoint``, ``BackupAndRestore``), ``save("x.keras")`` and
+    ``keras.models.load_model`` all work; the defense is saved by name and
+    hyperparameters, the network as a nested Keras object.
+
+    In the objective, beyond the defense's own terms:
+
+    - the network's own losses (``network.losses``: kernel/activity
+      regularizers) are added to the training loss and to AWP's ascent loss,
+      divided by the replica count like the rest of the hand-built loss;
+    - ``sample_weight`` (a third element of each batch, as in Keras) makes the
+      loss a weighted mean ``sum_n w_n L_n / sum_n w_n`` of the per-example
+      objective (also in AWP's ascent); the attack and the batch statistics
+      of S2O and RAT's soft targets stay unweighted;
+    - metrics passed to ``compile(metrics=[...])`` are updated on the
+      adversarial logits (the training attack in ``fit``, PGD in ``evaluate``).
+
     Args:
-      network: a built Keras model mapping float32 NHWC images in [0, 1] to logits.
-      defense: a resolved :class:`~tfrobust.defenses.Defense`.
-      eps, step_size, steps, norm: the training attack.
+      network: a built Keras model mapping float32 NHWC images in [0, 1] to
+        logits. A network that outputs probabilities is refused (checked on a
+        probe batch when its input shape is known).
+      defense: a :class:`~tfrobust.defenses.Defense` (or a defense name).
+      eps, step_size, steps: the training attack.
+      norm: ``"linf"`` or ``"l2"``.
       bn_mode: BatchNorm mode during the attack: "eval" or "train" (in both,
         the moving statistics are left exactly as they were).
-      steps_per_epoch: used to express AWP's warm-up in steps.
+      steps_per_epoch: optimizer steps per epoch, which turns AWP's warm-up
+        (in epochs) into steps. Required when the defense has a warm-up
+        (``trades+awp`` has 10 epochs by default); ``fit`` refuses epochs of
+        a different length whenever Keras knows their length.
       weight_decay: L2 penalty ``wd/2 ||w||^2`` on all trainable variables,
         added to the loss (as PyTorch SGD's weight_decay; with AWP it is
         taken at the perturbed weights, as in the reference).
-      eval_steps, eval_step_size: PGD used by ``test_step``.
+      eval_steps, eval_step_size: PGD used by ``test_step`` (step size
+        default ``eps / 4``).
       seed: base seed of every random draw in the step.
     """
 
@@ -117,18 +206,29 @@ class RobustModel(keras.Model):
         steps: int,
         norm: str = "linf",
         bn_mode: str = "eval",
-        steps_per_epoch: int = 1,
+        steps_per_epoch: Optional[int] = None,
         weight_decay: float = 0.0,
         eval_steps: int = 20,
         eval_step_size: Optional[float] = None,
         seed: int = 0,
         **kwargs,
     ):
+        if isinstance(defense, str):
+            defense = Defense(defense)
         if not isinstance(defense, Defense):
-            raise UserError(f"defense must be a Defense (tfrobust.defenses.parse_defense({defense!r})), got {type(defense).__name__}")
+            raise UserError(f"defense must be a Defense or a defense name such as 'trades+awp', got {type(defense).__name__}")
         eps, step_size = check_number("eps", eps), check_number("step_size", step_size)
         steps, eval_steps = check_steps("steps", steps), check_steps("eval_steps", eval_steps)
         super().__init__(**kwargs)
+        if norm not in ("linf", "l2"):
+            raise UserError(f"unknown norm {norm!r}; allowed: l2, linf")
+        if bn_mode not in ("eval", "train"):
+            raise UserError(f"unknown bn_mode {bn_mode!r}; allowed: eval, train")
+        if defense.awp and defense.awp_warmup_epochs > 0 and steps_per_epoch is None:
+            raise UserError(
+                f"defense {defense.name!r} has an AWP warm-up of {defense.awp_warmup_epochs} epochs: "
+                "pass steps_per_epoch=... (optimizer steps per epoch), or set awp_warmup_epochs=0"
+            )
         self.network = network
         self.defense = defense
         self.eps = float(eps)
@@ -136,11 +236,16 @@ class RobustModel(keras.Model):
         self.steps = int(steps)
         self.norm = norm
         self.bn_mode = bn_mode
-        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.steps_per_epoch = max(int(steps_per_epoch), 1) if steps_per_epoch is not None else None
         self.weight_decay = float(weight_decay)
         self.eval_steps = int(eval_steps)
+        self._eval_step_size_arg = eval_step_size
         self.eval_step_size = float(eval_step_size) if eval_step_size is not None else self.eps / 4.0
         self.seed = int(seed)
+        self._logits_checked = False
+        if getattr(network, "built", False):
+            self._check_logits()
+            self.built = True
         names = ["loss"] + self._term_names() + ["clean_accuracy", "adv_accuracy"]
         if defense.awp:
             names.append("awp_relative_norm")
@@ -157,12 +262,91 @@ class RobustModel(keras.Model):
 
     # -- Keras plumbing ---------------------------------------------------
 
+    def get_config(self):
+        """Everything the constructor takes; the defense as its name and hyperparameters."""
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "network": keras.saving.serialize_keras_object(self.network),
+            "defense": self.defense.hyperparameters(),
+            "eps": self.eps,
+            "step_size": self.step_size,
+            "steps": self.steps,
+            "norm": self.norm,
+            "bn_mode": self.bn_mode,
+            "steps_per_epoch": self.steps_per_epoch,
+            "weight_decay": self.weight_decay,
+            "eval_steps": self.eval_steps,
+            "eval_step_size": self._eval_step_size_arg,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        network = keras.saving.deserialize_keras_object(config.pop("network"))
+        defense = Defense(**config.pop("defense"))
+        return cls(network, defense, **config)
+
+    def compile(self, optimizer="rmsprop", loss=None, **kwargs):
+        """Keras' compile without ``loss``: the defense's objective is the loss.
+
+        ``metrics=[...]`` are updated on the adversarial logits.
+        """
+        if loss is not None:
+            raise UserError("RobustModel trains on its defense's objective; compile it without loss=")
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config):
+        """Recompiles a loaded model (optimizer, metrics) so its saved optimizer state can be restored."""
+        config = keras.saving.deserialize_keras_object(config)
+        config.pop("loss", None)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def build(self, input_shape):
+        """Builds an unbuilt network on ``input_shape`` and checks that it outputs logits."""
+        if not self.network.built:
+            self.network.build(input_shape)
+        self._check_logits(tuple(input_shape)[1:])
+        self.built = True
+
+    def _check_logits(self, input_shape=None):
+        """Runs :func:`check_outputs_are_logits` once, as soon as the input shape is known."""
+        if self._logits_checked:
+            return
+        shape = tuple(input_shape) if input_shape is not None else _probe_shape(self.network)
+        if shape is None or any(d is None for d in shape):
+            return
+        check_outputs_are_logits(self.network, shape)
+        self._logits_checked = True
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """Keras' fit; refuses an epoch length that would change AWP's warm-up."""
+        if getattr(self.network, "built", False):
+            self._check_logits()
+        callbacks = list(callbacks or [])
+        if self.defense.awp and self.defense.awp_warmup_epochs > 0:
+            callbacks.append(_WarmupLengthCheck())
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
 
     @property
     def metrics(self):
-        return list(self.trackers.values()) + list(self.val_trackers.values())
+        compiled = getattr(self, "_compile_metrics", None)
+        return list(self.trackers.values()) + list(self.val_trackers.values()) + ([compiled] if compiled else [])
+
+    def _compiled_results(self, y, logits, sample_weight):
+        """Updates the metrics given to compile() and returns their results."""
+        compiled = getattr(self, "_compile_metrics", None)
+        if compiled is None:
+            return {}
+        compiled.update_state(y, logits, sample_weight)
+        result = compiled.result()
+        return dict(result) if isinstance(result, dict) else {compiled.name: result}
 
     def _term_names(self):
         d = self.defense
@@ -212,10 +396,11 @@ class RobustModel(keras.Model):
             for v, w, u in zip(noisy, saved_kernels, noise):
                 v.assign(w + u)
         model_fn = self._attack_model_fn()
-        x_init = start_point(x, self.eps, self.norm, objective.ATTACK_START, self._seed(1))
+        x_init = start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(1))
         x_adv = attacks.pgd(
             model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm,
             loss=objective.ATTACK_LOSS, x_init=x_init, gradient_scale=self._attack_gradient_scale(),
+            project_start=self.defense.attack_start != "gaussian_unclipped",
         )
         if saved_kernels is not None:
             self._restore(noisy, saved_kernels)
@@ -223,17 +408,38 @@ class RobustModel(keras.Model):
             self._restore(state, saved_state)
         return x_adv
 
-    def _base_loss(self, x, x_adv, y, training=True):
-        """Mean base objective over the global batch (divided by the replica count)."""
+    def _base_loss(self, x, x_adv, y, training=True, weights=None):
+        """Mean base objective over the global batch (divided by the replica count), plus the network's losses."""
         logits_adv = self.network(x_adv, training=training)
         logits_clean = self.network(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
         primary, regulariser, _ = self.defense.objective.loss_terms(logits_clean, logits_adv, y, self.defense.beta)
-        return self._global_mean(primary + regulariser)
+        loss = self._global_mean(primary + regulariser, weights)
+        network_losses = self._network_losses()
+        return loss if network_losses is None else loss + network_losses
 
-    def _global_mean(self, per_example):
-        return tf.reduce_mean(per_example) / _num_replicas()
+    def _global_mean(self, per_example, weights=None):
+        """This replica's share of the global mean; ``weights = (w, global sum of w)`` makes it weighted."""
+        if weights is None:
+            return tf.reduce_mean(per_example) / _num_replicas()
+        w, total = weights
+        return tf.math.divide_no_nan(tf.reduce_sum(w * tf.cast(per_example, tf.float32)), total)
 
-    def ascent_gradients(self, x, x_adv, y):
+    @staticmethod
+    def _sample_weights(sample_weight, y):
+        """``(w, sum of w over the global batch)`` for a weighted mean, or None without weights."""
+        if sample_weight is None:
+            return None
+        w = tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
+        return w, _all_reduce_sum(tf.reduce_sum(w))
+
+    def _network_losses(self):
+        """The network's own losses (regularizers), divided by the replica count; None if it has none."""
+        losses = self.network.losses
+        if not losses:
+            return None
+        return tf.add_n([tf.cast(l, tf.float32) for l in losses]) / _num_replicas()
+
+    def ascent_gradients(self, x, x_adv, y, weights=None):
         """This replica's gradient of the base objective w.r.t. AWP's kernels; BatchNorm state is left unchanged."""
         kernels = awp.perturbed_variables(self.network.trainable_variables)
         state = self.network.non_trainable_variables
@@ -241,7 +447,7 @@ class RobustModel(keras.Model):
         with tf.GradientTape() as tape:
             # Scaled like the training loss so float16 gradients do not underflow;
             # AWP normalises the gradient, so the scale cancels.
-            loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, training=True))
+            loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, training=True, weights=weights))
         grads = tape.gradient(loss, kernels)
         grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(kernels, grads)]
         # An overflowed (non-finite) gradient gives no perturbation: a NaN added
@@ -251,7 +457,7 @@ class RobustModel(keras.Model):
         self._restore(state, saved_state)
         return grads
 
-    def weight_perturbation(self, x, x_adv, y, active=True):
+    def weight_perturbation(self, x, x_adv, y, active=True, weights=None):
         """AWP's ``v``, one entry per perturbed kernel (zeros when ``active`` is False).
 
         The gradient is all-reduced across replicas outside of any conditional
@@ -260,11 +466,11 @@ class RobustModel(keras.Model):
         """
         kernels = awp.perturbed_variables(self.network.trainable_variables)
         if active is True:
-            grads = self.ascent_gradients(x, x_adv, y)
+            grads = self.ascent_gradients(x, x_adv, y, weights)
         else:
             grads = tf.cond(
                 active,
-                lambda: self.ascent_gradients(x, x_adv, y),
+                lambda: self.ascent_gradients(x, x_adv, y, weights),
                 lambda: [tf.zeros_like(k.value) for k in kernels],
             )
         grads = _all_reduce_sum(grads)
@@ -273,16 +479,18 @@ class RobustModel(keras.Model):
     # -- the steps ----------------------------------------------------------
 
     def train_step(self, data):
-        x, y = data[0], tf.cast(data[1], tf.int32)
-        x = tf.cast(x, tf.float32)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
+        self._check_logits(x.shape[1:])  # at trace time, for a network built by its first batch
         d = self.defense
+        weights = self._sample_weights(sample_weight, y)
         x_adv = self.adversarial_examples(x, y)
 
         kernels, saved_kernels, perturbation = [], None, None
         if d.awp:
             kernels = awp.perturbed_variables(self.network.trainable_variables)
-            active = self.optimizer.iterations >= d.awp_warmup_epochs * self.steps_per_epoch
-            perturbation = self.weight_perturbation(x, x_adv, y, active)
+            active = self.optimizer.iterations >= d.awp_warmup_epochs * (self.steps_per_epoch or 1)
+            perturbation = self.weight_perturbation(x, x_adv, y, active, weights)
             saved_kernels = self._snapshot(kernels)
             for k, w, v in zip(kernels, saved_kernels, perturbation):
                 k.assign(w + v)
@@ -311,7 +519,10 @@ class RobustModel(keras.Model):
                     g_nat, g_adv = _all_reduce_sum([g_nat, g_adv])
                     targets["rat"] = rat.taylor_targets(g_nat, g_adv, y, d.rat_reference_quirk)
             per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets)
-            loss = self._global_mean(per_example)
+            loss = self._global_mean(per_example, weights)
+            network_losses = self._network_losses()
+            if network_losses is not None:
+                loss = loss + network_losses
             penalty = 0.0
             if self.weight_decay:
                 penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in variables])
@@ -332,9 +543,11 @@ class RobustModel(keras.Model):
             self.trackers[name].update_state(tf.reduce_mean(value))
         for name, value in extra.items():
             self.trackers[name].update_state(value)
-        self.trackers["clean_accuracy"].update_state(y, logits_clean)
-        self.trackers["adv_accuracy"].update_state(y, logits_adv)
-        return {name: t.result() for name, t in self.trackers.items()}
+        self.trackers["clean_accuracy"].update_state(y, logits_clean, sample_weight)
+        self.trackers["adv_accuracy"].update_state(y, logits_adv, sample_weight)
+        results = {name: t.result() for name, t in self.trackers.items()}
+        results.update(self._compiled_results(y, logits_adv, sample_weight))
+        return results
 
     def _objective_terms(self, y, logits_clean, logits_adv, targets):
         """Per-example objective (base, then S2O or RAT terms) and its named terms.
@@ -359,14 +572,21 @@ class RobustModel(keras.Model):
 
     def test_step(self, data):
         """Clean and PGD accuracy (``eval_steps`` steps, uniform start) on validation data."""
-        x, y = tf.cast(data[0], tf.float32), tf.cast(data[1], tf.int32)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
         model_fn = lambda inputs: tf.cast(self.network(inputs, training=False), tf.float32)  # noqa: E731
         logits = model_fn(x)
         seed = tf.constant([self.seed * 1000 + 7, 0], tf.int32)
         x_init = start_point(x, self.eps, self.norm, "uniform", seed)
         x_adv = attacks.pgd(model_fn, x, y, self.eps, self.eval_step_size, self.eval_steps, norm=self.norm, x_init=x_init)
         logits_adv = model_fn(x_adv)
-        self.val_trackers["clean_accuracy"].update_state(y, logits)
-        self.val_trackers["pgd_accuracy"].update_state(y, logits_adv)
-        self.val_trackers["pgd_loss"].update_state(tf.reduce_mean(attacks.cross_entropy(logits_adv, y)))
-        return {name: t.result() for name, t in self.val_trackers.items()}
+        self.val_trackers["clean_accuracy"].update_state(y, logits, sample_weight)
+        self.val_trackers["pgd_accuracy"].update_state(y, logits_adv, sample_weight)
+        pgd_loss = attacks.cross_entropy(logits_adv, y)
+        if sample_weight is None:
+            self.val_trackers["pgd_loss"].update_state(tf.reduce_mean(pgd_loss))  # one value per batch
+        else:
+            self.val_trackers["pgd_loss"].update_state(pgd_loss, sample_weight)
+        results = {name: t.result() for name, t in self.val_trackers.items()}
+        results.update(self._compiled_results(y, logits_adv, sample_weight))
+        return results

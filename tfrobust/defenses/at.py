@@ -1,7 +1,7 @@
 """PGD adversarial training (Madry et al., ICLR 2018, eq. 2.1).
 
 Outer objective ``L = CE(f(x'), y)``; the inner attack is PGD on the
-cross-entropy from a uniform random start (ALGORITHMS.md sections 1 and 2).
+cross-entropy from a uniform random start (docs/algorithms.md, sections 1 and 2).
 """
 
 from tfrobust.attacks import cross_entropy
@@ -21,3 +21,6 @@ def loss_terms(logits_clean, logits_adv, y, beta=None):
     """
     ce = cross_entropy(logits_adv, y)
     return ce, 0.0 * ce, {"ce_adv": ce}
+
+
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "DEFAULT_BETA", "loss_terms"]

@@ -14,7 +14,8 @@ The reference takes one SGD step on a proxy copy of the model and uses the
 difference of the weights; that difference is ``lr * g``, which the
 normalisation cancels, so the direct gradient gives the same ``v`` without a
 copy of the model. The ascent uses the plain base objective (AT, TRADES or
-MART) without S2O or RAT terms (ALGORITHMS.md section 3).
+MART) without S2O or RAT terms, plus the network's own losses
+(docs/algorithms.md, section 3; the warm-up count is section 9, item 3).
 """
 
 import tensorflow as tf
@@ -51,3 +52,13 @@ def relative_size(weights, perturbation):
     """Mean over layers of ``||v_l|| / ||w_l||`` (logged to TensorBoard)."""
     ratios = [tf.norm(v) / (tf.norm(tf.convert_to_tensor(w)) + 1e-20) for w, v in zip(weights, perturbation)]
     return tf.reduce_mean(tf.stack(ratios)) if ratios else tf.constant(0.0)
+
+
+__all__ = [
+    "NAME",
+    "DEFAULT_GAMMA",
+    "DEFAULT_WARMUP_EPOCHS",
+    "perturbed_variables",
+    "adversarial_weight_perturbation",
+    "relative_size",
+]

@@ -4,7 +4,9 @@ With ``k* = argmax_{k != y} p_k(x')``:
 ``BCE = CE(f(x'), y) - log(1.0001 - p_{k*}(x') + 1e-12)`` and
 ``L = BCE + beta * mean_n[KL(p(x_n) || p(x'_n)) * (1.0000001 - p_y(x_n))]``,
 beta = 6. The inner attack is PGD on CE from ``x + 0.001 N(0, 1)``.
-The constants 1.0001, 1e-12 and 1.0000001 are the reference's.
+The constants 1.0001, 1e-12 and 1.0000001 are the reference's; its KL from
+``log(p(x') + 1e-12)`` is computed exactly from log-softmax here
+(docs/algorithms.md, section 2 and section 9, items 1 and 2).
 """
 
 import tensorflow as tf
@@ -35,3 +37,14 @@ def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
     p_true = tf.reduce_sum(p_clean * onehot, axis=-1)
     weighted_kl = kl_divergence(logits_clean, logits_adv) * (1.0000001 - p_true)
     return bce, beta * weighted_kl, {"bce": bce, "weighted_kl": weighted_kl}
+
+
+__all__ = [
+    "NAME",
+    "ATTACK_LOSS",
+    "ATTACK_START",
+    "NEEDS_CLEAN_LOGITS",
+    "DEFAULT_BETA",
+    "boosted_cross_entropy",
+    "loss_terms",
+]

@@ -25,7 +25,7 @@ The reference computes ``yy1`` from ``t2_adv - t2_nat`` (the same matrix as
 ``yy2``) and handles only 10 or 100 classes; here ``yy1`` follows the paper by
 default, and ``reference_quirk=True`` reproduces the reference. With AWP, RAT
 uses no weight noise: the loss above is evaluated at the AWP-perturbed weights
-(ALGORITHMS.md section 5).
+(docs/algorithms.md, section 5; section 9, items 4 and 8).
 """
 
 import tensorflow as tf
@@ -95,3 +95,16 @@ def taylor_terms(logits_clean, logits_adv, targets):
     first = 0.5 * (kl_from_probabilities(y1, logits_adv) + kl_from_probabilities(y2, logits_clean))
     second = 0.5 * (kl_from_probabilities(yy1, logits_adv) + kl_from_probabilities(yy2, logits_clean))
     return first, second
+
+
+__all__ = [
+    "NAME",
+    "DEFAULT_ALPHA",
+    "DEFAULT_SIGMA",
+    "noisy_variables",
+    "weight_noise",
+    "class_gradient_sums",
+    "reg_gap",
+    "taylor_targets",
+    "taylor_terms",
+]

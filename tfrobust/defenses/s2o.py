@@ -14,7 +14,7 @@ the second moment of the logits ``z = W h`` (``z z^T = W h h^T W^T``):
 M is built from clean logits for the clean term and from adversarial logits
 for the adversarial term, and the total objective is
 ``(1 - a) * primary + (a / 2) (L_S2O(x) + L_S2O(x')) + regulariser`` with
-a = 0.1 for AT and 0.3 for TRADES and MART (ALGORITHMS.md section 4). The
+a = 0.1 for AT and 0.3 for TRADES and MART (docs/algorithms.md, section 4). The
 reference hard-codes c = 0.8 (10 classes) or 0.98 (100); ``1 - 2/C`` gives
 both and works for any C.
 """
@@ -69,3 +69,14 @@ def correlation_statistic(moment):
     off = corr * (1.0 - tf.eye(tf.shape(moment)[0], dtype=tf.float32))
     return tf.norm(off)
 
+
+
+__all__ = [
+    "NAME",
+    "DEFAULT_A",
+    "second_moment",
+    "soft_target_matrix",
+    "soft_targets",
+    "s2o_loss",
+    "correlation_statistic",
+]

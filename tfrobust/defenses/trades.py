@@ -2,7 +2,9 @@
 
 ``L = CE(f(x), y) + beta * KL(p(x) || p(x'))``, beta = 6, with no stop-gradient
 on either branch. The inner attack ascends ``KL(p(x) || p(x'))`` from
-``x + 0.001 N(0, 1)`` (ALGORITHMS.md sections 1 and 2).
+``x + 0.001 N(0, 1)``, clipped to [0, 1] unless the defense asks for the
+reference's unclipped start (docs/algorithms.md, sections 1 and 2; section 9
+lists the deviations from the reference code).
 """
 
 from tfrobust.attacks import cross_entropy, kl_divergence
@@ -19,3 +21,6 @@ def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
     ce = cross_entropy(logits_clean, y)
     kl = kl_divergence(logits_clean, logits_adv)
     return ce, beta * kl, {"ce_clean": ce, "kl": kl}
+
+
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "DEFAULT_BETA", "loss_terms"]
