@@ -39,3 +39,6 @@ def parse_attacks(spec) -> list:
         if digits and not 1 <= int(digits[0]) <= MAX_STEPS:
             raise UserError(f"attack {name!r}: the number of steps must be between 1 and {MAX_STEPS}")
     return list(dict.fromkeys(names))
+
+
+__all__ = ["DEFAULT_ATTACKS", "MAX_STEPS", "AUTOATTACK", "ENSEMBLES", "attack_names_help", "parse_attacks"]

@@ -51,3 +51,6 @@ def check_defense_name(name: str) -> str:
     if "rat" in terms and "s2o" in terms:
         raise UserError(f"defense {canonical!r} is not defined: RAT and S2O both replace the soft targets; choose one")
     return canonical
+
+
+__all__ = ["BASE_NAMES", "TERMS", "SHORT_NAMES", "DEFENSES", "canonical_name", "check_defense_name"]

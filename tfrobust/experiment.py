@@ -421,7 +421,7 @@ def _evaluate_run(config, workdir, train_seconds, verbose):
 
 
 __all__ = [
-    "FINISHED",
+    "REPORT",
     "build_strategy",
     "jit_setting",
     "learning_rate_schedule",

@@ -213,3 +213,7 @@ def atomic_replace_dir(path: str, write) -> None:
 def mark_finished(workdir: str, evaluated: bool) -> None:
     """Writes the finished marker atomically (the last write of a run)."""
     atomic_write(os.path.join(workdir, FINISHED), json.dumps({"trained": True, "evaluated": bool(evaluated)}) + "\n")
+
+
+__all__ = ["LOCK", "FINISHED", "REPORT", "lock", "finished", "atomic_path", "atomic_write", "atomic_replace_dir",
+           "mark_finished"]
