@@ -100,20 +100,36 @@ class DefenseConfig:
     # Start the TRADES/MART/RAT attack at x + 0.001 N(0, 1) without clipping to
     # [0, 1], as the reference code does (docs/algorithms.md, section 9, item 1).
     unclipped_gaussian_start: bool = False
+    # s in (1 - s) CE + s mean_k(-log p_k) on the CE term of at/trades (0.1 in
+    # the weight-averaging references; docs/algorithms.md, section 11).
+    label_smoothing: float = 0.0
 
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum and a piecewise-constant learning rate, as in the papers."""
+    """SGD with momentum; a piecewise-constant (the AWP/S2O/RAT papers) or cosine
+    learning rate; optional weight averaging (docs/algorithms.md, sections 10, 12)."""
 
     epochs: int = 10
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    # Variables without weight decay: none | batchnorm | batchnorm_and_bias.
+    weight_decay_exclude: str = "none"
+    # piecewise (decay_at, decay_factor) | cosine (linear warm-up over
+    # warmup_epochs from 0 to lr, then cosine to 0 at the end of training).
+    schedule: str = "piecewise"
+    warmup_epochs: float = 0.0
     # Fractions of training at which the rate is multiplied by decay_factor.
     decay_at: list = field(default_factory=lambda: [0.5, 0.75])
     decay_factor: float = 0.1
+    # Exponential moving average of the weights (validation, best checkpoint,
+    # report and export use it): decay tau, warmed up as min(tau, (1+d)/(10+d)),
+    # starting after the fraction ema_start of training.
+    ema: bool = False
+    ema_decay: float = 0.995
+    ema_start: float = 0.025
     # Stop when validation PGD accuracy has not improved for this many epochs (0: never).
     early_stopping_patience: int = 0
 
@@ -124,6 +140,8 @@ class EvalConfig:
 
     pgd_steps: int = 20
     step_size: Optional[float] = None  # None: eps / 4
+    # The loss validation PGD ascends: ce | cw (the references select on PGD-40 with cw).
+    pgd_loss: str = "ce"
     # Average-case robust flatness (Stutz et al. 2021) on the first
     # flatness_examples validation examples every flatness_every epochs (0: off).
     flatness_every: int = 0
@@ -164,6 +182,8 @@ class ExperimentConfig:
 
 
 STRATEGIES = ("default", "mirrored", "tpu", "multi_worker")
+SCHEDULES = ("piecewise", "cosine")
+WEIGHT_DECAY_EXCLUDE = ("none", "batchnorm", "batchnorm_and_bias")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 
@@ -304,6 +324,14 @@ def validate(config: ExperimentConfig) -> None:
         (config.runtime.mixed_precision in PRECISIONS, f"unknown runtime.mixed_precision {config.runtime.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}"),
         (config.optim.early_stopping_patience >= 0, "optim.early_stopping_patience must be >= 0"),
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
+        (config.eval.pgd_loss in ("ce", "cw"), f"unknown eval.pgd_loss {config.eval.pgd_loss!r}; allowed: ce, cw"),
+        (0 <= config.defense.label_smoothing < 1, "defense.label_smoothing must be in [0, 1)"),
+        (config.optim.schedule in SCHEDULES, f"unknown optim.schedule {config.optim.schedule!r}; allowed: {', '.join(SCHEDULES)}"),
+        (config.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (config.optim.warmup_epochs < config.optim.epochs or config.optim.warmup_epochs == 0, "optim.warmup_epochs must be < optim.epochs"),
+        (config.optim.weight_decay_exclude in WEIGHT_DECAY_EXCLUDE, f"unknown optim.weight_decay_exclude {config.optim.weight_decay_exclude!r}; allowed: {', '.join(WEIGHT_DECAY_EXCLUDE)}"),
+        (0 <= config.optim.ema_decay < 1, "optim.ema_decay must be in [0, 1)"),
+        (0 <= config.optim.ema_start < 1, "optim.ema_start must be in [0, 1)"),
         (config.eval.integrity_examples >= 0, "eval.integrity_examples must be >= 0"),
     ]
     for ok, message in checks:
@@ -325,6 +353,8 @@ __all__ = [
     "ExperimentConfig",
     "STRATEGIES",
     "PRECISIONS",
+    "SCHEDULES",
+    "WEIGHT_DECAY_EXCLUDE",
     "to_dict",
     "load_config",
     "set_value",

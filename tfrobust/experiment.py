@@ -9,7 +9,8 @@ A run directory holds:
 - ``backup/``: Keras' BackupAndRestore state while a run is unfinished; rerun
   the same command to resume;
 - ``history.csv`` and ``history.json``: the metrics of every epoch;
-- ``model.keras`` / ``best.keras``: the last and best networks;
+- ``model.keras`` / ``best.keras``: the last and best networks (with
+  ``optim.ema``, the averaged ones; the live last network is ``model_live.keras``);
 - ``saved_model/`` / ``saved_model_best/``: the same exported as SavedModels
   whose ``serve`` endpoint maps float32 NHWC images in [0, 1] to logits;
 - ``report.json``: the final test evaluation.
@@ -71,8 +72,20 @@ def jit_setting(runtime):
 
 
 def learning_rate_schedule(optim, steps_per_epoch: int):
-    """Piecewise-constant learning rate: ``lr`` times ``decay_factor`` at each fraction in ``decay_at``."""
+    """The learning rate per optimizer step.
+
+    ``piecewise``: ``lr`` times ``decay_factor`` at each fraction in
+    ``decay_at``. ``cosine``: Keras' CosineDecay, rising linearly from 0 to
+    ``lr`` over ``warmup_epochs`` and then falling as a half cosine to 0 at
+    the last step (docs/algorithms.md, section 12).
+    """
     total = optim.epochs * steps_per_epoch
+    if getattr(optim, "schedule", "piecewise") == "cosine":
+        warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else optim.lr, max(total - warmup, 1),
+            warmup_target=optim.lr if warmup else None, warmup_steps=warmup,
+        )
     # PiecewiseConstantDecay keeps value i while step <= boundary i; the decay
     # starts at the first step of the epoch at fraction f of training.
     boundaries = sorted({int(round(f * total)) - 1 for f in optim.decay_at if 0 < f < 1} - {-1})
@@ -126,6 +139,10 @@ def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
         norm=config.attack.norm, bn_mode=config.attack.bn_mode, steps_per_epoch=steps_per_epoch,
         weight_decay=config.optim.weight_decay, eval_steps=config.eval.pgd_steps,
         eval_step_size=config.eval.step_size, seed=config.runtime.seed,
+        eval_loss=config.eval.pgd_loss, label_smoothing=config.defense.label_smoothing,
+        ema_decay=config.optim.ema_decay if config.optim.ema else None,
+        ema_start_step=config.optim.ema_start * config.optim.epochs * steps_per_epoch,
+        weight_decay_exclude=config.optim.weight_decay_exclude,
     )
     optimizer = keras.optimizers.SGD(
         learning_rate_schedule(config.optim, steps_per_epoch),
@@ -267,15 +284,22 @@ def _read_history(workdir, fallback):
 
 
 def save_networks(model: RobustModel, workdir: str, has_best: bool) -> None:
-    """Saves the last (and best) network as .keras and as SavedModel."""
-    model.network.save(os.path.join(workdir, "model.keras"))
-    model.network.export(os.path.join(workdir, "saved_model"), format="tf_saved_model", verbose=False)
+    """Saves the last (and best) network as .keras and as SavedModel.
+
+    With weight averaging these are the averaged networks; the live (not
+    averaged) last network is also saved, as ``model_live.keras``.
+    """
+    network = model.evaluated_network()
+    network.save(os.path.join(workdir, "model.keras"))
+    network.export(os.path.join(workdir, "saved_model"), format="tf_saved_model", verbose=False)
+    if network is not model.network:
+        model.network.save(os.path.join(workdir, "model_live.keras"))
     best = os.path.join(workdir, "checkpoints", "best.weights.h5")
     if has_best and os.path.exists(best):
         last = [v.numpy() for v in model.weights]
         model.load_weights(best)
-        model.network.save(os.path.join(workdir, "best.keras"))
-        model.network.export(os.path.join(workdir, "saved_model_best"), format="tf_saved_model", verbose=False)
+        network.save(os.path.join(workdir, "best.keras"))
+        network.export(os.path.join(workdir, "saved_model_best"), format="tf_saved_model", verbose=False)
         for v, value in zip(model.weights, last):
             v.assign(value)
 
