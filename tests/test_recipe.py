@@ -275,3 +275,55 @@ def test_validation_pgd_on_the_cw_margin(batches):
         make(eval_loss="kl")
     with pytest.raises(UserError, match="unknown eval.pgd_loss 'kl'"):
         load_config(overrides={"eval.pgd_loss": "kl"})
+
+
+# --- the SiLU WideResNet ----------------------------------------------------------
+
+
+def trainable_count(model):
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+
+
+@pytest.mark.parametrize("depth,width,shape,classes", [(10, 1, (32, 32, 3), 10), (16, 2, (28, 28, 1), 7), (22, 1, (32, 32, 3), 100)])
+def test_swish_wide_resnet_parameter_formula_matches_built_networks(depth, width, shape, classes):
+    from tfrobust.models import build_model, wide_resnet_swish_parameters
+
+    model = build_model("wide_resnet_swish", shape, classes, depth=depth, width=width, seed=0)
+    assert trainable_count(model) == wide_resnet_swish_parameters(depth, width, classes, shape[-1])
+    assert model.count_params() == wide_resnet_swish_parameters(depth, width, classes, shape[-1], trainable_only=False)
+    assert model(np.zeros((2,) + shape, np.float32)).shape == (2, classes)
+
+
+def test_swish_wide_resnets_have_the_published_sizes():
+    from tfrobust.models import build_model, wide_resnet_swish_parameters
+
+    # WRN-28-10 is built (about 2 s); WRN-70-16 (1 GB of float32) is counted from its layer
+    # shapes by the formula the test above checks against built networks.
+    model = build_model("wide_resnet_swish", (32, 32, 3), 10, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26),
+                        depth=28, width=10, seed=0)
+    assert round(trainable_count(model) / 1e6, 1) == 36.5
+    assert round(wide_resnet_swish_parameters(70, 16) / 1e6, 1) == 266.8
+    layers = model.layers
+    bns = [l for l in layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(bns) == 2 * 12 + 1 and all(l.momentum == 0.99 and l.epsilon == 1e-5 for l in bns)
+    assert all(l.get_config()["activation"] == "silu" for l in layers if isinstance(l, keras.layers.Activation))
+    pads = [l for l in layers if isinstance(l, keras.layers.ZeroPadding2D)]
+    assert len(pads) == 2 and all(tuple(map(tuple, l.padding)) == ((0, 1), (0, 1)) for l in pads)
+    convs = [l for l in layers if isinstance(l, keras.layers.Conv2D)]
+    assert not any(l.use_bias for l in convs) and len(convs) == 1 + 2 * 12 + 3
+    assert model.get_layer("logits").bias.numpy().tolist() == [0.0] * 10
+    assert model.layers[1].name == "normalize"  # normalisation inside the network
+
+
+def test_swish_wide_resnet_stride_two_convolution_pads_bottom_right():
+    """On a 4x4 map, the reference's stride-2 3x3 convolution sees rows/columns 0-2 and 2-3 plus one zero row."""
+    from tfrobust.models import _swish_conv
+
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, _swish_conv(inputs, 1, 3, 2, seed=0))
+    conv = model.layers[-1]
+    conv.kernel.assign(np.ones((3, 3, 1, 1), np.float32))
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    padded = np.pad(x[0, :, :, 0], ((0, 1), (0, 1)))
+    want = np.array([[padded[i:i + 3, j:j + 3].sum() for j in (0, 2)] for i in (0, 2)])
+    np.testing.assert_array_equal(model(x).numpy()[0, :, :, 0], want)

@@ -46,8 +46,8 @@ class ModelConfig:
     """Network architecture; see :mod:`tfrobust.models`."""
 
     name: str = "small_cnn"
-    depth: int = 34  # wide_resnet only
-    width: int = 10  # wide_resnet only
+    depth: int = 34  # wide_resnet and wide_resnet_swish only
+    width: int = 10  # wide_resnet and wide_resnet_swish only
     cnn_width: int = 1  # small_cnn only: multiplies its widths 32/64/256
 
 
