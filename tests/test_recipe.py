@@ -327,3 +327,59 @@ def test_swish_wide_resnet_stride_two_convolution_pads_bottom_right():
     padded = np.pad(x[0, :, :, 0], ((0, 1), (0, 1)))
     want = np.array([[padded[i:i + 3, j:j + 3].sum() for j in (0, 2)] for i in (0, 2)])
     np.testing.assert_array_equal(model(x).numpy()[0, :, :, 0], want)
+
+
+# --- a whole run with the recipe ------------------------------------------------------
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise _Interrupt()
+
+
+@pytest.mark.slow
+def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path):
+    import json
+    import os
+
+    from tfrobust import experiment
+
+    overrides = {
+        "data.train_examples": 192, "data.validation_examples": 64, "data.test_examples": 64, "data.batch_size": 64,
+        "attack.steps": 2, "eval.pgd_steps": 2, "eval.pgd_loss": "cw", "eval.images_every": 0,
+        "eval.integrity_examples": 0, "runtime.verbose": 0, "runtime.seed": 3, "runtime.deterministic": True,
+        "defense.name": "trades+awp", "defense.awp.warmup_epochs": 1, "defense.label_smoothing": 0.1,
+        "model.name": "wide_resnet_swish", "model.depth": 10, "model.width": 1,
+        "optim.epochs": 3, "optim.schedule": "cosine", "optim.warmup_epochs": 1, "optim.nesterov": True,
+        "optim.weight_decay_exclude": "batchnorm", "optim.ema": True, "optim.ema_decay": 0.9, "optim.ema_start": 0.3,
+    }
+    config = load_config("configs/fashion_mnist.yaml", overrides)
+    straight = str(tmp_path / "straight")
+    report = experiment.train_and_evaluate(config, straight, verbose=False)
+    assert set(report["models"]) == {"last", "best"}
+    interrupted = str(tmp_path / "interrupted")
+    with pytest.raises(_Interrupt):
+        experiment.train(config, interrupted, extra_callbacks=[_StopAfterFirstEpoch()])
+    model, _, history = experiment.train(config, interrupted)
+    assert len(history["loss"]) == 3
+    exported = keras.saving.load_model(os.path.join(interrupted, "model.keras"))
+    for a, b in zip(exported.weights, model.averaged_network.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    live = keras.saving.load_model(os.path.join(interrupted, "model_live.keras"))
+    for a, b in zip(live.weights, model.network.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Resumed and uninterrupted runs: same machine, op determinism on; atol as tests/test_resume.py.
+    for name in ("model.keras", "model_live.keras"):
+        resumed = keras.saving.load_model(os.path.join(interrupted, name)).weights
+        reference = keras.saving.load_model(os.path.join(straight, name)).weights
+        for a, b in zip(resumed, reference):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    assert max(np.abs(a.numpy() - b.numpy()).max() for a, b in zip(exported.weights, live.weights)) > 1e-4
+    with open(os.path.join(straight, "history.json")) as f:
+        lr = json.load(f)["learning_rate"]
+    # Logged after each epoch of 3 steps: the end of the warm-up (lr), half-way down the cosine, 0.
+    np.testing.assert_allclose(lr, [0.05, 0.025, 0.0], atol=1e-6)
