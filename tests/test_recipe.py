@@ -342,14 +342,18 @@ class _StopAfterFirstEpoch(keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path):
+def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path, fashion_subset):
     import json
     import os
 
     from tfrobust import experiment
 
+    pool = str(tmp_path / "pool.npz")  # 300 images standing in for generated data, labelled
+    np.savez(pool, image=(fashion_subset[0][300:] * 255).round().astype(np.uint8), label=fashion_subset[1][300:])
+
     overrides = {
-        "data.train_examples": 192, "data.validation_examples": 64, "data.test_examples": 64, "data.batch_size": 64,
+        "data.train_examples": 96, "data.validation_examples": 64, "data.test_examples": 64, "data.batch_size": 64,
+        "data.extra_data": pool, "data.extra_fraction": 0.5,
         "attack.steps": 2, "eval.pgd_steps": 2, "eval.pgd_loss": "cw", "eval.images_every": 0,
         "eval.integrity_examples": 0, "runtime.verbose": 0, "runtime.seed": 3, "runtime.deterministic": True,
         "defense.name": "trades+awp", "defense.awp.warmup_epochs": 1, "defense.label_smoothing": 0.1,
