@@ -50,7 +50,7 @@ def test_pool_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="extra data file not found"):
         extra_data.prepare_pool(str(tmp_path / "missing.npz"))
     with pytest.raises(UserError, match="choose a fraction in"):
-        extra_data.split_batch(4, 0.99)
+        extra_data.split_batch(4, 0.2)  # floor(0.8) = 0 extra examples
     with pytest.raises(UserError, match=r"data.extra_fraction must be in \(0, 1\)"):
         load_config(overrides={"data.extra_fraction": "1.5"})
 
@@ -62,33 +62,33 @@ def test_every_batch_mixes_the_pool_deterministically_per_epoch(tmp_path):
     cfg = DataConfig(train_examples=100, validation_examples=50, batch_size=20, extra_data=path, extra_fraction=0.7)
     ds = data.load_datasets(cfg, seed=5)
     labelled, extra = 6, 14
-    assert data.steps_per_epoch(ds, cfg.batch_size) == 17  # ceil(100 / 6): one pass over the labelled examples
 
     def epochs(start, end):
         return [(x.numpy(), y.numpy()) for x, y in ds.train_epochs(start, end)]
 
     both = epochs(0, 2)
-    assert len(both) == 34
+    assert len(both) == 10  # ceil(100 / 20) batches per epoch, as without extra data
     seen = []
-    for x, y in both[:17]:
+    for x, y in both[:5]:
         flat = x.reshape(len(x), -1)
         constant = (flat == flat[:, :1]).all(axis=1)
-        n_lab = len(x) - extra
-        assert n_lab == labelled or (n_lab == 100 - 16 * labelled)  # the last batch holds the rest
+        n_lab = labelled
+        assert len(x) == 20
         assert not constant[:n_lab].any() and constant[n_lab:].all()
         index = np.rint(flat[n_lab:, 0] * 255).astype(int) - 2  # pool index (the pool has 250 images)
         np.testing.assert_array_equal(y[n_lab:], (3 * index) % 10)  # each image keeps its own label
         seen.append(flat[:n_lab])
-    assert len(np.unique(np.concatenate(seen), axis=0)) == 100  # every labelled example once per epoch
+    assert len(np.unique(np.concatenate(seen), axis=0)) == 30  # 30 distinct labelled examples per epoch
     resumed = epochs(1, 2)  # a resumed run's second epoch
-    for (a, b), (c, d) in zip(both[17:], resumed):
+    assert len(resumed) == 5
+    for (a, b), (c, d) in zip(both[5:], resumed):
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
-    assert not np.array_equal(both[0][0], both[17][0])
+    assert not np.array_equal(both[0][0], both[5][0])
 
     model = RobustModel(tiny_cnn(seed=1), "trades", eps=0.1, step_size=0.025, steps=1, seed=0)
     model.compile(optimizer=keras.optimizers.SGD(0.01))
-    history = model.fit(ds.train_epochs(0, 1), steps_per_epoch=17, epochs=1, verbose=0)
+    history = model.fit(ds.train_epochs(0, 1), steps_per_epoch=5, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
 
 

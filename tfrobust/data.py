@@ -75,16 +75,6 @@ class Datasets:
     # and augmented as a function of (seed, epoch) only, so that a resumed run
     # sees exactly the batches an uninterrupted run would.
     train_epochs: Optional[Callable] = None
-    # Batches per epoch of train_epochs when it is not ceil(train_size /
-    # batch_size): with extra data a batch holds fewer training examples.
-    steps_per_epoch: Optional[int] = None
-
-
-def steps_per_epoch(datasets: Datasets, batch_size: int) -> int:
-    """Optimizer steps in one epoch of ``datasets.train_epochs``."""
-    if datasets.steps_per_epoch is not None:
-        return int(datasets.steps_per_epoch)
-    return max(1, math.ceil(datasets.train_size / batch_size))
 
 
 _INFO = {
@@ -629,8 +619,10 @@ def _epochs_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, s
 
 
 def _mixed_epochs_pipeline(x, y, cfg: DataConfig, seed: int, start: int, end: int, pool, labelled: int, extra: int):
-    """Epochs of batches of ``labelled`` training examples (a permutation per (seed, epoch)) and
-    ``extra`` pool examples drawn with replacement from (seed, epoch, batch); augmented together."""
+    """Epochs of ``ceil(N / batch_size)`` batches (as without extra data and as the references), each of
+    ``labelled`` training examples taken in turn from a permutation per (seed, epoch), so that an
+    epoch sees a fresh subset of them, and ``extra`` pool examples drawn with replacement from
+    (seed, epoch, batch); augmented together."""
     pool_images, pool_labels = pool
     images = tf.constant(x)
     labels = tf.constant(y.astype(np.int32))
@@ -643,9 +635,15 @@ def _mixed_epochs_pipeline(x, y, cfg: DataConfig, seed: int, start: int, end: in
         batch = np.asarray(pool_images[idx])
         return batch.reshape((len(idx),) + shape), np.asarray(pool_labels[idx]).astype(np.int32)
 
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    rounds = math.ceil(steps * labelled / n)  # permutations needed (more than one only for tiny sets)
+
     def one_epoch(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=epoch_seed)
+        order = tf.concat([
+            tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=epoch_seed + [0, r * 1000003])
+            for r in range(rounds)
+        ], axis=0)[: steps * labelled]
         batches = tf.data.Dataset.from_tensor_slices(order).batch(labelled).enumerate()
 
         def gather(index, idx):
@@ -686,7 +684,7 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
             raise UserError(f"data.{key} must be > 0, got {value}")
     (x_tr, y_tr), (x_val, y_val) = _split(cfg, seed)
     x_test, y_test = load_arrays(cfg.name, "test", cfg.data_dir, limit=cfg.test_examples)
-    train_epochs, steps = (lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end)), None
+    train_epochs = lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end)  # noqa: E731
     if getattr(cfg, "extra_data", None):
         from tfrobust import extra_data
 
@@ -694,7 +692,6 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         pool = extra_data.open_pool(
             extra_data.prepare_pool(cfg.extra_data, cfg.extra_cache_dir), info.image_shape, info.num_classes
         )
-        steps = max(1, math.ceil(len(x_tr) / labelled))
 
         def train_epochs(start, end):
             return _mixed_epochs_pipeline(x_tr, y_tr, cfg, seed, start, end, pool, labelled, extra)
@@ -708,7 +705,6 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         validation_size=len(x_val),
         test_size=len(x_test),
         train_epochs=train_epochs,
-        steps_per_epoch=steps,
     )
 
 
@@ -745,7 +741,6 @@ __all__ = [
     "augment_batch",
     "load_datasets",
     "load_training_arrays",
-    "steps_per_epoch",
     "FOLDER_TEST_FRACTION",
     "source_kind",
     "check_source",

@@ -19,6 +19,7 @@ A run directory holds:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -118,7 +119,7 @@ def build(config: ExperimentConfig, datasets=None):
     if datasets is None:
         datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
     info = datasets.info
-    steps_per_epoch = data_lib.steps_per_epoch(datasets, config.data.batch_size)
+    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
     strategy = build_strategy(config.runtime)
     previous_policy = keras.config.dtype_policy()
     policy = "float32" if config.runtime.mixed_precision == "none" else config.runtime.mixed_precision
@@ -215,7 +216,7 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     ]
     if initial_epoch == 0:
         callbacks_lib.write_hparams(log_dir, to_dict(config))
-    steps_per_epoch = data_lib.steps_per_epoch(datasets, config.data.batch_size)
+    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
     start = time.time()
     if initial_epoch < epochs:
         fit = model.fit(

@@ -12,10 +12,12 @@ images with labels or pseudo-labels (docs/algorithms.md, section 14):
   memory whole;
 - a pool without labels is pseudo-labelled with a trained network
   (:func:`pseudo_label`, the ``pseudo_label.py`` command) before training;
-- a batch of ``B`` holds ``B - round(f B)`` examples of the labelled
-  training set (one epoch is one pass over them) and ``round(f B)`` of the
-  pool, drawn uniformly with replacement from ``(seed, epoch, batch)``
-  alone, so a resumed run sees the batches an uninterrupted run would;
+- an epoch is ``ceil(N / B)`` batches, as without extra data; a batch of
+  ``B`` holds ``B - floor(f B)`` labelled training examples, taken in turn
+  from a permutation per (seed, epoch) (so an epoch sees a fresh subset of
+  them, as in the references' sampler), and ``floor(f B)`` pool examples
+  drawn uniformly with replacement from ``(seed, epoch, batch)`` alone, so a
+  resumed run sees the batches an uninterrupted run would;
 - pool examples enter every term of the objective like labelled ones (their
   pseudo-labels in the CE terms, their images in TRADES's KL term).
 """
@@ -128,7 +130,7 @@ def open_pool(cache_dir: str, image_shape: tuple, num_classes: int) -> tuple:
 
 def split_batch(batch_size: int, fraction: float) -> tuple:
     """``(labelled, extra)`` examples per batch of ``batch_size`` with a fraction ``fraction`` from the pool."""
-    extra = int(round(fraction * batch_size))
+    extra = int(fraction * batch_size)  # floor, as the references
     labelled = batch_size - extra
     if labelled < 1 or (fraction > 0 and extra < 1):
         raise UserError(
