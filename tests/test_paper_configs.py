@@ -21,7 +21,22 @@ def test_every_weight_space_method_has_a_paper_config():
         assert needed in names, needed
 
 
+def _tiny_pool() -> str:
+    """A 32-image labelled pool in place of the generated-data files the recipe configs expect."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), "pool.npz")
+    rng = np.random.default_rng(0)
+    np.savez(path, image=rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), label=rng.integers(0, 10, 32))
+    return path
+
+
 def small(path, **extra):
+    full = load_config(path)
+    if full.data.extra_data:
+        extra.setdefault("data.extra_data", _tiny_pool())
+    if full.optim.warmup_epochs:
+        extra.setdefault("optim.warmup_epochs", 0.5)  # within the single epoch
     overrides = {
         # Keep the config's defense, attack norm/eps/step, optimizer and schedule; shrink only the sizes.
         "data.train_examples": 8, "data.validation_examples": 4, "data.test_examples": 4,
@@ -55,7 +70,8 @@ def test_paper_config_trains_a_few_steps(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["configs/cifar10_wrn34_10_trades_awp_rat.yaml"])
+@pytest.mark.parametrize("path", ["configs/cifar10_wrn34_10_trades_awp_rat.yaml",
+                                  "configs/cifar10_wrn28_10_swish_trades_awp_edm1m.yaml"])
 def test_paper_network_takes_adversarial_steps(path):
     """The papers' own networks through the double perturbation (WRN at depth 10, width 2)."""
     cfg = small(path, **{"model.depth": 10, "model.width": 2})
@@ -75,3 +91,19 @@ def test_mart_configs_follow_marts_reference_schedule(path):
     for epoch, factor in ((0, 1.0), (74, 1.0), (75, 0.1), (89, 0.1), (90, 0.01), (99, 0.01), (100, 0.001), (119, 0.001)):
         assert float(schedule(epoch * 3)) == pytest.approx(0.01 * factor), epoch
         assert float(schedule(epoch * 3 + 2)) == pytest.approx(0.01 * factor), epoch
+
+
+@pytest.mark.parametrize("path", ["configs/cifar10_wrn28_10_swish_trades_edm1m.yaml",
+                                  "configs/cifar10_wrn28_10_swish_trades_awp_edm1m.yaml"])
+def test_recipe_configs_follow_wang_et_al(path):
+    """The settings of Wang et al.'s WRN-28-10 command (DM-Improves-AT README, train-wa.py defaults)."""
+    cfg = load_config(path)
+    assert (cfg.model.name, cfg.model.depth, cfg.model.width) == ("wide_resnet_swish", 28, 10)
+    assert (cfg.data.batch_size, cfg.data.extra_fraction, cfg.data.extra_data) == (512, 0.7, "edm_data/cifar10/1m.npz")
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.optim.nesterov, cfg.optim.schedule) == (400, 0.2, True, "cosine")
+    assert (cfg.optim.ema, cfg.optim.ema_decay, cfg.optim.ema_start) == (True, 0.995, 0.025)
+    assert cfg.optim.weight_decay_exclude == "batchnorm" and cfg.optim.weight_decay == 5e-4
+    assert (cfg.defense.beta, cfg.defense.label_smoothing) == (5.0, 0.1)
+    assert (cfg.eval.pgd_loss, cfg.eval.pgd_steps) == ("cw", 40)
+    assert cfg.attack.steps == 10 and cfg.attack.eps == pytest.approx(8 / 255)
+    assert cfg.defense.name == ("trades+awp" if "awp" in path else "trades")

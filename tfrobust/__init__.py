@@ -13,7 +13,9 @@ Training
   - ``train``, ``train_and_evaluate``, ``load_config``, ``ExperimentConfig``:
     the run directories of the command line, from Python.
   - ``build_model``: the built-in networks (small CNN, PreAct ResNet-18,
-    WideResNet).
+    WideResNet, the SiLU WideResNet of the weight-averaging recipe).
+  - ``tfrobust.extra_data``: pools of generated or pseudo-labelled images
+    mixed into every batch (``data.extra_data``), and pseudo-labelling.
 
 Attacks and evaluation
   - ``pgd``, ``fgsm``, ``cross_entropy``, ``cw_margin``: input-space attacks
@@ -68,7 +70,7 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = (
-    "attacks", "autoattack", "callbacks", "cli", "config", "data", "defenses", "errors", "evaluation",
+    "attacks", "autoattack", "callbacks", "cli", "config", "data", "defenses", "errors", "evaluation", "extra_data",
     "experiment", "flatness", "integrity", "landscape", "loading", "models", "multiworker", "trainer",
 )
 

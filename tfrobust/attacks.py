@@ -32,6 +32,18 @@ def cross_entropy(logits, y):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32), logits=logits)
 
 
+def smoothed_cross_entropy(logits, y, smoothing: float):
+    """Per-example label-smoothed cross-entropy ``(1 - s) CE(f(x), y) + s mean_k(-log p_k(x))``.
+
+    The target puts ``1 - s + s/K`` on the label and ``s/K`` on every class;
+    ``s = 0`` is :func:`cross_entropy`.
+    """
+    logits = tf.cast(logits, tf.float32)
+    log_p = tf.nn.log_softmax(logits, axis=-1)
+    nll = -tf.gather(log_p, tf.cast(y, tf.int32), axis=-1, batch_dims=1)
+    return (1.0 - smoothing) * nll + smoothing * (-tf.reduce_mean(log_p, axis=-1))
+
+
 def cw_margin(logits, y):
     """Per-example Carlini-Wagner margin ``max_{k != y} z_k - z_y`` (Carlini & Wagner 2017, eq. f6)."""
     logits = tf.cast(logits, tf.float32)
@@ -225,6 +237,7 @@ __all__ = [
     "LOSSES",
     "STARTS",
     "cross_entropy",
+    "smoothed_cross_entropy",
     "cw_margin",
     "kl_divergence",
     "kl_from_probabilities",

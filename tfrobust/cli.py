@@ -344,9 +344,33 @@ def format_flatness(result: dict) -> str:
     return "\n".join(lines)
 
 
+def pseudo_label_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Label the images of a .npz with a trained network (pseudo-labels for data.extra_data).")
+    p.add_argument("--model", required=True, help="a run directory, a SavedModel directory or a .keras file")
+    p.add_argument("--which", default="best", choices=("last", "best"), help="for a run directory: which network")
+    p.add_argument("--data", required=True, help=".npz with the images (key image, images or x)")
+    p.add_argument("--output", required=True, help="the .npz to write (image and label); must not exist")
+    p.add_argument("--batch-size", type=int, default=512)
+    return p
+
+
+def pseudo_label_main(argv=None) -> int:
+    args = pseudo_label_parser().parse_args(argv)
+    _quiet_tensorflow()
+    with _user_errors():
+        if args.batch_size <= 0:
+            raise UserError("--batch-size must be > 0")
+        from tfrobust import extra_data, loading
+
+        loaded = loading.load(args.model, args.which)
+        count = extra_data.pseudo_label(loaded.model_fn, args.data, args.output, args.batch_size)
+        print(f"wrote {count} pseudo-labelled images to {args.output}")
+    return 0
+
+
 def main_guard(fn):
     """Runs an entry point and exits with its status."""
     sys.exit(fn())
 
 
-__all__ = ["train_main", "evaluate_main"]
+__all__ = ["train_main", "evaluate_main", "pseudo_label_main"]

@@ -44,6 +44,12 @@ class DataConfig:
     # training images (the user's data) or the data set's known constants.
     mean: Optional[list] = None
     std: Optional[list] = None
+    # Extra (generated or pseudo-labelled) images mixed into every training
+    # batch: a .npz with image and label arrays (tfrobust/extra_data.py),
+    # converted once to .npy files in extra_cache_dir (default <file>.cache).
+    extra_data: Optional[str] = None
+    extra_fraction: float = 0.7  # of every batch, from extra_data (Wang et al. 2023)
+    extra_cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -51,8 +57,8 @@ class ModelConfig:
     """Network architecture; see :mod:`tfrobust.models`."""
 
     name: str = "small_cnn"
-    depth: int = 34  # wide_resnet only
-    width: int = 10  # wide_resnet only
+    depth: int = 34  # wide_resnet and wide_resnet_swish only
+    width: int = 10  # wide_resnet and wide_resnet_swish only
     cnn_width: int = 1  # small_cnn only: multiplies its widths 32/64/256
 
 
@@ -105,20 +111,36 @@ class DefenseConfig:
     # Start the TRADES/MART/RAT attack at x + 0.001 N(0, 1) without clipping to
     # [0, 1], as the reference code does (docs/algorithms.md, section 9, item 1).
     unclipped_gaussian_start: bool = False
+    # s in (1 - s) CE + s mean_k(-log p_k) on the CE term of at/trades (0.1 in
+    # the weight-averaging references; docs/algorithms.md, section 11).
+    label_smoothing: float = 0.0
 
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum and a piecewise-constant learning rate, as in the papers."""
+    """SGD with momentum; a piecewise-constant (the AWP/S2O/RAT papers) or cosine
+    learning rate; optional weight averaging (docs/algorithms.md, sections 10, 12)."""
 
     epochs: int = 10
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    # Variables without weight decay: none | batchnorm | batchnorm_and_bias.
+    weight_decay_exclude: str = "none"
+    # piecewise (decay_at, decay_factor) | cosine (linear warm-up over
+    # warmup_epochs from 0 to lr, then cosine to 0 at the end of training).
+    schedule: str = "piecewise"
+    warmup_epochs: float = 0.0
     # Fractions of training at which the rate is multiplied by decay_factor.
     decay_at: list = field(default_factory=lambda: [0.5, 0.75])
     decay_factor: float = 0.1
+    # Exponential moving average of the weights (validation, best checkpoint,
+    # report and export use it): decay tau, warmed up as min(tau, (1+d)/(10+d)),
+    # starting after the fraction ema_start of training.
+    ema: bool = False
+    ema_decay: float = 0.995
+    ema_start: float = 0.025
     # Stop when validation PGD accuracy has not improved for this many epochs (0: never).
     early_stopping_patience: int = 0
 
@@ -129,6 +151,8 @@ class EvalConfig:
 
     pgd_steps: int = 20
     step_size: Optional[float] = None  # None: eps / 4
+    # The loss validation PGD ascends: ce | cw (the references select on PGD-40 with cw).
+    pgd_loss: str = "ce"
     # Average-case robust flatness (Stutz et al. 2021) on the first
     # flatness_examples validation examples every flatness_every epochs (0: off).
     flatness_every: int = 0
@@ -172,7 +196,9 @@ STRATEGIES = ("default", "mirrored", "tpu", "multi_worker")
 # The names tfrobust.data and tfrobust.models implement (kept here, free of TensorFlow, so that a
 # misspelt name is refused before TensorFlow is imported).
 DATA_SETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn_cropped")
-MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet")
+MODEL_NAMES = ("small_cnn", "preact_resnet18", "wide_resnet", "wide_resnet_swish")
+SCHEDULES = ("piecewise", "cosine")
+WEIGHT_DECAY_EXCLUDE = ("none", "batchnorm", "batchnorm_and_bias")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 
@@ -391,6 +417,16 @@ def validate(config: ExperimentConfig) -> None:
         (config.runtime.mixed_precision in PRECISIONS, f"unknown runtime.mixed_precision {config.runtime.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}"),
         (config.optim.early_stopping_patience >= 0, "optim.early_stopping_patience must be >= 0"),
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
+        (0 < config.data.extra_fraction < 1, "data.extra_fraction must be in (0, 1)"),
+        (not (config.data.extra_data and config.runtime.strategy == "multi_worker"), "data.extra_data is not supported with runtime.strategy=multi_worker"),
+        (config.eval.pgd_loss in ("ce", "cw"), f"unknown eval.pgd_loss {config.eval.pgd_loss!r}; allowed: ce, cw"),
+        (0 <= config.defense.label_smoothing < 1, "defense.label_smoothing must be in [0, 1)"),
+        (config.optim.schedule in SCHEDULES, f"unknown optim.schedule {config.optim.schedule!r}; allowed: {', '.join(SCHEDULES)}"),
+        (config.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (config.optim.warmup_epochs < config.optim.epochs or config.optim.warmup_epochs == 0, "optim.warmup_epochs must be < optim.epochs"),
+        (config.optim.weight_decay_exclude in WEIGHT_DECAY_EXCLUDE, f"unknown optim.weight_decay_exclude {config.optim.weight_decay_exclude!r}; allowed: {', '.join(WEIGHT_DECAY_EXCLUDE)}"),
+        (0 <= config.optim.ema_decay < 1, "optim.ema_decay must be in [0, 1)"),
+        (0 <= config.optim.ema_start < 1, "optim.ema_start must be in [0, 1)"),
         (config.eval.integrity_examples >= 0, "eval.integrity_examples must be >= 0"),
     ]
     from tfrobust.defense_names import check_defense_name
@@ -492,6 +528,8 @@ __all__ = [
     "packaged_configs",
     "resolve_config",
     "PRECISIONS",
+    "SCHEDULES",
+    "WEIGHT_DECAY_EXCLUDE",
     "to_dict",
     "load_config",
     "set_value",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import logging
+import math
 import os
 import zlib
 from typing import Callable, Optional
@@ -660,6 +661,53 @@ def _epochs_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, s
     return tf.data.Dataset.range(int(start), int(end)).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
 
+def _mixed_epochs_pipeline(x, y, cfg: DataConfig, seed: int, start: int, end: int, pool, labelled: int, extra: int):
+    """Epochs of ``ceil(N / batch_size)`` batches (as without extra data and as the references), each of
+    ``labelled`` training examples taken in turn from a permutation per (seed, epoch), so that an
+    epoch sees a fresh subset of them, and ``extra`` pool examples drawn with replacement from
+    (seed, epoch, batch); augmented together."""
+    pool_images, pool_labels = pool
+    images = tf.constant(x)
+    labels = tf.constant(y.astype(np.int32))
+    n, size = len(x), len(pool_images)
+    options = augment_options(cfg.name, cfg.augment)
+    shape = tuple(int(d) for d in x.shape[1:])
+    pool_dtype = tf.as_dtype(pool_images.dtype)
+
+    def read(idx):
+        batch = np.asarray(pool_images[idx])
+        return batch.reshape((len(idx),) + shape), np.asarray(pool_labels[idx]).astype(np.int32)
+
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    rounds = math.ceil(steps * labelled / n)  # permutations needed (more than one only for tiny sets)
+
+    def one_epoch(epoch):
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.concat([
+            tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=epoch_seed + [0, r * 1000003])
+            for r in range(rounds)
+        ], axis=0)[: steps * labelled]
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(labelled).enumerate()
+
+        def gather(index, idx):
+            x_lab, y_lab = _to_float(tf.gather(images, idx), tf.gather(labels, idx))
+            pick_seed = tf.stack([-(epoch_seed[0] * 1000003 + epoch) - 1, index])
+            pick = tf.sort(tf.random.stateless_uniform([extra], pick_seed, minval=0, maxval=size, dtype=tf.int64))
+            x_ext, y_ext = tf.numpy_function(read, [pick], [pool_dtype, tf.int32], stateful=False)
+            x_ext = tf.ensure_shape(x_ext, (extra,) + shape)
+            y_ext = tf.ensure_shape(y_ext, (extra,))
+            x_ext, y_ext = _to_float(x_ext, y_ext)
+            batch_x = tf.concat([x_lab, x_ext], axis=0)
+            batch_y = tf.concat([y_lab, y_ext], axis=0)
+            if options is not None:
+                batch_x = augment_batch(batch_x, tf.stack([epoch_seed[0] * 1000003 + epoch, index]), **options)
+            return batch_x, batch_y
+
+        return batches.map(gather)
+
+    return tf.data.Dataset.range(int(start), int(end)).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+
 def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     """Builds the train, validation and test pipelines described by ``cfg``.
 
@@ -687,6 +735,18 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
             raise UserError(f"data.{key} must be > 0, got {value}")
     (x_tr, y_tr), (x_val, y_val) = _split(cfg, seed)
     x_test, y_test = load_arrays(cfg.name, "test", cfg.data_dir, limit=cfg.test_examples)
+    train_epochs = lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end)  # noqa: E731
+    if getattr(cfg, "extra_data", None):
+        from tfrobust import extra_data
+
+        labelled, extra = extra_data.split_batch(cfg.batch_size, cfg.extra_fraction)
+        pool = extra_data.open_pool(
+            extra_data.prepare_pool(cfg.extra_data, cfg.extra_cache_dir), info.image_shape, info.num_classes
+        )
+
+        def train_epochs(start, end):
+            return _mixed_epochs_pipeline(x_tr, y_tr, cfg, seed, start, end, pool, labelled, extra)
+
     return Datasets(
         train=_train_pipeline(x_tr, y_tr, cfg, seed),
         validation=_eval_pipeline(x_val, y_val, cfg.eval_batch_size),
@@ -695,7 +755,7 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         train_size=len(x_tr),
         validation_size=len(x_val),
         test_size=len(x_test),
-        train_epochs=lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end),
+        train_epochs=train_epochs,
     )
 
 

@@ -16,7 +16,8 @@ into place, so a kill or a failed write never tears a good file):
   to resume. It is removed only after the final networks (and the report)
   are on disk, so a kill in the final phase redoes only the final phase;
 - ``history.csv`` and ``history.json``: the metrics of every epoch;
-- ``model.keras`` / ``best.keras``: the last and best networks;
+- ``model.keras`` / ``best.keras``: the last and best networks (with
+  ``optim.ema``, the averaged ones; the live last network is ``model_live.keras``);
 - ``saved_model/`` / ``saved_model_best/``: the same exported as SavedModels
   whose ``serve`` endpoint maps float32 NHWC images in [0, 1] to logits;
 - ``report.json``: the final test evaluation;
@@ -96,8 +97,20 @@ def jit_setting(runtime):
 
 
 def learning_rate_schedule(optim, steps_per_epoch: int):
-    """Piecewise-constant learning rate: ``lr`` times ``decay_factor`` at each fraction in ``decay_at``."""
+    """The learning rate per optimizer step.
+
+    ``piecewise``: ``lr`` times ``decay_factor`` at each fraction in
+    ``decay_at``. ``cosine``: Keras' CosineDecay, rising linearly from 0 to
+    ``lr`` over ``warmup_epochs`` and then falling as a half cosine to 0 at
+    the last step (docs/algorithms.md, section 12).
+    """
     total = optim.epochs * steps_per_epoch
+    if getattr(optim, "schedule", "piecewise") == "cosine":
+        warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+        return keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else optim.lr, max(total - warmup, 1),
+            warmup_target=optim.lr if warmup else None, warmup_steps=warmup,
+        )
     # PiecewiseConstantDecay keeps value i while step <= boundary i; the decay
     # starts at the first step of the epoch at fraction f of training.
     boundaries = sorted({int(round(f * total)) - 1 for f in optim.decay_at if 0 < f < 1} - {-1})
@@ -173,6 +186,10 @@ def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
         norm=config.attack.norm, bn_mode=config.attack.bn_mode, steps_per_epoch=steps_per_epoch,
         weight_decay=config.optim.weight_decay, eval_steps=config.eval.pgd_steps,
         eval_step_size=config.eval.step_size, seed=config.runtime.seed,
+        eval_loss=config.eval.pgd_loss, label_smoothing=config.defense.label_smoothing,
+        ema_decay=config.optim.ema_decay if config.optim.ema else None,
+        ema_start_step=config.optim.ema_start * config.optim.epochs * steps_per_epoch,
+        weight_decay_exclude=config.optim.weight_decay_exclude,
     )
     optimizer = keras.optimizers.SGD(
         learning_rate_schedule(config.optim, steps_per_epoch),
@@ -341,15 +358,21 @@ def save_networks(model: RobustModel, workdir: str, has_best: bool) -> None:
     """Saves the last (and best) network as .keras and as SavedModel.
 
     Each file is written under a temporary name and renamed into place, so a
-    failed or killed save leaves the previous complete file (or none).
+    failed or killed save leaves the previous complete file (or none). With
+    weight averaging these are the averaged networks; the live (not averaged)
+    last network is also saved, as ``model_live.keras``.
     """
-    _save_network(model.network, workdir, "model.keras", "saved_model")
+    network = model.evaluated_network()
+    _save_network(network, workdir, "model.keras", "saved_model")
+    if network is not model.network:
+        with callbacks_lib.atomic_path(os.path.join(workdir, "model_live.keras")) as partial:
+            model.network.save(partial)
     best = os.path.join(workdir, "checkpoints", "best.weights.h5")
     if has_best and os.path.exists(best):
         last = [v.numpy() for v in model.weights]
         model.load_weights(best)
         try:
-            _save_network(model.network, workdir, "best.keras", "saved_model_best")
+            _save_network(model.evaluated_network(), workdir, "best.keras", "saved_model_best")
         finally:
             for v, value in zip(model.weights, last):
                 v.assign(value)

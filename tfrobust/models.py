@@ -10,9 +10,17 @@ on the last layer's weights find it with ``model.get_layer("logits")``.
   identity mappings, as used for CIFAR-10 adversarial training.
 * ``wide_resnet``: WideResNet-depth-width of Zagoruyko & Komodakis (2016),
   pre-activation, no dropout; WRN-34-10 by default.
+* ``wide_resnet_swish``: the SiLU ("swish") WideResNet of Gowal et al. (2020)
+  and Wang et al. (2023), e.g. WRN-28-10 (36.5M parameters) and WRN-70-16
+  (266.8M): pre-activation blocks with a 1x1 shortcut only where the width
+  changes, stride-2 convolutions padded by one pixel on the bottom and right
+  only (the references' manual padding), BatchNormalization momentum 0.99
+  (PyTorch's 0.01), He-normal (fan-out) convolution kernels, a zero-bias
+  logits layer. :func:`wide_resnet_swish_parameters` counts its parameters
+  without building it.
 
-BatchNormalization uses momentum 0.9 and epsilon 1e-5 (PyTorch's defaults);
-ResNet convolutions have no bias.
+BatchNormalization uses momentum 0.9 and epsilon 1e-5 (PyTorch's defaults)
+except in ``wide_resnet_swish``; ResNet convolutions have no bias.
 
 ``model.name`` may also name the user's own network (:func:`network_for`): a
 ``.keras`` file, or ``module:function``, a function called as
@@ -151,6 +159,67 @@ def _wide_resnet(x, num_classes: int, depth: int, width: int, init: _Initializer
     return _head(x, num_classes, init)
 
 
+_SWISH_BN_MOMENTUM = 0.99  # PyTorch momentum 0.01 in the references
+
+
+def _swish_bn(x):
+    x = keras.layers.BatchNormalization(momentum=_SWISH_BN_MOMENTUM, epsilon=_BN_EPSILON)(x)
+    return keras.layers.Activation("silu")(x)
+
+
+def _swish_conv(x, filters: int, kernel: int, stride: int, seed: Optional[int]):
+    """A bias-free convolution initialised N(0, 2 / (k * k * filters)), as the references."""
+    init = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal", seed=seed)
+    if kernel == 3 and stride == 2:
+        # The references pad (0, 1, 0, 1) by hand before a stride-2 convolution.
+        x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)))(x)
+        padding = "valid"
+    else:
+        padding = "same" if kernel == 3 else "valid"
+    return keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False, kernel_initializer=init)(x)
+
+
+def _swish_block(x, filters: int, stride: int, init: _Initializers):
+    """BN-SiLU-conv3x3-BN-SiLU-conv3x3; a 1x1 shortcut of the activated input where the width changes."""
+    has_shortcut = x.shape[-1] != filters
+    activated = _swish_bn(x)
+    out = _swish_conv(activated, filters, 3, stride, init._next_seed())
+    out = _swish_bn(out)
+    out = _swish_conv(out, filters, 3, 1, init._next_seed())
+    shortcut = _swish_conv(activated, filters, 1, stride, init._next_seed()) if has_shortcut else x
+    return keras.layers.Add()([shortcut, out])
+
+
+def _wide_resnet_swish(x, num_classes: int, depth: int, width: int, init: _Initializers):
+    blocks = (depth - 4) // 6
+    x = _swish_conv(x, 16, 3, 1, init._next_seed())
+    for filters, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
+        for i in range(blocks):
+            x = _swish_block(x, filters, stride if i == 0 else 1, init)
+    x = _swish_bn(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    # PyTorch's Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the references zero the bias.
+    kernel_init = keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform", seed=init._next_seed())
+    return keras.layers.Dense(num_classes, kernel_initializer=kernel_init, bias_initializer="zeros", name=LOGITS_LAYER)(x)
+
+
+def wide_resnet_swish_parameters(depth: int, width: int, num_classes: int = 10, channels: int = 3,
+                                 trainable_only: bool = True) -> int:
+    """The parameter count of ``wide_resnet_swish`` computed from its layer shapes.
+
+    ``trainable_only`` counts what PyTorch's ``parameters()`` counts (the
+    published sizes); False adds the BatchNorm moving statistics.
+    """
+    bn = 2 if trainable_only else 4
+    blocks = (depth - 4) // 6
+    total, c_in = 9 * channels * 16, 16
+    for c_out in (16 * width, 32 * width, 64 * width):
+        for _ in range(blocks):
+            total += bn * c_in + 9 * c_in * c_out + bn * c_out + 9 * c_out * c_out + (c_in * c_out if c_in != c_out else 0)
+            c_in = c_out
+    return total + bn * c_in + c_in * num_classes + num_classes
+
+
 def build_model(
     name: str,
     input_shape: tuple,
@@ -166,7 +235,7 @@ def build_model(
     """Builds a classifier from :data:`MODELS`.
 
     Args:
-      name: ``"small_cnn"``, ``"preact_resnet18"`` or ``"wide_resnet"``.
+      name: ``"small_cnn"``, ``"preact_resnet18"``, ``"wide_resnet"`` or ``"wide_resnet_swish"``.
       input_shape: (H, W, C) of the images.
       num_classes: number of logits.
       mean, std: per-channel constants for ``(x - mean) / std`` applied first
@@ -189,11 +258,11 @@ def build_model(
         raise UserError(f"input_shape must be (height, width, channels), got {input_shape}")
     if int(num_classes) < 2:
         raise UserError(f"num_classes must be >= 2, got {num_classes}")
-    if name == "wide_resnet":
+    if name in ("wide_resnet", "wide_resnet_swish"):
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise UserError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+            raise UserError(f"{name} depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
         if width < 1:
-            raise UserError(f"wide_resnet width must be >= 1, got {width}")
+            raise UserError(f"{name} width must be >= 1, got {width}")
     if name == "small_cnn" and cnn_width < 1:
         raise UserError(f"small_cnn cnn_width must be >= 1, got {cnn_width}")
     init = _Initializers(seed)
@@ -207,6 +276,9 @@ def build_model(
     elif name == "preact_resnet18":
         outputs = _preact_resnet18(x, num_classes, init)
         model_name = "preact_resnet18"
+    elif name == "wide_resnet_swish":
+        outputs = _wide_resnet_swish(x, num_classes, depth, width, init)
+        model_name = f"wide_resnet_swish_{depth}_{width}"
     else:
         outputs = _wide_resnet(x, num_classes, depth, width, init)
         model_name = f"wide_resnet_{depth}_{width}"
@@ -301,6 +373,6 @@ def network_for(config, info, seed: Optional[int] = None) -> keras.Model:
 
 
 __all__ = [
-    "MODELS", "LOGITS_LAYER", "NORMALIZATION_LAYER", "build_model",
+    "MODELS", "LOGITS_LAYER", "NORMALIZATION_LAYER", "build_model", "wide_resnet_swish_parameters",
     "model_kind", "check_model_name", "user_network", "network_for",
 ]

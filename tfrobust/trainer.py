@@ -25,10 +25,18 @@ import keras
 import tensorflow as tf
 
 from tfrobust import attacks
+from tfrobust.config import WEIGHT_DECAY_EXCLUDE
 from tfrobust.defenses import Defense, awp, rat, s2o
 from tfrobust.errors import UserError, check_number, check_steps
 
 __all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "last_dense_kernel"]
+
+
+def _all_layers(layer):
+    """Every layer nested in ``layer`` (itself included), depth first."""
+    yield layer
+    for child in getattr(layer, "layers", None) or []:
+        yield from _all_layers(child)
 
 
 def _replica_context():
@@ -195,6 +203,21 @@ class RobustModel(keras.Model):
       eval_steps, eval_step_size: PGD used by ``test_step`` (step size
         default ``eps / 4``).
       seed: base seed of every random draw in the step.
+      eval_loss: the loss PGD ascends in ``test_step``: ``"ce"`` or ``"cw"``
+        (the CW margin, with which the references select checkpoints).
+      label_smoothing: ``s`` in the smoothed cross-entropy
+        ``(1 - s) CE(f, y) + s mean_k(-log p_k)`` that replaces the CE term of
+        AT (adversarial) and TRADES (clean), also in AWP's ascent; 0 (default)
+        leaves the objective unchanged. MART has no such term and refuses it.
+      ema_decay: the decay ``tau`` of the exponential moving average of the
+        weights (0.995 in the references), or None for no average. See
+        :meth:`update_average`.
+      ema_start_step: optimizer steps before the average starts (until then
+        it equals the live weights).
+      weight_decay_exclude: variables without the L2 penalty: ``"none"``
+        (default: every trainable variable), ``"batchnorm"`` (BatchNorm's
+        gamma and beta, as the references' weight-averaging trainer) or
+        ``"batchnorm_and_bias"`` (also every bias).
     """
 
     def __init__(
@@ -211,6 +234,11 @@ class RobustModel(keras.Model):
         eval_steps: int = 20,
         eval_step_size: Optional[float] = None,
         seed: int = 0,
+        eval_loss: str = "ce",
+        label_smoothing: float = 0.0,
+        ema_decay: Optional[float] = None,
+        ema_start_step: float = 0.0,
+        weight_decay_exclude: str = "none",
         **kwargs,
     ):
         if isinstance(defense, str):
@@ -243,8 +271,29 @@ class RobustModel(keras.Model):
         self.eval_step_size = float(eval_step_size) if eval_step_size is not None else self.eps / 4.0
         self.seed = int(seed)
         self._logits_checked = False
+        if eval_loss not in ("ce", "cw"):
+            raise UserError(f"unknown eval_loss {eval_loss!r}; allowed: ce, cw")
+        self.eval_loss = eval_loss
+        self.label_smoothing = float(label_smoothing)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if self.label_smoothing and defense.base == "mart":
+            raise UserError("label smoothing applies to the CE term of at and trades; mart has none")
+        if ema_decay is not None and not 0.0 <= float(ema_decay) < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        if float(ema_start_step) < 0:
+            raise UserError(f"ema_start_step must be >= 0, got {ema_start_step!r}")
+        self.ema_decay = float(ema_decay) if ema_decay is not None else None
+        self.ema_start_step = float(ema_start_step)
+        if weight_decay_exclude not in WEIGHT_DECAY_EXCLUDE:
+            raise UserError(
+                f"unknown weight_decay_exclude {weight_decay_exclude!r}; allowed: {', '.join(WEIGHT_DECAY_EXCLUDE)}"
+            )
+        self.weight_decay_exclude = weight_decay_exclude
+        self.averaged_network = None
         if getattr(network, "built", False):
             self._check_logits()
+            self._build_average()
             self.built = True
         names = ["loss"] + self._term_names() + ["clean_accuracy", "adv_accuracy"]
         if defense.awp:
@@ -279,6 +328,11 @@ class RobustModel(keras.Model):
             "eval_steps": self.eval_steps,
             "eval_step_size": self._eval_step_size_arg,
             "seed": self.seed,
+            "eval_loss": self.eval_loss,
+            "label_smoothing": self.label_smoothing,
+            "ema_decay": self.ema_decay,
+            "ema_start_step": self.ema_start_step,
+            "weight_decay_exclude": self.weight_decay_exclude,
         }
 
     @classmethod
@@ -310,6 +364,7 @@ class RobustModel(keras.Model):
         if not self.network.built:
             self.network.build(input_shape)
         self._check_logits(tuple(input_shape)[1:])
+        self._build_average()
         self.built = True
 
     def _check_logits(self, input_shape=None):
@@ -332,7 +387,77 @@ class RobustModel(keras.Model):
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def call(self, inputs, training=False):
+        """The live network (``averaged_network`` holds the weight average, if any)."""
         return self.network(inputs, training=training)
+
+    # -- weight averaging ---------------------------------------------------
+
+    def _build_average(self):
+        """Creates the averaged copy of the network (once), when ``ema_decay`` is set.
+
+        The copy is a clone of the network whose variables are ordinary Keras
+        variables of this model, so ``save_weights``, checkpoints and the
+        epoch backup hold them with the live weights. It is not trainable.
+        """
+        if self.ema_decay is None or self.averaged_network is not None:
+            return
+        try:
+            clone = keras.models.clone_model(self.network)
+        except Exception as e:  # clone_model raises several kinds for networks it cannot rebuild
+            raise UserError(
+                f"weight averaging needs a network keras.models.clone_model can copy "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
+        shape = _probe_shape(self.network)
+        if not clone.built and shape is not None:
+            clone.build((None,) + shape)
+        live, averaged = self.network.weights, clone.weights
+        if len(live) != len(averaged) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(live, averaged)):
+            raise UserError("weight averaging: the cloned network's weights do not match the network's")
+        for a, b in zip(averaged, live):
+            a.assign(b.value)
+        clone.trainable = False
+        self.averaged_network = clone
+
+    def _average_pairs(self):
+        """``(averaged, live, is_trainable)`` for every weight of the network."""
+        trainable = {id(v) for v in self.network.trainable_weights}
+        return [(a, w, id(w) in trainable) for a, w in zip(self.averaged_network.weights, self.network.weights)]
+
+    def averaging_decay(self, step):
+        """The decay at optimizer step ``t`` (counted after the update):
+
+        ``0`` while ``t < t0`` (the average is the live weights), then
+        ``min(tau, (1 + d) / (10 + d))`` with ``d = t - t0`` (the references'
+        warm-up of the decay; docs/algorithms.md, section 10).
+        """
+        t = tf.cast(step, tf.float32)
+        delta = t - tf.constant(self.ema_start_step, tf.float32)
+        decay = tf.minimum(tf.constant(self.ema_decay, tf.float32), (1.0 + delta) / (10.0 + delta))
+        return tf.where(delta >= 0.0, decay, 0.0)
+
+    def update_average(self, step):
+        """One step of the average: ``a <- tau_t a + (1 - tau_t) w`` for the
+        trainable weights; the BatchNorm moving statistics (and any other
+        non-trainable state) are copied from the live network, not averaged.
+
+        Runs on every replica from the replicated weights (identical after
+        the optimizer's update), so the average is identical on every
+        replica without communication. Keras' optimizer ``use_ema`` is not
+        used: it has no warm-up of the decay, no start step and averages
+        only what the optimizer updates, leaving BatchNorm statistics behind.
+        """
+        decay = self.averaging_decay(step)
+        for a, w, trainable in self._average_pairs():
+            value = tf.cast(w.value, a.value.dtype)
+            if trainable:
+                a.assign(tf.cast(decay, a.value.dtype) * a.value + tf.cast(1.0 - decay, a.value.dtype) * value)
+            else:
+                a.assign(value)
+
+    def evaluated_network(self):
+        """The network that validation, checkpoint selection and export use: the averaged one if any."""
+        return self.averaged_network if self.averaged_network is not None else self.network
 
     @property
     def metrics(self):
@@ -375,6 +500,18 @@ class RobustModel(keras.Model):
         """Scale of the attack loss: large under float16 so small input gradients survive."""
         return 1024.0 if self.network.compute_dtype == "float16" else 1.0
 
+    def decayed_variables(self, variables):
+        """The variables among ``variables`` that get the L2 penalty (per ``weight_decay_exclude``)."""
+        if self.weight_decay_exclude == "none":
+            return list(variables)
+        excluded = set()
+        for layer in _all_layers(self.network):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                excluded.update(id(v) for v in layer.trainable_weights)
+            elif self.weight_decay_exclude == "batchnorm_and_bias" and getattr(layer, "bias", None) is not None:
+                excluded.add(id(layer.bias))
+        return [v for v in variables if id(v) not in excluded]
+
     def _snapshot(self, variables):
         return [tf.identity(v.value) for v in variables]
 
@@ -408,11 +545,21 @@ class RobustModel(keras.Model):
             self._restore(state, saved_state)
         return x_adv
 
+    def _loss_terms(self, logits_clean, logits_adv, y):
+        """The base objective's ``(primary, regulariser, terms)``, its CE term label-smoothed when asked."""
+        d = self.defense
+        primary, regulariser, terms = d.objective.loss_terms(logits_clean, logits_adv, y, d.beta)
+        if self.label_smoothing:
+            name, logits = ("ce_adv", logits_adv) if d.base == "at" else ("ce_clean", logits_clean)
+            primary = attacks.smoothed_cross_entropy(logits, y, self.label_smoothing)
+            terms = dict(terms, **{name: primary})
+        return primary, regulariser, terms
+
     def _base_loss(self, x, x_adv, y, training=True, weights=None):
         """Mean base objective over the global batch (divided by the replica count), plus the network's losses."""
         logits_adv = self.network(x_adv, training=training)
         logits_clean = self.network(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
-        primary, regulariser, _ = self.defense.objective.loss_terms(logits_clean, logits_adv, y, self.defense.beta)
+        primary, regulariser, _ = self._loss_terms(logits_clean, logits_adv, y)
         loss = self._global_mean(primary + regulariser, weights)
         network_losses = self._network_losses()
         return loss if network_losses is None else loss + network_losses
@@ -525,7 +672,8 @@ class RobustModel(keras.Model):
                 loss = loss + network_losses
             penalty = 0.0
             if self.weight_decay:
-                penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in variables])
+                decayed = self.decayed_variables(variables)
+                penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in decayed])
                 penalty = penalty / _num_replicas()
             scaled = self.optimizer.scale_loss(loss + penalty)
         grads = tape.gradient(scaled, variables)
@@ -535,6 +683,8 @@ class RobustModel(keras.Model):
             self._restore(kernels, saved_kernels)
             extra["awp_relative_norm"] = awp.relative_size(saved_kernels, perturbation)
         self.optimizer.apply(grads, variables)
+        if self.averaged_network is not None:
+            self.update_average(self.optimizer.iterations)
 
         if logits_clean is None:
             logits_clean = tf.cast(self.network(x, training=False), tf.float32)
@@ -556,7 +706,7 @@ class RobustModel(keras.Model):
         ``{"s2o": (q_clean, q_adv)}`` or ``{"rat": (y1, y2, yy1, yy2)}``.
         """
         d = self.defense
-        primary, regulariser, terms = d.objective.loss_terms(logits_clean, logits_adv, y, d.beta)
+        primary, regulariser, terms = self._loss_terms(logits_clean, logits_adv, y)
         total = primary + regulariser
         if d.s2o:
             q_clean, q_adv = targets["s2o"]
@@ -571,14 +721,22 @@ class RobustModel(keras.Model):
         return total, terms
 
     def test_step(self, data):
-        """Clean and PGD accuracy (``eval_steps`` steps, uniform start) on validation data."""
+        """Clean and PGD accuracy (``eval_steps`` steps on ``eval_loss``, uniform start) on validation data.
+
+        With weight averaging, of the averaged network. ``pgd_loss`` is the
+        cross-entropy at the adversarial examples whichever loss PGD ascends.
+        """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
-        model_fn = lambda inputs: tf.cast(self.network(inputs, training=False), tf.float32)  # noqa: E731
+        network = self.evaluated_network()
+        model_fn = lambda inputs: tf.cast(network(inputs, training=False), tf.float32)  # noqa: E731
         logits = model_fn(x)
         seed = tf.constant([self.seed * 1000 + 7, 0], tf.int32)
         x_init = start_point(x, self.eps, self.norm, "uniform", seed)
-        x_adv = attacks.pgd(model_fn, x, y, self.eps, self.eval_step_size, self.eval_steps, norm=self.norm, x_init=x_init)
+        x_adv = attacks.pgd(
+            model_fn, x, y, self.eps, self.eval_step_size, self.eval_steps, norm=self.norm, x_init=x_init,
+            loss=self.eval_loss,
+        )
         logits_adv = model_fn(x_adv)
         self.val_trackers["clean_accuracy"].update_state(y, logits, sample_weight)
         self.val_trackers["pgd_accuracy"].update_state(y, logits_adv, sample_weight)
