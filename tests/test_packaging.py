@@ -113,7 +113,8 @@ def test_installed_commands_run_outside_the_repository(wheel, tmp_path):
     assert where.stdout.strip() == str(target / "tfrobust" / "configs"), where.stderr
     listed = run(str(target / "bin" / "tfrobust"), "configs")
     assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == list(packaged_configs())
-    for command in (["tfrobust", "train", "--help"], ["tfrobust-train", "--help"], ["tfrobust-evaluate", "--help"]):
+    for command in (["tfrobust", "train", "--help"], ["tfrobust-train", "--help"], ["tfrobust-evaluate", "--help"],
+                    ["tfrobust", "pseudo-label", "--help"]):
         shown = run(str(target / "bin" / command[0]), *command[1:])
         assert shown.returncode == 0 and "usage:" in shown.stdout, (command, shown.stderr)
     resolved = run(str(target / "bin" / "tfrobust-train"), "--config", "cifar10_preactresnet18_at_awp",

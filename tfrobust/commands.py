@@ -1,8 +1,8 @@
 """The ``tfrobust`` console command installed with the package.
 
-``tfrobust train ...`` and ``tfrobust evaluate ...`` take exactly the flags of
-``python train.py`` and ``python evaluate.py`` (the same functions run behind
-both); ``tfrobust configs`` lists the papers' settings shipped inside the
+``tfrobust train ...``, ``tfrobust evaluate ...`` and ``tfrobust pseudo-label
+...`` take exactly the flags of ``python train.py``, ``python evaluate.py`` and
+``python pseudo_label.py`` (the same functions run behind both); ``tfrobust configs`` lists the papers' settings shipped inside the
 package, each usable as ``--config NAME``. ``tfrobust-train`` and
 ``tfrobust-evaluate`` are the same two commands under their own names, and
 ``python -m tfrobust`` is ``tfrobust``.
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: tfrobust {train,evaluate,configs} [flags]
+USAGE = """usage: tfrobust {train,evaluate,pseudo-label,configs} [flags]
 
-  train      adversarial training (flags: tfrobust train --help)
-  evaluate   robust accuracy, AutoAttack, flatness (flags: tfrobust evaluate --help)
-  configs    list the experiment configs shipped with tfrobust (use one with --config NAME)
+  train         adversarial training (flags: tfrobust train --help)
+  evaluate      robust accuracy, AutoAttack, flatness (flags: tfrobust evaluate --help)
+  pseudo-label  label an unlabelled .npz with a trained network (flags: tfrobust pseudo-label --help)
+  configs       list the experiment configs shipped with tfrobust (use one with --config NAME)
 """
 
 
@@ -40,14 +41,14 @@ def main(argv=None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    entries = {"train": cli.train_main, "evaluate": cli.evaluate_main}
+    entries = {"train": cli.train_main, "evaluate": cli.evaluate_main, "pseudo-label": cli.pseudo_label_main}
     if command == "configs":
         if rest:
             print(f"error: 'tfrobust configs' takes no arguments, got {' '.join(rest)}", file=sys.stderr)
             return 2
         return list_configs()
     if command not in entries:
-        print(f"error: unknown command {command!r}; allowed: configs, evaluate, train (see tfrobust --help)",
+        print(f"error: unknown command {command!r}; allowed: configs, evaluate, pseudo-label, train (see tfrobust --help)",
               file=sys.stderr)
         return 2
     program = sys.argv[0]
