@@ -252,8 +252,8 @@ def test_bad_arguments(bn_cnn):
     model, x, y = bn_cnn
     with pytest.raises(UserError, match="allowed: apgd-ce, apgd-t, fab-t, square"):
         aa.run_autoattack(model, x, y, 0.03, attacks=["apgd-ce", "pgd"], verbose=False)
-    with pytest.raises(UserError, match="allowed: fast, standard"):
-        aa.run_autoattack(model, x, y, 0.03, version="plus", verbose=False)
+    with pytest.raises(UserError, match="allowed: fast, plus, rand, standard"):
+        aa.run_autoattack(model, x, y, 0.03, version="plux", verbose=False)
     with pytest.raises(UserError, match="allowed: l2, linf"):
         aa.run_autoattack(model, x, y, 0.03, norm="l1", verbose=False)
     with pytest.raises(UserError, match="allowed: l2, linf"):
