@@ -253,17 +253,29 @@ def dlr_zero_gradients(model_fn, x, y, eps, norm="linf", seed=0) -> Optional[int
 
 
 def rounded_k_over_255(eps) -> Optional[int]:
-    """k when ``eps`` equals k/255 rounded to 3-6 decimals but not k/255 itself (0.031 for 8/255), else None."""
+    """k when ``eps`` looks like k/255 rounded (0.031 or 0.0314 for 8/255), else None.
+
+    That is: ``eps`` equals k/255 (k = 1..255) rounded to 3-6 decimals, is not
+    k/255 itself (float32 k/255 counts as exact), and its last decimal is not
+    5 (0.075 or 0.125 are common choices of their own; values with at most 2
+    decimals, such as 0.03 or 0.1, are not flagged either).
+    """
     eps = float(eps)
     if not math.isfinite(eps) or eps <= 0:
         return None
     for k in range(1, 256):
-        exact = k / 255.0
-        if abs(eps - exact) <= 1e-7 * max(1.0, exact):
+        if abs(eps - k / 255.0) <= 1e-7 * k / 255.0:
             return None  # k/255 itself (also in float32)
-        for d in EPS_ROUNDING_DECIMALS:
-            if abs(eps - round(exact, d)) <= 1e-12:
+    for d in EPS_ROUNDING_DECIMALS:
+        digits = round(eps * 10 ** d)
+        if abs(eps * 10 ** d - digits) > 1e-6:
+            continue  # eps has more than d decimals
+        if digits % 10 in (0, 5):
+            return None  # d decimals were not needed, or a round value such as 0.075
+        for k in range(1, 256):
+            if round(k / 255.0, d) * 10 ** d == digits or round(k / 255.0 * 10 ** d) == digits:
                 return k
+        return None
     return None
 
 
@@ -282,7 +294,7 @@ def autoattack_flags(model_fn, x, y, eps, norm="linf", *, randomised_expected=Fa
        attacks or BPDA.
     4. ``eps_not_rounded``: eps is not a rounded k/255 such as 0.031 for
        8/255 (an error of 1.2% in the threat model, frequent in published
-       numbers); not in the reference.
+       numbers; :func:`rounded_k_over_255`); not in the reference.
     5. ``square_not_better``: given ``robust_by_attack`` (the ensemble's
        ``broken_by`` array), Square broke at most 0.2% of the examples (or one
        example) that the gradient attacks before it missed (checks.py
