@@ -1528,7 +1528,10 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
             indiv[name] = float(alone.mean())
             say(f"  robust accuracy of {name.upper()} alone: {indiv[name]:.2%}")
 
-    if flag_list is not None and "square" in [a for a, _ in plan]:
+    if flag_list is not None and "square" not in [a for a, _ in plan]:
+        flag_list[-1] = {"name": "square_not_better", "passed": True, "detail": "Square is not in the ensemble",
+                         "skipped": True}
+    elif flag_list is not None:
         from tfrobust.integrity import square_check
 
         flag_list[-1] = square_check(broken_by, n)

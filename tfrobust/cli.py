@@ -128,13 +128,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="attack budget (default: the run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
-    p.add_argument("--examples", type=int, help="evaluate the first N test examples")
+    p.add_argument("--examples", type=int, help="evaluate the first N test examples (default: the whole test set)")
     p.add_argument("--integrity-examples", type=int, default=200,
                    help="run the integrity probes (eps 0, large eps, more steps, Square vs gradients) on the "
                         "first N examples (default 200; 0: skip)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten)")
+    p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten), a "
+                   "RobustBench-style summary next to it (r.json: r.robustbench.json), and the AutoAttack verdicts "
+                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there")
     p.add_argument("--which", choices=("last", "best"), default="last",
                    help="for a run directory: the last network or the one chosen on validation")
     p.add_argument("--flatness", action="store_true",
@@ -176,6 +178,7 @@ def evaluate_main(argv=None) -> int:
         report = evaluation.evaluate(
             loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
             batch_size=args.batch_size, seed=args.seed, integrity_examples=args.integrity_examples,
+            partial_path=_partial_path(args.output),
         )
         report["total_seconds"] = round(time.time() - start, 3)
         report["model"] = args.model
@@ -201,7 +204,35 @@ def evaluate_main(argv=None) -> int:
             with open(args.output, "w") as f:
                 f.write(evaluation.to_json(report))
             print(f"report: {args.output}")
+            _write_summary(args.output, report, loaded.run_config)
     return 0
+
+
+def _partial_path(output):
+    """``<output>.partial.jsonl``: the AutoAttack verdicts of an evaluation written to ``output``, batch by batch."""
+    return None if not output else output + ".partial.jsonl"
+
+
+def _summary_path(output) -> str:
+    root, ext = os.path.splitext(output)
+    return (root if ext == ".json" else output) + ".robustbench.json"
+
+
+def _write_summary(output, report, run_config):
+    """Writes the RobustBench-style summary next to the report (atomically, never over an existing file)."""
+    import json
+
+    from tfrobust import evaluation
+
+    path = _summary_path(output)
+    if os.path.exists(path):
+        print(f"summary not written: {path} exists", file=sys.stderr)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(evaluation.robustbench_summary(report, run_config), f, indent=2, default=str)
+    os.replace(tmp, path)
+    print(f"summary: {path}")
 
 
 def _landscape_dir(args, loaded) -> str:

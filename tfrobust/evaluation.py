@@ -17,9 +17,24 @@ returns accuracies as fractions in [0, 1] under keys that name the attack:
   threat model through cleverhans 4.0.0 (FGSM, PGD with a uniform start,
   momentum iterative method, Dong et al. 2018), as independent cross-checks
   of tfrobust's own attacks (L-inf and L2);
+- ``apgd_dlr`` (APGD on the DLR loss), ``fab`` (untargeted FAB),
+  ``apgd_ce_eot`` and ``apgd_dlr_eot`` (APGD with EOT over 20 forward passes,
+  for randomised models): further AutoAttack components; named components
+  run as one ensemble in the order apgd_ce, apgd_ce_eot, apgd_dlr,
+  apgd_dlr_eot, apgd_t, fab, fab_t, square;
 - ``standard`` (all four) and ``fast`` (APGD-CE and APGD-T): the ensembles,
   reported as ``autoattack_standard`` / ``autoattack_fast`` (per-example
-  worst case) next to their components.
+  worst case) next to their components;
+- ``plus`` (APGD-CE and APGD-DLR with 5 restarts, FAB with 5 restarts,
+  Square, APGD-T, FAB-T) and ``rand`` (APGD-CE and APGD-DLR with EOT over 20
+  passes; every verdict on the mean logits of 20 passes): AutoAttack's other
+  versions with the reference's budgets, named alone (without other
+  AutoAttack names), reported as ``autoattack_plus`` / ``autoattack_rand``.
+
+An AutoAttack ensemble adds the reference's automatic checks (randomised
+forward pass, probability outputs, zero DLR gradients, Square beating the
+gradient attacks) and a rounded-eps check under ``flags``, and the
+per-example verdicts (``autoattack.broken_by``, ``perturbation_norm``).
 
 ``worst_case`` is the per-example worst case over every attack that ran.
 With ``integrity_examples`` > 0 the report also carries the integrity checks
@@ -45,12 +60,19 @@ _CLEVERHANS = re.compile(r"^cleverhans_(fgsm|pgd(\d+)|mim(\d+))$")
 
 
 AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
-ENSEMBLES = {"standard": AUTOATTACK, "fast": ("apgd_ce", "apgd_t")}
+# Further AutoAttack components that can be named alone (tfrobust.autoattack.ALL_ATTACKS).
+AUTOATTACK_EXTRA = ("apgd_dlr", "fab", "apgd_ce_eot", "apgd_dlr_eot")
+# Order in which named components run as one ensemble (standard's four keep their order).
+COMPONENT_ORDER = ("apgd_ce", "apgd_ce_eot", "apgd_dlr", "apgd_dlr_eot", "apgd_t", "fab", "fab_t", "square")
+ENSEMBLES = {"standard": AUTOATTACK, "fast": ("apgd_ce", "apgd_t"),
+             "plus": ("apgd_ce", "apgd_dlr", "fab", "square", "apgd_t", "fab_t"), "rand": ("apgd_ce", "apgd_dlr")}
+# Versions with budgets of their own: run alone, with tfrobust.autoattack.VERSION_ATTACKS.
+OWN_BUDGET_VERSIONS = ("plus", "rand")
 
 
 def attack_names_help() -> str:
-    return ("clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, standard, fast, "
-            "cleverhans_fgsm, cleverhans_pgd<N>, cleverhans_mim<N>")
+    return ("clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, apgd_dlr, fab, apgd_ce_eot, "
+            "apgd_dlr_eot, standard, fast, plus, rand, cleverhans_fgsm, cleverhans_pgd<N>, cleverhans_mim<N>")
 
 
 def parse_attacks(spec) -> list:
@@ -59,9 +81,16 @@ def parse_attacks(spec) -> list:
     if not names:
         raise UserError(f"no attack given; allowed: {attack_names_help()}")
     for name in names:
-        if name not in ("clean", "fgsm") + AUTOATTACK + tuple(ENSEMBLES) and not (_PGD.match(name) or _CLEVERHANS.match(name)):
+        if name not in ("clean", "fgsm") + AUTOATTACK + AUTOATTACK_EXTRA + tuple(ENSEMBLES) and not (
+                _PGD.match(name) or _CLEVERHANS.match(name)):
             raise UserError(f"unknown attack {name!r}; allowed: {attack_names_help()}")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    own = [n for n in names if n in OWN_BUDGET_VERSIONS]
+    others = [n for n in names if n in AUTOATTACK + AUTOATTACK_EXTRA or n in ENSEMBLES and n not in own]
+    if own and (len(own) > 1 or others):
+        raise UserError(f"AutoAttack version {own[0]!r} runs its own attacks and budgets; name it without other "
+                        f"AutoAttack versions or components (got {', '.join(own + others)})")
+    return names
 
 
 def _attack_fn(name: str, model_fn: Callable, eps: float, norm: str, step_size, seed: int):
@@ -120,6 +149,7 @@ def evaluate(
     seed: int = 0,
     verbose: bool = True,
     integrity_examples: int = 0,
+    partial_path=None,
 ) -> dict:
     """Accuracy under each attack, and the per-example worst case.
 
@@ -129,9 +159,17 @@ def evaluate(
       eps, norm: the threat model ("linf" or "l2").
       attacks: names, see the module doc.
       step_size: PGD step; default eps / 4.
+      partial_path: a JSON-lines file of the AutoAttack ensemble's decided
+        batches; an interrupted evaluation with the same arguments resumes
+        from it (see :func:`tfrobust.autoattack.run_autoattack`). The other
+        attacks and the integrity probes run again.
     Returns:
       ``{"accuracy": {name: fraction}, "worst_case": fraction, "examples": n,
-      "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``.
+      "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``,
+      and when an AutoAttack ensemble ran, ``"autoattack"`` (version, attacks,
+      verdict passes, seconds, per-example ``broken_by`` and
+      ``perturbation_norm``) and ``"flags"`` (the reference's automatic checks,
+      :func:`tfrobust.integrity.autoattack_flags`).
     """
     from tqdm.auto import tqdm
 
@@ -145,7 +183,7 @@ def evaluate(
     if n == 0:
         raise UserError("no test examples to evaluate")
     report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm}
-    simple = [a for a in names if a not in AUTOATTACK and a not in ENSEMBLES]
+    simple = [a for a in names if a not in AUTOATTACK + AUTOATTACK_EXTRA and a not in ENSEMBLES]
     for name in simple:
         run = _attack_fn(name, model_fn, eps, norm, step, seed)
         correct = []
@@ -160,9 +198,13 @@ def evaluate(
         report["accuracy"][name] = float(correct.mean())
         report["seconds"][name] = round(time.time() - start, 3)
     ensemble = [a for a in names if a in ENSEMBLES]
-    components = [a for a in AUTOATTACK if a in names or any(a in ENSEMBLES[e] for e in ensemble)]
-    if components:
-        _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose)
+    components = [a for a in COMPONENT_ORDER if a in names or any(a in ENSEMBLES[e] for e in ensemble)]
+    if ensemble and ensemble[0] in OWN_BUDGET_VERSIONS:
+        _run_autoattack(report, model_fn, x, y, eps, norm, list(ENSEMBLES[ensemble[0]]), ensemble, batch_size,
+                        seed, verbose, version=ensemble[0], partial_path=partial_path)
+    elif components:
+        _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
+                        partial_path=partial_path)
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
@@ -170,14 +212,16 @@ def evaluate(
     return report
 
 
-def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose):
-    """Runs the AutoAttack components as one ensemble and records them in ``report``."""
+def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
+                    version=None, partial_path=None):
+    """Runs the AutoAttack components as one ensemble (or ``version`` with its budgets) into ``report``."""
     from tfrobust import autoattack
 
     start = time.time()
+    attacks = None if version else [c.replace("_", "-") for c in components]
     result = autoattack.run_autoattack(
-        model_fn, x, y, eps, norm=norm, attacks=[c.replace("_", "-") for c in components],
-        batch_size=batch_size, seed=seed, verbose=verbose,
+        model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
+        batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
@@ -187,7 +231,11 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     label = "autoattack_" + ensemble[0] if len(ensemble) == 1 else "autoattack"
     report["accuracy"][label] = float(mask.mean())
     report["seconds"][label] = seconds
-    report["autoattack"] = {"attacks": components, "seconds": seconds}
+    report["autoattack"] = {"attacks": components, "seconds": seconds, "version": version or (
+        ensemble[0] if len(ensemble) == 1 else "custom"), "verdict_passes": result["verdict_passes"],
+        "resumed": result["resumed"], "clean": result["clean"], "broken_by": result["broken_by"].tolist(),
+        "perturbation_norm": [None if np.isnan(v) else float(v) for v in result["perturbation_norm"]]}
+    report["flags"] = result["flags"]
     from tfrobust.integrity import from_autoattack
 
     report["_autoattack_integrity"] = from_autoattack(result)
@@ -233,6 +281,11 @@ def format_table(report: dict) -> str:
     lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     header = f"{report['examples']} examples, {report['norm']} eps={report['eps']:.4g}"
+    if report.get("flags"):
+        lines.append("AutoAttack checks:")
+        for check in report["flags"]:
+            status = "skipped" if check["skipped"] else ("passed" if check["passed"] else "FLAGGED")
+            lines.append(f"  {status:<7} {check['name']}: {check['detail']}")
     if "integrity" in report:
         lines.append(f"integrity checks ({report['integrity']['probe_examples']} probe examples):")
         for check in report["integrity"]["checks"]:
@@ -245,3 +298,43 @@ def to_json(report: dict) -> str:
     """The report without per-example arrays, as JSON."""
     clean = {k: v for k, v in report.items() if k not in ("correct", "_autoattack_integrity")}
     return json.dumps(clean, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def _eps_text(eps: float) -> str:
+    """``"8/255"`` when eps is k/255 (to float32 precision), else the number."""
+    k = round(eps * 255)
+    if 0 < k <= 255 and abs(eps - k / 255) <= 1e-7 * k / 255:
+        return f"{k}/255"
+    return f"{eps:g}"
+
+
+def robustbench_summary(report: dict, config=None) -> dict:
+    """The headline numbers of a report in the style of RobustBench's model entries.
+
+    Accuracies in percent with two decimals, as RobustBench lists them:
+    ``clean_acc``, ``autoattack_acc`` (the per-example worst case over every
+    attack run, which is the ensemble's robust accuracy when only an
+    ensemble ran), ``per_attack_acc`` (the report's accuracies), the threat
+    model (``threat_model`` "Linf"/"L2", ``eps`` as "8/255" where exact),
+    the AutoAttack ``version``, ``n_examples``, ``number_forward_passes`` per
+    verdict, the automatic ``flags`` (name -> passed) and ``config``: the
+    run's configuration when a run directory was evaluated.
+    """
+    acc = report["accuracy"]
+    aa = report.get("autoattack") or {}
+    pct = lambda v: round(100.0 * float(v), 2)  # noqa: E731
+    return {
+        "dataset": report.get("data"),
+        "model": report.get("model"),
+        "threat_model": {"linf": "Linf", "l2": "L2"}[report["norm"]],
+        "eps": _eps_text(float(report["eps"])),
+        "eps_value": float(report["eps"]),
+        "version": aa.get("version"),
+        "n_examples": int(report["examples"]),
+        "clean_acc": pct(acc["clean"]) if "clean" in acc else (pct(aa["clean"]) if "clean" in aa else None),
+        "autoattack_acc": pct(report["worst_case"]),
+        "per_attack_acc": {k: pct(v) for k, v in acc.items()},
+        "number_forward_passes": int(aa.get("verdict_passes", 1)),
+        "flags": {c["name"]: (None if c["skipped"] else bool(c["passed"])) for c in report.get("flags") or []},
+        "config": config,
+    }

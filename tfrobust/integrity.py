@@ -332,7 +332,7 @@ def autoattack_flags(model_fn, x, y, eps, norm="linf", *, randomised_expected=Fa
         out.append(_check("logits_not_probabilities", True, "the outputs are not probability rows"))
     zero = dlr_zero_gradients(model_fn, x, y, eps, norm=norm, seed=seed)
     if zero is None:
-        out.append(_skip("dlr_gradient_nonzero", "DLR loss (fewer than 3 classes)"))
+        out.append(_check("dlr_gradient_nonzero", True, "no DLR loss with fewer than 3 classes", skipped=True))
     elif zero:
         out.append(_check("dlr_gradient_nonzero", False,
                           f"{zero} of {len(x)} example(s) have an all-zero DLR-loss gradient at APGD's start: "
@@ -355,7 +355,7 @@ def autoattack_flags(model_fn, x, y, eps, norm="linf", *, randomised_expected=Fa
 def square_check(broken_by=None, n_examples=None) -> dict:
     """Check 5 of :func:`autoattack_flags` from an ensemble's ``broken_by`` array."""
     if broken_by is None:
-        return _skip("square_not_better", "ensemble result")
+        return _check("square_not_better", True, "needs the ensemble's result", skipped=True)
     broken_by = np.asarray(broken_by)
     n = int(n_examples or len(broken_by))
     only = int(np.sum(broken_by == "square"))
