@@ -223,3 +223,15 @@ def test_sigkill_mid_autoattack_then_rerun_gives_the_same_report(tmp_path, train
     with open(partial) as f:
         keys = [(e["attack"], e["batch"]) for e in map(json.loads, f.read().splitlines()[1:])]
     assert len(keys) == len(set(keys))
+
+
+def test_eps_accepts_an_exact_fraction(capsys):
+    from tfrobust.cli import evaluate_parser
+
+    assert evaluate_parser().parse_args(["--model", "m", "--eps", "8/255"]).eps == 8 / 255
+    assert evaluate_parser().parse_args(["--model", "m", "--eps", "0.1"]).eps == 0.1
+    for bad in ("8/0", "eight/255", "x"):
+        with pytest.raises(SystemExit) as info:
+            evaluate_parser().parse_args(["--model", "m", "--eps", bad])
+        assert info.value.code == 2
+        assert "not a number or fraction" in capsys.readouterr().err

@@ -118,6 +118,20 @@ def train_main(argv=None) -> int:
     return 0
 
 
+def _number(text: str) -> float:
+    """A float, or a fraction ``a/b`` such as ``8/255`` (exact, unlike a rounded 0.031)."""
+    if "/" in text:
+        num, _, den = text.partition("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     from tfrobust.evaluation import attack_names_help
 
@@ -125,7 +139,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory, SavedModel directory or .keras file")
     p.add_argument("--data", help="data set (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="directory with the data set's files")
-    p.add_argument("--eps", type=float, help="attack budget (default: the run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
+    p.add_argument("--eps", type=_number, help="attack budget, a number or a fraction such as 8/255 (default: the "
+                   "run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
     p.add_argument("--examples", type=int, help="evaluate the first N test examples (default: the whole test set)")
