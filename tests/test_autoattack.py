@@ -420,3 +420,44 @@ def test_eot_beats_the_gradient_noise_that_fools_one_pass(noisy_linear):
     low = aa.run_autoattack(model, x, y, 0.9 * 0.05, attacks=["apgd-ce-eot", "apgd-dlr-eot"],
                             batch_size=6, verbose=False)
     assert low["verdict_passes"] == 20 and low["worst_case"] == 1.0
+
+
+def test_sharded_across_replicas_agrees_with_one_device(linear_cases):
+    """Under a MirroredStrategy on two logical CPUs every batch is split per replica; verdicts are unchanged.
+
+    The examples are at least 20% away from the boundary in L-inf distance, so the changed random
+    draws of the split (they depend on an example's position) cannot flip a verdict.
+    """
+    model, kernel, bias, _, _ = linear_cases[5]
+    x = np.random.default_rng(5).uniform(0.3, 0.7, size=(64, H, W, 1)).astype(np.float32)
+    y = (x.reshape(len(x), -1) @ kernel + bias).argmax(1)
+    r = _minimal_perturbation(x, y, kernel, bias, "linf")
+    eps = float(np.median(r))
+    clear = np.abs(r / eps - 1) > 0.2
+    x, y, r = x[clear][:12], y[clear][:12], r[clear][:12]
+    assert len(x) == 12 and 0 < np.sum(r > eps) < 12 and r.max() * 1.2 < 0.3  # the box never binds
+    seen = []
+
+    def recording(attack):
+        def run(model_fn, xb, yb, eps, norm, seed):
+            seen.append((tf.constant(0.0).device, len(xb)))
+            return attack(model_fn, xb, yb, eps, norm=norm, seed=seed)
+        return run
+
+    budget = {"apgd-ce": recording(functools.partial(aa.apgd, n_iter=50)),
+              "apgd-t": recording(functools.partial(aa.apgd_targeted, n_iter=50, n_target_classes=4)),
+              "fab": recording(functools.partial(aa.fab, n_iter=50))}
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    one = aa.run_autoattack(model, x, y, eps, attacks=budget, batch_size=len(x), verbose=False)
+    assert {d for d, _ in seen} == {tf.constant(0.0).device} and one["devices"] == []
+    seen.clear()
+    two = aa.run_autoattack(model, x, y, eps, attacks=budget, batch_size=len(x), verbose=False, strategy=strategy)
+    assert len(two["devices"]) == 2
+    devices = {d.split("device:")[-1] for d, _ in seen}
+    assert devices == {"CPU:0", "CPU:1"}
+    # Every call saw one shard of the batch: sizes of each attack's calls add up to the examples it ran on.
+    assert sum(k for _, k in seen[:2]) == len(x)
+    np.testing.assert_array_equal(two["robust_mask"], one["robust_mask"])
+    np.testing.assert_array_equal(two["robust_mask"], r > eps)
+    broken = ~two["robust_mask"]
+    assert aa.perturbation_norms(two["x_adv"][broken], x[broken], "linf").max() <= eps + 1e-6

@@ -1349,7 +1349,7 @@ def _check_ball(x_adv, x, eps, norm, tol=BALL_TOLERANCE):
 
 def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks: AttackSpec = None,
                    batch_size=500, seed=0, verbose=True, individual=False, *, verdict_passes=None,
-                   flags=True, partial_path=None) -> dict:
+                   flags=True, partial_path=None, strategy=None) -> dict:
     """Robust accuracy under the AutoAttack ensemble (Croce & Hein, ICML 2020).
 
     The clean predictions are computed first; then each attack runs in order,
@@ -1392,6 +1392,14 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         the remaining batches run: a killed evaluation resumes where it
         stopped and ends with the same result. Adversarial points of replayed
         examples are not stored: ``x_adv`` holds ``x`` for them.
+      strategy: a ``tf.distribute`` strategy (e.g. the ``MirroredStrategy``
+        of training). Each batch is split into one shard per local replica
+        device; the shards are attacked concurrently, each under its device,
+        and the results gathered per example. The split changes the random
+        draws of an example (they depend on its position in the shard), so
+        verdicts agree with a single-device run except on borderline
+        examples. Workers of a multi-worker strategy are not used (their
+        local devices are).
 
     Returns:
       A dict with
@@ -1468,6 +1476,7 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
     log = _PartialLog(partial_path, _fingerprint(x_np, y_np, eps, norm, [a for a, _ in plan], version if attacks
                                                  is None else None, seed, batch_size, passes, individual))
     replayed = np.zeros(n, bool)
+    devices = _replica_devices(strategy)
 
     def attack_examples(name, fn, idx, bar_desc):
         """Runs ``fn`` on x[idx] in batches; returns (fooled mask over idx, adversarial points, norms)."""
@@ -1490,7 +1499,10 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
                     replayed[fooled_idx] = True
                     bar.update(len(xb))
                     continue
-                out = fn(model_fn, xb, yb, eps, norm=norm, seed=seed)
+                if len(devices) > 1 and len(xb) >= len(devices):
+                    out = _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices)
+                else:
+                    out = fn(model_fn, xb, yb, eps, norm=norm, seed=seed)
                 out = np.asarray(out, np.float32).reshape(xb.shape)
                 out = _numpy_project(out, xb, eps, norm)
                 pred = _predicted(_predict_logits(model_fn, tf.constant(out), batch_size, passes=passes)).numpy()
@@ -1561,10 +1573,36 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         "version": version if attacks is None else "custom",
         "verdict_passes": int(passes),
         "resumed": int(replayed.sum()),
+        "devices": list(devices) if len(devices) > 1 else [],
         "eps": eps,
         "norm": norm,
         "n_examples": n,
     }
+
+
+def _replica_devices(strategy) -> list:
+    """The local replica devices of ``strategy`` (empty for None or the default strategy)."""
+    if strategy is None:
+        return []
+    try:
+        return list(strategy.extended.worker_devices)
+    except (AttributeError, NotImplementedError):
+        return []
+
+
+def _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices):
+    """``fn`` on one shard of the batch per device, concurrently; the points in the batch's order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = [s for s in np.array_split(np.arange(len(xb)), len(devices)) if len(s)]
+
+    def run(device, s):
+        with tf.device(device):
+            return np.asarray(fn(model_fn, xb[s], yb[s], eps, norm=norm, seed=seed), np.float32)
+
+    with ThreadPoolExecutor(len(shards)) as pool:
+        parts = list(pool.map(run, devices[:len(shards)], shards))
+    return np.concatenate(parts, axis=0)
 
 
 # --------------------------------------------------------------------------

@@ -152,6 +152,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten), a "
                    "RobustBench-style summary next to it (r.json: r.robustbench.json), and the AutoAttack verdicts "
                    "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there")
+    p.add_argument("--strategy", choices=("default", "mirrored"),
+                   help="split each AutoAttack batch across the local devices with a MirroredStrategy (default: "
+                        "mirrored when the run trained with runtime.strategy mirrored or multi_worker, else one "
+                        "device)")
     p.add_argument("--which", choices=("last", "best"), default="last",
                    help="for a run directory: the last network or the one chosen on validation")
     p.add_argument("--flatness", action="store_true",
@@ -193,7 +197,7 @@ def evaluate_main(argv=None) -> int:
         report = evaluation.evaluate(
             loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
             batch_size=args.batch_size, seed=args.seed, integrity_examples=args.integrity_examples,
-            partial_path=_partial_path(args.output),
+            partial_path=_partial_path(args.output), strategy=_evaluation_strategy(args.strategy, loaded),
         )
         report["total_seconds"] = round(time.time() - start, 3)
         report["model"] = args.model
@@ -221,6 +225,21 @@ def evaluate_main(argv=None) -> int:
             print(f"report: {args.output}")
             _write_summary(args.output, report, loaded.run_config)
     return 0
+
+
+def _evaluation_strategy(name, loaded):
+    """The strategy that shares the AutoAttack batches: ``--strategy``, else the run's runtime.strategy."""
+    import types
+
+    runtime = ((loaded.run_config or {}).get("runtime") or {})
+    if name is None:
+        name = "mirrored" if runtime.get("strategy") in ("mirrored", "multi_worker") else "default"
+    if name == "default":
+        return None
+    from tfrobust.experiment import build_strategy
+
+    devices = runtime.get("devices") if runtime.get("strategy") == "mirrored" else None
+    return build_strategy(types.SimpleNamespace(strategy="mirrored", devices=devices or None))
 
 
 def _partial_path(output):

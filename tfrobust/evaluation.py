@@ -150,6 +150,7 @@ def evaluate(
     verbose: bool = True,
     integrity_examples: int = 0,
     partial_path=None,
+    strategy=None,
 ) -> dict:
     """Accuracy under each attack, and the per-example worst case.
 
@@ -163,6 +164,9 @@ def evaluate(
         batches; an interrupted evaluation with the same arguments resumes
         from it (see :func:`tfrobust.autoattack.run_autoattack`). The other
         attacks and the integrity probes run again.
+      strategy: a ``tf.distribute`` strategy whose local replica devices
+        share each AutoAttack batch (see
+        :func:`tfrobust.autoattack.run_autoattack`).
     Returns:
       ``{"accuracy": {name: fraction}, "worst_case": fraction, "examples": n,
       "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``,
@@ -201,10 +205,10 @@ def evaluate(
     components = [a for a in COMPONENT_ORDER if a in names or any(a in ENSEMBLES[e] for e in ensemble)]
     if ensemble and ensemble[0] in OWN_BUDGET_VERSIONS:
         _run_autoattack(report, model_fn, x, y, eps, norm, list(ENSEMBLES[ensemble[0]]), ensemble, batch_size,
-                        seed, verbose, version=ensemble[0], partial_path=partial_path)
+                        seed, verbose, version=ensemble[0], partial_path=partial_path, strategy=strategy)
     elif components:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                        partial_path=partial_path)
+                        partial_path=partial_path, strategy=strategy)
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
@@ -213,7 +217,7 @@ def evaluate(
 
 
 def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                    version=None, partial_path=None):
+                    version=None, partial_path=None, strategy=None):
     """Runs the AutoAttack components as one ensemble (or ``version`` with its budgets) into ``report``."""
     from tfrobust import autoattack
 
@@ -221,7 +225,7 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     attacks = None if version else [c.replace("_", "-") for c in components]
     result = autoattack.run_autoattack(
         model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
-        batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path,
+        batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path, strategy=strategy,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
@@ -233,7 +237,7 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     report["seconds"][label] = seconds
     report["autoattack"] = {"attacks": components, "seconds": seconds, "version": version or (
         ensemble[0] if len(ensemble) == 1 else "custom"), "verdict_passes": result["verdict_passes"],
-        "resumed": result["resumed"], "clean": result["clean"], "broken_by": result["broken_by"].tolist(),
+        "resumed": result["resumed"], "clean": result["clean"], "devices": result["devices"], "broken_by": result["broken_by"].tolist(),
         "perturbation_norm": [None if np.isnan(v) else float(v) for v in result["perturbation_norm"]]}
     report["flags"] = result["flags"]
     from tfrobust.integrity import from_autoattack
