@@ -1,4 +1,4 @@
-"""AutoAttack in TensorFlow: APGD-CE, APGD-T, FAB-T and Square, and their ensemble.
+"""AutoAttack in TensorFlow: APGD-CE, APGD-DLR, APGD-T, FAB, FAB-T and Square, and their ensembles.
 
 The ensemble of Croce and Hein, "Reliable evaluation of adversarial robustness
 with an ensemble of diverse parameter-free attacks" (ICML 2020), with
@@ -49,8 +49,23 @@ documented at the function that has them:
   (the reference only for DLR); FAB's projection is solved exactly in float64
   from sorted breakpoints (the reference bisects in float32).
 * :func:`run_autoattack` projects every returned point onto the ball and
-  [0, 1] and classifies it again; the reference's checks for randomised
-  models and probability outputs live in :mod:`tfrobust.integrity` instead.
+  [0, 1] and classifies it again. The reference's automatic checks are
+  computed by :func:`tfrobust.integrity.autoattack_flags` and returned as
+  ``flags`` (Square's check counts the examples Square itself broke).
+* With EOT (version "rand"), APGD keeps the reference's mean-gradient step
+  but picks its best point and tests misclassification on the mean loss and
+  mean logits of the passes, and every verdict of the ensemble is the argmax
+  of the mean logits of 20 passes (the reference uses the last pass, and one
+  pass for the final verdict).
+
+Versions (:data:`VERSIONS`, budgets in :data:`VERSION_ATTACKS`, following
+the reference's ``set_version``; docs/algorithms.md gives the lines):
+"standard" (APGD-CE, APGD-T, FAB-T, Square), "plus" (APGD-CE and APGD-DLR
+with 5 restarts, FAB with 5 restarts, Square, APGD-T, FAB-T), "rand" (APGD-CE
+and APGD-DLR with EOT over 20 passes) and "fast" (APGD-CE, APGD-T).
+:func:`run_autoattack` can write every decided batch to a JSON-lines file
+and resume from it, and can split each batch across the replicas of a
+``tf.distribute`` strategy.
 
 ``reference_quirks=True`` on :func:`apgd`, :func:`apgd_targeted` and
 :func:`square` restores the reference behaviour of the first and third
