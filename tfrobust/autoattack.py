@@ -1255,10 +1255,10 @@ ATTACKS: Dict[str, Callable] = {
 # Forward passes averaged by the EOT attacks (the reference's eot_iter of version "rand").
 RAND_EOT_ITER = 20
 
-# Every attack that can be named alone, with the budget of the first version that runs it
-# ("standard", then "plus", then "rand"; autoattack.py set_version): standard's four, then
-# APGD on the DLR loss and untargeted FAB (one restart, as their objects are built before
-# set_version), then APGD-CE and APGD-DLR with EOT over 20 passes.
+# Every attack that can be named alone: standard's four with its budgets, then APGD on the DLR
+# loss and untargeted FAB with one restart (the reference's set_version("standard") sets both
+# objects to one restart, autoattack.py lines 309 and 316), then APGD-CE and APGD-DLR with
+# "rand"'s EOT over 20 passes.
 ALL_ATTACKS: Dict[str, Callable] = {
     **ATTACKS,
     "apgd-dlr": _budget(apgd, loss="dlr", n_iter=100, n_restarts=1),
