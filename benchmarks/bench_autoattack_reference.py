@@ -146,7 +146,7 @@ def section(rows, args, clean, logits_gap, cores_note) -> str:
         "<!-- bench_autoattack_reference: begin -->",
         "### tfrobust and the reference AutoAttack, side by side",
         "",
-        f"Command: `python benchmarks/bench_autoattack_reference.py --examples {args.examples} "
+        f"Command: `python benchmarks/bench_autoattack_reference.py --reference <auto-attack checkout> --torch-python <torch venv>/bin/python --examples {args.examples} "
         f"--versions {args.versions} --eps {args.eps:g} --batch-size {args.batch_size} --threads {args.threads} "
         f"--epochs {args.epochs}` (reference: fra31/auto-attack a392200, PyTorch "
         f"{args.torch_version}, CPU). small_cnn trained {args.epochs} clean epoch(s) on 20,000 Fashion-MNIST "

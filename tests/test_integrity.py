@@ -298,3 +298,20 @@ def test_square_flag_from_the_ensemble(halves_data):
     flags = {f["name"]: f for f in res["flags"]}
     assert not flags["square_not_better"]["passed"] and not flags["dlr_gradient_nonzero"]["passed"]
     assert np.sum(res["broken_by"] == "square") >= 2
+
+
+def test_dlr_flag_counts_only_correctly_classified_examples():
+    """DLR is constant (zero gradient) where the true class has the third largest logit; APGD never attacks those."""
+    from tfrobust.integrity import dlr_zero_gradients
+
+    inputs = keras.Input((2, 2, 1))
+    dense = keras.layers.Dense(4)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.set_weights([np.eye(4, dtype=np.float32) * 3.0, np.zeros(4, np.float32)])  # logits = 3 x
+    x = np.array([[0.9, 0.6, 0.3, 0.1], [0.2, 0.9, 0.5, 0.1]], np.float32).reshape(2, 2, 2, 1)
+    y = np.array([0, 0])  # example 0 is correct; example 1 is wrong, its label ranked third (0.6 < 2.7, 1.5)
+    _, _, grad = aa._input_gradient(lambda t: model(t), tf.constant(x), lambda z: aa._dlr_loss(z, tf.constant(y)))
+    zero = np.all(grad.numpy().reshape(2, -1) == 0.0, axis=1)
+    np.testing.assert_array_equal(zero, [False, True])
+    # The flag counts only the correctly classified example, whose gradient is not zero.
+    assert dlr_zero_gradients(model, x, y, 0.0) == 0

@@ -231,17 +231,25 @@ def dlr_zero_gradients(model_fn, x, y, eps, norm="linf", seed=0) -> Optional[int
 
     The reference checks the gradient at APGD's starting point when it runs
     the DLR or targeted DLR loss (autopgd_base.py lines 285-287, checks.py
-    ``check_zero_gradients``). Here the start is drawn as APGD draws it
-    (uniform in the L-inf ball, or a Gaussian direction scaled to eps for L2).
-    None when the model has fewer than 3 classes (no DLR loss).
+    ``check_zero_gradients``). As there, only the correctly classified
+    examples count (APGD attacks no other): the DLR loss is constant, with a
+    zero gradient, wherever the true class has the third largest logit.
+    The start is drawn as APGD draws it (uniform in the L-inf ball, or a
+    Gaussian direction scaled to eps for L2). None when the model has fewer
+    than 3 classes (no DLR loss).
     """
     from tfrobust import autoattack as aa
 
     norm = aa._check_norm(norm)
     x_t, y_t = aa._as_inputs(x, y)
     call = lambda t: aa._call_model(model_fn, t)  # noqa: E731
-    if int(call(x_t[:1]).shape[-1]) < 3:
+    logits = call(x_t)
+    if int(logits.shape[-1]) < 3:
         return None
+    correct = np.flatnonzero(aa._predicted(logits).numpy() == y_t.numpy())
+    if correct.size == 0:
+        return 0
+    x_t, y_t = tf.gather(x_t, correct), tf.gather(y_t, correct)
     sd = aa._seed_tensor(aa._check_seed(seed), 1, 0, 0)
     if norm == "linf":
         t = tf.random.stateless_uniform(tf.shape(x_t), sd, -1.0, 1.0)
@@ -289,9 +297,9 @@ def autoattack_flags(model_fn, x, y, eps, norm="linf", *, randomised_expected=Fa
        reference skips the check for "rand").
     2. ``logits_not_probabilities``: the outputs are not rows of probabilities
        (:func:`looks_like_probabilities`): attacks need logits.
-    3. ``dlr_gradient_nonzero``: no example has an all-zero DLR gradient at
-       APGD's start (:func:`dlr_zero_gradients`): else use black-box
-       attacks or BPDA.
+    3. ``dlr_gradient_nonzero``: no correctly classified example has an
+       all-zero DLR gradient at APGD's start (:func:`dlr_zero_gradients`):
+       else use black-box attacks or BPDA.
     4. ``eps_not_rounded``: eps is not a rounded k/255 such as 0.031 for
        8/255 (an error of 1.2% in the threat model, frequent in published
        numbers; :func:`rounded_k_over_255`); not in the reference.
