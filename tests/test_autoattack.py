@@ -252,8 +252,8 @@ def test_bad_arguments(bn_cnn):
     model, x, y = bn_cnn
     with pytest.raises(UserError, match="allowed: apgd-ce, apgd-t, fab-t, square"):
         aa.run_autoattack(model, x, y, 0.03, attacks=["apgd-ce", "pgd"], verbose=False)
-    with pytest.raises(UserError, match="allowed: fast, standard"):
-        aa.run_autoattack(model, x, y, 0.03, version="plus", verbose=False)
+    with pytest.raises(UserError, match="allowed: fast, plus, rand, standard"):
+        aa.run_autoattack(model, x, y, 0.03, version="plux", verbose=False)
     with pytest.raises(UserError, match="allowed: l2, linf"):
         aa.run_autoattack(model, x, y, 0.03, norm="l1", verbose=False)
     with pytest.raises(UserError, match="allowed: l2, linf"):
@@ -279,3 +279,185 @@ def test_bad_arguments(bn_cnn):
     # Upper-case norm names are accepted.
     out = aa.apgd(model, x[:2], y[:2], 0.01, norm="Linf", n_iter=2)
     assert out.shape == x[:2].shape
+
+
+# ---------------------------------------------------------------------------
+# Versions "plus" and "rand", and the attacks they add (APGD-DLR, untargeted FAB, EOT)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_linear_closed_form_untargeted_attacks(linear_cases, norm):
+    """APGD-DLR and untargeted FAB break every example at 1.05x its exact boundary distance, none at 0.95x."""
+    model, kernel, bias, x, y = linear_cases[5]
+    r = _minimal_perturbation(x, y, kernel, bias, norm)
+    for name in ("apgd-dlr", "fab"):
+        attack = aa.ALL_ATTACKS[name]
+        for factor, should_break in ((1.05, True), (0.95, False)):
+            for i in range(len(x)):
+                eps = float(r[i] * factor)
+                x_adv = attack(model, x[i:i + 1], y[i:i + 1], eps, norm=norm, seed=0).numpy()
+                broken = model(x_adv).numpy().argmax(1)[0] != y[i]
+                assert broken == should_break, (name, norm, i, factor)
+                assert aa.perturbation_norms(x_adv, x[i:i + 1], norm)[0] <= eps + 1e-6
+
+
+def test_plus_and_standard_on_a_linear_model(linear_cases):
+    """The versions' verdicts equal the closed form wherever the boundary is not within 5% of eps."""
+    model, kernel, bias, x, y = linear_cases[5]
+    r = _minimal_perturbation(x, y, kernel, bias, "linf")
+    eps = float(np.median(r))
+    clear = np.abs(r / eps - 1) > 0.05
+    assert clear.sum() >= 6 and (r[clear] > eps).any() and (r[clear] < eps).any()
+    for version in ("plus", "standard"):
+        res = aa.run_autoattack(model, x, y, eps, version=version, batch_size=4, verbose=False)
+        assert list(res["per_attack"]) == aa.VERSIONS[version]
+        np.testing.assert_array_equal(res["robust_mask"][clear], (r > eps)[clear])
+        broken = ~res["robust_mask"]
+        # every broken example names the attack that broke it, with the norm of its adversarial point
+        assert set(res["broken_by"][broken]) <= set(aa.VERSIONS[version])
+        np.testing.assert_allclose(res["perturbation_norm"][broken],
+                                   aa.perturbation_norms(res["x_adv"][broken], x[broken], "linf"), rtol=1e-6)
+        assert np.all(res["perturbation_norm"][broken] >= r[broken] * (1 - 1e-4))  # never below the exact distance
+        assert np.all(np.isnan(res["perturbation_norm"][~broken]))
+        assert res["verdict_passes"] == 1
+
+
+def test_version_budgets_follow_the_reference():
+    """autoattack.py set_version (L-inf/L2): attacks, order, restarts, iterations, EOT, targets, queries."""
+    assert aa.VERSIONS["plus"] == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert aa.VERSIONS["rand"] == ["apgd-ce", "apgd-dlr"]
+    plus = {k: f.settings for k, f in aa.VERSION_ATTACKS["plus"].items()}
+    assert plus["apgd-ce"] == {"loss": "ce", "n_iter": 100, "n_restarts": 5}
+    assert plus["apgd-dlr"] == {"loss": "dlr", "n_iter": 100, "n_restarts": 5}
+    assert plus["fab"] == {"n_iter": 100, "n_restarts": 5}
+    assert plus["square"] == {"n_queries": 5000, "p_init": 0.8, "n_restarts": 1}
+    assert plus["apgd-t"] == {"n_iter": 100, "n_target_classes": 9, "n_restarts": 1}
+    assert plus["fab-t"] == {"n_iter": 100, "n_target_classes": 9, "n_restarts": 1}
+    rand = {k: f.settings for k, f in aa.VERSION_ATTACKS["rand"].items()}
+    assert rand == {"apgd-ce": {"loss": "ce", "n_iter": 100, "n_restarts": 1, "eot_iter": 20},
+                    "apgd-dlr": {"loss": "dlr", "n_iter": 100, "n_restarts": 1, "eot_iter": 20}}
+    assert aa.VERSION_VERDICT_PASSES == {"rand": 20}
+    # The standard version is unchanged.
+    assert [aa.VERSION_ATTACKS["standard"][k] for k in aa.VERSIONS["standard"]] == [
+        aa.ATTACKS[k] for k in aa.VERSIONS["standard"]]
+
+
+class TriangleNoise(keras.layers.Layer):
+    """x + A T (|frac((x + phi) / T) - 1/2| - 1/4), phi ~ U[0, T) drawn anew per pass and input feature.
+
+    The added term is at most A T / 4 = 7.5e-5 in size and zero in expectation, so the
+    expected output is the linear model's; its derivative is +-A (A = 3) with equal
+    probability, so d output / dx is 4 or -2: one pass gives every input coordinate a
+    random gradient sign, and the mean of 20 passes has the right sign unless at most
+    6 of the 20 signs are +1 (probability 5.8%).
+    """
+
+    A, T = 3.0, 1e-4
+
+    def call(self, x):
+        phase = tf.random.uniform(tf.shape(x), 0.0, self.T)
+        v = (x + phase) / self.T
+        return x + self.A * self.T * (tf.abs(v - tf.floor(v) - 0.5) - 0.25)
+
+
+def _noisy_linear_model(kernel, bias, side):
+    inputs = keras.Input((side, side, 1))
+    h = keras.layers.Flatten()(TriangleNoise()(inputs))
+    dense = keras.layers.Dense(kernel.shape[1])
+    model = keras.Model(inputs, dense(h))
+    dense.set_weights([kernel, bias])
+    return model
+
+
+@pytest.fixture(scope="module")
+def noisy_linear():
+    """Three classes (the third never competes: bias -100); every example at L-inf distance 0.05 from the boundary."""
+    side, n, r = 16, 12, 0.05
+    rng = np.random.default_rng(7)
+    kernel = np.zeros((side * side, 3), np.float32)
+    kernel[:, :2] = rng.normal(size=(side * side, 2))
+    bias = np.array([0.0, 0.0, -100.0], np.float32)
+    y = np.arange(n) % 2
+    dw = (kernel[:, 1] - kernel[:, 0]) * np.where(y == 1, 1.0, -1.0)[:, None]  # grad of z_y - z_other, per example
+    u = rng.uniform(0.4, 0.6, size=(n, side * side))
+    # move u along sign(dw) until the margin z_y - z_other is exactly r * ||dw||_1
+    c = (r * np.abs(dw).sum(1) - (dw * u).sum(1)) / np.abs(dw).sum(1)
+    x = (u + c[:, None] * np.sign(dw)).reshape(n, side, side, 1).astype(np.float32)
+    assert x.min() > 0.2 and x.max() < 0.8  # the box never binds at eps <= 0.075
+    return _noisy_linear_model(kernel, bias, side), kernel, bias, x, y
+
+
+def test_eot_beats_the_gradient_noise_that_fools_one_pass(noisy_linear):
+    """On a model whose expected output is linear, APGD with EOT breaks what single-pass APGD cannot."""
+    model, kernel, bias, x, y = noisy_linear
+    r = _minimal_perturbation(x, y, kernel, bias, "linf")
+    np.testing.assert_allclose(r, 0.05, rtol=1e-4)
+    # 1.5 times the distance: EOT's mean gradient has the right sign on about 94% of the
+    # coordinates (enough, the exact step needs 67%); single-pass signs are fair coins, and a
+    # random corner of the ball moves the margin by eps ||dw||_2, about 8 standard
+    # deviations short of the needed r ||dw||_1 (d = 256).
+    eps = 1.5 * 0.05
+    # The model is randomised, but its mean prediction is the linear model's.
+    mean = np.mean([model(x).numpy() for _ in range(20)], axis=0)
+    np.testing.assert_allclose(mean, x.reshape(len(x), -1) @ kernel + bias, atol=0.02)  # noise <= 7.5e-5 * |W|_1
+    linear = lambda t: t.reshape(len(t), -1) @ kernel + bias  # noqa: E731
+    single = aa.apgd(model, x, y, eps, loss="ce", n_iter=100, seed=0).numpy()
+    eot = aa.apgd(model, x, y, eps, loss="ce", n_iter=100, seed=0, eot_iter=20).numpy()
+    assert np.all(linear(single).argmax(1) == y)
+    assert np.all(linear(eot).argmax(1) != y)
+    assert aa.perturbation_norms(eot, x, "linf").max() <= eps + 1e-6
+    # The versions: "rand" (APGD-CE and APGD-DLR with EOT, verdicts on 20-pass means) breaks all;
+    # the same attacks without EOT break none.
+    rand = aa.run_autoattack(model, x, y, eps, version="rand", batch_size=6, verbose=False)
+    assert rand["verdict_passes"] == 20 and rand["clean"] == 1.0
+    assert rand["worst_case"] == 0.0
+    flags = {f["name"]: f for f in rand["flags"]}
+    assert flags["deterministic_forward"]["passed"]  # randomness is expected under EOT
+    plain = aa.run_autoattack(model, x, y, eps, attacks=["apgd-ce", "apgd-dlr"], batch_size=6, verbose=False)
+    assert plain["worst_case"] == 1.0
+    # Below the boundary distance nothing is broken, with or without EOT.
+    low = aa.run_autoattack(model, x, y, 0.9 * 0.05, attacks=["apgd-ce-eot", "apgd-dlr-eot"],
+                            batch_size=6, verbose=False)
+    assert low["verdict_passes"] == 20 and low["worst_case"] == 1.0
+
+
+def test_sharded_across_replicas_agrees_with_one_device(linear_cases):
+    """Under a MirroredStrategy on two logical CPUs every batch is split per replica; verdicts are unchanged.
+
+    The examples are at least 20% away from the boundary in L-inf distance, so the changed random
+    draws of the split (they depend on an example's position) cannot flip a verdict.
+    """
+    model, kernel, bias, _, _ = linear_cases[5]
+    x = np.random.default_rng(5).uniform(0.3, 0.7, size=(64, H, W, 1)).astype(np.float32)
+    y = (x.reshape(len(x), -1) @ kernel + bias).argmax(1)
+    r = _minimal_perturbation(x, y, kernel, bias, "linf")
+    eps = float(np.median(r))
+    clear = np.abs(r / eps - 1) > 0.2
+    x, y, r = x[clear][:12], y[clear][:12], r[clear][:12]
+    assert len(x) == 12 and 0 < np.sum(r > eps) < 12 and r.max() * 1.2 < 0.3  # the box never binds
+    seen = []
+
+    def recording(attack):
+        def run(model_fn, xb, yb, eps, norm, seed):
+            seen.append((tf.constant(0.0).device, len(xb)))
+            return attack(model_fn, xb, yb, eps, norm=norm, seed=seed)
+        return run
+
+    budget = {"apgd-ce": recording(functools.partial(aa.apgd, n_iter=50)),
+              "apgd-t": recording(functools.partial(aa.apgd_targeted, n_iter=50, n_target_classes=4)),
+              "fab": recording(functools.partial(aa.fab, n_iter=50))}
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    one = aa.run_autoattack(model, x, y, eps, attacks=budget, batch_size=len(x), verbose=False)
+    assert {d for d, _ in seen} == {tf.constant(0.0).device} and one["devices"] == []
+    seen.clear()
+    two = aa.run_autoattack(model, x, y, eps, attacks=budget, batch_size=len(x), verbose=False, strategy=strategy)
+    assert len(two["devices"]) == 2
+    devices = {d.split("device:")[-1] for d, _ in seen}
+    assert devices == {"CPU:0", "CPU:1"}
+    # Every call saw one shard of the batch: sizes of each attack's calls add up to the examples it ran on.
+    assert sum(k for _, k in seen[:2]) == len(x)
+    np.testing.assert_array_equal(two["robust_mask"], one["robust_mask"])
+    np.testing.assert_array_equal(two["robust_mask"], r > eps)
+    broken = ~two["robust_mask"]
+    assert aa.perturbation_norms(two["x_adv"][broken], x[broken], "linf").max() <= eps + 1e-6

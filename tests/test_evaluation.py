@@ -36,3 +36,21 @@ def test_unknown_attack_names_the_allowed_ones():
     with pytest.raises(UserError, match="allowed: clean, fgsm, pgd<N>_ce"):
         evaluation.parse_attacks("clean,pgd")
     assert evaluation.parse_attacks("APGD-CE, clean, clean") == ["apgd_ce", "clean"]
+
+
+def test_robustbench_summary():
+    report = {"accuracy": {"clean": 0.9, "apgd_ce": 0.5, "autoattack_standard": 0.45}, "worst_case": 0.45,
+              "examples": 200, "eps": 8 / 255, "norm": "linf", "data": "cifar10", "model": "runs/x",
+              "autoattack": {"version": "standard", "verdict_passes": 1, "clean": 0.9},
+              "flags": [{"name": "eps_not_rounded", "passed": True, "skipped": False, "detail": ""},
+                        {"name": "square_not_better", "passed": True, "skipped": True, "detail": ""}]}
+    config = {"defense": {"name": "trades+awp"}}
+    s = evaluation.robustbench_summary(report, config)
+    assert s["eps"] == "8/255" and s["threat_model"] == "Linf" and s["version"] == "standard"
+    assert s["clean_acc"] == 90.0 and s["autoattack_acc"] == 45.0 and s["n_examples"] == 200
+    assert s["per_attack_acc"] == {"clean": 90.0, "apgd_ce": 50.0, "autoattack_standard": 45.0}
+    assert s["flags"] == {"eps_not_rounded": True, "square_not_better": None} and s["config"] == config
+    report["eps"], report["norm"] = 0.5, "l2"
+    del report["accuracy"]["clean"]
+    s = evaluation.robustbench_summary(report)
+    assert s["eps"] == "0.5" and s["threat_model"] == "L2" and s["clean_acc"] == 90.0 and s["config"] is None

@@ -194,3 +194,124 @@ def test_probes_l2(halves_data):
     assert res["pgd_steps"] == {5: 0.0, 10: 0.0}
     for c in integrity_checks(res):
         assert c["passed"], c
+
+
+# ---------------------------------------------------------------------------
+# The reference AutoAttack's automatic flags, each on a model built to trip it
+# ---------------------------------------------------------------------------
+
+from tfrobust.integrity import (FLAG_NAMES, autoattack_flags, looks_like_probabilities,  # noqa: E402
+                                rounded_k_over_255, square_check)
+
+
+class NoisyLogits(keras.layers.Layer):
+    """Gaussian noise (std 0.5) added to the logits in every pass, also at test time: a randomised model."""
+
+    def call(self, z):
+        return z + tf.random.normal(tf.shape(z), stddev=0.5)
+
+
+def _four_class_model(kind):
+    """A fixed linear 4-class model on 16x16 images; ``kind`` adds softmax, logit noise or quantisation."""
+    rng = np.random.default_rng(11)
+    inputs = keras.Input((SIDE, SIDE, 1))
+    h = inputs
+    if kind == "masked":
+        h = Quantize()(h)
+    h = keras.layers.Flatten()(h)
+    dense = keras.layers.Dense(4)
+    out = dense(h)
+    if kind == "random":
+        out = NoisyLogits()(out)
+    if kind == "softmax":
+        out = keras.layers.Softmax()(out)
+    model = keras.Model(inputs, out)
+    dense.set_weights([rng.normal(size=(SIDE * SIDE, 4)).astype(np.float32), np.zeros(4, np.float32)])
+    return model
+
+
+def _flags(model, x, y, eps=EPS, **kw):
+    checks = autoattack_flags(model, x, y, eps, **kw)
+    assert [c["name"] for c in checks] == list(FLAG_NAMES)
+    return {c["name"]: c for c in checks}
+
+
+@pytest.mark.parametrize("kind,tripped", [
+    ("plain", None),
+    ("softmax", "logits_not_probabilities"),
+    ("random", "deterministic_forward"),
+    ("masked", "dlr_gradient_nonzero"),
+])
+def test_each_flag_trips_on_its_model(halves_data, kind, tripped):
+    x, _ = halves_data
+    model = _four_class_model(kind)
+    y = _four_class_model("plain")(x).numpy().argmax(1)
+    flags = _flags(model, x, y)
+    for name, check in flags.items():
+        if name == "square_not_better":
+            assert check["skipped"]  # needs an ensemble result
+        else:
+            assert check["passed"] == (name != tripped), (name, check)
+    if tripped == "deterministic_forward":
+        assert "--attacks rand" in flags[tripped]["detail"]
+        # Under EOT the randomness is expected and reported, not failed (the reference skips the check for rand).
+        assert _flags(model, x, y, randomised_expected=True)[tripped]["passed"]
+    if tripped == "dlr_gradient_nonzero":
+        assert flags[tripped]["detail"].startswith(f"{len(x)} of {len(x)} example(s)")
+
+
+def test_eps_rounding_flag(halves_data):
+    x, _ = halves_data
+    model = _four_class_model("plain")
+    y = model(x).numpy().argmax(1)
+    flag = _flags(model, x[:4], y[:4], eps=0.031)["eps_not_rounded"]
+    assert not flag["passed"] and "8/255" in flag["detail"] and "1.2% off" in flag["detail"]
+    assert _flags(model, x[:4], y[:4], eps=8 / 255)["eps_not_rounded"]["passed"]
+    # k/255 rounded to 3-6 decimals, for any k; exact values (also in float32) and round choices pass.
+    assert [rounded_k_over_255(e) for e in (0.0314, 0.03137, 0.016, 0.0157, 0.063, 0.0039)] == [8, 8, 4, 4, 16, 1]
+    for fine in (8 / 255, float(np.float32(4 / 255)), 0.03, 0.1, 0.3, 0.075, 0.125, 0.5, 1.0):
+        assert rounded_k_over_255(fine) is None, fine
+
+
+def test_probability_rows():
+    p = tf.nn.softmax(np.random.default_rng(0).normal(size=(5, 10))).numpy()
+    assert looks_like_probabilities(p)
+    assert not looks_like_probabilities(np.log(p))
+    assert not looks_like_probabilities(p * 0.9)  # rows do not sum to 1
+
+
+def test_square_flag_from_the_ensemble(halves_data):
+    """Square beating the gradient attacks is flagged from ``broken_by`` (reference threshold 0.2% or 1 example)."""
+    assert square_check(["", "square", "apgd-ce"])["passed"]
+    assert not square_check(["square", "square", "", ""])["passed"]
+    assert square_check(["square"] * 2 + [""] * 998)["passed"]
+    assert not square_check(["square"] * 3 + [""] * 997)["passed"]
+    # On the masked model the gradient attacks fail and Square succeeds: the ensemble warns and records it.
+    x, _ = halves_data
+    model = _four_class_model("masked")
+    y = _four_class_model("plain")(x).numpy().argmax(1)
+    small = {"apgd-ce": lambda m, xb, yb, eps, norm, seed: aa.apgd(m, xb, yb, eps, norm=norm, n_iter=10, seed=seed),
+             "square": lambda m, xb, yb, eps, norm, seed: aa.square(m, xb, yb, eps, norm=norm, n_queries=200,
+                                                                   seed=seed)}
+    with pytest.warns(RuntimeWarning, match="square_not_better"):
+        res = aa.run_autoattack(model, x, y, 0.2, attacks=small, batch_size=16, verbose=False)
+    flags = {f["name"]: f for f in res["flags"]}
+    assert not flags["square_not_better"]["passed"] and not flags["dlr_gradient_nonzero"]["passed"]
+    assert np.sum(res["broken_by"] == "square") >= 2
+
+
+def test_dlr_flag_counts_only_correctly_classified_examples():
+    """DLR is constant (zero gradient) where the true class has the third largest logit; APGD never attacks those."""
+    from tfrobust.integrity import dlr_zero_gradients
+
+    inputs = keras.Input((2, 2, 1))
+    dense = keras.layers.Dense(4)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.set_weights([np.eye(4, dtype=np.float32) * 3.0, np.zeros(4, np.float32)])  # logits = 3 x
+    x = np.array([[0.9, 0.6, 0.3, 0.1], [0.2, 0.9, 0.5, 0.1]], np.float32).reshape(2, 2, 2, 1)
+    y = np.array([0, 0])  # example 0 is correct; example 1 is wrong, its label ranked third (0.6 < 2.7, 1.5)
+    _, _, grad = aa._input_gradient(lambda t: model(t), tf.constant(x), lambda z: aa._dlr_loss(z, tf.constant(y)))
+    zero = np.all(grad.numpy().reshape(2, -1) == 0.0, axis=1)
+    np.testing.assert_array_equal(zero, [False, True])
+    # The flag counts only the correctly classified example, whose gradient is not zero.
+    assert dlr_zero_gradients(model, x, y, 0.0) == 0

@@ -19,12 +19,19 @@ _CLEVERHANS = re.compile(r"^cleverhans_(fgsm|pgd(\d+)|mim(\d+))$")
 MAX_STEPS = 1000
 
 AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
-ENSEMBLES = {"standard": AUTOATTACK, "fast": ("apgd_ce", "apgd_t")}
+# Further AutoAttack components that can be named alone (tfrobust.autoattack.ALL_ATTACKS).
+AUTOATTACK_EXTRA = ("apgd_dlr", "fab", "apgd_ce_eot", "apgd_dlr_eot")
+# Order in which named components run as one ensemble (standard's four keep their order).
+COMPONENT_ORDER = ("apgd_ce", "apgd_ce_eot", "apgd_dlr", "apgd_dlr_eot", "apgd_t", "fab", "fab_t", "square")
+ENSEMBLES = {"standard": AUTOATTACK, "fast": ("apgd_ce", "apgd_t"),
+             "plus": ("apgd_ce", "apgd_dlr", "fab", "square", "apgd_t", "fab_t"), "rand": ("apgd_ce", "apgd_dlr")}
+# Versions with budgets of their own: run alone, with tfrobust.autoattack.VERSION_ATTACKS.
+OWN_BUDGET_VERSIONS = ("plus", "rand")
 
 
 def attack_names_help() -> str:
-    return ("clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, standard, fast, "
-            "cleverhans_fgsm, cleverhans_pgd<N>, cleverhans_mim<N>")
+    return ("clean, fgsm, pgd<N>_ce, pgd<N>_cw, apgd_ce, apgd_t, fab_t, square, apgd_dlr, fab, apgd_ce_eot, "
+            "apgd_dlr_eot, standard, fast, plus, rand, cleverhans_fgsm, cleverhans_pgd<N>, cleverhans_mim<N>")
 
 
 def parse_attacks(spec) -> list:
@@ -33,12 +40,20 @@ def parse_attacks(spec) -> list:
     if not names:
         raise UserError(f"no attack given; allowed: {attack_names_help()}")
     for name in names:
-        if name not in ("clean", "fgsm") + AUTOATTACK + tuple(ENSEMBLES) and not (_PGD.match(name) or _CLEVERHANS.match(name)):
+        if name not in ("clean", "fgsm") + AUTOATTACK + AUTOATTACK_EXTRA + tuple(ENSEMBLES) and not (
+                _PGD.match(name) or _CLEVERHANS.match(name)):
             raise UserError(f"unknown attack {name!r}; allowed: {attack_names_help()}")
         digits = re.findall(r"\d+", name)
         if digits and not 1 <= int(digits[0]) <= MAX_STEPS:
             raise UserError(f"attack {name!r}: the number of steps must be between 1 and {MAX_STEPS}")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    own = [n for n in names if n in OWN_BUDGET_VERSIONS]
+    others = [n for n in names if n in AUTOATTACK + AUTOATTACK_EXTRA or n in ENSEMBLES and n not in own]
+    if own and (len(own) > 1 or others):
+        raise UserError(f"AutoAttack version {own[0]!r} runs its own attacks and budgets; name it without other "
+                        f"AutoAttack versions or components (got {', '.join(own + others)})")
+    return names
 
 
-__all__ = ["DEFAULT_ATTACKS", "MAX_STEPS", "AUTOATTACK", "ENSEMBLES", "attack_names_help", "parse_attacks"]
+__all__ = ["DEFAULT_ATTACKS", "MAX_STEPS", "AUTOATTACK", "AUTOATTACK_EXTRA", "COMPONENT_ORDER", "ENSEMBLES",
+           "OWN_BUDGET_VERSIONS", "attack_names_help", "parse_attacks"]

@@ -1,4 +1,4 @@
-"""AutoAttack in TensorFlow: APGD-CE, APGD-T, FAB-T and Square, and their ensemble.
+"""AutoAttack in TensorFlow: APGD-CE, APGD-DLR, APGD-T, FAB, FAB-T and Square, and their ensembles.
 
 The ensemble of Croce and Hein, "Reliable evaluation of adversarial robustness
 with an ensemble of diverse parameter-free attacks" (ICML 2020), with
@@ -49,8 +49,23 @@ documented at the function that has them:
   (the reference only for DLR); FAB's projection is solved exactly in float64
   from sorted breakpoints (the reference bisects in float32).
 * :func:`run_autoattack` projects every returned point onto the ball and
-  [0, 1] and classifies it again; the reference's checks for randomised
-  models and probability outputs live in :mod:`tfrobust.integrity` instead.
+  [0, 1] and classifies it again. The reference's automatic checks are
+  computed by :func:`tfrobust.integrity.autoattack_flags` and returned as
+  ``flags`` (Square's check counts the examples Square itself broke).
+* With EOT (version "rand"), APGD keeps the reference's mean-gradient step
+  but picks its best point and tests misclassification on the mean loss and
+  mean logits of the passes, and every verdict of the ensemble is the argmax
+  of the mean logits of 20 passes (the reference uses the last pass, and one
+  pass for the final verdict).
+
+Versions (:data:`VERSIONS`, budgets in :data:`VERSION_ATTACKS`, following
+the reference's ``set_version``; docs/algorithms.md, section 15 gives the lines):
+"standard" (APGD-CE, APGD-T, FAB-T, Square), "plus" (APGD-CE and APGD-DLR
+with 5 restarts, FAB with 5 restarts, Square, APGD-T, FAB-T), "rand" (APGD-CE
+and APGD-DLR with EOT over 20 passes) and "fast" (APGD-CE, APGD-T).
+:func:`run_autoattack` can write every decided batch to a JSON-lines file
+and resume from it, and can split each batch across the replicas of a
+``tf.distribute`` strategy.
 
 ``reference_quirks=True`` on :func:`apgd`, :func:`apgd_targeted` and
 :func:`square` restores the reference behaviour of the first and third
@@ -78,7 +93,10 @@ __all__ = [
     "apgd",
     "apgd_targeted",
     "fab_targeted",
+    "fab",
     "square",
+    "ALL_ATTACKS",
+    "VERSION_ATTACKS",
     "run_autoattack",
     "project",
     "perturbation_norms",
@@ -230,12 +248,32 @@ _SCALAR_SPEC = tf.TensorSpec([], tf.float32)
 _SEED_SPEC = tf.TensorSpec([2], tf.int64)
 
 
-def _predict_logits(model, x, batch_size=None):
-    """Logits of ``model`` at ``x`` (eager tensor), in batches of ``batch_size``."""
+def _mean_logits(call, passes):
+    """``x -> `` the mean of ``passes`` forward passes (one pass: the call itself)."""
+    if passes == 1:
+        return call
+
+    def mean(x):
+        def body(i, total):
+            return i + 1, total + call(x)
+
+        _, total = tf.while_loop(lambda i, _: i < passes, body, (tf.constant(1), call(x)))
+        return total / float(passes)
+
+    return mean
+
+
+def _predict_logits(model, x, batch_size=None, passes=1):
+    """Logits of ``model`` at ``x`` (eager tensor), in batches of ``batch_size``.
+
+    With ``passes`` > 1, the mean logits of that many forward passes: the
+    prediction of a randomised model in expectation.
+    """
+    key = ("logits", tuple(x.shape[1:])) if passes == 1 else ("logits", tuple(x.shape[1:]), int(passes))
     fn = _compiled(
         model,
-        ("logits", tuple(x.shape[1:])),
-        lambda call: tf.function(call, input_signature=[_image_spec(x.shape)]),
+        key,
+        lambda call: tf.function(_mean_logits(call, int(passes)), input_signature=[_image_spec(x.shape)]),
     )
     n = int(x.shape[0])
     if n == 0:
@@ -349,6 +387,29 @@ def _input_gradient(call, x, objective):
     return logits, values, tf.cast(grad, tf.float32)
 
 
+def _eot_input_gradient(call, x, objective, eot_iter):
+    """Expectation over Transformation (Athalye et al., ICML 2018) of :func:`_input_gradient`.
+
+    Runs ``eot_iter`` forward and backward passes at ``x`` (a randomised
+    model draws new randomness in each) and returns the mean logits, the mean
+    objective and the mean gradient. The reference (autopgd_base.py, the
+    ``eot_iter`` loops) averages the gradients the same way but keeps the
+    logits and loss of the last pass only.
+    """
+    if eot_iter == 1:
+        return _input_gradient(call, x, objective)
+
+    def body(i, logits_sum, values_sum, grad_sum):
+        logits, values, grad = _input_gradient(call, x, objective)
+        return i + 1, logits_sum + logits, values_sum + values, grad_sum + grad
+
+    logits0, values0, grad0 = _input_gradient(call, x, objective)
+    _, logits, values, grad = tf.while_loop(
+        lambda i, *_: i < eot_iter, body, (tf.constant(1), logits0, values0, grad0))
+    scale = 1.0 / float(eot_iter)
+    return logits * scale, values * scale, grad * scale
+
+
 def _predicted(logits):
     return tf.argmax(logits, axis=-1, output_type=tf.int32)
 
@@ -372,7 +433,7 @@ def _apgd_schedule(n_iter):
     return first, minimum, decrease
 
 
-def _build_apgd(call, norm, loss, n_iter, rho, quirks):
+def _build_apgd(call, norm, loss, n_iter, rho, quirks, eot_iter=1):
     first_len, min_len, len_decr = _apgd_schedule(n_iter)
 
     def objective_for(y, y_target):
@@ -390,7 +451,7 @@ def _build_apgd(call, norm, loss, n_iter, rho, quirks):
         else:
             t = tf.random.stateless_normal(tf.shape(x), seed)
         x_adv = tf.clip_by_value(x + eps * _normalize(t, norm), 0.0, 1.0)
-        logits, loss0, grad = _input_gradient(call, x_adv, objective)
+        logits, loss0, grad = _eot_input_gradient(call, x_adv, objective, eot_iter)
         zero_grad = tf.reduce_sum(tf.cast(tf.reduce_all(tf.equal(_flat(grad), 0.0), axis=1), tf.int32))
         acc = tf.equal(_predicted(logits), y)
         step = tf.fill([batch], 2.0 * eps)
@@ -408,7 +469,7 @@ def _build_apgd(call, norm, loss, n_iter, rho, quirks):
             z = _project(x_adv + _bcast(step, x) * direction, x, eps, norm)
             x_adv = _project(x_adv + (z - x_adv) * momentum + grad2 * (1.0 - momentum), x, eps, norm)
 
-            logits, loss_i, grad = _input_gradient(call, x_adv, objective)
+            logits, loss_i, grad = _eot_input_gradient(call, x_adv, objective, eot_iter)
             correct = tf.equal(_predicted(logits), y)
             acc = tf.logical_and(acc, correct)
             x_best_adv = tf.where(_bcast(tf.logical_not(correct), x), x_adv, x_best_adv)
@@ -454,13 +515,15 @@ def _build_apgd(call, norm, loss, n_iter, rho, quirks):
     return run
 
 
-def _apgd_fn(model, shape, norm, loss, n_iter, rho, quirks):
+def _apgd_fn(model, shape, norm, loss, n_iter, rho, quirks, eot_iter=1):
     key = ("apgd", tuple(shape[1:]), norm, loss, int(n_iter), float(rho), bool(quirks))
+    if eot_iter != 1:
+        key = key + (int(eot_iter),)
     return _compiled(
         model,
         key,
         lambda call: tf.function(
-            _build_apgd(call, norm, loss, int(n_iter), float(rho), bool(quirks)),
+            _build_apgd(call, norm, loss, int(n_iter), float(rho), bool(quirks), int(eot_iter)),
             input_signature=[_image_spec(shape), _LABEL_SPEC, _LABEL_SPEC, _SCALAR_SPEC, _SEED_SPEC],
         ),
     )
@@ -477,9 +540,9 @@ def _warn_zero_gradients(count, name):
 
 
 def _apgd_restarts(model, x, y, clean_logits, acc, adv, eps, norm, loss, n_iter, n_restarts, rho,
-                   seed, stream, rank, quirks):
+                   seed, stream, rank, quirks, eot_iter=1):
     """Runs APGD restarts on the examples of ``acc`` still True; updates ``acc`` and ``adv`` in place."""
-    run = _apgd_fn(model, x.shape, norm, loss, n_iter, rho, quirks)
+    run = _apgd_fn(model, x.shape, norm, loss, n_iter, rho, quirks, eot_iter)
     zero_grad = 0
     for restart in range(n_restarts):
         idx = np.flatnonzero(acc)
@@ -509,7 +572,7 @@ def _n_classes(logits, y=None) -> int:
 
 
 def apgd(model_fn, x, y, eps, norm="linf", loss="ce", n_iter=100, n_restarts=1, seed=0,
-         target_class_rank=None, rho=0.75, *, reference_quirks=False):
+         target_class_rank=None, rho=0.75, *, eot_iter=1, reference_quirks=False):
     """Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1).
 
     From a random start ``x + eps * t / ||t||`` (t uniform in [-1, 1]^d for
@@ -543,6 +606,13 @@ def apgd(model_fn, x, y, eps, norm="linf", loss="ce", n_iter=100, n_restarts=1, 
       target_class_rank: for "dlr-targeted", the target is the class with the
         ``target_class_rank``-th largest logit at the clean point (2..C).
       rho: the oscillation threshold of condition (1).
+      eot_iter: forward/backward passes per iteration, for randomised models
+        (Expectation over Transformation; AutoAttack's "rand" version uses
+        20). The step follows the mean gradient (as in the reference); unlike
+        the reference, which reads the loss and the prediction of the last
+        pass only, the best point and the misclassification test use the
+        mean loss and the mean logits of all passes, and so does the clean
+        prediction. 1 (the default) is the deterministic attack.
       reference_quirks: if True, the first checkpoint compares the first
         iterate's loss with 0 as the reference implementation does (it reads
         an unwritten entry of its loss history); by default it is compared with
@@ -563,10 +633,11 @@ def apgd(model_fn, x, y, eps, norm="linf", loss="ce", n_iter=100, n_restarts=1, 
     seed = _check_seed(seed)
     if not (isinstance(rho, (int, float)) and 0 < rho <= 1):
         raise UserError(f"rho must be in (0, 1], got {rho!r}")
+    eot_iter = _check_positive_int("eot_iter", eot_iter)
     x, y = _as_inputs(x, y)
     if int(x.shape[0]) == 0:
         return x
-    clean_logits = _predict_logits(model_fn, x)
+    clean_logits = _predict_logits(model_fn, x, passes=eot_iter)
     n_classes = _n_classes(clean_logits, y)
     rank = None
     if loss == "dlr" and n_classes < 3:
@@ -582,7 +653,7 @@ def apgd(model_fn, x, y, eps, norm="linf", loss="ce", n_iter=100, n_restarts=1, 
     acc = (_predicted(clean_logits) == y).numpy()
     adv = x.numpy().copy()
     zeros = _apgd_restarts(model_fn, x, y, clean_logits, acc, adv, eps, norm, loss, n_iter, n_restarts,
-                           float(rho), seed, (1,), rank, reference_quirks)
+                           float(rho), seed, (1,), rank, reference_quirks, eot_iter)
     _warn_zero_gradients(zeros, f"APGD-{loss}")
     return tf.convert_to_tensor(adv)
 
@@ -595,7 +666,7 @@ def _check_targeted_args(norm, eps, n_iter, n_target_classes, n_restarts, seed):
             _check_positive_int("n_restarts", n_restarts, 0), _check_seed(seed))
 
 def apgd_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes=9, seed=0, *,
-                  n_restarts=1, rho=0.75, reference_quirks=False):
+                  n_restarts=1, rho=0.75, eot_iter=1, reference_quirks=False):
     """APGD-T (Croce & Hein, ICML 2020): APGD on the targeted DLR loss.
 
     For target ranks 2, 3, ..., ``n_target_classes + 1`` in turn, APGD on
@@ -606,10 +677,11 @@ def apgd_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes
     """
     norm, eps, n_iter, n_target_classes, n_restarts, seed = _check_targeted_args(
         norm, eps, n_iter, n_target_classes, n_restarts, seed)
+    eot_iter = _check_positive_int("eot_iter", eot_iter)
     x, y = _as_inputs(x, y)
     if int(x.shape[0]) == 0:
         return x
-    clean_logits = _predict_logits(model_fn, x)
+    clean_logits = _predict_logits(model_fn, x, passes=eot_iter)
     n_classes = _n_classes(clean_logits, y)
     if n_classes < 4:
         raise UserError(f"APGD-T (targeted DLR loss) needs at least 4 classes, the model has {n_classes}")
@@ -618,7 +690,8 @@ def apgd_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes
     zeros = 0
     for rank in range(2, min(n_target_classes, n_classes - 1) + 2):
         zeros = max(zeros, _apgd_restarts(model_fn, x, y, clean_logits, acc, adv, eps, norm, "dlr-targeted",
-                                          n_iter, n_restarts, float(rho), seed, (2,), rank, reference_quirks))
+                                          n_iter, n_restarts, float(rho), seed, (2,), rank, reference_quirks,
+                                          eot_iter))
     _warn_zero_gradients(zeros, "APGD-T")
     return tf.convert_to_tensor(adv)
 
@@ -682,7 +755,32 @@ def _box_hyperplane_projection(t, w, b, norm):
     return tf.cast(d, tf.float32)
 
 
-def _build_fab(call, norm, n_iter, alpha_max, eta, beta):
+def _closest_linearised_boundary(call, x1, y, norm):
+    """Untargeted FAB's choice (Croce & Hein 2020, eq. 7): the class boundary closest under linearisation.
+
+    With f_k = z_k - z_y and its input gradient g_k at ``x1``, returns
+    (f_j, g_j) for j = argmin_{k != y} |f_k| / ||g_k||_dual (dual of L-inf:
+    L1; of L2: L2), one gradient per class (the full Jacobian).
+    """
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(x1)
+        logits = call(x1)
+    jac = tape.batch_jacobian(logits, x1, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    n_classes = tf.shape(logits)[1]
+    jac = tf.reshape(tf.cast(jac, tf.float32), [tf.shape(x1)[0], n_classes, -1])
+    oh = _onehot(y, logits)
+    f = logits - tf.reduce_sum(logits * oh, axis=1, keepdims=True)
+    g = jac - tf.reduce_sum(jac * oh[:, :, None], axis=1, keepdims=True)
+    if norm == "linf":
+        dual = tf.reduce_sum(tf.abs(g), axis=2)
+    else:
+        dual = tf.sqrt(tf.reduce_sum(tf.square(g), axis=2))
+    dist = tf.where(oh > 0, tf.constant(np.inf, tf.float32), tf.abs(f) / (dual + _TINY))
+    j = tf.argmin(dist, axis=1, output_type=tf.int32)
+    return tf.gather(f, j, batch_dims=1), tf.gather(g, j, batch_dims=1)
+
+
+def _build_fab(call, norm, n_iter, alpha_max, eta, beta, targeted=True):
     def run(x, y, y_target, eps, seed, random_start):
         shape = tf.shape(x)
         batch = shape[0]
@@ -702,8 +800,11 @@ def _build_fab(call, norm, n_iter, alpha_max, eta, beta):
             return tf.reduce_sum(logits * (oh_t - oh_y), axis=-1)
 
         def body(i, x1, best, best_norm):
-            _, f, g = _input_gradient(call, x1, objective)
-            w = _flat(g)
+            if targeted:
+                _, f, g = _input_gradient(call, x1, objective)
+                w = _flat(g)
+            else:
+                f, w = _closest_linearised_boundary(call, x1, y, norm)
             x1f = _flat(x1)
             b = -f + tf.reduce_sum(w * x1f, axis=1)
             d = _box_hyperplane_projection(tf.concat([x1f, x0], 0), tf.concat([w, w], 0),
@@ -731,13 +832,15 @@ def _build_fab(call, norm, n_iter, alpha_max, eta, beta):
     return run
 
 
-def _fab_fn(model, shape, norm, n_iter, alpha_max, eta, beta):
+def _fab_fn(model, shape, norm, n_iter, alpha_max, eta, beta, targeted=True):
     key = ("fab", tuple(shape[1:]), norm, int(n_iter), float(alpha_max), float(eta), float(beta))
+    if not targeted:
+        key = key + ("untargeted",)
     return _compiled(
         model,
         key,
         lambda call: tf.function(
-            _build_fab(call, norm, int(n_iter), float(alpha_max), float(eta), float(beta)),
+            _build_fab(call, norm, int(n_iter), float(alpha_max), float(eta), float(beta), bool(targeted)),
             input_signature=[_image_spec(shape), _LABEL_SPEC, _LABEL_SPEC, _SCALAR_SPEC, _SEED_SPEC,
                              tf.TensorSpec([], tf.bool)],
         ),
@@ -795,6 +898,51 @@ def fab_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes=
             fooled = np.logical_and(best_norm.numpy() <= eps, np.logical_not(still))
             acc[idx[fooled]] = False
             adv[idx[fooled]] = best.numpy()[fooled]
+    return tf.convert_to_tensor(adv)
+
+
+def fab(model_fn, x, y, eps, norm="linf", n_iter=100, n_restarts=1, seed=0, *, alpha_max=0.1, eta=1.05,
+        beta=0.9):
+    """FAB: the untargeted fast adaptive boundary attack (Croce & Hein, ICML 2020, Algorithm 1).
+
+    As :func:`fab_targeted`, except that each iteration linearises every
+    class boundary f_k = z_k - z_y at x_k (the whole Jacobian: C gradients)
+    and projects onto the one closest in the dual norm,
+    argmin_{k != y} |f_k(x_k)| / ||grad f_k(x_k)||_dual (eq. 7 of the paper;
+    the reference's fab_base.py, attack_single_run, lines 166-189). Restart 0
+    starts at x, later restarts at a random point at distance eps / 2
+    (fab_base.py lines 130-161). AutoAttack's "plus" version runs 5 restarts.
+
+    Returns:
+      ``x_adv`` (tf.Tensor): the closest adversarial point found where it is
+      within eps, ``x`` elsewhere.
+    """
+    norm, eps = _check_norm(norm), _check_eps(eps)
+    n_iter = _check_positive_int("n_iter", n_iter)
+    n_restarts = _check_positive_int("n_restarts", n_restarts, 0)
+    seed = _check_seed(seed)
+    x, y = _as_inputs(x, y)
+    if int(x.shape[0]) == 0:
+        return x
+    clean_logits = _predict_logits(model_fn, x)
+    if _n_classes(clean_logits, y) < 2:
+        raise UserError("FAB needs at least 2 classes")
+    run = _fab_fn(model_fn, x.shape, norm, n_iter, alpha_max, eta, beta, targeted=False)
+    acc = (_predicted(clean_logits) == y).numpy()
+    adv = x.numpy().copy()
+    eps_t = tf.constant(eps, tf.float32)
+    for restart in range(n_restarts):
+        idx = np.flatnonzero(acc)
+        if idx.size == 0:
+            break
+        xs = tf.gather(x, idx)
+        ys = tf.gather(y, idx)
+        best, best_norm = run(xs, ys, ys, eps_t, _seed_tensor(seed, 5, restart), tf.constant(restart > 0))
+        best = _project(best, xs, eps, norm)
+        still = (_predicted(_predict_logits(model_fn, best)) == ys).numpy()
+        fooled = np.logical_and(best_norm.numpy() <= eps, np.logical_not(still))
+        acc[idx[fooled]] = False
+        adv[idx[fooled]] = best.numpy()[fooled]
     return tf.convert_to_tensor(adv)
 
 
@@ -1086,6 +1234,16 @@ def _standard_square(model_fn, x, y, eps, norm, seed):
     return square(model_fn, x, y, eps, norm=norm, n_queries=5000, p_init=0.8, seed=seed)
 
 
+def _budget(attack, **settings):
+    """``fn(model_fn, x, y, eps, norm, seed)`` running ``attack`` with fixed ``settings``."""
+
+    def run(model_fn, x, y, eps, norm, seed):
+        return attack(model_fn, x, y, eps, norm=norm, seed=seed, **settings)
+
+    run.settings = dict(settings)
+    return run
+
+
 # name -> fn(model_fn, x, y, eps, norm, seed) -> x_adv, with AutoAttack's "standard" settings
 ATTACKS: Dict[str, Callable] = {
     "apgd-ce": _standard_apgd_ce,
@@ -1094,13 +1252,53 @@ ATTACKS: Dict[str, Callable] = {
     "square": _standard_square,
 }
 
+# Forward passes averaged by the EOT attacks (the reference's eot_iter of version "rand").
+RAND_EOT_ITER = 20
+
+# Every attack that can be named alone: standard's four with its budgets, then APGD on the DLR
+# loss and untargeted FAB with one restart (the reference's set_version("standard") sets both
+# objects to one restart, autoattack.py lines 309 and 316), then APGD-CE and APGD-DLR with
+# "rand"'s EOT over 20 passes.
+ALL_ATTACKS: Dict[str, Callable] = {
+    **ATTACKS,
+    "apgd-dlr": _budget(apgd, loss="dlr", n_iter=100, n_restarts=1),
+    "fab": _budget(fab, n_iter=100, n_restarts=1),
+    "apgd-ce-eot": _budget(apgd, loss="ce", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
+    "apgd-dlr-eot": _budget(apgd, loss="dlr", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
+}
+
 VERSIONS: Dict[str, list] = {
     "standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
     "fast": ["apgd-ce", "apgd-t"],
+    "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
+    "rand": ["apgd-ce", "apgd-dlr"],
 }
 
-# Smallest number of classes each standard attack supports.
-_MIN_CLASSES = {"apgd-ce": 2, "apgd-t": 4, "fab-t": 2, "square": 2}
+# The budgets of each version (reference autoattack.py, set_version, lines 302-337, for L-inf
+# and L2): "plus" gives APGD and untargeted FAB 5 restarts, "rand" runs APGD with 20 EOT passes.
+VERSION_ATTACKS: Dict[str, Dict[str, Callable]] = {
+    "standard": {name: ATTACKS[name] for name in VERSIONS["standard"]},
+    "fast": {name: ATTACKS[name] for name in VERSIONS["fast"]},
+    "plus": {
+        "apgd-ce": _budget(apgd, loss="ce", n_iter=100, n_restarts=5),
+        "apgd-dlr": _budget(apgd, loss="dlr", n_iter=100, n_restarts=5),
+        "fab": _budget(fab, n_iter=100, n_restarts=5),
+        "square": _budget(square, n_queries=5000, p_init=0.8, n_restarts=1),
+        "apgd-t": _budget(apgd_targeted, n_iter=100, n_target_classes=9, n_restarts=1),
+        "fab-t": _budget(fab_targeted, n_iter=100, n_target_classes=9, n_restarts=1),
+    },
+    "rand": {
+        "apgd-ce": _budget(apgd, loss="ce", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
+        "apgd-dlr": _budget(apgd, loss="dlr", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
+    },
+}
+
+# Forward passes whose mean logits decide each verdict (clean and adversarial) of a version.
+VERSION_VERDICT_PASSES = {"rand": RAND_EOT_ITER}
+
+# Smallest number of classes each attack supports.
+_MIN_CLASSES = {"apgd-ce": 2, "apgd-t": 4, "fab-t": 2, "square": 2, "apgd-dlr": 3, "fab": 2,
+                "apgd-ce-eot": 2, "apgd-dlr-eot": 3}
 
 AttackSpec = Union[None, Sequence[str], Mapping[str, Callable]]
 
@@ -1109,7 +1307,7 @@ def _resolve_attacks(version, attacks):
     if attacks is None:
         if version not in VERSIONS:
             raise unknown_choice("AutoAttack version", version, VERSIONS)
-        return [(name, ATTACKS[name]) for name in VERSIONS[version]]
+        return [(name, VERSION_ATTACKS[version][name]) for name in VERSIONS[version]]
     if isinstance(attacks, str):
         attacks = [attacks]
     if isinstance(attacks, Mapping):
@@ -1124,11 +1322,20 @@ def _resolve_attacks(version, attacks):
     if not names:
         raise UserError("attacks is empty")
     for name in names:
-        if name not in ATTACKS:
-            raise unknown_choice("attack", name, ATTACKS)
+        if name not in ALL_ATTACKS:
+            # standard's attacks first, then the others in the order of ALL_ATTACKS
+            raise UserError(f"unknown attack {name!r}; allowed: {', '.join(ALL_ATTACKS)}")
     if len(set(names)) != len(names):
         raise UserError(f"attacks lists a name twice: {names}")
-    return [(name, ATTACKS[name]) for name in names]
+    return [(name, ALL_ATTACKS[name]) for name in names]
+
+
+def _verdict_passes(version, attacks, plan) -> int:
+    """Forward passes averaged for each verdict: 20 for "rand" and the named EOT attacks, else 1."""
+    if attacks is None:
+        return VERSION_VERDICT_PASSES.get(version, 1)
+    passes = [getattr(fn, "settings", {}).get("eot_iter", 1) for _, fn in plan]
+    return max(passes) if passes else 1
 
 
 def _numpy_project(x_adv, x, eps, norm):
@@ -1156,7 +1363,8 @@ def _check_ball(x_adv, x, eps, norm, tol=BALL_TOLERANCE):
 
 
 def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks: AttackSpec = None,
-                   batch_size=500, seed=0, verbose=True, individual=False) -> dict:
+                   batch_size=500, seed=0, verbose=True, individual=False, *, verdict_passes=None,
+                   flags=True, partial_path=None, strategy=None) -> dict:
     """Robust accuracy under the AutoAttack ensemble (Croce & Hein, ICML 2020).
 
     The clean predictions are computed first; then each attack runs in order,
@@ -1173,8 +1381,11 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
       eps: radius of the threat model (>= 0).
       norm: "linf" or "l2".
       version: a key of :data:`VERSIONS` ("standard": APGD-CE, APGD-T, FAB-T,
-        Square; "fast": APGD-CE, APGD-T); ignored when ``attacks`` is given.
-      attacks: names from :data:`ATTACKS` to run in this order, or a mapping
+        Square; "plus": APGD-CE and APGD-DLR with 5 restarts, FAB with 5
+        restarts, Square, APGD-T, FAB-T; "rand": APGD-CE and APGD-DLR with
+        EOT over 20 passes; "fast": APGD-CE, APGD-T), each with the budgets of
+        :data:`VERSION_ATTACKS`; ignored when ``attacks`` is given.
+      attacks: names from :data:`ALL_ATTACKS` to run in this order, or a mapping
         name -> fn for custom attacks or budgets, called as
         ``fn(model_fn, x, y, eps, norm=norm, seed=seed)`` and returning x_adv
         (``functools.partial(apgd, n_iter=20)`` qualifies).
@@ -1183,6 +1394,27 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
       verbose: print a summary and show a tqdm progress bar.
       individual: also run each attack alone on all clean-correct examples
         (expensive: about twice the cost of the ensemble).
+      verdict_passes: forward passes whose mean logits decide whether an
+        example is classified correctly (clean and after each attack). None:
+        20 for version "rand" and for the EOT attacks, else 1.
+      flags: compute the reference's automatic checks
+        (:func:`tfrobust.integrity.autoattack_flags`) on the first batch and
+        warn about each one raised.
+      partial_path: a JSON-lines file recording every decided batch (which
+        attack broke which example, and the perturbation norm of its
+        adversarial point). An existing file written by the same call (same
+        data, eps, norm, attacks, seed and batch size) is replayed and only
+        the remaining batches run: a killed evaluation resumes where it
+        stopped and ends with the same result. Adversarial points of replayed
+        examples are not stored: ``x_adv`` holds ``x`` for them.
+      strategy: a ``tf.distribute`` strategy (e.g. the ``MirroredStrategy``
+        of training). Each batch is split into one shard per local replica
+        device; the shards are attacked concurrently, each under its device,
+        and the results gathered per example. The split changes the random
+        draws of an example (they depend on its position in the shard), so
+        verdicts agree with a single-device run except on borderline
+        examples. Workers of a multi-worker strategy are not used (their
+        local devices are).
 
     Returns:
       A dict with
@@ -1199,9 +1431,18 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
           entry of "per_attack" or "individual";
         "robust_mask": np.bool_ array (N,), True where the example survived all;
         "clean_mask": np.bool_ array (N,), True where the clean prediction is right;
+        "broken_by": array (N,) of str: "clean" where the clean prediction is
+          wrong, the name of the ensemble attack that broke the example, or ""
+          where it survived the ensemble;
+        "perturbation_norm": float64 array (N,): the norm of the adversarial
+          point of the ensemble attack that broke the example (NaN elsewhere);
         "x_adv": np.ndarray like x, an adversarial point for every broken
           example (x itself elsewhere);
-        "seconds": wall-clock time; plus "attacks", "eps", "norm", "n_examples".
+        "flags": the reference's checks (a list of dicts, see
+          :func:`tfrobust.integrity.autoattack_flags`) or None;
+        "version", "verdict_passes", "resumed" (broken examples read back
+        from ``partial_path``), "seconds": wall-clock time; plus "attacks", "eps",
+        "norm", "n_examples".
     """
     start = time.time()
     norm = _check_norm(norm)
@@ -1209,6 +1450,8 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
     batch_size = _check_positive_int("batch_size", batch_size)
     seed = _check_seed(seed)
     plan = _resolve_attacks(version, attacks)
+    passes = _verdict_passes(version, attacks, plan) if verdict_passes is None else _check_positive_int(
+        "verdict_passes", verdict_passes)
     x_t, y_t = _as_inputs(x, y)
     x_np = x_t.numpy()
     y_np = y_t.numpy()
@@ -1218,7 +1461,7 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
 
     from tqdm.auto import tqdm
 
-    logits = _predict_logits(model_fn, x_t, batch_size)
+    logits = _predict_logits(model_fn, x_t, batch_size, passes=passes)
     n_classes = _n_classes(logits, y_t)
     for name, _ in plan:
         need = _MIN_CLASSES.get(name, 2)
@@ -1228,17 +1471,33 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
                     f"attack {name!r} needs at least {need} classes, the model has {n_classes}; "
                     f"choose attacks from {sorted(a for a, k in _MIN_CLASSES.items() if k <= n_classes)}"
                 )
+    flag_list = None
+    if flags:
+        from tfrobust.integrity import autoattack_flags
+
+        flag_list = autoattack_flags(model_fn, x_np[:batch_size], y_np[:batch_size], eps, norm=norm,
+                                     randomised_expected=passes > 1, seed=seed)
+        for flag in flag_list:
+            if not flag["passed"]:
+                warnings.warn(f"AutoAttack check {flag['name']}: {flag['detail']}", RuntimeWarning, stacklevel=2)
     clean_mask = (_predicted(logits).numpy() == y_np)
     robust = clean_mask.copy()
+    broken_by = np.where(clean_mask, "", "clean").astype(object)
+    pert_norm = np.full(n, np.nan)
     x_adv = x_np.copy()
     clean = float(clean_mask.mean())
     say = tqdm.write if verbose else (lambda *_: None)
     say(f"AutoAttack ({norm}, eps={eps:g}): clean accuracy {clean:.2%} on {n} examples")
+    log = _PartialLog(partial_path, _fingerprint(x_np, y_np, eps, norm, [a for a, _ in plan], version if attacks
+                                                 is None else None, seed, batch_size, passes, individual))
+    replayed = np.zeros(n, bool)
+    devices = _replica_devices(strategy)
 
     def attack_examples(name, fn, idx, bar_desc):
-        """Runs ``fn`` on x[idx] in batches; returns (fooled mask over idx, adversarial points)."""
+        """Runs ``fn`` on x[idx] in batches; returns (fooled mask over idx, adversarial points, norms)."""
         fooled = np.zeros(len(idx), bool)
-        points = np.empty((len(idx),) + x_np.shape[1:], np.float32)
+        points = x_np[idx].copy()
+        norms = np.full(len(idx), np.nan)
         n_batches = max(1, math.ceil(len(idx) / batch_size))
         with tqdm(total=len(idx), desc=bar_desc, disable=not verbose, leave=False) as bar:
             for b in range(n_batches):
@@ -1246,22 +1505,38 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
                 xb, yb = x_np[idx[sl]], y_np[idx[sl]]
                 if len(xb) == 0:
                     continue
-                out = fn(model_fn, xb, yb, eps, norm=norm, seed=seed)
+                done = log.lookup(bar_desc, b, idx[sl])
+                if done is not None:
+                    fooled_idx, fooled_norms = done
+                    where = np.searchsorted(idx[sl], fooled_idx)
+                    fooled[sl][where] = True
+                    norms[sl][where] = fooled_norms
+                    replayed[fooled_idx] = True
+                    bar.update(len(xb))
+                    continue
+                if len(devices) > 1 and len(xb) >= len(devices):
+                    out = _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices)
+                else:
+                    out = fn(model_fn, xb, yb, eps, norm=norm, seed=seed)
                 out = np.asarray(out, np.float32).reshape(xb.shape)
                 out = _numpy_project(out, xb, eps, norm)
-                pred = _predicted(_predict_logits(model_fn, tf.constant(out), batch_size)).numpy()
+                pred = _predicted(_predict_logits(model_fn, tf.constant(out), batch_size, passes=passes)).numpy()
                 fooled[sl] = pred != yb
                 points[sl] = out
+                norms[sl] = np.where(fooled[sl], perturbation_norms(out, xb, norm), np.nan)
+                log.record(bar_desc, b, idx[sl], idx[sl][fooled[sl]], norms[sl][fooled[sl]])
                 bar.update(len(xb))
-        return fooled, points
+        return fooled, points, norms
 
     per_attack = {}
     for name, fn in plan:
         idx = np.flatnonzero(robust)
         if idx.size:
-            fooled, points = attack_examples(name, fn, idx, name)
+            fooled, points, norms = attack_examples(name, fn, idx, name)
             robust[idx[fooled]] = False
             x_adv[idx[fooled]] = points[fooled]
+            broken_by[idx[fooled]] = name
+            pert_norm[idx[fooled]] = norms[fooled]
         per_attack[name] = float(robust.mean())
         say(f"  robust accuracy after {name.upper()}: {per_attack[name]:.2%} ({time.time() - start:.1f} s)")
 
@@ -1272,7 +1547,7 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         for name, fn in plan:
             alone = clean_mask.copy()
             if idx.size:
-                fooled, points = attack_examples(name, fn, idx, f"{name} (alone)")
+                fooled, points, _ = attack_examples(name, fn, idx, f"{name} (alone)")
                 alone[idx[fooled]] = False
                 newly = idx[fooled & robust[idx]]
                 x_adv[newly] = points[fooled & robust[idx]]
@@ -1280,7 +1555,21 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
             indiv[name] = float(alone.mean())
             say(f"  robust accuracy of {name.upper()} alone: {indiv[name]:.2%}")
 
-    _check_ball(x_adv, x_np, eps, norm)
+    if flag_list is not None and "square" not in [a for a, _ in plan]:
+        flag_list[-1] = {"name": "square_not_better", "passed": True, "detail": "Square is not in the ensemble",
+                         "skipped": True}
+    elif flag_list is not None:
+        from tfrobust.integrity import square_check
+
+        flag_list[-1] = square_check(broken_by, n)
+        if not flag_list[-1]["passed"]:
+            warnings.warn(f"AutoAttack check square_not_better: {flag_list[-1]['detail']}", RuntimeWarning,
+                          stacklevel=2)
+    fresh = ~replayed
+    _check_ball(x_adv[fresh], x_np[fresh], eps, norm)
+    if np.any(pert_norm[replayed] > eps + BALL_TOLERANCE):
+        raise RuntimeError(f"{partial_path} records perturbations outside the {norm} ball of radius {eps}")
+    log.close()
     worst = float(robust.mean())
     say(f"  worst case over all attacks: {worst:.2%} ({time.time() - start:.1f} s)")
     return {
@@ -1290,10 +1579,138 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         "worst_case": worst,
         "robust_mask": robust,
         "clean_mask": clean_mask,
+        "broken_by": broken_by.astype(str),
+        "perturbation_norm": pert_norm,
         "x_adv": x_adv,
+        "flags": flag_list,
         "seconds": time.time() - start,
         "attacks": [name for name, _ in plan],
+        "version": version if attacks is None else "custom",
+        "verdict_passes": int(passes),
+        "resumed": int(replayed.sum()),
+        "devices": list(devices) if len(devices) > 1 else [],
         "eps": eps,
         "norm": norm,
         "n_examples": n,
     }
+
+
+def _replica_devices(strategy) -> list:
+    """The local replica devices of ``strategy`` (empty for None or the default strategy)."""
+    if strategy is None:
+        return []
+    try:
+        return list(strategy.extended.worker_devices)
+    except (AttributeError, NotImplementedError):
+        return []
+
+
+def _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices):
+    """``fn`` on one shard of the batch per device, concurrently; the points in the batch's order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = [s for s in np.array_split(np.arange(len(xb)), len(devices)) if len(s)]
+
+    def run(device, s):
+        with tf.device(device):
+            return np.asarray(fn(model_fn, xb[s], yb[s], eps, norm=norm, seed=seed), np.float32)
+
+    with ThreadPoolExecutor(len(shards)) as pool:
+        parts = list(pool.map(run, devices[:len(shards)], shards))
+    return np.concatenate(parts, axis=0)
+
+
+# --------------------------------------------------------------------------
+# Per-example results on disk (resumable evaluation)
+# --------------------------------------------------------------------------
+
+
+def _fingerprint(x, y, eps, norm, names, version, seed, batch_size, passes, individual) -> dict:
+    """What a partial-results file must match to be replayed: the data and every setting."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).astype(np.int64).tobytes())
+    return {"data_sha256": digest.hexdigest(), "n_examples": int(len(x)), "eps": float(eps), "norm": norm,
+            "attacks": list(names), "version": version, "seed": int(seed), "batch_size": int(batch_size),
+            "verdict_passes": int(passes), "individual": bool(individual)}
+
+
+class _PartialLog:
+    """Append-only JSON-lines record of decided batches; replays a file from an interrupted run.
+
+    Line 1 is the fingerprint of the run; each further line is one batch:
+    ``{"attack", "batch", "examples": [...], "fooled": [...], "norms": [...]}``,
+    written with one ``write`` call and flushed to disk (fsync) before the next
+    batch starts. A torn last line (the process was killed while writing) is
+    ignored and its batch runs again.
+    """
+
+    def __init__(self, path, fingerprint):
+        import json
+        import os
+
+        self.path = path
+        self.done = {}
+        self.file = None
+        if path is None:
+            return
+        if os.path.exists(path):
+            with open(path) as f:
+                lines = f.read().split("\n")
+            try:
+                header = json.loads(lines[0])
+            except ValueError:
+                raise UserError(f"{path} is not a partial-results file of this evaluation; remove it or "
+                                "choose another output") from None
+            if header != fingerprint:
+                changed = sorted(k for k in set(header) | set(fingerprint) if header.get(k) != fingerprint.get(k))
+                raise UserError(f"{path} was written by an evaluation with different {', '.join(changed)}; "
+                                "remove it to start over or rerun the same command")
+            complete = []
+            for line in lines[1:]:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    break  # torn last line
+                self.done[(entry["attack"], entry["batch"])] = entry
+                complete.append(line)
+            # rewrite without a torn tail, atomically
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("\n".join([lines[0]] + complete) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self.file = open(path, "a")
+        else:
+            self.file = open(path, "w")
+            self._write(fingerprint)
+
+    def _write(self, obj):
+        import json
+        import os
+
+        self.file.write(json.dumps(obj) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def lookup(self, attack, batch, examples):
+        entry = self.done.get((attack, batch))
+        if entry is None:
+            return None
+        if list(entry["examples"]) != [int(i) for i in examples]:
+            raise UserError(f"{self.path} does not match this evaluation (batch {batch} of {attack} holds other "
+                            "examples); remove it to start over")
+        return np.asarray(entry["fooled"], np.int64), np.asarray(entry["norms"], np.float64)
+
+    def record(self, attack, batch, examples, fooled, norms):
+        if self.file is not None:
+            self._write({"attack": attack, "batch": int(batch), "examples": [int(i) for i in examples],
+                         "fooled": [int(i) for i in fooled], "norms": [float(v) for v in norms]})
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -199,6 +199,20 @@ def _run_label(data_name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
 
 
+def _number(text: str) -> float:
+    """A float, or a fraction ``a/b`` such as ``8/255`` (exact, unlike a rounded 0.031)."""
+    if "/" in text:
+        num, _, den = text.partition("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     from tfrobust.attack_names import attack_names_help
 
@@ -206,16 +220,23 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory, SavedModel directory or .keras file")
     p.add_argument("--data", help="data set, image folder or .npz, as for training (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="directory with the data set's files")
-    p.add_argument("--eps", type=float, help="attack budget (default: the run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
+    p.add_argument("--eps", type=_number, help="attack budget, a number or a fraction such as 8/255 (default: the "
+                   "run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
-    p.add_argument("--examples", type=int, help="evaluate the first N test examples")
+    p.add_argument("--examples", type=int, help="evaluate the first N test examples (default: the whole test set)")
     p.add_argument("--integrity-examples", type=int, default=200,
                    help="run the integrity probes (eps 0, large eps, more steps, Square vs gradients) on the "
                         "first N examples (default 200; 0: skip)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten)")
+    p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten), a "
+                   "RobustBench-style summary next to it (r.json: r.robustbench.json), and the AutoAttack verdicts "
+                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there")
+    p.add_argument("--strategy", choices=("default", "mirrored"),
+                   help="split each AutoAttack batch across the local devices with a MirroredStrategy (default: "
+                        "mirrored when the run trained with runtime.strategy mirrored or multi_worker, else one "
+                        "device)")
     p.add_argument("--which", choices=("last", "best"), default="last",
                    help="for a run directory: the last network or the one chosen on validation")
     p.add_argument("--flatness", action="store_true",
@@ -252,6 +273,7 @@ def evaluate_main(argv=None) -> int:
         report = evaluation.evaluate(
             loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
             batch_size=args.batch_size, seed=args.seed, integrity_examples=args.integrity_examples,
+            partial_path=_partial_path(args.output), strategy=_evaluation_strategy(args.strategy, loaded),
         )
         report["total_seconds"] = round(time.time() - start, 3)
         report["model"] = args.model
@@ -282,6 +304,7 @@ def evaluate_main(argv=None) -> int:
                 raise UserError(f"cannot write --output {args.output} ({e.strerror or e}); "
                                 "the table above holds the accuracies") from None
             print(f"report: {args.output}")
+            _write_summary(args.output, report, loaded.run_config)
     return 0
 
 
@@ -322,6 +345,46 @@ def _check_writable(directory: str, flag: str) -> None:
             pass
     except OSError as e:
         raise UserError(f"{flag}: cannot write in {directory} ({e.strerror or e})") from None
+
+
+def _evaluation_strategy(name, loaded):
+    """The strategy that shares the AutoAttack batches: ``--strategy``, else the run's runtime.strategy."""
+    import types
+
+    runtime = ((loaded.run_config or {}).get("runtime") or {})
+    if name is None:
+        name = "mirrored" if runtime.get("strategy") in ("mirrored", "multi_worker") else "default"
+    if name == "default":
+        return None
+    from tfrobust.experiment import build_strategy
+
+    devices = runtime.get("devices") if runtime.get("strategy") == "mirrored" else None
+    return build_strategy(types.SimpleNamespace(strategy="mirrored", devices=devices or None))
+
+
+def _partial_path(output):
+    """``<output>.partial.jsonl``: the AutoAttack verdicts of an evaluation written to ``output``, batch by batch."""
+    return None if not output else output + ".partial.jsonl"
+
+
+def _summary_path(output) -> str:
+    root, ext = os.path.splitext(output)
+    return (root if ext == ".json" else output) + ".robustbench.json"
+
+
+def _write_summary(output, report, run_config):
+    """Writes the RobustBench-style summary next to the report (atomically, never over an existing file)."""
+    import json
+
+    from tfrobust import evaluation
+    from tfrobust.rundir import atomic_write
+
+    path = _summary_path(output)
+    if os.path.exists(path):
+        print(f"summary not written: {path} exists", file=sys.stderr)
+        return
+    atomic_write(path, json.dumps(evaluation.robustbench_summary(report, run_config), indent=2, default=str))
+    print(f"summary: {path}")
 
 
 def _landscape_dir(args, loaded) -> str:

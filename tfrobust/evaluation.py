@@ -17,9 +17,24 @@ returns accuracies as fractions in [0, 1] under keys that name the attack:
   threat model through cleverhans 4.0.0 (FGSM, PGD with a uniform start,
   momentum iterative method, Dong et al. 2018), as independent cross-checks
   of tfrobust's own attacks (L-inf and L2);
+- ``apgd_dlr`` (APGD on the DLR loss), ``fab`` (untargeted FAB),
+  ``apgd_ce_eot`` and ``apgd_dlr_eot`` (APGD with EOT over 20 forward passes,
+  for randomised models): further AutoAttack components; named components
+  run as one ensemble in the order apgd_ce, apgd_ce_eot, apgd_dlr,
+  apgd_dlr_eot, apgd_t, fab, fab_t, square;
 - ``standard`` (all four) and ``fast`` (APGD-CE and APGD-T): the ensembles,
   reported as ``autoattack_standard`` / ``autoattack_fast`` (per-example
-  worst case) next to their components.
+  worst case) next to their components;
+- ``plus`` (APGD-CE and APGD-DLR with 5 restarts, FAB with 5 restarts,
+  Square, APGD-T, FAB-T) and ``rand`` (APGD-CE and APGD-DLR with EOT over 20
+  passes; every verdict on the mean logits of 20 passes): AutoAttack's other
+  versions with the reference's budgets, named alone (without other
+  AutoAttack names), reported as ``autoattack_plus`` / ``autoattack_rand``.
+
+An AutoAttack ensemble adds the reference's automatic checks (randomised
+forward pass, probability outputs, zero DLR gradients, Square beating the
+gradient attacks) and a rounded-eps check under ``flags``, and the
+per-example verdicts (``autoattack.broken_by``, ``perturbation_norm``).
 
 ``worst_case`` is the per-example worst case over every attack that ran.
 With ``integrity_examples`` > 0 the report also carries the integrity checks
@@ -46,7 +61,8 @@ import tensorflow as tf
 
 from tfrobust import attacks as attack_lib
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
-    _CLEVERHANS, _PGD, AUTOATTACK, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS, attack_names_help, parse_attacks,
+    _CLEVERHANS, _PGD, AUTOATTACK, AUTOATTACK_EXTRA, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
+    OWN_BUDGET_VERSIONS, attack_names_help, parse_attacks,
 )
 from tfrobust.errors import UserError, check_number
 
@@ -145,6 +161,8 @@ def evaluate(
     seed: int = 0,
     verbose: bool = True,
     integrity_examples: int = 0,
+    partial_path=None,
+    strategy=None,
 ) -> dict:
     """Accuracy under each attack, and the per-example worst case.
 
@@ -154,9 +172,20 @@ def evaluate(
       eps, norm: the threat model ("linf" or "l2").
       attacks: names, see the module doc.
       step_size: PGD step; default eps / 4.
+      partial_path: a JSON-lines file of the AutoAttack ensemble's decided
+        batches; an interrupted evaluation with the same arguments resumes
+        from it (see :func:`tfrobust.autoattack.run_autoattack`). The other
+        attacks and the integrity probes run again.
+      strategy: a ``tf.distribute`` strategy whose local replica devices
+        share each AutoAttack batch (see
+        :func:`tfrobust.autoattack.run_autoattack`).
     Returns:
       ``{"accuracy": {name: fraction}, "worst_case": fraction, "examples": n,
-      "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``.
+      "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``,
+      and when an AutoAttack ensemble ran, ``"autoattack"`` (version, attacks,
+      verdict passes, seconds, per-example ``broken_by`` and
+      ``perturbation_norm``) and ``"flags"`` (the reference's automatic checks,
+      :func:`tfrobust.integrity.autoattack_flags`).
     """
     from tqdm.auto import tqdm
 
@@ -182,7 +211,7 @@ def evaluate(
     check_model_and_data(model_fn, x, y, batch_size)
     report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm,
               "non_finite_outputs": {}}
-    simple = [a for a in names if a not in AUTOATTACK and a not in ENSEMBLES]
+    simple = [a for a in names if a not in AUTOATTACK + AUTOATTACK_EXTRA and a not in ENSEMBLES]
     for name in simple:
         run = _attack_fn(name, model_fn, eps, norm, step, seed)
         correct, non_finite = [], 0
@@ -201,9 +230,13 @@ def evaluate(
         report["accuracy"][name] = float(correct.mean())
         report["seconds"][name] = round(time.time() - start, 3)
     ensemble = [a for a in names if a in ENSEMBLES]
-    components = [a for a in AUTOATTACK if a in names or any(a in ENSEMBLES[e] for e in ensemble)]
-    if components:
-        _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose)
+    components = [a for a in COMPONENT_ORDER if a in names or any(a in ENSEMBLES[e] for e in ensemble)]
+    if ensemble and ensemble[0] in OWN_BUDGET_VERSIONS:
+        _run_autoattack(report, model_fn, x, y, eps, norm, list(ENSEMBLES[ensemble[0]]), ensemble, batch_size,
+                        seed, verbose, version=ensemble[0], partial_path=partial_path, strategy=strategy)
+    elif components:
+        _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
+                        partial_path=partial_path, strategy=strategy)
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
@@ -220,14 +253,16 @@ def evaluate(
     return report
 
 
-def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose):
-    """Runs the AutoAttack components as one ensemble and records them in ``report``."""
+def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
+                    version=None, partial_path=None, strategy=None):
+    """Runs the AutoAttack components as one ensemble (or ``version`` with its budgets) into ``report``."""
     from tfrobust import autoattack
 
     start = time.time()
+    attacks = None if version else [c.replace("_", "-") for c in components]
     result = autoattack.run_autoattack(
-        model_fn, x, y, eps, norm=norm, attacks=[c.replace("_", "-") for c in components],
-        batch_size=batch_size, seed=seed, verbose=verbose,
+        model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
+        batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path, strategy=strategy,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
@@ -237,7 +272,11 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     label = "autoattack_" + ensemble[0] if len(ensemble) == 1 else "autoattack"
     report["accuracy"][label] = float(mask.mean())
     report["seconds"][label] = seconds
-    report["autoattack"] = {"attacks": components, "seconds": seconds}
+    report["autoattack"] = {"attacks": components, "seconds": seconds, "version": version or (
+        ensemble[0] if len(ensemble) == 1 else "custom"), "verdict_passes": result["verdict_passes"],
+        "resumed": result["resumed"], "clean": result["clean"], "devices": result["devices"], "broken_by": result["broken_by"].tolist(),
+        "perturbation_norm": [None if np.isnan(v) else float(v) for v in result["perturbation_norm"]]}
+    report["flags"] = result["flags"]
     from tfrobust.integrity import from_autoattack
 
     report["_autoattack_integrity"] = from_autoattack(result)
@@ -283,6 +322,11 @@ def format_table(report: dict) -> str:
     lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     header = f"{report['examples']} examples, {report['norm']} eps={report['eps']:.4g}"
+    if report.get("flags"):
+        lines.append("AutoAttack checks:")
+        for check in report["flags"]:
+            status = "skipped" if check["skipped"] else ("passed" if check["passed"] else "FLAGGED")
+            lines.append(f"  {status:<7} {check['name']}: {check['detail']}")
     if "integrity" in report:
         lines.append(f"integrity checks ({report['integrity']['probe_examples']} probe examples):")
         for check in report["integrity"]["checks"]:
@@ -297,14 +341,58 @@ def to_json(report: dict) -> str:
     return json.dumps(clean, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
+def _eps_text(eps: float) -> str:
+    """``"8/255"`` when eps is k/255 (to float32 precision), else the number."""
+    k = round(eps * 255)
+    if 0 < k <= 255 and abs(eps - k / 255) <= 1e-7 * k / 255:
+        return f"{k}/255"
+    return f"{eps:g}"
+
+
+def robustbench_summary(report: dict, config=None) -> dict:
+    """The headline numbers of a report in the style of RobustBench's model entries.
+
+    Accuracies in percent with two decimals, as RobustBench lists them:
+    ``clean_acc``, ``autoattack_acc`` (the per-example worst case over every
+    attack run, which is the ensemble's robust accuracy when only an
+    ensemble ran), ``per_attack_acc`` (the report's accuracies), the threat
+    model (``threat_model`` "Linf"/"L2", ``eps`` as "8/255" where exact),
+    the AutoAttack ``version``, ``n_examples``, ``number_forward_passes`` per
+    verdict, the automatic ``flags`` (name -> passed) and ``config``: the
+    run's configuration when a run directory was evaluated.
+    """
+    acc = report["accuracy"]
+    aa = report.get("autoattack") or {}
+    pct = lambda v: round(100.0 * float(v), 2)  # noqa: E731
+    return {
+        "dataset": report.get("data"),
+        "model": report.get("model"),
+        "threat_model": {"linf": "Linf", "l2": "L2"}[report["norm"]],
+        "eps": _eps_text(float(report["eps"])),
+        "eps_value": float(report["eps"]),
+        "version": aa.get("version"),
+        "n_examples": int(report["examples"]),
+        "clean_acc": pct(acc["clean"]) if "clean" in acc else (pct(aa["clean"]) if "clean" in aa else None),
+        "autoattack_acc": pct(report["worst_case"]),
+        "per_attack_acc": {k: pct(v) for k, v in acc.items()},
+        "number_forward_passes": int(aa.get("verdict_passes", 1)),
+        "flags": {c["name"]: (None if c["skipped"] else bool(c["passed"])) for c in report.get("flags") or []},
+        "config": config,
+    }
+
+
 __all__ = [
     "DEFAULT_ATTACKS",
     "AUTOATTACK",
     "ENSEMBLES",
+    "AUTOATTACK_EXTRA",
+    "COMPONENT_ORDER",
+    "OWN_BUDGET_VERSIONS",
     "attack_names_help",
     "parse_attacks",
     "evaluate",
     "integrity",
     "format_table",
     "to_json",
+    "robustbench_summary",
 ]
