@@ -385,5 +385,5 @@ def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path, fashion_su
     assert max(np.abs(a.numpy() - b.numpy()).max() for a, b in zip(exported.weights, live.weights)) > 1e-4
     with open(os.path.join(straight, "history.json")) as f:
         lr = json.load(f)["learning_rate"]
-    # Logged after each epoch of 3 steps: the end of the warm-up (lr), half-way down the cosine, 0.
-    np.testing.assert_allclose(lr, [0.05, 0.025, 0.0], atol=1e-6)
+    # Each epoch's rate at its first of 3 steps: the warm-up's start (0), its end (lr), half-way down the cosine.
+    np.testing.assert_allclose(lr, [0.0, 0.05, 0.025], atol=1e-6)
