@@ -71,7 +71,7 @@ _EXPORTS = {
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = (
     "attacks", "autoattack", "callbacks", "cli", "config", "data", "defenses", "errors", "evaluation", "extra_data",
-    "experiment", "flatness", "integrity", "landscape", "loading", "models", "multiworker", "trainer",
+    "experiment", "flatness", "integrity", "landscape", "loading", "models", "multiworker", "trainer", "weight_space",
 )
 
 # The names above, then the submodules (so that documentation generators list them too).
