@@ -208,6 +208,9 @@ class FlatnessSettings:
         if self.examples is not None and int(self.examples) < 1:
             raise UserError(f"examples must be >= 1, got {self.examples}")
         top_step = resolve_step_size(eps, self.step_size)
+        if self.batch_size is None or int(self.batch_size) < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_pgd_settings(top_step, self.steps, self.restarts)
         report_wide = {"batch_size": self.batch_size, "step_size": top_step, "steps": self.steps,
                        "restarts": self.restarts}
         measures = {}
@@ -221,12 +224,11 @@ class FlatnessSettings:
                 filled = dataclasses.replace(filled, step_size=resolve_step_size(eps, filled.step_size))
             _check_measure(name, filled)
             measures[name] = filled
-        if self.batch_size is None or int(self.batch_size) < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        for m in self.measures:
+        chosen = (self.measures,) if isinstance(self.measures, str) else tuple(self.measures)
+        for m in chosen:
             if m not in _MEASURE_TYPES:
                 raise unknown_choice("flatness measure", m, _MEASURE_TYPES)
-        return dataclasses.replace(self, step_size=top_step, measures=tuple(self.measures), **measures)
+        return dataclasses.replace(self, step_size=top_step, measures=chosen, **measures)
 
     def as_dict(self) -> Dict:
         """The JSON form: top-level values, ``measures`` as a list and one mapping per measure."""
