@@ -194,16 +194,21 @@ class RobustLossEvaluator:
     def _model_fn(self, t):
         return self.model(t, training=False)
 
-    def attack(self, x, y, seed):
-        """The adversarial examples of one batch: PGD on CE from a uniform start drawn with ``seed``.
+    def attack(self, model_fn, x, y, seed):
+        """The adversarial examples of one batch: PGD-``steps`` on CE from a uniform start drawn with ``seed``.
 
-        The only place the evaluator runs an attack.
+        The only place the evaluator runs an attack; :meth:`per_example` runs
+        it over the batches and restarts with the seeds of :meth:`batch_seed`.
         """
-        return pgd(self._model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm, loss="ce",
+        return pgd(model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm, loss="ce",
                    random_start_kind="uniform", seed=seed)
 
+    def batch_seed(self, batch: int, restart: int) -> tf.Tensor:
+        """The seed of the random start of ``batch`` in ``restart``: ``(seed, STREAM_PGD, restart, batch)``."""
+        return weight_space.stateless_seed(self.seed, weight_space.STREAM_PGD, restart, batch)
+
     def _adversarial_ce(self, x, y, seed):
-        return cross_entropy(self._model_fn(self.attack(x, y, seed)), y)
+        return cross_entropy(self._model_fn(self.attack(self._model_fn, x, y, seed)), y)
 
     def _clean_ce(self, x, y):
         return cross_entropy(self._model_fn(x), y)
@@ -220,7 +225,7 @@ class RobustLossEvaluator:
                 continue
             worst = None
             for r in range(self.restarts):
-                ce = self._adv(xb, yb, weight_space.stateless_seed(self.seed, weight_space.STREAM_PGD, r, b)).numpy()
+                ce = self._adv(xb, yb, self.batch_seed(b, r)).numpy()
                 worst = ce if worst is None else np.maximum(worst, ce)
             out.append(worst)
         return np.concatenate(out).astype(np.float64)
