@@ -118,6 +118,46 @@ def _grid(points, s_min, s_max):
     return np.linspace(float(s_min), float(s_max), int(points))
 
 
+def _prepare(model, x, y, eps, step_size, steps, restarts, norm):
+    """Checked data, the perturbable variables and the resolved step size of a landscape."""
+    step_size = resolve_step_size(eps, step_size)
+    check_attack_settings(eps, step_size, steps, restarts, norm)
+    x, y = evaluation_data(x, y)
+    return x, y, ws.built_perturbable_variables(model, x), step_size
+
+
+def _losses_at(model, x, y, variables, offsets, count, desc, eps, step_size, steps, restarts, norm, batch_size, seed,
+               progress, jit):
+    """The mean robust and clean loss at ``w + scale * d`` for every ``(d, scale)`` of ``offsets``; ``w`` restored."""
+    robust_vals, clean_vals = [], []
+    with ws.weights_preserved(model):
+        base = ws.snapshot(variables)
+        rob = RobustLossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, True, jit)
+        cln = RobustLossEvaluator(model, 0.0, 0.0, 0, 1, norm, batch_size, seed, False, jit)
+        bar = progress_bar(count, desc, progress)
+        try:
+            for d, scale in offsets:
+                ws.assign_offset(variables, base, d, scale=scale)
+                robust_vals.append(rob.mean(x, y))
+                clean_vals.append(cln.mean(x, y))
+                bar.update(1)
+        finally:
+            bar.close()
+    return robust_vals, clean_vals
+
+
+def _settings(x, eps, norm, steps, step_size, restarts, seed):
+    return {
+        "eps": float(eps),
+        "norm": norm,
+        "steps": int(steps),
+        "step_size": float(step_size),
+        "restarts": int(restarts),
+        "examples": int(x.shape[0]),
+        "seed": int(seed),
+    }
+
+
 def landscape_1d(
     model,
     x,
@@ -149,38 +189,18 @@ def landscape_1d(
     Returns ``{"s", "robust_loss", "clean_loss", "eps", "norm", "steps",
     "step_size", "restarts", "examples", "seed"}`` (JSON-serialisable).
     """
-    step_size = resolve_step_size(eps, step_size)
-    check_attack_settings(eps, step_size, steps, restarts, norm)
-    x, y = evaluation_data(x, y)
-    variables = ws.built_perturbable_variables(model, x)
+    x, y, variables, step_size = _prepare(model, x, y, eps, step_size, steps, restarts, norm)
     _check_direction(direction, variables)
     s_values = _grid(points, s_min, s_max)
-    robust_vals, clean_vals = [], []
-    with ws.weights_preserved(model):
-        base = ws.snapshot(variables)
-        d = [tf.constant(np.asarray(t)) for t in direction]
-        rob = RobustLossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, True, jit)
-        cln = RobustLossEvaluator(model, 0.0, 0.0, 0, 1, norm, batch_size, seed, False, jit)
-        bar = progress_bar(len(s_values), "loss landscape 1-D", progress)
-        try:
-            for s in s_values:
-                ws.assign_offset(variables, base, d, scale=float(s))
-                robust_vals.append(rob.mean(x, y))
-                clean_vals.append(cln.mean(x, y))
-                bar.update(1)
-        finally:
-            bar.close()
+    d = [tf.constant(np.asarray(t)) for t in direction]
+    robust_vals, clean_vals = _losses_at(
+        model, x, y, variables, ((d, float(s)) for s in s_values), len(s_values), "loss landscape 1-D",
+        eps, step_size, steps, restarts, norm, batch_size, seed, progress, jit)
     return {
         "s": [float(s) for s in s_values],
         "robust_loss": robust_vals,
         "clean_loss": clean_vals,
-        "eps": float(eps),
-        "norm": norm,
-        "steps": int(steps),
-        "step_size": float(step_size),
-        "restarts": int(restarts),
-        "examples": int(x.shape[0]),
-        "seed": int(seed),
+        **_settings(x, eps, norm, steps, step_size, restarts, seed),
     }
 
 
@@ -210,44 +230,22 @@ def landscape_2d(
     2601 attacks). ``robust_loss[i][j]`` and ``clean_loss[i][j]`` belong to
     ``(s1[i], s2[j])``.
     """
-    step_size = resolve_step_size(eps, step_size)
-    check_attack_settings(eps, step_size, steps, restarts, norm)
-    x, y = evaluation_data(x, y)
-    variables = ws.built_perturbable_variables(model, x)
+    x, y, variables, step_size = _prepare(model, x, y, eps, step_size, steps, restarts, norm)
     _check_direction(d1, variables, "d1")
     _check_direction(d2, variables, "d2")
     s_values = _grid(points, s_min, s_max)
-    robust_vals = [[0.0] * len(s_values) for _ in s_values]
-    clean_vals = [[0.0] * len(s_values) for _ in s_values]
-    with ws.weights_preserved(model):
-        base = ws.snapshot(variables)
-        a = [np.asarray(t) for t in d1]
-        b = [np.asarray(t) for t in d2]
-        rob = RobustLossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, True, jit)
-        cln = RobustLossEvaluator(model, 0.0, 0.0, 0, 1, norm, batch_size, seed, False, jit)
-        bar = progress_bar(len(s_values) ** 2, "loss landscape 2-D", progress)
-        try:
-            for i, s1 in enumerate(s_values):
-                for j, s2 in enumerate(s_values):
-                    offset = [tf.constant(s1 * p + s2 * q) for p, q in zip(a, b)]
-                    ws.assign_offset(variables, base, offset)
-                    robust_vals[i][j] = rob.mean(x, y)
-                    clean_vals[i][j] = cln.mean(x, y)
-                    bar.update(1)
-        finally:
-            bar.close()
+    a = [np.asarray(t) for t in d1]
+    b = [np.asarray(t) for t in d2]
+    plane = (([tf.constant(s1 * p + s2 * q) for p, q in zip(a, b)], None) for s1 in s_values for s2 in s_values)
+    robust_flat, clean_flat = _losses_at(model, x, y, variables, plane, len(s_values) ** 2, "loss landscape 2-D",
+                                         eps, step_size, steps, restarts, norm, batch_size, seed, progress, jit)
+    k = len(s_values)
     return {
         "s1": [float(s) for s in s_values],
         "s2": [float(s) for s in s_values],
-        "robust_loss": robust_vals,
-        "clean_loss": clean_vals,
-        "eps": float(eps),
-        "norm": norm,
-        "steps": int(steps),
-        "step_size": float(step_size),
-        "restarts": int(restarts),
-        "examples": int(x.shape[0]),
-        "seed": int(seed),
+        "robust_loss": [robust_flat[i * k:(i + 1) * k] for i in range(k)],
+        "clean_loss": [clean_flat[i * k:(i + 1) * k] for i in range(k)],
+        **_settings(x, eps, norm, steps, step_size, restarts, seed),
     }
 
 
