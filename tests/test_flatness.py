@@ -415,6 +415,11 @@ def test_user_errors():
         F.robust_loss(model, x, y[:5])
     with pytest.raises(UserError):
         F.FlatnessMonitor(x, y, every=0)
+    # The monitor checks its measure's settings when it is made, not at the end of the first epoch.
+    with pytest.raises(UserError, match="samples must be >= 1"):
+        F.FlatnessMonitor(x, y, samples=0)
+    with pytest.raises(UserError, match="xi must be >= 0"):
+        F.FlatnessMonitor(x, y, xi=-0.5)
 
 
 def test_flatness_monitor_logs_to_history_and_tensorboard(tmp_path):

@@ -35,8 +35,9 @@ Bounding: :func:`project_perturbation` (per layer onto
 Applying and undoing: :func:`snapshot` and :func:`restore` (exact copies of
 variable values), :func:`assign_offset` (``v <- w + s * d``) and
 :func:`weights_preserved` (a context manager that restores every variable of a
-model bitwise on exit, also after an exception). All of them work eagerly and
-inside ``tf.function``.
+model bitwise on exit, also after an exception, for eager measurements).
+:func:`snapshot`, :func:`restore` and :func:`assign_offset` also work inside
+``tf.function`` (a train step).
 """
 
 from __future__ import annotations
