@@ -510,6 +510,7 @@ def test_flatness_settings_have_the_reference_defaults_and_inherit_report_wide_v
     ({"measures": ["average", "worse"]}, "worse"),
     ({"average": {"samples": "ten"}}, "average.samples must be a number"),
     ({"steps": 2.5}, "steps must be a whole number"),
+    ({"worst": {"passes": True}}, "worst.passes must be a number"),
     ({"worst": {"passes": -1}}, "worst.passes must be >= 0"),
     ({"average_clean": {"xi": -0.1}}, "average_clean.xi must be >= 0"),
     ({"restarts": 0}, "^restarts must be >= 1"),

@@ -133,7 +133,9 @@ def _number(name: str, value, where: str):
     """``value`` as an int (integer settings) or float, or a one-line ``UserError``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        raise UserError(f"flatness setting {where}{name} must be a number, got {value!r}")
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)
         except (TypeError, ValueError):
