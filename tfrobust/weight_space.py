@@ -1,12 +1,14 @@
 """Weight space: which variables a method moves, how a move is drawn, bounded, applied and undone.
 
-Every method of tfrobust that perturbs a network's weights rather than its
-inputs goes through this module: the flatness measures and loss landscapes of
-Stutz, Hein and Schiele (ICCV 2021), adversarial weight perturbation (AWP; Wu,
-Xia and Wang, NeurIPS 2020) and randomized adversarial training (RAT; Jin et
-al., CVPR 2023). The mathematics that is particular to one paper (AWP's ascent
-step, RAT's Taylor terms) stays in :mod:`tfrobust.defenses.awp` and
-:mod:`tfrobust.defenses.rat`; what they share lives here.
+The methods of tfrobust that perturb a network's weights rather than its
+inputs choose the variables they perturb and draw their perturbations here:
+the flatness measures and loss landscapes of Stutz, Hein and Schiele (ICCV
+2021), adversarial weight perturbation (AWP; Wu, Xia and Wang, NeurIPS 2020)
+and randomized adversarial training (RAT; Jin et al., CVPR 2023). The flatness
+measures and landscapes also apply and restore their perturbations with this
+module. The mathematics that is particular to one paper (AWP's ascent step,
+RAT's Taylor terms) stays in :mod:`tfrobust.defenses.awp` and
+:mod:`tfrobust.defenses.rat`.
 
 Which variables (one selection rule per paper, named after the rule):
   - :func:`variables_outside_normalisation` (Stutz et al.; flatness and
