@@ -415,6 +415,11 @@ def test_user_errors():
         F.robust_loss(model, x, y[:5])
     with pytest.raises(UserError):
         F.FlatnessMonitor(x, y, every=0)
+    # The monitor checks its measure's settings when it is made, not at the end of the first epoch.
+    with pytest.raises(UserError, match="samples must be >= 1"):
+        F.FlatnessMonitor(x, y, samples=0)
+    with pytest.raises(UserError, match="xi must be >= 0"):
+        F.FlatnessMonitor(x, y, xi=-0.5)
 
 
 def test_flatness_monitor_logs_to_history_and_tensorboard(tmp_path):
@@ -469,3 +474,69 @@ def test_step_size_defaults_to_the_reference_ratio():
                                                              "average": {"samples": 1}}, progress=False)
     assert rep["settings"]["step_size"] == rep["average"]["step_size"] == pytest.approx(F.resolve_step_size(0.1))
     assert "worst" not in rep and rep["clean_loss"] is None
+
+
+# ---------------------------------------------------------------------------
+# Typed report settings
+# ---------------------------------------------------------------------------
+
+
+def test_flatness_settings_have_the_reference_defaults_and_inherit_report_wide_values():
+    s = F.FlatnessSettings()
+    assert (s.examples, s.steps, s.restarts, s.measures) == (1000, 20, 1, ("average", "worst", "average_clean",
+                                                                           "worst_clean"))
+    assert (s.average.xi, s.average.samples, s.average_clean.samples) == (0.5, 10, 50)
+    assert (s.worst.xi, s.worst.attempts, s.worst.passes, s.worst.weight_step) == (0.00075, 10, 20, 0.01)
+    assert F.REPORT_DEFAULTS == {"examples": 1000, "batch_size": 128, "step_size": None, "steps": 20, "restarts": 1,
+                                 "measures": ["average", "worst", "average_clean", "worst_clean"],
+                                 "average": {"xi": 0.5, "samples": 10}, "average_clean": {"xi": 0.5, "samples": 50},
+                                 "worst": {"xi": 0.00075, "attempts": 10, "passes": 20, "weight_step": 0.01},
+                                 "worst_clean": {"xi": 0.00075, "attempts": 10, "passes": 20, "weight_step": 0.01}}
+    r = F.FlatnessSettings.from_mapping({"steps": 5, "batch_size": 32, "worst": {"steps": 7, "step_size": 0.01},
+                                         "measures": "average"}).resolved(8 / 255)
+    assert r.step_size == 0.007 and r.measures == ("average",)
+    assert (r.average.steps, r.average.batch_size, r.average.step_size, r.average.restarts) == (5, 32, 0.007, 1)
+    assert (r.worst.steps, r.worst.step_size, r.worst.batch_size) == (7, 0.01, 32)
+    assert r.average_clean.batch_size == 32 and not hasattr(r.average_clean, "steps")
+    assert F.FlatnessSettings.from_mapping({"step_size": None}).resolved(0.1).average.step_size == pytest.approx(
+        F.resolve_step_size(0.1))
+    json.dumps(r.as_dict())
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"averag": {}}, "averag"),
+    ({"worst": {"samples": 3}}, "samples"),
+    ({"average": 3}, "'average' must be a mapping"),
+    ({"measures": ["average", "worse"]}, "worse"),
+    ({"average": {"samples": "ten"}}, "average.samples must be a number"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"worst": {"passes": True}}, "worst.passes must be a number"),
+    ({"worst": {"passes": -1}}, "worst.passes must be >= 0"),
+    ({"average_clean": {"xi": -0.1}}, "average_clean.xi must be >= 0"),
+    ({"restarts": 0}, "^restarts must be >= 1"),
+    ({"average": {"restarts": 0}}, "average.restarts must be >= 1"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"examples": 0}, "examples must be >= 1"),
+])
+def test_flatness_settings_are_checked_before_anything_is_computed(settings, message):
+    x, y = _data()
+    # model=None: any computation before the check would fail with something other than a UserError.
+    with pytest.raises(UserError, match=message) as info:
+        F.flatness_report(None, x, y, eps=0.03, settings=settings, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_flatness_report_takes_a_settings_object():
+    model = _dense_relu_dense()
+    x, y = _data(n=20)
+    mapping = {"examples": 16, "steps": 1, "batch_size": 8, "measures": ["average", "worst_clean"],
+               "average": {"samples": 2}, "worst_clean": {"attempts": 1, "passes": 1}}
+    typed = F.FlatnessSettings(examples=16, steps=1, batch_size=8, measures=("average", "worst_clean"),
+                               average=F.AverageCaseSettings(samples=2),
+                               worst_clean=F.WorstCaseCleanSettings(attempts=1, passes=1))
+    a = F.flatness_report(model, x, y, eps=0.05, settings=mapping, progress=False)
+    b = F.flatness_report(model, x, y, eps=0.05, settings=typed, progress=False)
+    assert a["settings"] == b["settings"]
+    # The same computation twice in one process on one machine: deterministic, so equal exactly.
+    assert (a["average"]["flatness"], a["worst_clean"]["flatness"]) == (b["average"]["flatness"],
+                                                                        b["worst_clean"]["flatness"])

@@ -31,6 +31,10 @@ Flatness and landscapes (Stutz et al., ICCV 2021)
   - ``landscape_1d``, ``landscape_2d``, ``random_direction``,
     ``adversarial_direction``, ``plot_landscape_1d``, ``plot_landscape_2d``,
     ``write_landscapes``.
+  - ``tfrobust.weight_space``: which weights AWP, RAT and the flatness
+    measures perturb, and how perturbations are drawn, projected, applied and
+    restored exactly; ``tfrobust.flatness.FlatnessSettings``: the report's
+    settings with the paper's defaults.
 
 Callbacks
   - ``FlatnessMonitor``, ``NonFiniteLossGuard``, ``LearningRateLogger``,
@@ -71,7 +75,7 @@ _EXPORTS = {
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = (
     "attacks", "autoattack", "callbacks", "cli", "config", "data", "defenses", "errors", "evaluation", "extra_data",
-    "experiment", "flatness", "integrity", "landscape", "loading", "models", "multiworker", "trainer",
+    "experiment", "flatness", "integrity", "landscape", "loading", "models", "multiworker", "trainer", "weight_space",
 )
 
 # The names above, then the submodules (so that documentation generators list them too).

@@ -7,7 +7,9 @@ a direction ``d`` in weight space, for ``s`` in ``[-1, 1]``, re-running PGD at
 every point. The direction is random (Gaussian) or adversarial (the final
 weight perturbation of the worst-case flatness attack, (F3)), and is rescaled
 per layer so that ``max|d_l| = 0.5 * max|w_l|`` (scale-invariant, as the
-flatness measures). Only the variables of :func:`tfrobust.flatness.perturbable_variables`
+flatness measures; :func:`tfrobust.weight_space.gaussian_direction` and
+:func:`tfrobust.weight_space.rescale_direction`, re-exported here). Only the
+variables of :func:`tfrobust.weight_space.variables_outside_normalisation`
 move (normalisation layers stay fixed); a layer with ``w_l = 0`` gets
 ``d_l = 0``. The model is called with ``training=False`` and its variables are
 restored bitwise after every computation.
@@ -25,23 +27,19 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfrobust import weight_space as ws
 from tfrobust.errors import UserError, unknown_choice
 from tfrobust.flatness import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPS,
-    _STREAM_DIRECTION,
-    _LossEvaluator,
-    _as_data,
-    _assign_offset,
-    _check_attack,
-    _prepare,
-    _progress,
-    _seed,
-    _weights_preserved,
-    perturbable_variables,
+    RobustLossEvaluator,
+    check_attack_settings,
+    evaluation_data,
+    progress_bar,
     resolve_step_size,
     worst_case_flatness,
 )
+from tfrobust.weight_space import DIRECTION_SCALE, rescale_direction
 
 __all__ = [
     "DIRECTION_SCALE",
@@ -55,31 +53,12 @@ __all__ = [
     "write_landscapes",
 ]
 
-DIRECTION_SCALE = 0.5
 DEFAULT_LANDSCAPE_STEPS = 10
 KINDS = ("random", "adversarial")
 
 
 def _values(model) -> List[np.ndarray]:
-    return [np.asarray(v.numpy()) for v in perturbable_variables(model)]
-
-
-def rescale_direction(direction: Sequence, weights: Sequence, scale: float = DIRECTION_SCALE) -> List[np.ndarray]:
-    """Rescales every ``d_l`` so that ``max|d_l| = scale * max|w_l|`` (Stutz et al., ICCV 2021, landscapes).
-
-    A layer with ``d_l = 0`` or ``w_l = 0`` gets ``d_l = 0``.
-    """
-    out = []
-    for d, w in zip(direction, weights):
-        d = np.asarray(d)
-        w = np.asarray(w)
-        d_max = float(np.max(np.abs(d))) if d.size else 0.0
-        w_max = float(np.max(np.abs(w))) if w.size else 0.0
-        if d_max == 0.0 or w_max == 0.0:
-            out.append(np.zeros_like(w))
-        else:
-            out.append((d.astype(np.float64) * (scale * w_max / d_max)).astype(w.dtype))
-    return out
+    return [np.asarray(v.numpy()) for v in ws.perturbable_variables(model)]
 
 
 def random_direction(model, seed: int = 0) -> List[np.ndarray]:
@@ -91,9 +70,7 @@ def random_direction(model, seed: int = 0) -> List[np.ndarray]:
     weights = _values(model)
     if not weights:
         raise UserError("the model has no trainable variables outside normalisation layers (is it built?)")
-    raw = [tf.random.stateless_normal(w.shape, _seed(seed, _STREAM_DIRECTION, i), dtype=tf.float32).numpy()
-           for i, w in enumerate(weights)]
-    return rescale_direction(raw, weights)
+    return rescale_direction(ws.gaussian_direction(weights, seed), weights)
 
 
 def adversarial_direction(
@@ -141,6 +118,46 @@ def _grid(points, s_min, s_max):
     return np.linspace(float(s_min), float(s_max), int(points))
 
 
+def _prepare(model, x, y, eps, step_size, steps, restarts, norm):
+    """Checked data, the perturbable variables and the resolved step size of a landscape."""
+    step_size = resolve_step_size(eps, step_size)
+    check_attack_settings(eps, step_size, steps, restarts, norm)
+    x, y = evaluation_data(x, y)
+    return x, y, ws.built_perturbable_variables(model, x), step_size
+
+
+def _losses_at(model, x, y, variables, offsets, count, desc, eps, step_size, steps, restarts, norm, batch_size, seed,
+               progress, jit):
+    """The mean robust and clean loss at ``w + scale * d`` for every ``(d, scale)`` of ``offsets``; ``w`` restored."""
+    robust_vals, clean_vals = [], []
+    with ws.weights_preserved(model):
+        base = ws.snapshot(variables)
+        rob = RobustLossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, True, jit)
+        cln = RobustLossEvaluator(model, 0.0, 0.0, 0, 1, norm, batch_size, seed, False, jit)
+        bar = progress_bar(count, desc, progress)
+        try:
+            for d, scale in offsets:
+                ws.assign_offset(variables, base, d, scale=scale)
+                robust_vals.append(rob.mean(x, y))
+                clean_vals.append(cln.mean(x, y))
+                bar.update(1)
+        finally:
+            bar.close()
+    return robust_vals, clean_vals
+
+
+def _settings(x, eps, norm, steps, step_size, restarts, seed):
+    return {
+        "eps": float(eps),
+        "norm": norm,
+        "steps": int(steps),
+        "step_size": float(step_size),
+        "restarts": int(restarts),
+        "examples": int(x.shape[0]),
+        "seed": int(seed),
+    }
+
+
 def landscape_1d(
     model,
     x,
@@ -172,38 +189,18 @@ def landscape_1d(
     Returns ``{"s", "robust_loss", "clean_loss", "eps", "norm", "steps",
     "step_size", "restarts", "examples", "seed"}`` (JSON-serialisable).
     """
-    step_size = resolve_step_size(eps, step_size)
-    _check_attack(eps, step_size, steps, restarts, norm)
-    x, y = _as_data(x, y)
-    variables = _prepare(model, x)
+    x, y, variables, step_size = _prepare(model, x, y, eps, step_size, steps, restarts, norm)
     _check_direction(direction, variables)
     s_values = _grid(points, s_min, s_max)
-    robust_vals, clean_vals = [], []
-    with _weights_preserved(model):
-        base = [tf.identity(v.value) for v in variables]
-        d = [tf.constant(np.asarray(t)) for t in direction]
-        rob = _LossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, True, jit)
-        cln = _LossEvaluator(model, 0.0, 0.0, 0, 1, norm, batch_size, seed, False, jit)
-        bar = _progress(len(s_values), "loss landscape 1-D", progress)
-        try:
-            for s in s_values:
-                _assign_offset(variables, base, d, scale=float(s))
-                robust_vals.append(rob.mean(x, y))
-                clean_vals.append(cln.mean(x, y))
-                bar.update(1)
-        finally:
-            bar.close()
+    d = [tf.constant(np.asarray(t)) for t in direction]
+    robust_vals, clean_vals = _losses_at(
+        model, x, y, variables, ((d, float(s)) for s in s_values), len(s_values), "loss landscape 1-D",
+        eps, step_size, steps, restarts, norm, batch_size, seed, progress, jit)
     return {
         "s": [float(s) for s in s_values],
         "robust_loss": robust_vals,
         "clean_loss": clean_vals,
-        "eps": float(eps),
-        "norm": norm,
-        "steps": int(steps),
-        "step_size": float(step_size),
-        "restarts": int(restarts),
-        "examples": int(x.shape[0]),
-        "seed": int(seed),
+        **_settings(x, eps, norm, steps, step_size, restarts, seed),
     }
 
 
@@ -233,44 +230,22 @@ def landscape_2d(
     2601 attacks). ``robust_loss[i][j]`` and ``clean_loss[i][j]`` belong to
     ``(s1[i], s2[j])``.
     """
-    step_size = resolve_step_size(eps, step_size)
-    _check_attack(eps, step_size, steps, restarts, norm)
-    x, y = _as_data(x, y)
-    variables = _prepare(model, x)
+    x, y, variables, step_size = _prepare(model, x, y, eps, step_size, steps, restarts, norm)
     _check_direction(d1, variables, "d1")
     _check_direction(d2, variables, "d2")
     s_values = _grid(points, s_min, s_max)
-    robust_vals = [[0.0] * len(s_values) for _ in s_values]
-    clean_vals = [[0.0] * len(s_values) for _ in s_values]
-    with _weights_preserved(model):
-        base = [tf.identity(v.value) for v in variables]
-        a = [np.asarray(t) for t in d1]
-        b = [np.asarray(t) for t in d2]
-        rob = _LossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, True, jit)
-        cln = _LossEvaluator(model, 0.0, 0.0, 0, 1, norm, batch_size, seed, False, jit)
-        bar = _progress(len(s_values) ** 2, "loss landscape 2-D", progress)
-        try:
-            for i, s1 in enumerate(s_values):
-                for j, s2 in enumerate(s_values):
-                    offset = [tf.constant(s1 * p + s2 * q) for p, q in zip(a, b)]
-                    _assign_offset(variables, base, offset)
-                    robust_vals[i][j] = rob.mean(x, y)
-                    clean_vals[i][j] = cln.mean(x, y)
-                    bar.update(1)
-        finally:
-            bar.close()
+    a = [np.asarray(t) for t in d1]
+    b = [np.asarray(t) for t in d2]
+    plane = (([tf.constant(s1 * p + s2 * q) for p, q in zip(a, b)], None) for s1 in s_values for s2 in s_values)
+    robust_flat, clean_flat = _losses_at(model, x, y, variables, plane, len(s_values) ** 2, "loss landscape 2-D",
+                                         eps, step_size, steps, restarts, norm, batch_size, seed, progress, jit)
+    k = len(s_values)
     return {
         "s1": [float(s) for s in s_values],
         "s2": [float(s) for s in s_values],
-        "robust_loss": robust_vals,
-        "clean_loss": clean_vals,
-        "eps": float(eps),
-        "norm": norm,
-        "steps": int(steps),
-        "step_size": float(step_size),
-        "restarts": int(restarts),
-        "examples": int(x.shape[0]),
-        "seed": int(seed),
+        "robust_loss": [robust_flat[i * k:(i + 1) * k] for i in range(k)],
+        "clean_loss": [clean_flat[i * k:(i + 1) * k] for i in range(k)],
+        **_settings(x, eps, norm, steps, step_size, restarts, seed),
     }
 
 
@@ -367,12 +342,12 @@ def write_landscapes(
     for k in kinds:
         if k not in KINDS:
             raise unknown_choice("landscape direction", k, KINDS)
-    x, y = _as_data(x, y)
+    x, y = evaluation_data(x, y)
     if examples is not None:
         if int(examples) < 1:
             raise UserError(f"examples must be >= 1, got {examples}")
         x, y = x[: int(examples)], y[: int(examples)]
-    _prepare(model, x)
+    ws.built_perturbable_variables(model, x)
     os.makedirs(out_dir, exist_ok=True)
     common = dict(eps=eps, step_size=step_size, steps=steps, restarts=restarts, norm=norm, seed=seed,
                   batch_size=batch_size, progress=progress)

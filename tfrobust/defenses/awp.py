@@ -20,6 +20,8 @@ MART) without S2O or RAT terms, plus the network's own losses
 
 import tensorflow as tf
 
+from tfrobust import weight_space
+
 NAME = "awp"
 # gamma per base objective (reference defaults) and warm-up epochs without perturbation.
 DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
@@ -27,8 +29,11 @@ DEFAULT_WARMUP_EPOCHS = {"at": 0, "mart": 0, "trades": 10}
 
 
 def perturbed_variables(variables):
-    """The variables AWP perturbs: kernels of convolution and dense layers (rank >= 2)."""
-    return [v for v in variables if len(v.shape) >= 2]
+    """The variables AWP perturbs: kernels of convolution and dense layers (rank >= 2).
+
+    The rule is :func:`tfrobust.weight_space.conv_and_dense_kernels`.
+    """
+    return weight_space.conv_and_dense_kernels(variables)
 
 
 def adversarial_weight_perturbation(weights, gradients, gamma):

@@ -29,8 +29,8 @@ uses no weight noise: the loss above is evaluated at the AWP-perturbed weights
 """
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
+from tfrobust import weight_space
 from tfrobust.attacks import kl_from_probabilities
 
 NAME = "rat"
@@ -39,21 +39,20 @@ DEFAULT_SIGMA = 1e-4
 
 
 def noisy_variables(variables):
-    """The variables RAT randomises: convolution kernels (rank >= 3)."""
-    return [v for v in variables if len(v.shape) >= 3]
+    """The variables RAT randomises: convolution kernels (rank >= 3).
+
+    The rule is :func:`tfrobust.weight_space.conv_kernels`.
+    """
+    return weight_space.conv_kernels(variables)
 
 
 def weight_noise(variables, sigma, seed):
     """Draws ``u_l ~ N(0, sigma^2)`` for every variable, reproducibly from ``seed``.
 
     ``seed`` is a shape-[2] integer tensor (stateless sampling); each variable
-    gets its own stream derived from it.
+    gets its own stream derived from it (:func:`tfrobust.weight_space.gaussian_noise`).
     """
-    normal = tfp.distributions.Normal(loc=0.0, scale=tf.cast(sigma, tf.float32))
-    seeds = tfp.random.split_seed(tf.cast(seed, tf.int32), n=max(len(variables), 1))
-    return [
-        tf.cast(normal.sample(v.shape, seed=seeds[i]), v.dtype) for i, v in enumerate(variables)
-    ]
+    return weight_space.gaussian_noise(variables, sigma, seed)
 
 
 def class_gradient_sums(kernel_gradient):
