@@ -28,7 +28,7 @@ import tensorflow as tf
 from tfrobust import experiment, models
 from tfrobust.config import load_config
 from tfrobust.errors import UserError
-from tfrobust.multiworker import is_chief, parse_tf_config, replica_batches, train_multi_worker
+from tfrobust.multiworker import is_chief, parse_tf_config, replica_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist.yaml")
@@ -41,17 +41,39 @@ WORKER_TIMEOUT = 300
 
 WORKER_SCRIPT = """
 import json
+import os
 import sys
+import time
 
+import keras
 import numpy as np
 
+from tfrobust import experiment
 from tfrobust.config import load_config
 from tfrobust.errors import UserError
-from tfrobust.multiworker import train_multi_worker
+
+
+class PauseAt(keras.callbacks.Callback):
+    # Stands still after a given batch of a given epoch (0-based), so that the test can kill -9 the process there.
+    def __init__(self, epoch, batch, marker):
+        super().__init__()
+        self.at, self.marker, self.epoch = (epoch, batch), marker, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            open(self.marker, "w").close()
+            time.sleep(3600)
+
 
 config_path, overrides, workdir, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+overrides["runtime.strategy"] = "multi_worker"
+pause = os.environ.get("PAUSE_AT")
+callbacks = [PauseAt(*map(int, pause.split(",")), out + ".paused")] if pause else []
 try:
-    model, _, history = train_multi_worker(load_config(config_path, overrides), workdir)
+    model, _, history = experiment.train(load_config(config_path, overrides), workdir, extra_callbacks=callbacks)
 except UserError as e:
     print(f"UserError: {e}", flush=True)
     sys.exit(2)
@@ -77,7 +99,9 @@ def free_ports(n):
 class Cluster:
     """Two worker processes running WORKER_SCRIPT; each has its own TMPDIR and log file."""
 
-    def __init__(self, tmp_path, workdir, overrides=OVERRIDES, workers=2):
+    def __init__(self, tmp_path, workdir, overrides=OVERRIDES, workers=2, pause=None):
+        """``pause``: {worker index: (epoch, batch)} where that worker stands still (see PauseAt)."""
+        tmp_path.mkdir(parents=True, exist_ok=True)
         script = tmp_path / "worker.py"
         script.write_text(WORKER_SCRIPT)
         addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
@@ -94,6 +118,9 @@ class Cluster:
                 CUDA_VISIBLE_DEVICES="",
                 TF_CPP_MIN_LOG_LEVEL="2",
             )
+            env.pop("PAUSE_AT", None)
+            if pause and index in pause:
+                env["PAUSE_AT"] = ",".join(map(str, pause[index]))
             log = open(tmp_path / f"worker{index}.log", "w")
             self.logs.append(log)
             self.procs.append(subprocess.Popen(
@@ -212,7 +239,8 @@ def test_every_worker_stops_when_the_chief_refuses_the_workdir(tmp_path):
 def test_missing_tf_config_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(UserError, match="TF_CONFIG") as info:
-        train_multi_worker(load_config(CONFIG, OVERRIDES), str(tmp_path / "run"))
+        experiment.train(load_config(CONFIG, dict(OVERRIDES, **{"runtime.strategy": "multi_worker"})),
+                         str(tmp_path / "run"))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()
 

@@ -160,7 +160,9 @@ def train_main(argv=None) -> int:
         _quiet_tensorflow()
         from tfrobust.defenses import parse_defense
 
-        cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name
+        # The defense is parsed and checked once, here, and handed down to training.
+        defense = parse_defense(cfg.defense.name, cfg.defense)
+        cfg.defense.name = defense.name
         from tfrobust import data as data_lib
         from tfrobust import models
 
@@ -182,9 +184,9 @@ def train_main(argv=None) -> int:
         print(f"run directory: {workdir}")
         resume["command"] = _resume_command(argv, workdir)
         if args.no_eval:
-            experiment.train(cfg, workdir)
+            experiment.train(cfg, workdir, defense=defense)
             return 0
-        report = experiment.train_and_evaluate(cfg, workdir, verbose=cfg.runtime.verbose > 0)
+        report = experiment.train_and_evaluate(cfg, workdir, verbose=cfg.runtime.verbose > 0, defense=defense)
         for which, result in report["models"].items():
             print(f"\n{which} checkpoint ({'chosen on validation PGD accuracy' if which == 'best' else 'final epoch'}):")
             print(evaluation.format_table(result))
