@@ -11,7 +11,8 @@ the last bits, and PGD's sign step turns such a difference into a full step on
 a pixel, after which the runs drift apart by about 1e-3.)
 
 The workers see no GPU, so that they compute on the CPU as the reference run
-does.
+does. They train under op determinism, so that a run can be compared exactly
+with itself after a kill -9 and a restart of the cluster.
 """
 
 import json
@@ -35,8 +36,11 @@ CONFIG = os.path.join(REPO, "configs", "fashion_mnist.yaml")
 OVERRIDES = {
     "data.train_examples": 128, "data.validation_examples": 64, "data.batch_size": 32,
     "attack.steps": 2, "eval.pgd_steps": 2, "optim.epochs": 2, "runtime.verbose": 0,
-    "eval.images_every": 0, "defense.name": "at+awp", "defense.awp.warmup_epochs": 0,
+    "defense.name": "at+awp", "defense.awp.warmup_epochs": 0,
+    "eval.images_every": 1, "eval.flatness_every": 1, "eval.flatness_examples": 32, "eval.flatness_samples": 2,
 }
+# The cluster's runs are deterministic on one machine (see test_a_cluster_killed_mid_epoch_resumes_...).
+CLUSTER_OVERRIDES = dict(OVERRIDES, **{"runtime.deterministic": True})
 WORKER_TIMEOUT = 300
 
 WORKER_SCRIPT = """
@@ -99,7 +103,7 @@ def free_ports(n):
 class Cluster:
     """Two worker processes running WORKER_SCRIPT; each has its own TMPDIR and log file."""
 
-    def __init__(self, tmp_path, workdir, overrides=OVERRIDES, workers=2, pause=None):
+    def __init__(self, tmp_path, workdir, overrides=CLUSTER_OVERRIDES, workers=2, pause=None):
         """``pause``: {worker index: (epoch, batch)} where that worker stands still (see PauseAt)."""
         tmp_path.mkdir(parents=True, exist_ok=True)
         script = tmp_path / "worker.py"
@@ -163,19 +167,27 @@ class Cluster:
             return json.load(f)
 
 
-@pytest.mark.slow
-def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A finished two-worker run: (its Cluster, its workdir)."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
     workdir = tmp_path / "run"
     cluster = Cluster(tmp_path, workdir)
     try:
-        reference_config = load_config(
-            CONFIG, dict(OVERRIDES, **{"runtime.strategy": "mirrored", "runtime.devices": "/cpu:0,/cpu:1"})
-        )
-        reference, _, reference_history = experiment.train(reference_config, str(tmp_path / "reference"))
         codes = cluster.wait()
     finally:
         cluster.kill()
     assert codes == [0, 0], cluster.output()
+    return cluster, workdir
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path, uninterrupted):
+    cluster, workdir = uninterrupted
+    reference_config = load_config(
+        CONFIG, dict(OVERRIDES, **{"runtime.strategy": "mirrored", "runtime.devices": "/cpu:0,/cpu:1"})
+    )
+    reference, _, reference_history = experiment.train(reference_config, str(tmp_path / "reference"))
 
     first, second = cluster.weights(0), cluster.weights(1)
     expected = [v.numpy() for v in reference.network.weights]
@@ -200,7 +212,7 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
                  "checkpoints/best.weights.h5", "model.keras", "best.keras", "saved_model/saved_model.pb",
                  "saved_model_best/saved_model.pb"):
         assert (workdir / name).exists(), name
-    assert list((tmp_path / "tmp1").iterdir()) == []
+    assert list((cluster.tmp_path / "tmp1").iterdir()) == []
     with open(workdir / "history.json") as f:
         assert json.load(f) == histories[0]
     import keras
@@ -217,6 +229,66 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
     validation = EventAccumulator(str(workdir / "tensorboard" / "validation")).Reload()
     vtags = set(validation.Tags()["scalars"]) | set(validation.Tags().get("tensors", []))
     assert "epoch_pgd_accuracy" in vtags, vtags
+    # The same callbacks as on one machine: the image grid and the flatness monitor ran on the cluster too.
+    images = EventAccumulator(str(workdir / "tensorboard" / "images")).Reload()
+    assert set(images.Tags().get("tensors", [])) | set(images.Tags().get("images", [])), images.Tags()
+    np.testing.assert_allclose(histories[0]["val_robust_flatness"], reference_history["val_robust_flatness"],
+                               rtol=0, atol=1e-4)
+
+
+def _kill_mid_epoch(tmp_path, workdir, victim):
+    """Starts the cluster, kill -9s worker ``victim`` after batch 2 of epoch 2 (of 4 batches), then the survivor.
+
+    The survivor is then blocked in the next step's all-reduce (it waits for
+    the lost peer until tf.distribute's health check gives up, minutes
+    later): as a cluster manager would, the test kills it and restarts the
+    whole cluster.
+    """
+    cluster = Cluster(tmp_path, workdir, pause={victim: (1, 1)})
+    marker = tmp_path / f"worker{victim}.npz.paused"
+    try:
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        while not marker.exists():
+            if time.monotonic() > deadline or any(p.poll() is not None for p in cluster.procs):
+                pytest.fail(f"worker {victim} did not reach the kill point:\n{cluster.output()}")
+            time.sleep(0.2)
+        cluster.procs[victim].kill()
+        cluster.procs[victim].wait()
+        time.sleep(1.0)
+        assert cluster.procs[1 - victim].poll() is None, cluster.output()  # blocked, not finished
+    finally:
+        cluster.kill()
+    # The kill came in the middle of the second epoch: the backup holds the first.
+    with open(workdir / "backup" / "state.json") as f:
+        assert json.load(f)["epoch"] == 1
+    assert not (workdir / "finished.json").exists()
+
+
+@pytest.mark.slow
+def test_a_cluster_killed_mid_epoch_resumes_and_ends_as_the_uninterrupted_run(tmp_path, uninterrupted):
+    reference, _ = uninterrupted
+    workdir = tmp_path / "run"
+    _kill_mid_epoch(tmp_path / "worker-killed", workdir, victim=1)
+    # Restarted with the same command, the cluster loses its chief in the same place.
+    _kill_mid_epoch(tmp_path / "chief-killed", workdir, victim=0)
+    cluster = Cluster(tmp_path / "restarted", workdir)
+    try:
+        codes = cluster.wait()
+    finally:
+        cluster.kill()
+    assert codes == [0, 0], cluster.output()
+    # Exactly equal: the restored weights and optimizer state are the backup's float32 values, the
+    # batches and the attack noise depend only on the epoch and step, the ops run under op determinism
+    # on the same machine, and a two-worker all-reduce adds two numbers (the same sum in either order).
+    expected = reference.weights(0)
+    for index in (0, 1):
+        for a, b in zip(cluster.weights(index), expected):
+            np.testing.assert_array_equal(a, b)
+        history, reference_history = cluster.history(index), reference.history(0)
+        assert history == {**reference_history, "train_seconds": history["train_seconds"]}
+    assert (workdir / "finished.json").exists() and not (workdir / "backup").exists()
+    with open(workdir / "history.csv") as f:
+        assert len(f.read().splitlines()) == 3  # a header and one row per epoch, none twice
 
 
 @pytest.mark.slow
