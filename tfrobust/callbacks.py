@@ -3,6 +3,12 @@
 Every file these callbacks write is written under a temporary name and then
 renamed into place (:func:`atomic_write`), so a kill or a failed write (disk
 full) never leaves a torn file where a good one was.
+
+They rely only on the calls and logs Keras' ``fit`` makes, which
+:func:`tfrobust.multiworker.fit_distributed` makes too: the same objects run
+on one device, under MirroredStrategy and on every worker of a cluster (there
+each worker writes into its own directory; see
+:func:`tfrobust.experiment.training_callbacks`, which builds the list).
 """
 
 from __future__ import annotations

@@ -190,7 +190,8 @@ def train_main(argv=None) -> int:
         for which, result in report["models"].items():
             print(f"\n{which} checkpoint ({'chosen on validation PGD accuracy' if which == 'best' else 'final epoch'}):")
             print(evaluation.format_table(result))
-        print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.REPORT)}")
+        if report["train_seconds"] is not None:  # None on a non-chief worker of a run trained before
+            print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.REPORT)}")
     return 0
 
 

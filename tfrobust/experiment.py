@@ -1,5 +1,20 @@
 """Training runs: build everything from a config, fit, export, evaluate.
 
+:func:`train` is the one training path for every strategy. The config enters
+parsed and checked (its defense parsed once, by the caller or at the entry of
+:func:`train`), :func:`build` makes the data, the strategy and the compiled
+:class:`~tfrobust.trainer.RobustModel`, and :func:`training_callbacks` makes
+the one list of callbacks, restored from the epoch backup: NaN guard,
+learning-rate log, flatness monitor, last and best checkpoints, early
+stopping, TensorBoard images and scalars, history, epoch backup. Keras'
+``fit`` drives them on one device, under ``mirrored`` and on TPUs; under
+``multi_worker``, where ``fit`` cannot run, :func:`tfrobust.multiworker.fit_distributed`
+drives the same list with the same calls and logs. On a cluster the chief
+writes the run directory below (and holds its lock) and every other worker
+writes the same files into a temporary directory of its own; every worker
+restores from the chief's ``backup/``, so ``workdir`` must be on a filesystem
+that every worker shares for a resume (see :mod:`tfrobust.multiworker`).
+
 A run directory holds (every file written under a temporary name and renamed
 into place, so a kill or a failed write never tears a good file):
 
@@ -41,9 +56,9 @@ from tfrobust import callbacks as callbacks_lib
 from tfrobust import data as data_lib
 from tfrobust import evaluation
 from tfrobust import models
+from tfrobust import multiworker
 from tfrobust import rundir
 from tfrobust.config import ExperimentConfig, to_dict
-from tfrobust import multiworker
 from tfrobust.defenses import Defense, parse_defense
 from tfrobust.errors import UserError
 from tfrobust.trainer import RobustModel
@@ -281,7 +296,7 @@ def _owned(workdir: str):
 def _check_start(config, workdir) -> None:
     """Refuses a workdir that cannot take this run (finished, foreign, or unfinished with another config)."""
     if prepare_workdir(workdir) and callbacks_lib.EpochBackup.read_state(os.path.join(workdir, "backup")):
-        if _read_yaml(os.path.join(workdir, "config.yaml")) != to_dict(config):
+        if not _same_config(config, workdir):
             raise UserError(f"workdir {workdir} holds an unfinished run with a different config; resume with the same command or choose another --workdir")
 
 
@@ -407,9 +422,10 @@ def _train(config, workdir, run_dir, extra_callbacks, datasets, keep_backup, def
     return model, datasets, history
 
 
-def _read_yaml(path):
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+def _same_config(config, workdir) -> bool:
+    """Whether ``workdir/config.yaml`` is ``config``."""
+    with open(os.path.join(workdir, "config.yaml"), encoding="utf-8") as f:
+        return yaml.safe_load(f) == to_dict(config)
 
 
 def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:
@@ -473,30 +489,50 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
 
     The backup stays until ``report.json`` is on disk; the finished marker is
     written last. A finished train-only run (``--no-eval``) in ``workdir``
-    with the same config is not retrained: only its evaluation runs (except
-    with ``runtime.strategy=multi_worker``, where the chief alone evaluates,
-    after training, and the other workers return no models).
+    with the same config is not retrained: only its evaluation runs. With
+    ``runtime.strategy=multi_worker`` the chief alone evaluates; the other
+    workers return a report without models.
     """
     if config.runtime.strategy == "multi_worker":
-        _, _, history = train(config, workdir, keep_backup=True, defense=defense)
-        if not multiworker.is_chief():
-            return {"models": {}, "train_seconds": history["train_seconds"]}
-        with _owned(workdir):
-            return _finish_with_report(config, workdir, history["train_seconds"], verbose)
+        return _train_and_evaluate_on_cluster(config, workdir, verbose, defense)
     with _owned(workdir):
         status = workdir_status(workdir)
         if status == "finished":
             raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
         if status == "trained":
-            if _read_yaml(os.path.join(workdir, "config.yaml")) != to_dict(config):
-                raise UserError(f"workdir {workdir} holds a finished training run with a different config; "
-                                "evaluate it with the same config or choose another --workdir")
-            with open(os.path.join(workdir, "history.json"), encoding="utf-8") as f:
-                seconds = json.load(f)["train_seconds"]
+            seconds = _trained_seconds(config, workdir)
         else:
             _, _, history = train(config, workdir, keep_backup=True, defense=defense)
             seconds = history["train_seconds"]
         return _finish_with_report(config, workdir, seconds, verbose)
+
+
+def _train_and_evaluate_on_cluster(config, workdir, verbose, defense):
+    strategy = build_strategy(config.runtime)  # before any other TensorFlow operation in the process
+    chief = multiworker.is_chief()
+    trained = False
+    if chief:
+        with contextlib.suppress(UserError):  # a refusal is reported by train()
+            trained = workdir_status(workdir) == "trained" and _same_config(config, workdir)
+    # A run killed during its evaluation is not retrained: every worker learns that from the chief.
+    if multiworker.any_worker(strategy, trained):
+        seconds = None
+    else:
+        seconds = train(config, workdir, keep_backup=True, defense=defense)[2]["train_seconds"]
+    if not chief:
+        return {"models": {}, "train_seconds": seconds}
+    with _owned(workdir):
+        return _finish_with_report(config, workdir, _trained_seconds(config, workdir) if seconds is None else seconds,
+                                   verbose)
+
+
+def _trained_seconds(config, workdir) -> float:
+    """The training time of the finished train-only run in ``workdir``; refuses another config."""
+    if not _same_config(config, workdir):
+        raise UserError(f"workdir {workdir} holds a finished training run with a different config; "
+                        "evaluate it with the same config or choose another --workdir")
+    with open(os.path.join(workdir, "history.json"), encoding="utf-8") as f:
+        return json.load(f)["train_seconds"]
 
 
 def _finish_with_report(config, workdir, train_seconds, verbose):

@@ -76,11 +76,14 @@ step. A worker that does not see the chief's backup would start from another
 epoch: the workers compare the restored epoch and refuse to start
 (UserError) rather than train out of step. After a worker is lost (killed,
 machine gone) the others stay blocked in a collective until
-tf.distribute's health check gives up on the lost peer; restart every worker
-with the same command (a cluster manager does this): the run continues from
-the last finished epoch, which an uninterrupted run gives exactly (every step
-after the backup is the same computation on the same data). A worker killed
-by ``kill -9`` leaves its temporary directory behind.
+tf.distribute's health check (a probe of every peer every 30 seconds) aborts
+their collectives, and they fail with a TensorFlow error. Restart every
+worker with the same command (stopping any that still waits; a cluster
+manager does both): the run continues from the start of the interrupted
+epoch and ends as an uninterrupted run would (every step after the backup is
+the same computation on the same data; tests/test_multiworker.py checks that
+the weights are exactly equal under op determinism). A worker killed by
+``kill -9`` leaves its temporary directory behind.
 
 Each worker uses all of its GPUs (or its CPU when it has none) as local
 replicas; ``runtime.devices`` is not used. A worker that fails alone (say,
