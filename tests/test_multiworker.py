@@ -55,6 +55,7 @@ import numpy as np
 from tfrobust import experiment
 from tfrobust.config import load_config
 from tfrobust.errors import UserError
+from tfrobust.multiworker import WorkerLost
 
 
 class PauseAt(keras.callbacks.Callback):
@@ -81,6 +82,9 @@ try:
 except UserError as e:
     print(f"UserError: {e}", flush=True)
     sys.exit(2)
+except WorkerLost as e:
+    print(f"WorkerLost: {e}", flush=True)
+    sys.exit(1)
 np.savez(out, *[v.numpy() for v in model.network.weights])
 with open(out + ".json", "w") as f:
     json.dump(history, f)
@@ -236,16 +240,18 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path, uni
                                rtol=0, atol=1e-4)
 
 
-def _kill_mid_epoch(tmp_path, workdir, victim):
-    """Starts the cluster, kill -9s worker ``victim`` after batch 2 of epoch 2 (of 4 batches), then the survivor.
+def _kill_mid_epoch(tmp_path, workdir, victim, wait_for_survivor):
+    """Starts the cluster and kill -9s worker ``victim`` after batch 2 of epoch 2 (of 4 batches).
 
-    The survivor is then blocked in the next step's all-reduce (it waits for
-    the lost peer until tf.distribute's health check gives up, minutes
-    later): as a cluster manager would, the test kills it and restarts the
-    whole cluster.
+    The survivor is then blocked in the next step's all-reduce until
+    TensorFlow's coordination service misses the victim's heartbeats and
+    aborts it. With ``wait_for_survivor`` the test waits for that (the
+    survivor must stop with WorkerLost); otherwise it kills the survivor at
+    once, as a cluster manager restarting the cluster would.
     """
     cluster = Cluster(tmp_path, workdir, pause={victim: (1, 1)})
     marker = tmp_path / f"worker{victim}.npz.paused"
+    survivor = cluster.procs[1 - victim]
     try:
         deadline = time.monotonic() + WORKER_TIMEOUT
         while not marker.exists():
@@ -254,8 +260,10 @@ def _kill_mid_epoch(tmp_path, workdir, victim):
             time.sleep(0.2)
         cluster.procs[victim].kill()
         cluster.procs[victim].wait()
-        time.sleep(1.0)
-        assert cluster.procs[1 - victim].poll() is None, cluster.output()  # blocked, not finished
+        if wait_for_survivor:
+            assert survivor.wait(timeout=120) == 1, cluster.output()
+            assert "WorkerLost: a worker of the cluster stopped" in cluster.output(1 - victim)
+        assert survivor.poll() != 0, cluster.output()  # it never finishes the run alone
     finally:
         cluster.kill()
     # The kill came in the middle of the second epoch: the backup holds the first.
@@ -268,9 +276,9 @@ def _kill_mid_epoch(tmp_path, workdir, victim):
 def test_a_cluster_killed_mid_epoch_resumes_and_ends_as_the_uninterrupted_run(tmp_path, uninterrupted):
     reference, _ = uninterrupted
     workdir = tmp_path / "run"
-    _kill_mid_epoch(tmp_path / "worker-killed", workdir, victim=1)
+    _kill_mid_epoch(tmp_path / "worker-killed", workdir, victim=1, wait_for_survivor=True)
     # Restarted with the same command, the cluster loses its chief in the same place.
-    _kill_mid_epoch(tmp_path / "chief-killed", workdir, victim=0)
+    _kill_mid_epoch(tmp_path / "chief-killed", workdir, victim=0, wait_for_survivor=False)
     cluster = Cluster(tmp_path / "restarted", workdir)
     try:
         codes = cluster.wait()

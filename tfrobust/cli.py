@@ -66,10 +66,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _training_diverged():
+def _run_failures():
+    """Failures of a run that end with one line and exit status 1 (nothing to fix in the command)."""
     from tfrobust.callbacks import TrainingDiverged
+    from tfrobust.multiworker import WorkerLost
 
-    return TrainingDiverged
+    return TrainingDiverged, WorkerLost
 
 
 def _resume_command(argv, workdir: str) -> str:
@@ -90,7 +92,7 @@ def _user_errors(resume=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except _training_diverged() as e:
+    except _run_failures() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, read-only or vanished directories

@@ -266,10 +266,16 @@ def _train_on_cluster(config, workdir, extra_callbacks, keep_backup, defense):
         if multiworker.any_worker(strategy, refusal is not None):
             raise UserError(refusal or f"the chief refused workdir {workdir}; see the chief's output")
         write_dir = workdir if task.is_chief else stack.enter_context(multiworker.scratch_dir(task))
-        result = _train(config, workdir, write_dir, extra_callbacks, None, keep_backup, defense)
-    # A last collective as a barrier: no worker leaves (and stops answering
-    # the cluster's health checks) while another is still saving.
-    multiworker.any_worker(strategy, False)
+        try:
+            result = _train(config, workdir, write_dir, extra_callbacks, None, keep_backup, defense)
+            # A last collective as a barrier: no worker leaves (and stops answering
+            # the cluster's health checks) while another is still saving.
+            multiworker.any_worker(strategy, False)
+        except tf.errors.UnavailableError:
+            raise multiworker.WorkerLost(
+                "a worker of the cluster stopped; start every worker again with the same command "
+                "to resume from the last finished epoch"
+            ) from None
     return result
 
 
