@@ -244,15 +244,20 @@ def check_batches(size: int, batch_size: int, replicas: int, what: str) -> None:
             )
 
 
+_SUMS = {}
+
+
 def _sum_over_workers(strategy, value: float) -> float:
     """The sum of ``value`` over every replica of every worker (one all-reduce), on every worker."""
+    if id(strategy) not in _SUMS:
 
-    @tf.function
-    def total(v):
-        per_replica = strategy.run(lambda: tf.identity(v))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        @tf.function
+        def total(v):
+            per_replica = strategy.run(lambda: tf.identity(v))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    return float(total(tf.constant(float(value), tf.float32)))
+        _SUMS[id(strategy)] = (strategy, total)  # the strategy is kept alive: its id stays its own
+    return float(_SUMS[id(strategy)][1](tf.constant(float(value), tf.float32)))
 
 
 def any_worker(strategy, flag: bool) -> bool:
