@@ -11,7 +11,8 @@ the last bits, and PGD's sign step turns such a difference into a full step on
 a pixel, after which the runs drift apart by about 1e-3.)
 
 The workers see no GPU, so that they compute on the CPU as the reference run
-does.
+does. They train under op determinism, so that a run can be compared exactly
+with itself after a kill -9 and a restart of the cluster.
 """
 
 import json
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,33 +30,62 @@ import tensorflow as tf
 from tfrobust import experiment, models
 from tfrobust.config import load_config
 from tfrobust.errors import UserError
-from tfrobust.multiworker import is_chief, parse_tf_config, replica_batches, train_multi_worker
+from tfrobust.multiworker import is_chief, parse_tf_config, replica_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist.yaml")
 OVERRIDES = {
     "data.train_examples": 128, "data.validation_examples": 64, "data.batch_size": 32,
     "attack.steps": 2, "eval.pgd_steps": 2, "optim.epochs": 2, "runtime.verbose": 0,
-    "eval.images_every": 0, "defense.name": "at+awp", "defense.awp.warmup_epochs": 0,
+    "defense.name": "at+awp", "defense.awp.warmup_epochs": 0,
+    "eval.images_every": 1, "eval.flatness_every": 1, "eval.flatness_examples": 32, "eval.flatness_samples": 2,
 }
+# The cluster's runs are deterministic on one machine (see test_a_cluster_killed_mid_epoch_resumes_...).
+CLUSTER_OVERRIDES = dict(OVERRIDES, **{"runtime.deterministic": True})
 WORKER_TIMEOUT = 300
 
 WORKER_SCRIPT = """
 import json
+import os
 import sys
+import time
 
+import keras
 import numpy as np
 
+from tfrobust import experiment
 from tfrobust.config import load_config
 from tfrobust.errors import UserError
-from tfrobust.multiworker import train_multi_worker
+from tfrobust.multiworker import WorkerLost
+
+
+class PauseAt(keras.callbacks.Callback):
+    # Stands still after a given batch of a given epoch (0-based), so that the test can kill -9 the process there.
+    def __init__(self, epoch, batch, marker):
+        super().__init__()
+        self.at, self.marker, self.epoch = (epoch, batch), marker, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            open(self.marker, "w").close()
+            time.sleep(3600)
+
 
 config_path, overrides, workdir, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+overrides["runtime.strategy"] = "multi_worker"
+pause = os.environ.get("PAUSE_AT")
+callbacks = [PauseAt(*map(int, pause.split(",")), out + ".paused")] if pause else []
 try:
-    model, _, history = train_multi_worker(load_config(config_path, overrides), workdir)
+    model, _, history = experiment.train(load_config(config_path, overrides), workdir, extra_callbacks=callbacks)
 except UserError as e:
     print(f"UserError: {e}", flush=True)
     sys.exit(2)
+except WorkerLost as e:
+    print(f"WorkerLost: {e}", flush=True)
+    sys.exit(1)
 np.savez(out, *[v.numpy() for v in model.network.weights])
 with open(out + ".json", "w") as f:
     json.dump(history, f)
@@ -77,7 +108,9 @@ def free_ports(n):
 class Cluster:
     """Two worker processes running WORKER_SCRIPT; each has its own TMPDIR and log file."""
 
-    def __init__(self, tmp_path, workdir, overrides=OVERRIDES, workers=2):
+    def __init__(self, tmp_path, workdir, overrides=CLUSTER_OVERRIDES, workers=2, pause=None):
+        """``pause``: {worker index: (epoch, batch)} where that worker stands still (see PauseAt)."""
+        tmp_path.mkdir(parents=True, exist_ok=True)
         script = tmp_path / "worker.py"
         script.write_text(WORKER_SCRIPT)
         addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
@@ -94,6 +127,9 @@ class Cluster:
                 CUDA_VISIBLE_DEVICES="",
                 TF_CPP_MIN_LOG_LEVEL="2",
             )
+            env.pop("PAUSE_AT", None)
+            if pause and index in pause:
+                env["PAUSE_AT"] = ",".join(map(str, pause[index]))
             log = open(tmp_path / f"worker{index}.log", "w")
             self.logs.append(log)
             self.procs.append(subprocess.Popen(
@@ -136,19 +172,27 @@ class Cluster:
             return json.load(f)
 
 
-@pytest.mark.slow
-def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A finished two-worker run: (its Cluster, its workdir)."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
     workdir = tmp_path / "run"
     cluster = Cluster(tmp_path, workdir)
     try:
-        reference_config = load_config(
-            CONFIG, dict(OVERRIDES, **{"runtime.strategy": "mirrored", "runtime.devices": "/cpu:0,/cpu:1"})
-        )
-        reference, _, reference_history = experiment.train(reference_config, str(tmp_path / "reference"))
         codes = cluster.wait()
     finally:
         cluster.kill()
     assert codes == [0, 0], cluster.output()
+    return cluster, workdir
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path, uninterrupted):
+    cluster, workdir = uninterrupted
+    reference_config = load_config(
+        CONFIG, dict(OVERRIDES, **{"runtime.strategy": "mirrored", "runtime.devices": "/cpu:0,/cpu:1"})
+    )
+    reference, _, reference_history = experiment.train(reference_config, str(tmp_path / "reference"))
 
     first, second = cluster.weights(0), cluster.weights(1)
     expected = [v.numpy() for v in reference.network.weights]
@@ -167,16 +211,17 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
                 "val_clean_accuracy", "val_pgd_accuracy", "val_pgd_loss", "learning_rate"):
         np.testing.assert_allclose(histories[0][key], reference_history[key], rtol=0, atol=1e-5, err_msg=key)
     assert histories[0]["epoch"] == [0, 1]
+    # The custom loop hands the callbacks the logs fit hands them: the same keys in the history.
+    assert set(histories[0]) == set(reference_history)
 
     # Only the chief wrote the run directory; the other worker's temporary directory is gone.
     for name in ("config.yaml", "history.json", "history.csv", "checkpoints/last.weights.h5",
                  "checkpoints/best.weights.h5", "model.keras", "best.keras", "saved_model/saved_model.pb",
                  "saved_model_best/saved_model.pb"):
         assert (workdir / name).exists(), name
-    assert list((tmp_path / "tmp1").iterdir()) == []
+    assert list((cluster.tmp_path / "tmp1").iterdir()) == []
     with open(workdir / "history.json") as f:
         assert json.load(f) == histories[0]
-    import keras
 
     saved = keras.saving.load_model(workdir / "model.keras")
     for a, v in zip(first, saved.weights):
@@ -190,6 +235,70 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path):
     validation = EventAccumulator(str(workdir / "tensorboard" / "validation")).Reload()
     vtags = set(validation.Tags()["scalars"]) | set(validation.Tags().get("tensors", []))
     assert "epoch_pgd_accuracy" in vtags, vtags
+    # The same callbacks as on one machine: the image grid and the flatness monitor ran on the cluster too.
+    images = EventAccumulator(str(workdir / "tensorboard" / "images")).Reload()
+    assert set(images.Tags().get("tensors", [])) | set(images.Tags().get("images", [])), images.Tags()
+    np.testing.assert_allclose(histories[0]["val_robust_flatness"], reference_history["val_robust_flatness"],
+                               rtol=0, atol=1e-4)
+
+
+def _kill_mid_epoch(tmp_path, workdir, victim, wait_for_survivor):
+    """Starts the cluster and kill -9s worker ``victim`` after batch 2 of epoch 2 (of 4 batches).
+
+    The survivor is then blocked in the next step's all-reduce until
+    TensorFlow's coordination service misses the victim's heartbeats and
+    aborts it. With ``wait_for_survivor`` the test waits for that (the
+    survivor must stop with WorkerLost); otherwise it kills the survivor at
+    once, as a cluster manager restarting the cluster would.
+    """
+    cluster = Cluster(tmp_path, workdir, pause={victim: (1, 1)})
+    marker = tmp_path / f"worker{victim}.npz.paused"
+    survivor = cluster.procs[1 - victim]
+    try:
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        while not marker.exists():
+            if time.monotonic() > deadline or any(p.poll() is not None for p in cluster.procs):
+                pytest.fail(f"worker {victim} did not reach the kill point:\n{cluster.output()}")
+            time.sleep(0.2)
+        cluster.procs[victim].kill()
+        cluster.procs[victim].wait()
+        if wait_for_survivor:
+            assert survivor.wait(timeout=120) == 1, cluster.output()
+            assert "WorkerLost: a worker of the cluster stopped" in cluster.output(1 - victim)
+        assert survivor.poll() != 0, cluster.output()  # it never finishes the run alone
+    finally:
+        cluster.kill()
+    # The kill came in the middle of the second epoch: the backup holds the first.
+    with open(workdir / "backup" / "state.json") as f:
+        assert json.load(f)["epoch"] == 1
+    assert not (workdir / "finished.json").exists()
+
+
+@pytest.mark.slow
+def test_a_cluster_killed_mid_epoch_resumes_and_ends_as_the_uninterrupted_run(tmp_path, uninterrupted):
+    reference, _ = uninterrupted
+    workdir = tmp_path / "run"
+    _kill_mid_epoch(tmp_path / "worker-killed", workdir, victim=1, wait_for_survivor=True)
+    # Restarted with the same command, the cluster loses its chief in the same place.
+    _kill_mid_epoch(tmp_path / "chief-killed", workdir, victim=0, wait_for_survivor=False)
+    cluster = Cluster(tmp_path / "restarted", workdir)
+    try:
+        codes = cluster.wait()
+    finally:
+        cluster.kill()
+    assert codes == [0, 0], cluster.output()
+    # Exactly equal: the restored weights and optimizer state are the backup's float32 values, the
+    # batches and the attack noise depend only on the epoch and step, the ops run under op determinism
+    # on the same machine, and a two-worker all-reduce adds two numbers (the same sum in either order).
+    expected = reference.weights(0)
+    for index in (0, 1):
+        for a, b in zip(cluster.weights(index), expected):
+            np.testing.assert_array_equal(a, b)
+        history, reference_history = cluster.history(index), reference.history(0)
+        assert history == {**reference_history, "train_seconds": history["train_seconds"]}
+    assert (workdir / "finished.json").exists() and not (workdir / "backup").exists()
+    with open(workdir / "history.csv") as f:
+        assert len(f.read().splitlines()) == 3  # a header and one row per epoch, none twice
 
 
 @pytest.mark.slow
@@ -212,7 +321,8 @@ def test_every_worker_stops_when_the_chief_refuses_the_workdir(tmp_path):
 def test_missing_tf_config_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(UserError, match="TF_CONFIG") as info:
-        train_multi_worker(load_config(CONFIG, OVERRIDES), str(tmp_path / "run"))
+        experiment.train(load_config(CONFIG, dict(OVERRIDES, **{"runtime.strategy": "multi_worker"})),
+                         str(tmp_path / "run"))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()
 
@@ -285,3 +395,81 @@ def test_replica_batches_reach_the_replicas_in_order():
         seen.append([(int(i), x.numpy().tolist())
                      for i, x in zip(strategy.experimental_local_results(ids), strategy.experimental_local_results(xs))])
     assert seen == [[(0, [0, 1]), (1, [2, 3])], [(0, [4, 5]), (1, [6, 7])]]
+
+
+class CallRecorder(keras.callbacks.Callback):
+    """Records every call it gets: (hook, epoch or batch index, sorted log keys), and the epoch logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.epoch_logs = [], []
+
+    def _record(self, hook, index=None, logs=None):
+        self.calls.append((hook, index, sorted(logs) if logs is not None else None))
+        if hook == "on_epoch_end":
+            self.epoch_logs.append(dict(logs))
+
+    def on_train_begin(self, logs=None):
+        self._record("on_train_begin", None, logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._record("on_epoch_begin", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._record("on_train_batch_begin", batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._record("on_train_batch_end", batch, logs)
+
+    def on_test_begin(self, logs=None):
+        self._record("on_test_begin", None, logs)
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._record("on_test_batch_begin", batch, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._record("on_test_batch_end", batch, logs)
+
+    def on_test_end(self, logs=None):
+        self._record("on_test_end", None, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record("on_epoch_end", epoch, logs)
+
+    def on_train_end(self, logs=None):
+        self._record("on_train_end", None, logs)
+
+
+@pytest.mark.slow
+def test_the_custom_loop_makes_the_calls_and_logs_of_fit(tmp_path):
+    """fit_distributed under MirroredStrategy (two logical CPUs) against fit on the same strategy and data."""
+    from tfrobust.multiworker import build_optimizer, fit_distributed
+
+    config = load_config(CONFIG, dict(OVERRIDES, **{"runtime.strategy": "mirrored", "runtime.devices": "/cpu:0,/cpu:1",
+                                                   "eval.images_every": 0, "eval.flatness_every": 0}))
+    runs = {}
+    for loop in ("fit", "custom"):
+        keras.utils.set_random_seed(config.runtime.seed)
+        model, datasets, strategy = experiment.build(config)
+        recorder = CallRecorder()
+        steps = datasets.train_size // config.data.batch_size
+        if loop == "fit":
+            model.fit(datasets.train_epochs(0, 2), epochs=2, steps_per_epoch=steps, validation_data=datasets.validation,
+                      callbacks=[recorder], verbose=0)
+        else:
+            build_optimizer(model, strategy)
+            fit_distributed(model, strategy, datasets.train_epochs(0, 2), epochs=2, steps_per_epoch=steps,
+                            validation=datasets.validation,
+                            validation_steps=-(-datasets.validation_size // config.data.eval_batch_size),
+                            callbacks=[recorder])
+        runs[loop] = recorder, [v.numpy() for v in model.weights]
+    (fit_recorder, fit_weights), (custom_recorder, custom_weights) = runs["fit"], runs["custom"]
+    # The same hooks in the same order with the same indices and log keys.
+    assert custom_recorder.calls == fit_recorder.calls
+    # The same computation on the same replica batches, with the logs reduced the same way (a mean over
+    # the replicas). The two loops trace different functions around the same step, so the compiled
+    # graphs may round differently in the last bits; 1e-5 is far below what a training step moves.
+    for a, b in zip(custom_recorder.epoch_logs, fit_recorder.epoch_logs):
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [float(b[k]) for k in sorted(a)], rtol=0, atol=1e-5)
+    for a, b in zip(custom_weights, fit_weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

@@ -3,6 +3,12 @@
 Every file these callbacks write is written under a temporary name and then
 renamed into place (:func:`atomic_write`), so a kill or a failed write (disk
 full) never leaves a torn file where a good one was.
+
+They rely only on the calls and logs Keras' ``fit`` makes, which
+:func:`tfrobust.multiworker.fit_distributed` makes too: the same objects run
+on one device, under MirroredStrategy and on every worker of a cluster (there
+each worker writes into its own directory; see
+:func:`tfrobust.experiment.training_callbacks`, which builds the list).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks
-from tfrobust.rundir import _partial_name, _remove, atomic_path, atomic_write
+from tfrobust.rundir import partial_name, remove, atomic_path, atomic_write
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,11 +56,11 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def __init__(self, filepath: str, **kwargs):
         self.final_path = filepath
-        super().__init__(_partial_name(filepath), **kwargs)
+        super().__init__(partial_name(filepath), **kwargs)
         self.best_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
-        _remove(self.filepath)
+        remove(self.filepath)
         super().on_epoch_end(epoch, logs)
         if os.path.exists(self.filepath):
             os.replace(self.filepath, self.final_path)
@@ -215,7 +221,7 @@ class EpochBackup(keras.callbacks.Callback):
         keep = {name, self._best_name}
         for old in glob.glob(os.path.join(self.backup_dir, "*.weights.h5")):
             if os.path.basename(old) not in keep:
-                _remove(old)
+                remove(old)
 
     @classmethod
     def read_state(cls, backup_dir: str) -> dict:

@@ -66,10 +66,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _training_diverged():
+def _run_failures():
+    """Failures of a run that end with one line and exit status 1 (nothing to fix in the command)."""
     from tfrobust.callbacks import TrainingDiverged
+    from tfrobust.multiworker import WorkerLost
 
-    return TrainingDiverged
+    return TrainingDiverged, WorkerLost
 
 
 def _resume_command(argv, workdir: str) -> str:
@@ -90,7 +92,7 @@ def _user_errors(resume=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except _training_diverged() as e:
+    except _run_failures() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, read-only or vanished directories
@@ -160,7 +162,9 @@ def train_main(argv=None) -> int:
         _quiet_tensorflow()
         from tfrobust.defenses import parse_defense
 
-        cfg.defense.name = parse_defense(cfg.defense.name, cfg.defense).name
+        # The defense is parsed and checked once, here, and handed down to training.
+        defense = parse_defense(cfg.defense.name, cfg.defense)
+        cfg.defense.name = defense.name
         from tfrobust import data as data_lib
         from tfrobust import models
 
@@ -182,13 +186,14 @@ def train_main(argv=None) -> int:
         print(f"run directory: {workdir}")
         resume["command"] = _resume_command(argv, workdir)
         if args.no_eval:
-            experiment.train(cfg, workdir)
+            experiment.train(cfg, workdir, defense=defense)
             return 0
-        report = experiment.train_and_evaluate(cfg, workdir, verbose=cfg.runtime.verbose > 0)
+        report = experiment.train_and_evaluate(cfg, workdir, verbose=cfg.runtime.verbose > 0, defense=defense)
         for which, result in report["models"].items():
             print(f"\n{which} checkpoint ({'chosen on validation PGD accuracy' if which == 'best' else 'final epoch'}):")
             print(evaluation.format_table(result))
-        print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.REPORT)}")
+        if report["train_seconds"] is not None:  # None on a non-chief worker of a run trained before
+            print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.REPORT)}")
     return 0
 
 

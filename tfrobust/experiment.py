@@ -1,5 +1,20 @@
 """Training runs: build everything from a config, fit, export, evaluate.
 
+:func:`train` is the one training path for every strategy. The config enters
+parsed and checked (its defense parsed once, by the caller or at the entry of
+:func:`train`), :func:`build` makes the data, the strategy and the compiled
+:class:`~tfrobust.trainer.RobustModel`, and :func:`training_callbacks` makes
+the one list of callbacks, restored from the epoch backup: NaN guard,
+learning-rate log, flatness monitor, last and best checkpoints, early
+stopping, TensorBoard images and scalars, history, epoch backup. Keras'
+``fit`` drives them on one device, under ``mirrored`` and on TPUs; under
+``multi_worker``, where ``fit`` cannot run, :func:`tfrobust.multiworker.fit_distributed`
+drives the same list with the same calls and logs. On a cluster the chief
+writes the run directory below (and holds its lock) and every other worker
+writes the same files into a temporary directory of its own; every worker
+restores from the chief's ``backup/``, so ``workdir`` must be on a filesystem
+that every worker shares for a resume (see :mod:`tfrobust.multiworker`).
+
 A run directory holds (every file written under a temporary name and renamed
 into place, so a kill or a failed write never tears a good file):
 
@@ -41,9 +56,10 @@ from tfrobust import callbacks as callbacks_lib
 from tfrobust import data as data_lib
 from tfrobust import evaluation
 from tfrobust import models
+from tfrobust import multiworker
 from tfrobust import rundir
 from tfrobust.config import ExperimentConfig, to_dict
-from tfrobust.defenses import parse_defense
+from tfrobust.defenses import Defense, parse_defense
 from tfrobust.errors import UserError
 from tfrobust.trainer import RobustModel
 
@@ -63,9 +79,7 @@ def build_strategy(runtime) -> tf.distribute.Strategy:
             check_devices(runtime.devices or ())
             _STRATEGIES[key] = tf.distribute.MirroredStrategy(runtime.devices or None)
         elif runtime.strategy == "multi_worker":
-            from tfrobust.multiworker import multi_worker_strategy
-
-            _STRATEGIES[key] = multi_worker_strategy()
+            _STRATEGIES[key] = multiworker.multi_worker_strategy()
         else:
             try:
                 resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
@@ -160,9 +174,14 @@ def workdir_status(workdir: str) -> str:
     return "unfinished"
 
 
-def build(config: ExperimentConfig, datasets=None):
-    """Data, network and compiled RobustModel for a config (inside the strategy scope)."""
-    defense = parse_defense(config.defense.name, config.defense)
+def build(config: ExperimentConfig, datasets=None, defense: Defense | None = None):
+    """Data, network and compiled RobustModel for a config (inside the strategy scope).
+
+    Returns ``(model, datasets, strategy)``. ``defense`` is the config's
+    parsed defense (parsed here when not given).
+    """
+    if defense is None:
+        defense = parse_defense(config.defense.name, config.defense)
     if datasets is None:
         datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
     info = datasets.info
@@ -173,12 +192,13 @@ def build(config: ExperimentConfig, datasets=None):
     keras.config.set_dtype_policy(policy)
     try:
         with strategy.scope():
-            return _build_in_scope(config, datasets, defense, info, steps_per_epoch) + (strategy,)
+            model = _compiled_model(config, defense, info, steps_per_epoch)
     finally:
         keras.config.set_dtype_policy(previous_policy)
+    return model, datasets, strategy
 
 
-def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
+def _compiled_model(config, defense, info, steps_per_epoch):
     network = models.network_for(config.model, info, seed=config.runtime.seed)
     model = RobustModel(
         network, defense,
@@ -197,10 +217,11 @@ def _build_in_scope(config, datasets, defense, info, steps_per_epoch):
     )
     model.compile(optimizer=optimizer, jit_compile=jit_setting(config.runtime))
     model(np.zeros((1,) + tuple(info.image_shape), np.float32))
-    return model, datasets
+    return model
 
 
-def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=None, keep_backup: bool = False):
+def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=None, keep_backup: bool = False,
+          defense: Defense | None = None):
     """Trains per ``config`` into ``workdir`` (resuming an unfinished run there).
 
     Returns ``(model, datasets, history)`` where history maps metric names to
@@ -208,17 +229,54 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     process is refused). The run counts as finished once the last and best
     networks and the history are on disk: then the finished marker is written
     and the backup removed (kept when ``keep_backup``: the caller finishes the
-    run). With ``runtime.strategy=multi_worker`` the run goes through
-    :func:`tfrobust.multiworker.train_multi_worker`.
-    """
-    if config.runtime.strategy == "multi_worker":
-        if extra_callbacks or datasets is not None:
-            raise UserError("runtime.strategy=multi_worker takes no extra callbacks or preloaded datasets")
-        from tfrobust.multiworker import train_multi_worker
+    run). ``defense`` is the config's defense, parsed once where the config
+    entered (parsed here when not given).
 
-        return train_multi_worker(config, workdir)
+    Every strategy runs the same step and the same callbacks
+    (:func:`training_callbacks`): Keras' ``fit`` drives them on one device,
+    under MirroredStrategy and on TPUs; with ``runtime.strategy=multi_worker``
+    :func:`tfrobust.multiworker.fit_distributed` does (call ``train`` first
+    thing in the process on every worker, with the same config and workdir;
+    the chief writes ``workdir``, which must be on a filesystem every worker
+    reads for a resume, see :mod:`tfrobust.multiworker`).
+    """
+    if defense is None:
+        defense = parse_defense(config.defense.name, config.defense)
+    if config.runtime.strategy == "multi_worker":
+        if datasets is not None:
+            raise UserError("runtime.strategy=multi_worker takes no preloaded datasets (every worker loads its own)")
+        return _train_on_cluster(config, workdir, extra_callbacks, keep_backup, defense)
     with _owned(workdir):
-        return _train_locked(config, workdir, extra_callbacks, datasets, keep_backup)
+        _check_start(config, workdir)
+        return _train(config, workdir, workdir, extra_callbacks, datasets, keep_backup, defense)
+
+
+def _train_on_cluster(config, workdir, extra_callbacks, keep_backup, defense):
+    """The chief checks and locks ``workdir``; the others write to a scratch directory; all train together."""
+    task = multiworker.parse_tf_config(os.environ.get(multiworker.TF_CONFIG))
+    strategy = build_strategy(config.runtime)  # before any other TensorFlow operation in the process
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if task.is_chief:
+            try:
+                stack.enter_context(_owned(workdir))
+                _check_start(config, workdir)
+            except UserError as e:
+                refusal = str(e)
+        if multiworker.any_worker(strategy, refusal is not None):
+            raise UserError(refusal or f"the chief refused workdir {workdir}; see the chief's output")
+        write_dir = workdir if task.is_chief else stack.enter_context(multiworker.scratch_dir(task))
+        try:
+            result = _train(config, workdir, write_dir, extra_callbacks, None, keep_backup, defense)
+            # A last collective as a barrier: no worker leaves (and stops answering
+            # the cluster's health checks) while another is still saving.
+            multiworker.any_worker(strategy, False)
+        except tf.errors.UnavailableError:
+            raise multiworker.WorkerLost(
+                "a worker of the cluster stopped; start every worker again with the same command "
+                "to resume from the last finished epoch"
+            ) from None
+    return result
 
 
 @contextlib.contextmanager
@@ -241,35 +299,36 @@ def _owned(workdir: str):
         raise
 
 
-def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
-    resuming = prepare_workdir(workdir)
-    config_path = os.path.join(workdir, "config.yaml")
-    backup_dir = os.path.join(workdir, "backup")
-    if resuming and callbacks_lib.EpochBackup.read_state(backup_dir):
-        saved = _read_yaml(config_path)
-        if saved != to_dict(config):
+def _check_start(config, workdir) -> None:
+    """Refuses a workdir that cannot take this run (finished, foreign, or unfinished with another config)."""
+    if prepare_workdir(workdir) and callbacks_lib.EpochBackup.read_state(os.path.join(workdir, "backup")):
+        if not _same_config(config, workdir):
             raise UserError(f"workdir {workdir} holds an unfinished run with a different config; resume with the same command or choose another --workdir")
-    keras.utils.set_random_seed(config.runtime.seed)
-    if config.runtime.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    model, datasets, _ = build(config, datasets)
-    # The config is committed only once the data and network are built: a
-    # refused start (bad data, bad device) leaves nothing that would refuse
-    # the corrected command. Before the first backup a different config
-    # simply replaces it.
-    callbacks_lib.atomic_write(config_path, yaml.safe_dump(to_dict(config), sort_keys=False))
-    ckpt = os.path.join(workdir, "checkpoints")
-    os.makedirs(ckpt, exist_ok=True)
-    epochs = config.optim.epochs
+
+
+def training_callbacks(config: ExperimentConfig, model: RobustModel, datasets, run_dir: str,
+                       backup_from: str | None = None, extra_callbacks=()):
+    """The callbacks of a training run writing into ``run_dir``, restored from the last epoch backup.
+
+    One list for every strategy: the NaN guard, the learning-rate log, the
+    flatness monitor, the last and (with validation) best checkpoints, early
+    stopping, TensorBoard images, the history, TensorBoard scalars, the epoch
+    backup, then ``extra_callbacks``. The backup is read from ``backup_from``
+    (default ``run_dir/backup``; a non-chief worker reads the chief's) into
+    the model and every stateful callback, and the checkpoints are rewritten
+    from it. Returns ``(callbacks, history_log, backup, resumed)``.
+    """
     has_validation = datasets.validation_size > 0
-    log_dir = os.path.join(workdir, "tensorboard")
+    log_dir = os.path.join(run_dir, "tensorboard")
+    ckpt = os.path.join(run_dir, "checkpoints")
+    os.makedirs(ckpt, exist_ok=True)
     last_path, best_path = os.path.join(ckpt, "last.weights.h5"), os.path.join(ckpt, "best.weights.h5")
-    history_log = callbacks_lib.HistoryLog(os.path.join(workdir, "history.csv"))
+    history_log = callbacks_lib.HistoryLog(os.path.join(run_dir, "history.csv"))
     stateful = {"history": history_log}
     callbacks = [
         callbacks_lib.NonFiniteLossGuard(last_path),
         callbacks_lib.LearningRateLogger(),
-        *flatness_monitor(config, datasets, workdir),
+        *flatness_monitor(config, datasets, run_dir),
         callbacks_lib.AtomicModelCheckpoint(last_path, save_weights_only=True),
     ]
     best_checkpoint = None
@@ -295,8 +354,10 @@ def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
     for i, cb in enumerate(extra_callbacks):
         if hasattr(cb, "get_state") and hasattr(cb, "set_state"):
             stateful[f"extra-{i}-{type(cb).__name__}"] = cb
+    backup_dir = os.path.join(run_dir, "backup")
     resumed = callbacks_lib.EpochBackup.restore(
-        model, backup_dir, stateful, checkpoints={"last": last_path, "best": best_path if has_validation else None},
+        model, backup_from or backup_dir, stateful,
+        checkpoints={"last": last_path, "best": best_path if has_validation else None},
     )
     backup = callbacks_lib.EpochBackup(backup_dir, stateful, best=best_checkpoint, resumed=resumed)
     callbacks += [
@@ -307,29 +368,70 @@ def _train_locked(config, workdir, extra_callbacks, datasets, keep_backup):
     ]
     if resumed.epoch == 0:
         callbacks_lib.write_hparams(log_dir, to_dict(config))
+    return callbacks, history_log, backup, resumed
+
+
+def _train(config, workdir, run_dir, extra_callbacks, datasets, keep_backup, defense):
+    """Builds, restores and trains; ``run_dir`` is ``workdir`` except on a non-chief worker (its scratch)."""
+    keras.utils.set_random_seed(config.runtime.seed)
+    if config.runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    cluster = config.runtime.strategy == "multi_worker"
+    if cluster:
+        # Checked before the network is built: every worker refuses alike, none waits in a collective.
+        datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
+        replicas = build_strategy(config.runtime).num_replicas_in_sync
+        multiworker.check_batches(datasets.train_size, config.data.batch_size, replicas, "training")
+        multiworker.check_batches(datasets.validation_size, config.data.eval_batch_size, replicas, "validation")
+    model, datasets, strategy = build(config, datasets, defense)
+    if cluster:
+        multiworker.build_optimizer(model, strategy)
+    # The config is committed only once the data and network are built: a
+    # refused start (bad data, bad device) leaves nothing that would refuse
+    # the corrected command. Before the first backup a different config
+    # simply replaces it.
+    callbacks_lib.atomic_write(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(config), sort_keys=False))
+    callbacks, history_log, backup, resumed = training_callbacks(
+        config, model, datasets, run_dir, os.path.join(workdir, "backup"), extra_callbacks,
+    )
+    if cluster and not multiworker.all_equal(strategy, resumed.epoch):
+        raise UserError(f"the workers found different backups in {os.path.join(workdir, 'backup')}; "
+                        "put --workdir on a filesystem that every worker shares")
+    epochs = config.optim.epochs
+    has_validation = datasets.validation_size > 0
     steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
     if resumed.epoch < epochs and not resumed.stopped:
-        model.fit(
-            datasets.train_epochs(resumed.epoch, epochs), epochs=epochs, initial_epoch=resumed.epoch,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=datasets.validation if has_validation else None,
-            callbacks=callbacks, verbose=config.runtime.verbose,
-        )
+        if cluster:
+            multiworker.fit_distributed(
+                model, strategy, datasets.train_epochs(resumed.epoch, epochs), epochs=epochs,
+                steps_per_epoch=steps_per_epoch, initial_epoch=resumed.epoch,
+                validation=datasets.validation if has_validation else None,
+                validation_steps=math.ceil(datasets.validation_size / config.data.eval_batch_size),
+                callbacks=callbacks, verbose=config.runtime.verbose if run_dir == workdir else 0,
+            )
+        else:
+            model.fit(
+                datasets.train_epochs(resumed.epoch, epochs), epochs=epochs, initial_epoch=resumed.epoch,
+                steps_per_epoch=steps_per_epoch,
+                validation_data=datasets.validation if has_validation else None,
+                callbacks=callbacks, verbose=config.runtime.verbose,
+            )
     # The final phase: everything below is redone from the backup after a kill.
     history = history_log.history()
     history["train_seconds"] = backup.train_seconds()
-    callbacks_lib.atomic_write(os.path.join(workdir, "history.json"), json.dumps(history, indent=1))
+    callbacks_lib.atomic_write(os.path.join(run_dir, "history.json"), json.dumps(history, indent=1))
     history_log.write()
-    save_networks(model, workdir, has_validation)
-    rundir.mark_finished(workdir, evaluated=False)
+    save_networks(model, run_dir, has_validation)
+    rundir.mark_finished(run_dir, evaluated=False)
     if not keep_backup:
-        callbacks_lib.EpochBackup.discard(backup_dir)
+        callbacks_lib.EpochBackup.discard(os.path.join(run_dir, "backup"))
     return model, datasets, history
 
 
-def _read_yaml(path):
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+def _same_config(config, workdir) -> bool:
+    """Whether ``workdir/config.yaml`` is ``config``."""
+    with open(os.path.join(workdir, "config.yaml"), encoding="utf-8") as f:
+        return yaml.safe_load(f) == to_dict(config)
 
 
 def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:
@@ -387,38 +489,62 @@ def _save_network(network, workdir, keras_name, export_name):
     )
 
 
-def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = True) -> dict:
+def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = True,
+                       defense: Defense | None = None) -> dict:
     """Trains, then evaluates the last and best networks on the test split.
 
     The backup stays until ``report.json`` is on disk; the finished marker is
     written last. A finished train-only run (``--no-eval``) in ``workdir``
-    with the same config is not retrained: only its evaluation runs.
+    with the same config is not retrained: only its evaluation runs. With
+    ``runtime.strategy=multi_worker`` the chief alone evaluates; the other
+    workers return a report without models.
     """
     if config.runtime.strategy == "multi_worker":
-        model, datasets, history = train(config, workdir)
-        from tfrobust.multiworker import is_chief
-
-        if not is_chief():
-            return {"models": {}, "train_seconds": history["train_seconds"]}
-        report = _evaluate_run(config, workdir, history["train_seconds"], verbose)
-        rundir.mark_finished(workdir, evaluated=True)
-        return report
+        return _train_and_evaluate_on_cluster(config, workdir, verbose, defense)
     with _owned(workdir):
         status = workdir_status(workdir)
         if status == "finished":
             raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
         if status == "trained":
-            if _read_yaml(os.path.join(workdir, "config.yaml")) != to_dict(config):
-                raise UserError(f"workdir {workdir} holds a finished training run with a different config; "
-                                "evaluate it with the same config or choose another --workdir")
-            with open(os.path.join(workdir, "history.json"), encoding="utf-8") as f:
-                seconds = json.load(f)["train_seconds"]
+            seconds = _trained_seconds(config, workdir)
         else:
-            _, _, history = train(config, workdir, keep_backup=True)
+            _, _, history = train(config, workdir, keep_backup=True, defense=defense)
             seconds = history["train_seconds"]
-        report = _evaluate_run(config, workdir, seconds, verbose)
-        rundir.mark_finished(workdir, evaluated=True)
-        callbacks_lib.EpochBackup.discard(os.path.join(workdir, "backup"))
+        return _finish_with_report(config, workdir, seconds, verbose)
+
+
+def _train_and_evaluate_on_cluster(config, workdir, verbose, defense):
+    strategy = build_strategy(config.runtime)  # before any other TensorFlow operation in the process
+    chief = multiworker.is_chief()
+    trained = False
+    if chief:
+        with contextlib.suppress(UserError):  # a refusal is reported by train()
+            trained = workdir_status(workdir) == "trained" and _same_config(config, workdir)
+    # A run killed during its evaluation is not retrained: every worker learns that from the chief.
+    if multiworker.any_worker(strategy, trained):
+        seconds = None
+    else:
+        seconds = train(config, workdir, keep_backup=True, defense=defense)[2]["train_seconds"]
+    if not chief:
+        return {"models": {}, "train_seconds": seconds}
+    with _owned(workdir):
+        return _finish_with_report(config, workdir, _trained_seconds(config, workdir) if seconds is None else seconds,
+                                   verbose)
+
+
+def _trained_seconds(config, workdir) -> float:
+    """The training time of the finished train-only run in ``workdir``; refuses another config."""
+    if not _same_config(config, workdir):
+        raise UserError(f"workdir {workdir} holds a finished training run with a different config; "
+                        "evaluate it with the same config or choose another --workdir")
+    with open(os.path.join(workdir, "history.json"), encoding="utf-8") as f:
+        return json.load(f)["train_seconds"]
+
+
+def _finish_with_report(config, workdir, train_seconds, verbose):
+    report = _evaluate_run(config, workdir, train_seconds, verbose)
+    rundir.mark_finished(workdir, evaluated=True)
+    callbacks_lib.EpochBackup.discard(os.path.join(workdir, "backup"))
     return report
 
 
@@ -451,6 +577,7 @@ __all__ = [
     "prepare_workdir",
     "build",
     "train",
+    "training_callbacks",
     "flatness_monitor",
     "save_networks",
     "train_and_evaluate",

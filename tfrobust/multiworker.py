@@ -7,26 +7,43 @@ the first of two machines::
                 "task": {"type": "worker", "index": 0}}' \\
         python train.py --config configs/cifar10.yaml --workdir runs/x --set runtime.strategy=multi_worker
 
-and ``"index": 1`` on the second. The workers keep one synchronous copy of the
-network: every step all-reduces the gradients (and AWP's, S2O's and RAT's
-cross-replica statistics, see :mod:`tfrobust.trainer`) across all replicas of
-all workers, so that a step on N workers computes what one device computes on
-the same global batch, up to floating-point rounding. (Over many steps the
-runs drift apart: PGD's sign step turns a last-bit difference in an input
-gradient into a full step on a pixel. Two workers give exactly the weights of
+and ``"index": 1`` on the second. :func:`tfrobust.experiment.train` runs the
+same step and the same callbacks as on one machine (backup/resume, best
+checkpoint on validation, TensorBoard scalars and images, flatness monitor,
+NaN guard, early stopping, history); this module holds what only a cluster
+needs: ``TF_CONFIG`` (:func:`parse_tf_config`), the strategy
+(:func:`multi_worker_strategy`), each worker's part of the global batches
+(:func:`replica_batches`), agreement between workers (:func:`any_worker`,
+:func:`all_equal`), the non-chief's temporary run directory
+(:func:`scratch_dir`), and the loop that replaces ``fit``
+(:func:`fit_distributed`).
+
+The workers keep one synchronous copy of the network: every step all-reduces
+the gradients (and AWP's, S2O's and RAT's cross-replica statistics, see
+:mod:`tfrobust.trainer`) across all replicas of all workers, so that a step on
+N workers computes what one device computes on the same global batch, up to
+floating-point rounding. (Two workers give exactly the weights of
 ``experiment.train`` under MirroredStrategy with one replica per worker.)
 
-Keras' ``fit`` does not run under this strategy (keras-team/keras#20585), so
-the loop here uses only the public ``tf.distribute`` API: a per-worker input
-pipeline from ``distribute_datasets_from_function`` and a ``tf.function`` that
-calls ``strategy.run(model.train_step, ...)`` (and ``model.test_step`` for
-validation).
+The loop. Keras' ``fit`` does not run under this strategy
+(keras-team/keras#20585), so :func:`fit_distributed` uses only the public
+``tf.distribute`` API: a per-worker input pipeline from
+``distribute_datasets_from_function`` and a ``tf.function`` that calls
+``strategy.run(model.train_step, ...)`` (``model.test_step`` for
+validation). It drives a ``keras.callbacks.CallbackList`` of the same callback
+objects ``fit`` gets, with the calls and logs ``fit`` makes: ``on_train_begin``,
+``on_epoch_begin``, ``on_train_batch_end`` with the step's logs (each metric
+averaged over the replicas, as ``fit`` reduces them), ``on_test_*`` around
+validation, ``on_epoch_end`` with the last step's training logs and the
+``val_`` validation logs, ``stop_training`` honoured (agreed by all workers),
+``on_train_end``. The logs are the same on every worker, so every callback
+decides the same way everywhere.
 
 Order of operations. The strategy must be created before TensorFlow runs
 anything else in the process (it configures collective ops and starts the
 worker's gRPC server, which TensorFlow only allows at start-up): call
-:func:`train_multi_worker` first thing in a fresh process, before loading data
-or building a model. In a process that already ran TensorFlow ops it raises
+``experiment.train`` first thing in a fresh process, before loading data or
+building a model. In a process that already ran TensorFlow ops it raises
 :class:`~tfrobust.errors.UserError`.
 
 Batches. ``data.batch_size`` is the GLOBAL batch, as everywhere in tfrobust.
@@ -40,56 +57,63 @@ on one device. ``AutoShardPolicy.FILE`` cannot apply (the data is in memory)
 and ``AutoShardPolicy.DATA`` leaves the assignment of batch pieces to workers
 to tf.data's rewrite, which the trainer cannot rely on, hence the explicit
 per-worker function. The global batch (and the last, partial batch of an epoch
-and of the validation set) must give every replica at least one example.
+and of the validation set) must give every replica at least one example
+(:func:`check_batches`).
 
 Files. Only the chief (the ``chief`` task if the cluster has one, otherwise
-worker 0) writes the run directory: ``config.yaml``, ``history.json``,
-``history.csv``, ``tensorboard/`` (``train/`` and ``validation/`` scalars named
-as Keras' TensorBoard callback names them, plus hparams),
-``checkpoints/last.weights.h5`` and ``best.weights.h5``, ``model.keras``,
-``best.keras``, ``saved_model/`` and ``saved_model_best/``. The other workers
-perform the same saves into a temporary directory of their own, deleted at the
-end, as tf.distribute recommends (a save may read values that every worker
-must take part in). Pass the same ``workdir`` on every worker; the files end
-up on the chief's filesystem. At the end every worker waits for the others,
-so that none leaves the cluster while another is still saving.
+worker 0) writes the run directory, and holds its lock. Every other worker
+runs every callback and save too (a save may read values that every worker
+must take part in), into a temporary directory of its own
+(:func:`scratch_dir`, under ``TMPDIR``), deleted when training ends, as
+tf.distribute's fault-tolerance guide prescribes. At the end every worker
+waits for the others, so that none leaves the cluster while another is still
+saving.
+
+Resume. ``workdir`` must be one directory that every worker reads (a shared
+filesystem: NFS, a mounted bucket): the chief's ``backup/`` is the one that
+counts, and every worker restores the same epoch from it before the first
+step. A worker that does not see the chief's backup would start from another
+epoch: the workers compare the restored epoch and refuse to start
+(UserError) rather than train out of step. After a worker is lost (killed,
+machine gone) the others are blocked in a collective until TensorFlow's
+coordination service misses the lost worker's heartbeats and aborts the
+collectives (13 seconds, measured on a local cluster): they then stop with
+:class:`WorkerLost` (the command line prints one line and exits with status
+1). Restart every worker with the same command (a cluster manager does it;
+stop any worker that still waits): the run continues from the start of the interrupted
+epoch and ends as an uninterrupted run would (every step after the backup is
+the same computation on the same data; tests/test_multiworker.py checks that
+the weights are exactly equal under op determinism). A worker killed by
+``kill -9`` leaves its temporary directory behind.
 
 Each worker uses all of its GPUs (or its CPU when it has none) as local
 replicas; ``runtime.devices`` is not used. A worker that fails alone (say,
 its data directory is missing) leaves the others waiting until the cluster's
-health check notices it is gone.
-
-Not available here (they are Keras callbacks of ``experiment.train``):
-resuming an unfinished run, ``eval.flatness_every`` and ``eval.images_every``.
-No XLA is used (``runtime.jit_compile`` is ignored), as Keras does not use it
-under a distribution strategy either.
+health check notices it is gone. No XLA is used (``runtime.jit_compile`` is
+ignored), as Keras does not use it under a distribution strategy either.
+``data.extra_data`` is not supported.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 
 import keras
 import tensorflow as tf
-import yaml
 
-from tfrobust import data as data_lib
-from tfrobust import experiment
-from tfrobust.callbacks import TrainingDiverged, write_hparams
-from tfrobust.config import ExperimentConfig, to_dict
-from tfrobust.defenses import parse_defense
 from tfrobust.errors import UserError
-from tfrobust.trainer import RobustModel
 
 TF_CONFIG = "TF_CONFIG"
 JOBS = ("chief", "worker")
+
+
+class WorkerLost(RuntimeError):
+    """Another worker of the cluster stopped (killed, machine lost); restart every worker to resume."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +233,8 @@ def replica_batches(dataset: tf.data.Dataset, input_context: tf.distribute.Input
     return dataset.flat_map(chunks)
 
 
-def _check_batches(size: int, batch_size: int, replicas: int, what: str) -> None:
-    """Every replica must get at least one example of every batch."""
+def check_batches(size: int, batch_size: int, replicas: int, what: str) -> None:
+    """Refuses (UserError) a ``what`` batch, or the last one, that would leave a replica without examples."""
     last = size % batch_size
     for name, n in ((f"{what} batch", min(batch_size, size)), (f"last {what} batch", last)):
         if 0 < n < replicas:
@@ -220,196 +244,140 @@ def _check_batches(size: int, batch_size: int, replicas: int, what: str) -> None
             )
 
 
-def _any_worker(strategy, flag: bool) -> bool:
-    """True on every worker when any worker passes ``flag=True`` (a sum over all replicas)."""
-
-    @tf.function
-    def total(value):
-        per_replica = strategy.run(lambda: tf.identity(value))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    return float(total(tf.constant(1.0 if flag else 0.0))) > 0
+_SUMS = {}
 
 
-def _build_model(config: ExperimentConfig, strategy, datasets):
-    """experiment.build's model, compiled inside ``strategy``'s scope, with its optimizer built."""
-    defense = parse_defense(config.defense.name, config.defense)
-    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
-    previous_policy = keras.config.dtype_policy()
-    policy = "float32" if config.runtime.mixed_precision == "none" else config.runtime.mixed_precision
-    keras.config.set_dtype_policy(policy)
-    try:
-        with strategy.scope():
-            model, datasets = experiment._build_in_scope(config, datasets, defense, datasets.info, steps_per_epoch)
-            # Built here, not lazily inside the first distributed step.
-            model.optimizer.build(model.trainable_variables)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
-    return model, steps_per_epoch
-
-
-def _write_history_csv(path: str, history: dict) -> None:
-    keys = ["epoch"] + sorted(k for k in history if k not in ("epoch", "train_seconds"))
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(keys)
-        for i in range(len(history["epoch"])):
-            writer.writerow([history[k][i] for k in keys])
-
-
-def train_multi_worker(config: ExperimentConfig, workdir: str) -> tuple[RobustModel, data_lib.Datasets, dict]:
-    """Trains per ``config`` on the cluster in ``TF_CONFIG``; the chief writes ``workdir``.
-
-    Call it first thing in the process, on every worker with the same config
-    and workdir. Returns ``(model, datasets, history)`` like
-    :func:`tfrobust.experiment.train`, on every worker; history maps
-    ``epoch``, the training metrics, ``val_*`` metrics and ``learning_rate``
-    to per-epoch lists, plus ``train_seconds``.
-
-    Raises:
-      UserError: ``TF_CONFIG`` is missing or malformed, the process already
-        ran TensorFlow, the workdir cannot be used (refused by the chief,
-        reported on every worker), or a batch would leave a replica empty.
-      TrainingDiverged: the epoch's training loss is not finite (on every
-        worker, before anything of that epoch is saved).
-    """
-    task = parse_tf_config(os.environ.get(TF_CONFIG))
-    strategy = multi_worker_strategy()
-
-    refusal = None
-    if task.is_chief:
-        try:
-            if experiment.prepare_workdir(workdir):
-                refusal = f"workdir {workdir} holds an unfinished run; multi-worker training does not resume, choose another --workdir"
-        except UserError as e:
-            refusal = str(e)
-    if _any_worker(strategy, refusal is not None):
-        raise UserError(refusal or f"the chief refused workdir {workdir}; see the chief's output")
-    write_dir = workdir if task.is_chief else tempfile.mkdtemp(prefix=f"tfrobust-{task.task_type}{task.task_index}-")
-    try:
-        result = _train(config, strategy, task, workdir, write_dir)
-    finally:
-        if not task.is_chief:
-            shutil.rmtree(write_dir, ignore_errors=True)
-    # A last collective as a barrier: no worker leaves (and stops answering
-    # the cluster's health checks) while another is still saving.
-    _any_worker(strategy, False)
-    return result
-
-
-def _train(config, strategy, task, workdir, write_dir):
-    keras.utils.set_random_seed(config.runtime.seed)
-    if config.runtime.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
-    replicas = strategy.num_replicas_in_sync
-    _check_batches(datasets.train_size, config.data.batch_size, replicas, "training")
-    has_validation = datasets.validation_size > 0
-    if has_validation:
-        _check_batches(datasets.validation_size, config.data.eval_batch_size, replicas, "validation")
-    model, steps_per_epoch = _build_model(config, strategy, datasets)
-    epochs = config.optim.epochs
-    validation_steps = math.ceil(datasets.validation_size / config.data.eval_batch_size)
-    if task.is_chief:
-        with open(os.path.join(workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False)
-
-    train_data = strategy.distribute_datasets_from_function(
-        lambda ctx: replica_batches(datasets.train_epochs(0, epochs), ctx)
-    )
-    train_iterator = iter(train_data)
-
-    @tf.function
-    def train_step(iterator):
-        strategy.run(model.train_step, args=(next(iterator),))
-
-    if has_validation:
-        validation_data = strategy.distribute_datasets_from_function(
-            lambda ctx: replica_batches(datasets.validation, ctx).repeat()
-        )
-        validation_iterator = iter(validation_data)
+def _sum_over_workers(strategy, value: float) -> float:
+    """The sum of ``value`` over every replica of every worker (one all-reduce), on every worker."""
+    if id(strategy) not in _SUMS:
 
         @tf.function
-        def test_step(iterator):
-            strategy.run(model.test_step, args=(next(iterator),))
+        def total(v):
+            per_replica = strategy.run(lambda: tf.identity(v))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    ckpt = os.path.join(write_dir, "checkpoints")
-    os.makedirs(ckpt, exist_ok=True)
-    log_dir = os.path.join(write_dir, "tensorboard")
-    if task.is_chief:
-        write_hparams(log_dir, to_dict(config))
-    writers = {
-        "train": tf.summary.create_file_writer(os.path.join(log_dir, "train")),
-        "validation": tf.summary.create_file_writer(os.path.join(log_dir, "validation")),
-    }
-    history = {}
-    best, since_best = -math.inf, 0
-    start = time.time()
+        _SUMS[id(strategy)] = (strategy, total)  # the strategy is kept alive: its id stays its own
+    return float(_SUMS[id(strategy)][1](tf.constant(float(value), tf.float32)))
+
+
+def any_worker(strategy, flag: bool) -> bool:
+    """True on every worker when any worker passes ``flag=True``; also a barrier (every worker must call it)."""
+    return _sum_over_workers(strategy, 1.0 if flag else 0.0) > 0
+
+
+def all_equal(strategy, value: float) -> bool:
+    """Whether every worker passed the same ``value``; the same answer on every worker."""
+    replicas = strategy.num_replicas_in_sync
+    mismatch = _sum_over_workers(strategy, value) != replicas * float(value)
+    return not any_worker(strategy, mismatch)
+
+
+@contextlib.contextmanager
+def scratch_dir(task: ClusterTask):
+    """A temporary directory where a non-chief worker writes its run files; removed on exit."""
+    path = tempfile.mkdtemp(prefix=f"tfrobust-{task.task_type}{task.task_index}-")
     try:
-        for epoch in range(epochs):
-            for metric in model.metrics:
-                metric.reset_state()
-            # The rate this epoch trains with (at its end the schedule already gives the next epoch's).
-            learning_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-            for _ in range(steps_per_epoch):
-                train_step(train_iterator)
-            # Read in cross-replica context: the sums behind each mean are
-            # all-reduced over every replica of every worker.
-            logs = {name: float(t.result()) for name, t in model.trackers.items()}
-            if not math.isfinite(logs["loss"]):
-                raise TrainingDiverged(
-                    f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
-                    "lower optim.lr or check the data"
-                )
-            if has_validation:
-                for _ in range(validation_steps):
-                    test_step(validation_iterator)
-                logs.update({f"val_{name}": float(t.result()) for name, t in model.val_trackers.items()})
-            logs["learning_rate"] = learning_rate
-            history.setdefault("epoch", []).append(epoch)
-            for name, value in logs.items():
-                history.setdefault(name, []).append(value)
-            with writers["train"].as_default():
-                for name, value in logs.items():
-                    if not name.startswith("val_"):
-                        tf.summary.scalar(f"epoch_{name}", value, step=epoch)
-            with writers["validation"].as_default():
-                for name, value in logs.items():
-                    if name.startswith("val_"):
-                        tf.summary.scalar(f"epoch_{name[4:]}", value, step=epoch)
-            for writer in writers.values():
-                writer.flush()
-            model.save_weights(os.path.join(ckpt, "last.weights.h5"))
-            if task.is_chief and config.runtime.verbose:
-                shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-                print(f"epoch {epoch + 1}/{epochs} - {shown}", flush=True)
-            if has_validation:
-                if logs["val_pgd_accuracy"] > best:
-                    best, since_best = logs["val_pgd_accuracy"], 0
-                    model.save_weights(os.path.join(ckpt, "best.weights.h5"))
-                else:
-                    since_best += 1
-                patience = config.optim.early_stopping_patience
-                if patience and since_best >= patience:
-                    break
+        yield path
     finally:
-        for writer in writers.values():
-            writer.close()
-    history["train_seconds"] = time.time() - start
-    with open(os.path.join(write_dir, "history.json"), "w") as f:
-        json.dump(history, f, indent=1)
-    _write_history_csv(os.path.join(write_dir, "history.csv"), history)
-    experiment.save_networks(model, write_dir, has_validation)
-    return model, datasets, history
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def build_optimizer(model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    """Creates the optimizer's variables in ``strategy``'s scope (a restore or the first step would, outside it)."""
+    if not model.optimizer.built:
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+
+
+def _distributed_step(strategy, step):
+    """A function of a distributed iterator: runs ``step`` on every replica's next batch and returns its
+    logs, each averaged over all replicas (as ``fit`` reduces them) in one all-reduce, as Python floats."""
+    names = []
+
+    def packed(batch):
+        logs = step(batch)
+        names[:] = list(logs)
+        return tf.stack([tf.cast(logs[name], tf.float32) for name in names])
+
+    @tf.function
+    def run(iterator):
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(packed, args=(next(iterator),)), axis=None)
+
+    return lambda iterator: dict(zip(names, run(iterator).numpy().tolist()))
+
+
+def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy, train: tf.data.Dataset, *,
+                    epochs: int, steps_per_epoch: int, initial_epoch: int = 0,
+                    validation: tf.data.Dataset | None = None, validation_steps: int = 0,
+                    callbacks=(), verbose: int = 0):
+    """``model.fit`` for strategies where fit cannot run; the same callbacks see the same calls and logs.
+
+    ``train`` yields the global batches of epochs ``initial_epoch`` to
+    ``epochs`` (``steps_per_epoch`` each) and ``validation`` one pass of
+    global batches (``validation_steps``); both are cut per replica with
+    :func:`replica_batches`. ``model`` must be built and compiled in
+    ``strategy``'s scope, with its optimizer built (:func:`build_optimizer`).
+    Returns the History, as fit does.
+    """
+    train_iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: replica_batches(train, ctx)))
+    train_function = _distributed_step(strategy, model.train_step)
+    if validation is not None:
+        validation_iterator = iter(strategy.distribute_datasets_from_function(
+            lambda ctx: replica_batches(validation, ctx).repeat()))
+        test_function = _distributed_step(strategy, model.test_step)
+
+    callbacks = keras.callbacks.CallbackList(
+        list(callbacks), add_history=True, add_progbar=verbose != 0, verbose=verbose,
+        epochs=epochs, steps=steps_per_epoch, model=model,
+    )
+    model.stop_training = False
+    callbacks.on_train_begin()
+    epoch_logs = None
+    for epoch in range(initial_epoch, epochs):
+        model.reset_metrics()
+        callbacks.on_epoch_begin(epoch)
+        logs = {}
+        for step in range(steps_per_epoch):
+            callbacks.on_train_batch_begin(step)
+            logs = train_function(train_iterator)
+            callbacks.on_train_batch_end(step, logs)
+            if model.stop_training:
+                break
+        epoch_logs = dict(logs)
+        if validation is not None:
+            model.reset_metrics()
+            callbacks.on_test_begin()
+            val_logs = {}
+            for step in range(validation_steps):
+                callbacks.on_test_batch_begin(step)
+                val_logs = test_function(validation_iterator)
+                callbacks.on_test_batch_end(step, val_logs)
+            callbacks.on_test_end(val_logs)
+            epoch_logs.update({f"val_{name}": value for name, value in val_logs.items()})
+        callbacks.on_epoch_end(epoch, epoch_logs)
+        # Every worker leaves together (a worker that stopped alone would leave the others in a collective).
+        model.stop_training = any_worker(strategy, bool(model.stop_training))
+        if model.stop_training:
+            break
+    if epochs > 0:
+        model.optimizer.finalize_variable_values(model.trainable_weights)
+    callbacks.on_train_end(logs=epoch_logs)
+    return model.history
 
 
 __all__ = [
     "TF_CONFIG",
     "JOBS",
+    "WorkerLost",
     "ClusterTask",
     "parse_tf_config",
     "is_chief",
     "multi_worker_strategy",
     "replica_batches",
-    "train_multi_worker",
+    "check_batches",
+    "any_worker",
+    "all_equal",
+    "scratch_dir",
+    "build_optimizer",
+    "fit_distributed",
 ]
