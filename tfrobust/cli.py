@@ -135,8 +135,6 @@ def train_parser() -> argparse.ArgumentParser:
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
     if args.list_configs:
-        from tfrobust.commands import list_configs
-
         return list_configs()
     resume = {}
     with _user_errors(resume):
@@ -436,9 +434,20 @@ def pseudo_label_main(argv=None) -> int:
     return 0
 
 
+def list_configs() -> int:
+    """Prints every packaged config with its one-line description."""
+    from tfrobust.config import packaged_configs
+
+    configs = packaged_configs()
+    width = max(len(name) for name in configs)
+    for name, description in configs.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
 def main_guard(fn):
     """Runs an entry point and exits with its status."""
     sys.exit(fn())
 
 
-__all__ = ["train_main", "evaluate_main", "pseudo_label_main"]
+__all__ = ["train_main", "evaluate_main", "pseudo_label_main", "list_configs"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from tfrobust.cli import list_configs
+
 USAGE = """usage: tfrobust {train,evaluate,pseudo-label,configs} [flags]
 
   train         adversarial training (flags: tfrobust train --help)
@@ -19,17 +21,6 @@ USAGE = """usage: tfrobust {train,evaluate,pseudo-label,configs} [flags]
   pseudo-label  label an unlabelled .npz with a trained network (flags: tfrobust pseudo-label --help)
   configs       list the experiment configs shipped with tfrobust (use one with --config NAME)
 """
-
-
-def list_configs() -> int:
-    """Prints every packaged config with its one-line description."""
-    from tfrobust.config import packaged_configs
-
-    configs = packaged_configs()
-    width = max(len(name) for name in configs)
-    for name, description in configs.items():
-        print(f"{name:<{width}}  {description}")
-    return 0
 
 
 def main(argv=None) -> int:
