@@ -148,7 +148,7 @@ def finished(workdir: str) -> dict:
     return {}
 
 
-def _partial_name(path: str) -> str:
+def partial_name(path: str) -> str:
     directory, name = os.path.split(path)
     return os.path.join(directory, f"partial-{name}")
 
@@ -161,17 +161,17 @@ def atomic_path(path: str):
     writers that check it (Keras' ``.weights.h5``, ``.keras``) accept it. If
     the block fails, the temporary file is removed and ``path`` is untouched.
     """
-    partial = _partial_name(path)
-    _remove(partial)
+    partial = partial_name(path)
+    remove(partial)
     try:
         yield partial
         os.replace(partial, path)
     except BaseException:
-        _remove(partial)
+        remove(partial)
         raise
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
@@ -195,19 +195,19 @@ def atomic_replace_dir(path: str, write) -> None:
     place, so ``path`` is either the old or the new complete directory, or
     (for an instant) absent -- never a mixture.
     """
-    partial = _partial_name(path)
+    partial = partial_name(path)
     old = os.path.join(os.path.dirname(path), f"old-{os.path.basename(path)}")
-    _remove(partial)
+    remove(partial)
     try:
         write(partial)
     except BaseException:
-        _remove(partial)
+        remove(partial)
         raise
-    _remove(old)
+    remove(old)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(partial, path)
-    _remove(old)
+    remove(old)
 
 
 def mark_finished(workdir: str, evaluated: bool) -> None:
