@@ -61,8 +61,8 @@ import tensorflow as tf
 
 from tfrobust import attacks as attack_lib
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
-    _CLEVERHANS, _PGD, AUTOATTACK, AUTOATTACK_EXTRA, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
-    OWN_BUDGET_VERSIONS, attack_names_help, parse_attacks,
+    AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
+    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, parse_attacks,
 )
 from tfrobust.errors import UserError, check_number
 from tfrobust.seeds import EVALUATION, batch_seed
@@ -105,7 +105,7 @@ def check_model_and_data(model_fn: Callable, x, y, batch_size: int) -> int:
 
 def _attack(name: str, eps: float, norm: str, step_size):
     """``attack(model_fn, x, y, seed) -> x_adv`` for the named attack (not an AutoAttack one)."""
-    match = _PGD.match(name)
+    match = PGD_NAME.match(name)
 
     def attack(model_fn, x, y, seed):
         if name == "clean":
@@ -130,7 +130,7 @@ def _cleverhans(name, model_fn, x, y, eps, norm, step_size):
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
     order = np_.inf if norm == "linf" else 2
-    match = _CLEVERHANS.match(name)
+    match = CLEVERHANS_NAME.match(name)
     fn = lambda t: tf.cast(model_fn(t), tf.float32)  # noqa: E731
     if match.group(1) == "fgsm":
         return fast_gradient_method(fn, x, eps, order, clip_min=0.0, clip_max=1.0, y=y, sanity_checks=False)

@@ -16,9 +16,9 @@ import tensorflow as tf
 from tfrobust import seeds
 from tfrobust.attacks import cross_entropy, per_example, project
 from tfrobust.autoattack.core import (
-    LABEL_SPEC, SCALAR_SPEC, SEED_SPEC, Survivors, as_inputs, check_eps, check_norm, check_positive_int, check_seed,
+    LABEL_SPEC, SCALAR_SPEC, SEED_SPEC, check_eps, check_norm, check_positive_int, check_seed,
     check_targeted_args, compiled, dlr_loss, dlr_targeted_loss, eot_input_gradient, flatten_examples, image_spec,
-    normalize, predicted, rank_targets, sphere_start, warn_zero_gradients,
+    normalize, predicted, rank_targets, sphere_start, survivors_of, warn_zero_gradients,
 )
 from tfrobust.errors import UserError, unknown_choice
 from tfrobust.seeds import attack_seed
@@ -207,10 +207,9 @@ def apgd(model_fn, x, y, eps, norm="linf", loss="ce", n_iter=100, n_restarts=1, 
     if not (isinstance(rho, (int, float)) and 0 < rho <= 1):
         raise UserError(f"rho must be in (0, 1], got {rho!r}")
     eot_iter = check_positive_int("eot_iter", eot_iter)
-    x, y = as_inputs(x, y)
-    if int(x.shape[0]) == 0:
+    x, survivors = survivors_of(model_fn, x, y, passes=eot_iter)
+    if survivors is None:
         return x
-    survivors = Survivors(model_fn, x, y, passes=eot_iter)
     classes = survivors.classes
     rank = None
     if loss == "dlr" and classes < 3:
@@ -242,10 +241,9 @@ def apgd_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes
     norm, eps, n_iter, n_target_classes, n_restarts, seed = check_targeted_args(
         norm, eps, n_iter, n_target_classes, n_restarts, seed)
     eot_iter = check_positive_int("eot_iter", eot_iter)
-    x, y = as_inputs(x, y)
-    if int(x.shape[0]) == 0:
+    x, survivors = survivors_of(model_fn, x, y, passes=eot_iter)
+    if survivors is None:
         return x
-    survivors = Survivors(model_fn, x, y, passes=eot_iter)
     classes = survivors.classes
     if classes < 4:
         raise UserError(f"APGD-T (targeted DLR loss) needs at least 4 classes, the model has {classes}")

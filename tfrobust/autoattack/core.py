@@ -21,7 +21,7 @@ per-example norms, the cross-entropy and the margin are those of
   FAB), :func:`onehot`, :func:`dlr_loss`, :func:`dlr_targeted_loss`,
   :func:`input_gradient`, :func:`eot_input_gradient`, :func:`predicted`,
   :func:`rank_targets`, :func:`n_classes`, :func:`warn_zero_gradients`.
-* Restarts: :class:`Survivors` holds the examples an attack has not broken
+* Restarts: :class:`Survivors` (built by :func:`survivors_of`) holds the examples an attack has not broken
   yet and runs the restart loop shared by APGD, FAB and Square.
 
 Seeds of the random draws come from :func:`tfrobust.seeds.attack_seed`.
@@ -381,6 +381,14 @@ def check_ball(x_adv, x, eps, norm, tol=BALL_TOLERANCE):
         excess = float(np.max(perturbation_norms(x_adv, x, norm))) - eps
         if excess > tol:
             raise RuntimeError(f"adversarial examples leave the {norm} ball of radius {eps} by {excess:.3g}")
+
+
+def survivors_of(model_fn, x, y, passes=1):
+    """Checked inputs (:func:`as_inputs`) and their :class:`Survivors`; ``(x, None)`` for an empty batch."""
+    x, y = as_inputs(x, y)
+    if int(x.shape[0]) == 0:
+        return x, None
+    return x, Survivors(model_fn, x, y, passes=passes)
 
 
 class Survivors:

@@ -16,9 +16,9 @@ import tensorflow as tf
 from tfrobust import seeds
 from tfrobust.attacks import per_example, per_example_norm, project
 from tfrobust.autoattack.core import (
-    LABEL_SPEC, SCALAR_SPEC, SEED_SPEC, Survivors, TINY, as_inputs, check_eps, check_norm, check_positive_int,
+    LABEL_SPEC, SCALAR_SPEC, SEED_SPEC, TINY, check_eps, check_norm, check_positive_int,
     check_seed, check_targeted_args, compiled, flatten_examples, image_spec, input_gradient, onehot, predict_logits,
-    predicted, rank_targets, sphere_start,
+    predicted, rank_targets, sphere_start, survivors_of,
 )
 from tfrobust.errors import UserError
 from tfrobust.seeds import attack_seed
@@ -208,10 +208,9 @@ def fab_targeted(model_fn, x, y, eps, norm="linf", n_iter=100, n_target_classes=
     """
     norm, eps, n_iter, n_target_classes, n_restarts, seed = check_targeted_args(
         norm, eps, n_iter, n_target_classes, n_restarts, seed)
-    x, y = as_inputs(x, y)
-    if int(x.shape[0]) == 0:
+    x, survivors = survivors_of(model_fn, x, y)
+    if survivors is None:
         return x
-    survivors = Survivors(model_fn, x, y)
     if survivors.classes < 2:
         raise UserError("FAB-T needs at least 2 classes")
     run = _fab_fn(model_fn, x.shape, norm, n_iter, alpha_max, eta, beta)
@@ -242,10 +241,9 @@ def fab(model_fn, x, y, eps, norm="linf", n_iter=100, n_restarts=1, seed=0, *, a
     n_iter = check_positive_int("n_iter", n_iter)
     n_restarts = check_positive_int("n_restarts", n_restarts, 0)
     seed = check_seed(seed)
-    x, y = as_inputs(x, y)
-    if int(x.shape[0]) == 0:
+    x, survivors = survivors_of(model_fn, x, y)
+    if survivors is None:
         return x
-    survivors = Survivors(model_fn, x, y)
     if survivors.classes < 2:
         raise UserError("FAB needs at least 2 classes")
     run = _fab_fn(model_fn, x.shape, norm, n_iter, alpha_max, eta, beta, targeted=False)
