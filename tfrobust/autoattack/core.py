@@ -426,3 +426,13 @@ class Survivors:
     def result(self):
         """The adversarial points as a tensor (``x`` where none was found)."""
         return tf.convert_to_tensor(self.adv)
+
+
+__all__ = [
+    "NORMS", "BALL_TOLERANCE", "TINY", "LABEL_SPEC", "SCALAR_SPEC", "SEED_SPEC",
+    "check_norm", "check_eps", "check_positive_int", "check_seed", "check_targeted_args", "as_inputs",
+    "call_model", "model_caller", "compiled", "image_spec", "mean_logits", "predict_logits",
+    "flatten_examples", "normalize", "project", "project_numpy", "perturbation_norms", "check_ball", "sphere_start",
+    "onehot", "dlr_loss", "dlr_targeted_loss", "input_gradient", "eot_input_gradient", "predicted", "rank_targets",
+    "n_classes", "warn_zero_gradients", "survivors_of", "Survivors",
+]
