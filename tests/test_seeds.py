@@ -47,3 +47,13 @@ def test_different_purposes_draw_different_noise_and_equal_seeds_the_same():
     again = tf.random.stateless_uniform([64], seeds.batch_seed(1, 0, seeds.PROBE_EPS0))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, again)  # the same integer seed: the same Philox stream, bit for bit
+
+
+def test_data_seeds_number_epochs_rounds_and_batches():
+    epoch = tf.constant(3, tf.int64)
+    assert seeds.epoch_seed(11, epoch).numpy().tolist() == [11, 3]
+    assert seeds.epoch_seed(11, epoch, 2).numpy().tolist() == [11, 2 * 1000003 + 3]
+    augment = seeds.augment_seed(11, epoch, tf.constant(4, tf.int64)).numpy()
+    extra = seeds.extra_draw_seed(11, epoch, tf.constant(4, tf.int64)).numpy()
+    assert augment.dtype == np.int64 and augment.tolist() == [11 * 1000003 + 3, 4]
+    assert extra.tolist() == [-(11 * 1000003 + 3) - 1, 4]

@@ -6,6 +6,17 @@ adversarial inputs inside the eps-ball around ``x`` and inside [0, 1]. An
 attack never changes a model variable: it reads the model only through
 ``model_fn``. All functions work eagerly and inside ``tf.function``.
 
+:class:`AttackRunner` (and its one-call form :func:`attack_batches`) runs any
+such attack over a data set in batches, compiled once per input shape, with a
+seed per batch and restart from :mod:`tfrobust.seeds`, and returns a
+per-example measure (correct predictions by default, or losses, or the
+adversarial examples). Evaluation, the integrity probes and the TensorBoard
+image grid run their attacks through it. It also takes what the robust loss
+of the flatness measures needs (restarts, each with its own seed, and the
+worst per-example loss); :mod:`tfrobust.flatness` still runs its own loop.
+:func:`random_start` is the one random start of PGD, in training (where it
+draws for the global batch and slices per replica) and in evaluation.
+
 Threat model and defaults follow docs/algorithms.md, section 1:
 PGD (Madry et al., ICLR 2018, eq. 2 and section 2.1): a random start, then
 ``steps`` projected steps along the sign of the gradient (L-inf) or its
@@ -14,6 +25,7 @@ normalised direction (L2).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import numpy as np
@@ -302,7 +314,9 @@ class AttackRunner:
         def run(x, y, seed):
             return measure(model_fn, attack(model_fn, x, y, seed), x, y)
 
-        self._run = tf.function(run, reduce_retracing=True) if jit else run
+        # functools.partial: TensorFlow's retracing warning groups functions by code object, and every runner
+        # traces its own closure once.
+        self._run = tf.function(functools.partial(run), reduce_retracing=True) if jit else run
 
     def __call__(self, x, y, batch_size: int, seeds: Optional[Callable] = None, restarts: int = 1,
                  combine: Callable = None, desc: Optional[str] = None):

@@ -20,13 +20,19 @@ attacks run over batches          ``[base, purpose * 100003 + batch]``, int32 :f
 (evaluation: purpose 0;
 integrity probes: purposes below)
 training step (trainer)           ``[base * 1000 + purpose, step]``, int32    :func:`step_seed`
+order of epoch e (data), round r  ``[base, r * 1000003 + e]``, int64          :func:`epoch_seed`
+augmentation of batch b of        ``[base * 1000003 + e, b]``, int64          :func:`augment_seed`
+epoch e (data)
+extra-data draw of batch b of     ``[-(base * 1000003 + e) - 1, b]``, int64   :func:`extra_draw_seed`
+epoch e (data)
 ================================  ==========================================  =====================
 
 Purpose codes are the constants below. ``attacks.random_start`` turns a
 Python integer seed ``s`` into ``[s, 0]`` (and ``[s, 1]`` for the L2 radius)
 and a seed tensor ``t`` into ``t`` (and ``t + 1``). The flatness measures hash
-their counters with numpy's ``SeedSequence`` (``tfrobust.flatness``) and the
-data pipeline keys epoch ``e`` by ``[seed, e]`` (``tfrobust.data``).
+their counters with numpy's ``SeedSequence`` (``tfrobust.flatness``); the
+shuffled single-pass training pipeline seeds ``tf.data``'s own ops with
+``seed`` and ``seed + 1`` (``tfrobust.data``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ VALIDATION_ATTACK_START = 7
 ATTACK_RADIX = 1009
 BATCH_RADIX = 100003
 STEP_RADIX = 1000
+EPOCH_RADIX = 1000003
 
 
 def mixed_radix(*parts, radix: int, offset: int = 0):
@@ -88,6 +95,28 @@ def step_seed(base: int, purpose: int, step) -> tf.Tensor:
     return tf.stack([tf.constant(mixed_radix(base, purpose, radix=STEP_RADIX), tf.int32), tf.cast(step, tf.int32)])
 
 
-__all__ = ["mixed_radix", "attack_seed", "batch_seed", "step_seed", "APGD", "APGD_TARGETED", "FAB_TARGETED",
+def epoch_seed(base, epoch, round_=0):
+    """The int64 seed pair ``[base, round_ * 1000003 + epoch]`` of the order of examples in one epoch.
+
+    ``round_`` > 0 numbers further permutations of the same epoch. ``epoch`` may be an int64 tensor.
+    """
+    return tf.stack([tf.constant(base, tf.int64), mixed_radix(round_, epoch, radix=EPOCH_RADIX)])
+
+
+def augment_seed(base, epoch, batch):
+    """The int64 seed pair ``[base * 1000003 + epoch, batch]`` of the augmentation of one batch."""
+    return tf.stack([mixed_radix(tf.constant(base, tf.int64), epoch, radix=EPOCH_RADIX), batch])
+
+
+def extra_draw_seed(base, epoch, batch):
+    """The int64 seed pair ``[-(base * 1000003 + epoch) - 1, batch]`` of the extra-data examples of one batch.
+
+    Negative first words keep these draws apart from every :func:`augment_seed`.
+    """
+    return tf.stack([-mixed_radix(tf.constant(base, tf.int64), epoch, radix=EPOCH_RADIX) - 1, batch])
+
+
+__all__ = ["mixed_radix", "attack_seed", "batch_seed", "step_seed", "epoch_seed", "augment_seed",
+           "extra_draw_seed", "APGD", "APGD_TARGETED", "FAB_TARGETED",
            "SQUARE", "FAB", "EVALUATION", "PROBE_EPS0", "PROBE_LARGE_EPS", "PROBE_STEPS", "TRAIN_ATTACK_START",
            "TRAIN_RAT_NOISE", "VALIDATION_ATTACK_START"]
