@@ -80,7 +80,10 @@ checks, model calls and the cache of compiled functions, DLR losses, EOT
 gradients, the restart loop). The projection onto the ball, per-example
 norms, cross-entropy and margin are those of :mod:`tfrobust.attacks`; seeds
 come from :mod:`tfrobust.seeds`. Every public name is importable from
-``tfrobust.autoattack``.
+``tfrobust.autoattack``. The package attributes ``apgd``, ``fab`` and ``square``
+are the attack functions, not the modules of the same names (import those
+as ``from tfrobust.autoattack.fab import ...`` or with
+``importlib.import_module``).
 """
 
 from __future__ import annotations
