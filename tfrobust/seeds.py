@@ -6,7 +6,7 @@ Both words are built by :func:`mixed_radix` from the user's base seed, a
 purpose code that keeps the streams of different jobs apart, and counters
 (batch, restart, step, target rank, ...)::
 
-    mixed_radix(p1, p2, ..., radix=R, offset=o) = (...((p1 + o) R + p2 + o) R + ...) + o
+    mixed_radix(p1, p2, ..., pk, radix=R, offset=o) = (...((p1 + o) R + p2 + o) R + ...) R + pk + o
 
 The layouts in use (each one reproduces the seeds of earlier releases, so a
 run with the same seed gives the same numbers):
@@ -27,7 +27,8 @@ extra-data draw of batch b of     ``[-(base * 1000003 + e) - 1, b]``, int64   :f
 epoch e (data)
 ================================  ==========================================  =====================
 
-Purpose codes are the constants below. ``attacks.random_start`` turns a
+Purpose codes are the constants below. The trainer still builds its step
+seeds itself, with the values of :func:`step_seed`. ``attacks.random_start`` turns a
 Python integer seed ``s`` into ``[s, 0]`` (and ``[s, 1]`` for the L2 radius)
 and a seed tensor ``t`` into ``t`` (and ``t + 1``). The flatness measures hash
 their counters with numpy's ``SeedSequence`` (``tfrobust.flatness``); the
