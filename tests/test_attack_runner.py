@@ -1,9 +1,11 @@
 """attacks.AttackRunner / attack_batches (one batched attack runner) and attacks.random_start (one random start)."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tfrobust import attacks, seeds
+from tfrobust.errors import UserError
 
 
 def noise_attack(model_fn, x, y, seed):
@@ -86,3 +88,11 @@ def test_gaussian_unclipped_start_leaves_the_box_and_gaussian_does_not():
     np.testing.assert_array_equal(clipped, np.clip(unclipped, 0.0, 1.0))
     # 0.001 N(0, 1): 100 draws stay within 5 standard deviations
     assert np.abs(unclipped - x.numpy()).max() < 0.005
+
+
+def test_batch_size_and_restarts_must_be_positive_integers():
+    x, y = data(4)
+    for kwargs, message in (({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+                            ({"batch_size": 2, "restarts": 0}, "restarts must be an integer >= 1, got 0")):
+        with pytest.raises(UserError, match=message):
+            attacks.attack_batches(None, x, y, noise_attack, **kwargs)
