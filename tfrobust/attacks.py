@@ -185,7 +185,10 @@ def random_start(x, eps, norm="linf", kind="uniform", seed=None):
     direction = _global_batch_noise("normal", shape, seed)
     direction = direction / tf.maximum(per_example(per_example_norm(direction, "l2"), x), 1e-12)
     dims = tf.cast(tf.reduce_prod(shape[1:]), tf.float32)
-    r_seed = None if seed is None else (tf.constant([seed, 1]) if isinstance(seed, int) else tf.cast(seed, tf.int32) + 1)
+    if seed is None:
+        r_seed = None
+    else:
+        r_seed = tf.constant([seed, 1]) if isinstance(seed, int) else tf.cast(seed, tf.int32) + 1
     u = (tf.reshape(_global_batch_noise("uniform", shape[:1], r_seed), [-1]) + 1.0) / 2.0
     radius = per_example(eps * tf.pow(u, 1.0 / dims), x)
     return tf.clip_by_value(x + direction * radius, 0.0, 1.0)

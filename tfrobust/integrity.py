@@ -496,8 +496,8 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
 
     zero_grad = int(np.sum(attack_batches(call, x_np, y_np, lambda fn, xb, yb, _: xb, batch_size=batch_size,
                                           measure=zero_gradient, seeds=lambda b, r: 0)))
-    apgd_ok = ~fooled_by(lambda fn, xb, yb: autoattack.apgd(fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters,
-                                                    seed=seed), x_np, y_np)
+    apgd_ok = ~fooled_by(lambda fn, xb, yb: autoattack.apgd(
+        fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed), x_np, y_np)
     accuracy["apgd-ce"] = float(apgd_ok.mean())
     gradient_robust &= apgd_ok
     bar.update(1)

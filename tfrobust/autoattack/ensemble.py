@@ -28,6 +28,7 @@ from tfrobust.autoattack.fab import fab, fab_targeted
 from tfrobust.autoattack.square import square
 from tfrobust.errors import UserError, unknown_choice
 
+
 def _standard_apgd_ce(model_fn, x, y, eps, norm, seed):
     return apgd(model_fn, x, y, eps, norm=norm, loss="ce", n_iter=100, n_restarts=1, seed=seed)
 
@@ -502,4 +503,5 @@ class _PartialLog:
             self.file = None
 
 
-__all__ = ["ATTACKS", "ALL_ATTACKS", "VERSIONS", "VERSION_ATTACKS", "VERSION_VERDICT_PASSES", "RAND_EOT_ITER", "run_autoattack"]
+__all__ = ["ATTACKS", "ALL_ATTACKS", "VERSIONS", "VERSION_ATTACKS", "VERSION_VERDICT_PASSES", "RAND_EOT_ITER",
+           "run_autoattack"]

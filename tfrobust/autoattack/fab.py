@@ -127,7 +127,7 @@ def _build_fab(call, norm, n_iter, alpha_max, eta, beta, targeted=True):
             x1f = flatten_examples(x1)
             b = -f + tf.reduce_sum(w * x1f, axis=1)
             d = box_hyperplane_projection(tf.concat([x1f, x0], 0), tf.concat([w, w], 0),
-                                           tf.concat([b, b], 0), norm)
+                                          tf.concat([b, b], 0), norm)
             d1, d2 = d[:batch], d[batch:]
             a = tf.maximum(per_example_norm(d, norm), 1e-8)
             a1, a2 = a[:batch], a[batch:]
