@@ -11,8 +11,9 @@ import re
 from tfrobust.errors import UserError
 
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20_ce", "pgd20_cw")
-_PGD = re.compile(r"^pgd(\d+)_(ce|cw)$")
-_CLEVERHANS = re.compile(r"^cleverhans_(fgsm|pgd(\d+)|mim(\d+))$")
+# The names of PGD (group 1: steps, group 2: loss) and of the cleverhans attacks.
+PGD_NAME = re.compile(r"^pgd(\d+)_(ce|cw)$")
+CLEVERHANS_NAME = re.compile(r"^cleverhans_(fgsm|pgd(\d+)|mim(\d+))$")
 
 
 # The attacks' steps are unrolled when traced (a Python loop): far more would trace for minutes first.
@@ -41,7 +42,7 @@ def parse_attacks(spec) -> list:
         raise UserError(f"no attack given; allowed: {attack_names_help()}")
     for name in names:
         if name not in ("clean", "fgsm") + AUTOATTACK + AUTOATTACK_EXTRA + tuple(ENSEMBLES) and not (
-                _PGD.match(name) or _CLEVERHANS.match(name)):
+                PGD_NAME.match(name) or CLEVERHANS_NAME.match(name)):
             raise UserError(f"unknown attack {name!r}; allowed: {attack_names_help()}")
         digits = re.findall(r"\d+", name)
         if digits and not 1 <= int(digits[0]) <= MAX_STEPS:
@@ -55,5 +56,6 @@ def parse_attacks(spec) -> list:
     return names
 
 
-__all__ = ["DEFAULT_ATTACKS", "MAX_STEPS", "AUTOATTACK", "AUTOATTACK_EXTRA", "COMPONENT_ORDER", "ENSEMBLES",
+__all__ = ["DEFAULT_ATTACKS", "MAX_STEPS", "PGD_NAME", "CLEVERHANS_NAME", "AUTOATTACK", "AUTOATTACK_EXTRA",
+           "COMPONENT_ORDER", "ENSEMBLES",
            "OWN_BUDGET_VERSIONS", "attack_names_help", "parse_attacks"]

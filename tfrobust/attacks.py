@@ -6,6 +6,17 @@ adversarial inputs inside the eps-ball around ``x`` and inside [0, 1]. An
 attack never changes a model variable: it reads the model only through
 ``model_fn``. All functions work eagerly and inside ``tf.function``.
 
+:class:`AttackRunner` (and its one-call form :func:`attack_batches`) runs any
+such attack over a data set in batches, compiled once per input shape, with a
+seed per batch and restart from :mod:`tfrobust.seeds`, and returns a
+per-example measure (correct predictions by default, or losses, or the
+adversarial examples). Evaluation, the integrity probes and the TensorBoard
+image grid run their attacks through it. It also takes what the robust loss
+of the flatness measures needs (restarts, each with its own seed, and the
+worst per-example loss); :mod:`tfrobust.flatness` still runs its own loop.
+:func:`random_start` is the one random start of PGD, in training (where it
+draws for the global batch and slices per replica) and in evaluation.
+
 Threat model and defaults follow docs/algorithms.md, section 1:
 PGD (Madry et al., ICLR 2018, eq. 2 and section 2.1): a random start, then
 ``steps`` projected steps along the sign of the gradient (L-inf) or its
@@ -14,12 +25,14 @@ normalised direction (L2).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tfrobust.attack_names import MAX_STEPS
-from tfrobust.errors import check_number, check_steps, unknown_choice
+from tfrobust.errors import UserError, check_number, check_steps, unknown_choice
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw", "trades_kl")
@@ -44,13 +57,18 @@ def smoothed_cross_entropy(logits, y, smoothing: float):
     return (1.0 - smoothing) * nll + smoothing * (-tf.reduce_mean(log_p, axis=-1))
 
 
-def cw_margin(logits, y):
-    """Per-example Carlini-Wagner margin ``max_{k != y} z_k - z_y`` (Carlini & Wagner 2017, eq. f6)."""
+def margin(logits, y):
+    """Per-example margin ``z_y - max_{k != y} z_k``: positive where ``y`` is predicted, negative where not."""
     logits = tf.cast(logits, tf.float32)
     onehot = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits)[-1], dtype=tf.float32)
     true = tf.reduce_sum(logits * onehot, axis=-1)
-    other = tf.reduce_max(logits - 1e9 * onehot, axis=-1)
-    return other - true
+    other = tf.reduce_max(tf.where(onehot > 0, tf.constant(-float("inf"), tf.float32), logits), axis=-1)
+    return true - other
+
+
+def cw_margin(logits, y):
+    """Per-example Carlini-Wagner margin ``max_{k != y} z_k - z_y`` (Carlini & Wagner 2017, eq. f6): ``-margin``."""
+    return -margin(logits, y)
 
 
 def kl_divergence(p_logits, q_logits):
@@ -75,13 +93,17 @@ def kl_from_probabilities(p, q_logits):
     return tf.reduce_sum(tf.where(p > 0, p * (tf.math.log(safe) - log_q), tf.zeros_like(p)), axis=-1)
 
 
-def _per_example_norm(t, order):
+def per_example_norm(t, norm="linf"):
+    """Per-example L-inf or L2 norm of a batch ``t`` (N, ...), shape (N,)."""
     flat = tf.reshape(t, [tf.shape(t)[0], -1])
-    if order == "l2":
-        n = tf.norm(flat, axis=1)
-    else:
-        n = tf.reduce_max(tf.abs(flat), axis=1)
-    return tf.reshape(n, [-1] + [1] * (len(t.shape) - 1))
+    if norm == "l2":
+        return tf.norm(flat, axis=1)
+    return tf.reduce_max(tf.abs(flat), axis=1)
+
+
+def per_example(v, x):
+    """Reshapes a per-example vector ``v`` (N,) to broadcast against the batch ``x`` (N, ...)."""
+    return tf.reshape(v, [-1] + [1] * (len(x.shape) - 1))
 
 
 def project(x_adv, x, eps, norm="linf"):
@@ -90,7 +112,7 @@ def project(x_adv, x, eps, norm="linf"):
     if norm == "linf":
         delta = tf.clip_by_value(delta, -eps, eps)
     else:
-        n = _per_example_norm(delta, "l2")
+        n = per_example(per_example_norm(delta, "l2"), delta)
         delta = delta * tf.minimum(1.0, eps / tf.maximum(n, 1e-12))
     return tf.clip_by_value(x + delta, 0.0, 1.0)
 
@@ -118,27 +140,57 @@ def _random(kind, shape, seed, dtype=tf.float32):
     return tf.random.stateless_normal(shape, seed, dtype=dtype)
 
 
+def _global_batch_noise(kind, shape, seed):
+    """Noise of ``shape`` for this replica's slice of the global batch.
+
+    Inside ``strategy.run`` the noise is drawn for the whole global batch from
+    one seed on every replica, and each replica takes its own contiguous
+    slice, so that a step on N replicas sees exactly the noise of the same
+    step on one device. Elsewhere it is drawn for ``shape`` itself.
+    """
+    ctx = tf.distribute.get_replica_context()
+    n = ctx.num_replicas_in_sync if ctx is not None else 1
+    if n == 1:
+        return _random(kind, shape, seed)
+    local = shape[0]
+    noise = _random(kind, tf.concat([[local * n], shape[1:]], axis=0), seed)
+    replica = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+    return noise[replica * local : (replica + 1) * local]
+
+
 def random_start(x, eps, norm="linf", kind="uniform", seed=None):
-    """The starting point of PGD.
+    """The starting point of PGD, the same on any number of replicas.
 
     ``uniform``: x + U(-eps, eps) for L-inf (Madry et al.); for L2 a point
-    uniformly distributed in the L2 ball. ``gaussian``: x + 0.001 N(0, 1)
-    (the TRADES and MART references). ``none``: x. Always clipped to [0, 1].
+    uniformly distributed in the L2 ball (a Gaussian direction and the radius
+    eps u^(1/d)). ``gaussian``: x + 0.001 N(0, 1) (the TRADES and MART
+    references). ``gaussian_unclipped``: the same, not clipped to [0, 1] (the
+    reference code's start, docs/algorithms.md, section 9, item 1).
+    ``none``: x. All but ``gaussian_unclipped`` are clipped to [0, 1].
+
+    ``seed``: None (stateful random), a Python int ``s`` (noise from seed
+    ``[s, 0]``, the L2 radius from ``[s, 1]``) or a shape-[2] int tensor ``t``
+    (``t`` and ``t + 1``). Inside ``strategy.run`` the noise is drawn for the
+    global batch and sliced per replica (a step on N replicas starts where the
+    same step on one device starts).
     """
     if kind == "none":
         return x
-    if kind == "gaussian":
-        return tf.clip_by_value(x + 0.001 * _random("normal", tf.shape(x), seed), 0.0, 1.0)
+    shape = tf.shape(x)
+    if kind in ("gaussian", "gaussian_unclipped"):
+        start = x + 0.001 * _global_batch_noise("normal", shape, seed)
+        return start if kind == "gaussian_unclipped" else tf.clip_by_value(start, 0.0, 1.0)
     if norm == "linf":
-        return tf.clip_by_value(x + eps * _random("uniform", tf.shape(x), seed), 0.0, 1.0)
-    direction = _random("normal", tf.shape(x), seed)
-    direction = direction / tf.maximum(_per_example_norm(direction, "l2"), 1e-12)
-    batch = tf.shape(x)[0]
-    dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
-    r_seed = None if seed is None else (tf.constant([seed, 1]) if isinstance(seed, int) else tf.cast(seed, tf.int32) + 1)
-    u = (_random("uniform", [batch], r_seed) + 1.0) / 2.0
-    radius = eps * tf.pow(u, 1.0 / dims)
-    radius = tf.reshape(radius, [-1] + [1] * (len(x.shape) - 1))
+        return tf.clip_by_value(x + eps * _global_batch_noise("uniform", shape, seed), 0.0, 1.0)
+    direction = _global_batch_noise("normal", shape, seed)
+    direction = direction / tf.maximum(per_example(per_example_norm(direction, "l2"), x), 1e-12)
+    dims = tf.cast(tf.reduce_prod(shape[1:]), tf.float32)
+    if seed is None:
+        r_seed = None
+    else:
+        r_seed = tf.constant([seed, 1]) if isinstance(seed, int) else tf.cast(seed, tf.int32) + 1
+    u = (tf.reshape(_global_batch_noise("uniform", shape[:1], r_seed), [-1]) + 1.0) / 2.0
+    radius = per_example(eps * tf.pow(u, 1.0 / dims), x)
     return tf.clip_by_value(x + direction * radius, 0.0, 1.0)
 
 
@@ -219,7 +271,7 @@ def pgd(
         if norm == "linf":
             x_new = x_adv + step_size * tf.sign(grad)
         else:
-            x_new = x_adv + step_size * grad / tf.maximum(_per_example_norm(grad, "l2"), 1e-12)
+            x_new = x_adv + step_size * grad / tf.maximum(per_example(per_example_norm(grad, "l2"), grad), 1e-12)
         return project(tf.stop_gradient(x_new), x, eps, norm)
 
     for _ in range(int(steps)):
@@ -232,18 +284,109 @@ def fgsm(model_fn: Callable, x, y, eps, norm: str = "linf"):
     return pgd(model_fn, x, y, eps, eps, 1, norm=norm, loss="ce", random_start_kind="none")
 
 
+def correct_predictions(model_fn, x_adv, x, y):
+    """``(correct, finite)`` per example at ``x_adv``: a non-finite output never counts as correct.
+
+    (An argmax over NaN reads as class 0.) The default measure of :class:`AttackRunner`.
+    """
+    logits = tf.cast(model_fn(x_adv), tf.float32)
+    finite = tf.reduce_all(tf.math.is_finite(logits), axis=-1)
+    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)) & finite
+    return correct, finite
+
+
+class AttackRunner:
+    """One attack run over data in batches, compiled once (per input shape) and reusable.
+
+    Args:
+      model_fn: maps images in [0, 1] to logits.
+      attack: ``attack(model_fn, x, y, seed) -> x_adv`` on one batch; ``seed``
+        is what ``seeds`` gives for the batch (a Python int or an int tensor
+        of shape [2], see :mod:`tfrobust.seeds`).
+      measure: ``measure(model_fn, x_adv, x, y)`` -> a per-example tensor or a
+        tuple of them (default :func:`correct_predictions`); return ``x_adv``
+        to get the adversarial examples themselves.
+      jit: True traces ``measure(attack(...))`` into one ``tf.function``
+        (``reduce_retracing``: batches of one shape share a trace); False runs
+        it eagerly (for attacks that cannot be traced, such as AutoAttack's).
+    """
+
+    def __init__(self, model_fn: Callable, attack: Callable, measure: Optional[Callable] = None, jit: bool = True):
+        measure = measure or correct_predictions
+
+        def run(x, y, seed):
+            return measure(model_fn, attack(model_fn, x, y, seed), x, y)
+
+        # functools.partial: TensorFlow's retracing warning groups functions by code object, and every runner
+        # traces its own closure once.
+        self._run = tf.function(functools.partial(run), reduce_retracing=True) if jit else run
+
+    def __call__(self, x, y, batch_size: int, seeds: Optional[Callable] = None, restarts: int = 1,
+                 combine: Callable = None, desc: Optional[str] = None):
+        """Runs the attack on ``x[i : i + batch_size]`` for each batch and restart; returns numpy arrays.
+
+        Args:
+          x, y: images in [0, 1] and integer labels (numpy arrays or tensors).
+          batch_size: examples per call.
+          seeds: ``seeds(batch_index, restart)`` -> the batch's seed (default:
+            ``seeds.batch_seed(0, batch_index)`` for restart 0).
+          restarts: runs per batch, each with its own seed; the per-example
+            results are combined with ``combine`` (default ``np.maximum``:
+            the worst case of a loss the attack maximises).
+          desc: show a progress bar over the batches with this label.
+
+        Returns:
+          The per-example measure over all of ``x`` (a tuple where the measure returns one).
+        """
+        from tqdm.auto import tqdm
+
+        from tfrobust.seeds import batch_seed
+
+        for name, value in (("batch_size", batch_size), ("restarts", restarts)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+        seeds = seeds or (lambda b, r: batch_seed(0, b))
+        combine = combine or np.maximum
+        n = int(x.shape[0])
+        parts = []
+        starts = range(0, n, batch_size)
+        for b, i in enumerate(tqdm(starts, desc=desc, disable=desc is None, leave=False)):
+            xb = tf.convert_to_tensor(x[i : i + batch_size], tf.float32)
+            yb = tf.convert_to_tensor(y[i : i + batch_size], tf.int32)
+            best = None
+            for r in range(restarts):
+                out = self._run(xb, yb, seeds(b, r))
+                out = tuple(t.numpy() for t in out) if isinstance(out, (tuple, list)) else (out.numpy(),)
+                best = out if best is None else tuple(combine(p, q) for p, q in zip(best, out))
+            parts.append(best)
+        merged = tuple(np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))) if parts else ()
+        return merged if len(merged) != 1 else merged[0]
+
+
+def attack_batches(model_fn: Callable, x, y, attack: Callable, *, batch_size: int, seeds: Optional[Callable] = None,
+                   restarts: int = 1, measure: Optional[Callable] = None, jit: bool = True, desc: Optional[str] = None):
+    """``AttackRunner(model_fn, attack, measure, jit)(x, y, batch_size, seeds, restarts, desc=desc)``: see there."""
+    return AttackRunner(model_fn, attack, measure, jit)(x, y, batch_size, seeds, restarts, desc=desc)
+
+
 __all__ = [
     "NORMS",
     "LOSSES",
     "STARTS",
     "cross_entropy",
     "smoothed_cross_entropy",
+    "margin",
     "cw_margin",
     "kl_divergence",
     "kl_from_probabilities",
+    "per_example_norm",
+    "per_example",
     "project",
     "random_start",
     "attack_loss",
     "pgd",
     "fgsm",
+    "correct_predictions",
+    "AttackRunner",
+    "attack_batches",
 ]

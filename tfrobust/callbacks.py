@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks
-from tfrobust.rundir import partial_name, remove, atomic_path, atomic_write
+from tfrobust.rundir import atomic_path, atomic_write, partial_name, remove
 
 
 class TrainingDiverged(RuntimeError):
@@ -356,13 +356,19 @@ class AdversarialExamplesImages(keras.callbacks.Callback):
         self.eps, self.step_size, self.steps, self.norm = eps, step_size, steps, norm
         self.every = max(int(every), 1)
         self._writer = None
+        self._runner = None
+
+    def _attack(self, model_fn, x, y, seed):
+        return attacks.pgd(model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm, seed=seed)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
             return
         network = getattr(self.model, "network", self.model)
         fn = lambda t: network(t, training=False)  # noqa: E731
-        x_adv = attacks.pgd(fn, self.x, self.y, self.eps, self.step_size, self.steps, norm=self.norm, seed=0).numpy()
+        if self._runner is None:  # compiled once, reused every epoch (it reads the current weights)
+            self._runner = attacks.AttackRunner(fn, self._attack, measure=lambda _, x_adv, x, y: x_adv)
+        x_adv = self._runner(self.x, self.y, batch_size=len(self.x), seeds=lambda b, r: 0)
         clean_pred = np.argmax(fn(self.x).numpy(), axis=-1)
         adv_pred = np.argmax(fn(x_adv).numpy(), axis=-1)
         png = _grid_png(self.x, x_adv, self.y, clean_pred, adv_pred)

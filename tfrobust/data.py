@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from tfrobust import seeds
 from tfrobust.config import DATA_SETS, DataConfig
 from tfrobust.errors import UserError, unknown_choice
 
@@ -626,8 +627,8 @@ def _train_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int) ->
     if options is None:
         ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip((ds, seeds))
+        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, draws))
 
         def augment(batch, random):
             images, labels = _to_float(*batch)
@@ -646,14 +647,14 @@ def _epochs_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, s
     options = augment_options(cfg.name, cfg.augment)
 
     def one_epoch(epoch):
-        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=epoch_seed)
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                         seed=seeds.epoch_seed(seed, epoch))
         batches = tf.data.Dataset.from_tensor_slices(order).batch(cfg.batch_size).enumerate()
 
         def gather(index, idx):
             batch_x, batch_y = _to_float(tf.gather(images, idx), tf.gather(labels, idx))
             if options is not None:
-                batch_x = augment_batch(batch_x, tf.stack([epoch_seed[0] * 1000003 + epoch, index]), **options)
+                batch_x = augment_batch(batch_x, seeds.augment_seed(seed, epoch, index), **options)
             return batch_x, batch_y
 
         return batches.map(gather)
@@ -682,16 +683,16 @@ def _mixed_epochs_pipeline(x, y, cfg: DataConfig, seed: int, start: int, end: in
     rounds = math.ceil(steps * labelled / n)  # permutations needed (more than one only for tiny sets)
 
     def one_epoch(epoch):
-        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.concat([
-            tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=epoch_seed + [0, r * 1000003])
+            tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                     seed=seeds.epoch_seed(seed, epoch, r))
             for r in range(rounds)
         ], axis=0)[: steps * labelled]
         batches = tf.data.Dataset.from_tensor_slices(order).batch(labelled).enumerate()
 
         def gather(index, idx):
             x_lab, y_lab = _to_float(tf.gather(images, idx), tf.gather(labels, idx))
-            pick_seed = tf.stack([-(epoch_seed[0] * 1000003 + epoch) - 1, index])
+            pick_seed = seeds.extra_draw_seed(seed, epoch, index)
             pick = tf.sort(tf.random.stateless_uniform([extra], pick_seed, minval=0, maxval=size, dtype=tf.int64))
             x_ext, y_ext = tf.numpy_function(read, [pick], [pool_dtype, tf.int32], stateful=False)
             x_ext = tf.ensure_shape(x_ext, (extra,) + shape)
@@ -700,7 +701,7 @@ def _mixed_epochs_pipeline(x, y, cfg: DataConfig, seed: int, start: int, end: in
             batch_x = tf.concat([x_lab, x_ext], axis=0)
             batch_y = tf.concat([y_lab, y_ext], axis=0)
             if options is not None:
-                batch_x = augment_batch(batch_x, tf.stack([epoch_seed[0] * 1000003 + epoch, index]), **options)
+                batch_x = augment_batch(batch_x, seeds.augment_seed(seed, epoch, index), **options)
             return batch_x, batch_y
 
         return batches.map(gather)

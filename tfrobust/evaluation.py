@@ -61,10 +61,11 @@ import tensorflow as tf
 
 from tfrobust import attacks as attack_lib
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
-    _CLEVERHANS, _PGD, AUTOATTACK, AUTOATTACK_EXTRA, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
-    OWN_BUDGET_VERSIONS, attack_names_help, parse_attacks,
+    AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
+    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, parse_attacks,
 )
 from tfrobust.errors import UserError, check_number
+from tfrobust.seeds import EVALUATION, batch_seed
 
 
 class ModelIntegrityError(UserError):
@@ -102,31 +103,22 @@ def check_model_and_data(model_fn: Callable, x, y, batch_size: int) -> int:
     return classes
 
 
-def _attack_fn(name: str, model_fn: Callable, eps: float, norm: str, step_size, seed: int):
-    """A compiled function (x, y) -> per-example correctness under attack ``name``."""
-    match = _PGD.match(name)
+def _attack(name: str, eps: float, norm: str, step_size):
+    """``attack(model_fn, x, y, seed) -> x_adv`` for the named attack (not an AutoAttack one)."""
+    match = PGD_NAME.match(name)
 
-    @tf.function(reduce_retracing=True)
-    def run(x, y, batch_index):
+    def attack(model_fn, x, y, seed):
         if name == "clean":
-            x_adv = x
-        elif name == "fgsm":
-            x_adv = attack_lib.fgsm(model_fn, x, y, eps, norm=norm)
-        elif name.startswith("cleverhans_"):
-            x_adv = _cleverhans(name, model_fn, x, y, eps, norm, step_size)
-        else:
-            steps, loss = int(match.group(1)), match.group(2)
-            x_adv = attack_lib.pgd(
-                model_fn, x, y, eps, step_size, steps, norm=norm, loss=loss,
-                random_start_kind="uniform", seed=tf.stack([tf.constant(seed, tf.int32), batch_index]),
-            )
-        logits = tf.cast(model_fn(x_adv), tf.float32)
-        finite = tf.reduce_all(tf.math.is_finite(logits), axis=-1)
-        # A non-finite output is never counted as a correct prediction (argmax over NaN reads as class 0).
-        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)) & finite
-        return correct, finite
+            return x
+        if name == "fgsm":
+            return attack_lib.fgsm(model_fn, x, y, eps, norm=norm)
+        if name.startswith("cleverhans_"):
+            return _cleverhans(name, model_fn, x, y, eps, norm, step_size)
+        steps, loss = int(match.group(1)), match.group(2)
+        return attack_lib.pgd(model_fn, x, y, eps, step_size, steps, norm=norm, loss=loss,
+                              random_start_kind="uniform", seed=seed)
 
-    return run
+    return attack
 
 
 def _cleverhans(name, model_fn, x, y, eps, norm, step_size):
@@ -138,7 +130,7 @@ def _cleverhans(name, model_fn, x, y, eps, norm, step_size):
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
     order = np_.inf if norm == "linf" else 2
-    match = _CLEVERHANS.match(name)
+    match = CLEVERHANS_NAME.match(name)
     fn = lambda t: tf.cast(model_fn(t), tf.float32)  # noqa: E731
     if match.group(1) == "fgsm":
         return fast_gradient_method(fn, x, eps, order, clip_min=0.0, clip_max=1.0, y=y, sanity_checks=False)
@@ -187,8 +179,6 @@ def evaluate(
       ``perturbation_norm``) and ``"flags"`` (the reference's automatic checks,
       :func:`tfrobust.integrity.autoattack_flags`).
     """
-    from tqdm.auto import tqdm
-
     eps = check_number("eps", eps)
     if norm not in attack_lib.NORMS:
         raise UserError(f"unknown norm {norm!r}; allowed: l2, linf")
@@ -213,17 +203,11 @@ def evaluate(
               "non_finite_outputs": {}}
     simple = [a for a in names if a not in AUTOATTACK + AUTOATTACK_EXTRA and a not in ENSEMBLES]
     for name in simple:
-        run = _attack_fn(name, model_fn, eps, norm, step, seed)
-        correct, non_finite = [], 0
         start = time.time()
-        batches = range(0, n, batch_size)
-        for i in tqdm(batches, desc=f"{name:>10}", disable=not verbose, leave=False):
-            xb = tf.convert_to_tensor(x[i : i + batch_size], tf.float32)
-            yb = tf.convert_to_tensor(y[i : i + batch_size], tf.int32)
-            ok, finite = run(xb, yb, tf.constant(i // batch_size, tf.int32))
-            correct.append(ok.numpy())
-            non_finite += int(np.sum(~finite.numpy()))
-        correct = np.concatenate(correct)
+        correct, finite = attack_lib.attack_batches(
+            model_fn, x, y, _attack(name, eps, norm, step), batch_size=batch_size,
+            seeds=lambda b, _: batch_seed(seed, b, EVALUATION), desc=f"{name:>10}" if verbose else None)
+        non_finite = int(np.sum(~finite))
         if non_finite:
             report["non_finite_outputs"][name] = non_finite
         report["correct"][name] = correct

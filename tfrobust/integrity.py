@@ -37,6 +37,9 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tfrobust import autoattack, seeds
+from tfrobust.attacks import attack_batches, pgd
+from tfrobust.autoattack import core
 from tfrobust.errors import UserError
 
 LARGE_EPS_MAX_ACCURACY = 0.1
@@ -207,10 +210,8 @@ def randomised_forward(model_fn, x, y, passes=RANDOMISED_PASSES, tolerance=RANDO
     each scaled to unit L2 norm per example, differ by more than ``tolerance``
     in L2 norm for some example (the reference's n = 5 and alpha = 1e-4).
     """
-    from tfrobust import autoattack as aa
-
-    x_t, y_t = aa._as_inputs(x, y)
-    outputs = [aa._call_model(model_fn, x_t).numpy().astype(np.float64) for _ in range(passes)]
+    x_t, y_t = core.as_inputs(x, y)
+    outputs = [core.call_model(model_fn, x_t).numpy().astype(np.float64) for _ in range(passes)]
     correct = {int((o.argmax(1) == y_t.numpy()).sum()) for o in outputs}
     unit = [o / (np.sqrt((o * o).sum(1, keepdims=True)) + 1e-10) for o in outputs]
     spread = max((float(np.sqrt(((a - b) ** 2).sum(1)).max()) for i, a in enumerate(unit) for b in unit[i + 1:]),
@@ -238,26 +239,19 @@ def dlr_zero_gradients(model_fn, x, y, eps, norm="linf", seed=0) -> Optional[int
     Gaussian direction scaled to eps for L2). None when the model has fewer
     than 3 classes (no DLR loss).
     """
-    from tfrobust import autoattack as aa
-
-    norm = aa._check_norm(norm)
-    x_t, y_t = aa._as_inputs(x, y)
-    call = lambda t: aa._call_model(model_fn, t)  # noqa: E731
+    norm = core.check_norm(norm)
+    x_t, y_t = core.as_inputs(x, y)
+    call = lambda t: core.call_model(model_fn, t)  # noqa: E731
     logits = call(x_t)
     if int(logits.shape[-1]) < 3:
         return None
-    correct = np.flatnonzero(aa._predicted(logits).numpy() == y_t.numpy())
+    correct = np.flatnonzero(core.predicted(logits).numpy() == y_t.numpy())
     if correct.size == 0:
         return 0
     x_t, y_t = tf.gather(x_t, correct), tf.gather(y_t, correct)
-    sd = aa._seed_tensor(aa._check_seed(seed), 1, 0, 0)
-    if norm == "linf":
-        t = tf.random.stateless_uniform(tf.shape(x_t), sd, -1.0, 1.0)
-    else:
-        t = tf.random.stateless_normal(tf.shape(x_t), sd)
-    start = tf.clip_by_value(x_t + float(eps) * aa._normalize(t, norm), 0.0, 1.0)
-    _, _, grad = aa._input_gradient(call, start, lambda logits: aa._dlr_loss(logits, y_t))
-    return int(np.sum(np.all(aa._flat(grad).numpy() == 0.0, axis=1)))
+    start = core.sphere_start(x_t, float(eps), norm, seeds.attack_seed(core.check_seed(seed), seeds.APGD, 0, 0))
+    _, _, grad = core.input_gradient(call, start, lambda logits: core.dlr_loss(logits, y_t))
+    return int(np.sum(np.all(core.flatten_examples(grad).numpy() == 0.0, axis=1)))
 
 
 def rounded_k_over_255(eps) -> Optional[int]:
@@ -314,8 +308,6 @@ def autoattack_flags(model_fn, x, y, eps, norm="linf", *, randomised_expected=Fa
     Returns:
       A list of ``{"name", "passed", "detail", "skipped"}`` dicts in this order.
     """
-    from tfrobust import autoattack as aa
-
     out = []
     probe = randomised_forward(model_fn, x, y)
     if not probe["randomised"]:
@@ -330,8 +322,8 @@ def autoattack_flags(model_fn, x, y, eps, norm="linf", *, randomised_expected=Fa
                           f"the forward pass is randomised (correct predictions per pass {probe['correct_counts']}, "
                           f"max difference {probe['max_difference']:.2g} between {probe['passes']} passes): "
                           "use --attacks rand (APGD with EOT)"))
-    x_t, _ = aa._as_inputs(x, y)
-    outputs = aa._call_model(model_fn, x_t).numpy()
+    x_t, _ = core.as_inputs(x, y)
+    outputs = core.call_model(model_fn, x_t).numpy()
     if looks_like_probabilities(outputs):
         out.append(_check("logits_not_probabilities", False,
                           "the model outputs probabilities (rows non-negative, summing to 1): attack the logits "
@@ -436,16 +428,13 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
       "zero_gradient_examples" (examples whose cross-entropy input gradient at
       the clean point is exactly zero), "budget", "seconds"}``.
     """
-    from tfrobust import attacks as attack_lib
-    from tfrobust import autoattack as aa
-
     start = time.time()
-    norm = aa._check_norm(norm)
-    eps = aa._check_eps(eps)
-    seed = aa._check_seed(seed)
-    batch_size = aa._check_positive_int("batch_size", batch_size)
-    steps = sorted({aa._check_positive_int("steps", int(k)) for k in steps})
-    x_t, y_t = aa._as_inputs(x, y)
+    norm = core.check_norm(norm)
+    eps = core.check_eps(eps)
+    seed = core.check_seed(seed)
+    batch_size = core.check_positive_int("batch_size", batch_size)
+    steps = sorted({core.check_positive_int("steps", int(k)) for k in steps})
+    x_t, y_t = core.as_inputs(x, y)
     x_np, y_np = x_t.numpy(), y_t.numpy()
     n = len(x_np)
     if n == 0:
@@ -453,69 +442,62 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     dims = int(np.prod(x_np.shape[1:]))
     if large_eps is None:
         large_eps = 1.0 if norm == "linf" else math.sqrt(dims)
-    large_eps = aa._check_eps(large_eps)
+    large_eps = core.check_eps(large_eps)
 
-    from tfrobust.autoattack import _call_model
+    call = lambda t: core.call_model(model_fn, t)  # noqa: E731
 
-    call = lambda t: _call_model(model_fn, t)  # noqa: E731
-    spec = [aa._image_spec(x_np.shape), tf.TensorSpec([None], tf.int32), tf.TensorSpec([2], tf.int32)]
+    def correct(_, x_adv, x, y):
+        return core.predicted(call(x_adv)) == y
 
-    def make_pgd(radius, k):
+    def correct_under(radius, k, purpose):
+        """Per-example correctness under PGD-k (step 2.5 radius / k) at ``radius``, one seed per batch."""
         step = 2.5 * radius / k
-
-        @tf.function(input_signature=spec)
-        def run(xb, yb, sd):
-            x_adv = attack_lib.pgd(call, xb, yb, radius, step, k, norm=norm, loss="ce", seed=sd)
-            return tf.equal(tf.argmax(call(x_adv), axis=-1, output_type=tf.int32), yb)
-
-        return run
-
-    def correct_under(run, tag):
-        parts = []
-        for b, i in enumerate(range(0, n, batch_size)):
-            sd = tf.constant([seed % (2**31 - 1), tag * 100003 + b], tf.int32)
-            parts.append(run(tf.constant(x_np[i:i + batch_size]), tf.constant(y_np[i:i + batch_size]), sd).numpy())
-        return np.concatenate(parts)
+        return attack_batches(
+            call, x_np, y_np, lambda fn, xb, yb, sd: pgd(fn, xb, yb, radius, step, k, norm=norm, loss="ce", seed=sd),
+            batch_size=batch_size, measure=correct,
+            seeds=lambda b, _: seeds.batch_seed(seed % (2**31 - 1), b, purpose))
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(steps) + 4, desc="integrity probes", disable=not verbose, leave=False)
-    logits = aa._predict_logits(model_fn, x_t, batch_size)
-    clean_correct = aa._predicted(logits).numpy() == y_np
+    logits = core.predict_logits(model_fn, x_t, batch_size)
+    clean_correct = core.predicted(logits).numpy() == y_np
     bar.update(1)
 
     accuracy = {"clean": float(clean_correct.mean())}
     pgd_steps = {}
     gradient_robust = clean_correct.copy()
     for j, k in enumerate(steps):
-        ok = correct_under(make_pgd(eps, k), 10 + j)
+        ok = correct_under(eps, k, seeds.PROBE_STEPS + j)
         pgd_steps[k] = float(ok.mean())
         accuracy[f"pgd-{k}"] = pgd_steps[k]
         gradient_robust &= ok
         bar.update(1)
 
-    eps0 = correct_under(make_pgd(0.0, 10), 1)
+    eps0 = correct_under(0.0, 10, seeds.PROBE_EPS0)
     bar.update(1)
-    large = correct_under(make_pgd(large_eps, 20), 2)
+    large = correct_under(large_eps, 20, seeds.PROBE_LARGE_EPS)
     bar.update(1)
 
-    @tf.function(input_signature=spec[:2])
-    def zero_gradient(xb, yb):
-        with tf.GradientTape() as tape:
-            tape.watch(xb)
-            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=call(xb))
-        g = tape.gradient(loss, xb, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.reduce_all(tf.equal(tf.reshape(g, [tf.shape(g)[0], -1]), 0.0), axis=1)
+    def zero_gradient(_, x_adv, xb, yb):
+        _, _, g = core.input_gradient(call, xb, lambda logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=yb, logits=logits))
+        return tf.reduce_all(tf.equal(core.flatten_examples(g), 0.0), axis=1)
 
-    zero_grad = 0
-    apgd_ok = np.empty(n, bool)
-    for i in range(0, n, batch_size):
-        xb, yb = x_np[i:i + batch_size], y_np[i:i + batch_size]
-        zero_grad += int(np.sum(zero_gradient(tf.constant(xb), tf.constant(yb)).numpy()))
+    def fooled_by(attack, xs, ys):
+        """Per-example success of an AutoAttack component (eager, in batches of ``batch_size``)."""
+        def measure(_, x_adv, xb, yb):
+            return core.predicted(core.predict_logits(model_fn, x_adv)) != yb
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*zero input gradient", category=RuntimeWarning)
-            xa = aa.apgd(model_fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed)
-        apgd_ok[i:i + batch_size] = aa._predicted(aa._predict_logits(model_fn, xa)).numpy() == yb
+            return attack_batches(model_fn, xs, ys, lambda fn, xb, yb, _: attack(fn, xb, yb),
+                                  batch_size=batch_size, measure=measure, jit=False, seeds=lambda b, r: None)
+
+    zero_grad = int(np.sum(attack_batches(call, x_np, y_np, lambda fn, xb, yb, _: xb, batch_size=batch_size,
+                                          measure=zero_gradient, seeds=lambda b, r: 0)))
+    apgd_ok = ~fooled_by(lambda fn, xb, yb: autoattack.apgd(
+        fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed), x_np, y_np)
     accuracy["apgd-ce"] = float(apgd_ok.mean())
     gradient_robust &= apgd_ok
     bar.update(1)
@@ -523,10 +505,8 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     idx = np.flatnonzero(gradient_robust)
     square_fooled = 0
     if idx.size and eps > 0:
-        for i in range(0, idx.size, batch_size):
-            sel = idx[i:i + batch_size]
-            xs = aa.square(model_fn, x_np[sel], y_np[sel], eps, norm=norm, n_queries=square_queries, seed=seed)
-            square_fooled += int(np.sum(aa._predicted(aa._predict_logits(model_fn, xs)).numpy() != y_np[sel]))
+        square_fooled = int(np.sum(fooled_by(lambda fn, xb, yb: autoattack.square(
+            fn, xb, yb, eps, norm=norm, n_queries=square_queries, seed=seed), x_np[idx], y_np[idx])))
     bar.update(1)
     bar.close()
 

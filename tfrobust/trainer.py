@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from tfrobust import attacks
+from tfrobust.attacks import random_start as start_point  # the attack's random start, same on any replica count
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
 from tfrobust.defenses import Defense, awp, rat, s2o
 from tfrobust.errors import UserError, check_number, check_steps
@@ -53,47 +54,6 @@ def _all_reduce_sum(values):
     if ctx is None or ctx.num_replicas_in_sync == 1:
         return values
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
-
-
-def _global_slice(kind, x, seed):
-    """Noise for this replica's slice of the global batch.
-
-    The noise is drawn for the whole global batch from one seed on every
-    replica, and each replica takes its own contiguous slice, so that a step
-    on N replicas sees exactly the noise of the same step on one device.
-    """
-    ctx = _replica_context()
-    n = ctx.num_replicas_in_sync if ctx is not None else 1
-    local = tf.shape(x)[0]
-    shape = tf.concat([[local * n], tf.shape(x)[1:]], axis=0)
-    if kind == "uniform":
-        noise = tf.random.stateless_uniform(shape, seed, -1.0, 1.0)
-    else:
-        noise = tf.random.stateless_normal(shape, seed)
-    if n == 1:
-        return noise
-    replica = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
-    return noise[replica * local : (replica + 1) * local]
-
-
-def start_point(x, eps, norm, kind, seed):
-    """The attack's random start, consistent across any number of replicas."""
-    if kind == "none":
-        return x
-    if kind == "gaussian":
-        return tf.clip_by_value(x + 0.001 * _global_slice("normal", x, seed), 0.0, 1.0)
-    if kind == "gaussian_unclipped":
-        # The reference code's start: not clipped to [0, 1] (docs/algorithms.md, section 9, item 1).
-        return x + 0.001 * _global_slice("normal", x, seed)
-    if norm == "linf":
-        return tf.clip_by_value(x + eps * _global_slice("uniform", x, seed), 0.0, 1.0)
-    # L2: a uniform point of the ball, from a Gaussian direction and a radius eps * u^(1/d).
-    direction = _global_slice("normal", x, seed)
-    flat = tf.reshape(direction, [tf.shape(x)[0], -1])
-    direction = direction / tf.reshape(tf.maximum(tf.norm(flat, axis=1), 1e-12), [-1] + [1] * (len(x.shape) - 1))
-    u = (_global_slice("uniform", x[:, :1, :1, :1], seed + 1) + 1.0) / 2.0
-    dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
-    return tf.clip_by_value(x + direction * eps * tf.pow(u, 1.0 / dims), 0.0, 1.0)
 
 
 def _probe_shape(network):
