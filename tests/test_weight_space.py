@@ -1,7 +1,5 @@
 """Weight-space selection, drawing, projection and restore (tfrobust.weight_space) used by flatness, AWP and RAT."""
 
-import ast
-import pathlib
 
 import keras
 import numpy as np
@@ -180,24 +178,3 @@ def test_snapshot_restore_inside_tf_function(bn_model):
     assert float(perturb_and_measure(tf.constant([1, 2]))) > 0
     for v, w in zip(variables, before):
         np.testing.assert_array_equal(v.numpy(), w)
-
-
-# --- the layout: users of weight space reach no private name -----------------------------
-
-
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "tfrobust"
-
-
-@pytest.mark.parametrize("path", ["landscape.py", "weight_space.py", "defenses/awp.py", "defenses/rat.py"]
-                         + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "flatness").glob("*.py")))
-def test_no_private_names_imported_from_other_modules(path):
-    tree = ast.parse((ROOT / path).read_text())
-    imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
-    private = [f"{node.module}.{alias.name}" for node in imports if isinstance(node, ast.ImportFrom)
-               for alias in node.names if alias.name.startswith("_")]
-    # Modules bound by an import: no `module._name` either (names of the file's own module are its own business).
-    modules = {alias.asname or alias.name for node in imports for alias in node.names}
-    private += [f"{node.value.id}.{node.attr}" for node in ast.walk(tree)
-                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__")]
-    assert private == []

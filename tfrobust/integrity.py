@@ -37,9 +37,11 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tfrobust import autoattack, seeds
+from tfrobust import seeds
 from tfrobust.attacks import attack_batches, pgd
 from tfrobust.autoattack import core
+from tfrobust.autoattack.apgd import apgd
+from tfrobust.autoattack.square import square
 from tfrobust.errors import UserError
 
 LARGE_EPS_MAX_ACCURACY = 0.1
@@ -496,7 +498,7 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
 
     zero_grad = int(np.sum(attack_batches(call, x_np, y_np, lambda fn, xb, yb, _: xb, batch_size=batch_size,
                                           measure=zero_gradient, seeds=lambda b, r: 0)))
-    apgd_ok = ~fooled_by(lambda fn, xb, yb: autoattack.apgd(
+    apgd_ok = ~fooled_by(lambda fn, xb, yb: apgd(
         fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed), x_np, y_np)
     accuracy["apgd-ce"] = float(apgd_ok.mean())
     gradient_robust &= apgd_ok
@@ -505,7 +507,7 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     idx = np.flatnonzero(gradient_robust)
     square_fooled = 0
     if idx.size and eps > 0:
-        square_fooled = int(np.sum(fooled_by(lambda fn, xb, yb: autoattack.square(
+        square_fooled = int(np.sum(fooled_by(lambda fn, xb, yb: square(
             fn, xb, yb, eps, norm=norm, n_queries=square_queries, seed=seed), x_np[idx], y_np[idx])))
     bar.update(1)
     bar.close()

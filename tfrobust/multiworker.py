@@ -52,7 +52,7 @@ Every worker builds the same deterministic sequence of global batches
 is cut into ``num_replicas_in_sync`` contiguous chunks and replica r (in the
 strategy's numbering: worker ``id_in_cluster`` times local replicas, plus the
 local replica) gets chunk r. This is exactly the part the trainer draws its
-attack noise for (``trainer._global_slice``), so a step matches the same step
+attack noise for (``attacks.random_start``), so a step matches the same step
 on one device. ``AutoShardPolicy.FILE`` cannot apply (the data is in memory)
 and ``AutoShardPolicy.DATA`` leaves the assignment of batch pieces to workers
 to tf.data's rewrite, which the trainer cannot rely on, hence the explicit
