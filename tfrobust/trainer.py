@@ -1,17 +1,25 @@
 """RobustModel: a keras.Model whose ``train_step`` performs adversarial training.
 
-One compiled step does, for a batch ``(x, y)`` (docs/algorithms.md, sections 1-5):
+One compiled step does, for a batch ``(x, y)`` (docs/algorithms.md, sections 1-5),
+calling the defense's weight-space terms (:mod:`tfrobust.defenses.terms`) in
+their canonical order at each point:
 
 1. the inner attack of the base objective (PGD on CE for AT, on KL for
-   TRADES, on CE from a Gaussian start for MART); for RAT against randomly
-   perturbed convolution kernels;
-2. for AWP, after the warm-up, the adversarial weight perturbation ``v`` from
-   the gradient of the base objective, all-reduced across replicas; the
-   kernels become ``w + v``;
-3. the full objective (base, plus S2O or RAT terms), its gradient, the
-   optimizer update, and for AWP the exact restore of ``w`` before the update
-   is applied, so that ``w_new = w - update(grad at w + v)``.
+   TRADES, on CE from a Gaussian start for MART), at the weights plus the
+   terms' ``attack_weights`` offsets (RAT: randomly perturbed convolution
+   kernels), restored exactly afterwards;
+2. for each term with ``ascent_variables`` (AWP), after its warm-up, the
+   offsets ``v`` from the gradient of the base objective, all-reduced across
+   replicas; the variables become ``w + v``;
+3. the forward pass; the terms' soft-target statistics (S2O's second moments,
+   RAT's last-layer gradients), summed across replicas off the tape, and
+   their targets;
+4. the full objective (the base, its primary term mixed by each term), its
+   gradient, the exact restore of ``w`` and the optimizer update, so that
+   ``w_new = w - update(grad at w + v)``.
 
+The step knows no term by name: a new weight-space method plugs in through
+:func:`tfrobust.defense_names.register_term` (docs/algorithms.md, section 16).
 Everything else is Keras' own machinery: ``fit``, callbacks, metrics,
 optimizers, checkpoints and export. Under ``tf.distribute`` the hand-built loss
 is divided by the number of replicas (gradients are summed across replicas).
@@ -26,7 +34,8 @@ import tensorflow as tf
 
 from tfrobust import attacks
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
-from tfrobust.defenses import Defense, awp, rat, s2o
+from tfrobust.defenses import Defense
+from tfrobust.defenses.rat import last_dense_kernel
 from tfrobust.errors import UserError, check_number, check_steps
 
 __all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "last_dense_kernel"]
@@ -149,18 +158,11 @@ class _WarmupLengthCheck(keras.callbacks.Callback):
         steps = self.params.get("steps") if self.params else None
         expected = self.model.steps_per_epoch
         if steps is not None and steps != expected:
+            term = self.model.warmup_term()
             raise UserError(
                 f"fit runs {steps} steps per epoch but the model was built with steps_per_epoch={expected}; "
-                f"AWP's warm-up of {self.model.defense.awp_warmup_epochs} epochs would not last that many epochs"
+                f"{term.name.upper()}'s warm-up of {term.warmup_epochs()} epochs would not last that many epochs"
             )
-
-
-def last_dense_kernel(network):
-    """The kernel of the network's last Dense layer (S2O's and RAT's W)."""
-    for layer in reversed(network.layers):
-        if isinstance(layer, keras.layers.Dense):
-            return layer.kernel
-    raise ValueError("the network has no Dense layer; RAT needs a last Dense layer")
 
 
 @keras.saving.register_keras_serializable(package="tfrobust")
@@ -252,11 +254,13 @@ class RobustModel(keras.Model):
             raise UserError(f"unknown norm {norm!r}; allowed: l2, linf")
         if bn_mode not in ("eval", "train"):
             raise UserError(f"unknown bn_mode {bn_mode!r}; allowed: eval, train")
-        if defense.awp and defense.awp_warmup_epochs > 0 and steps_per_epoch is None:
-            raise UserError(
-                f"defense {defense.name!r} has an AWP warm-up of {defense.awp_warmup_epochs} epochs: "
-                "pass steps_per_epoch=... (optimizer steps per epoch), or set awp_warmup_epochs=0"
-            )
+        self.weight_space_terms = tuple(defense.weight_space_terms())
+        for term in self.weight_space_terms:
+            if term.warmup_epochs() > 0 and steps_per_epoch is None:
+                raise UserError(
+                    f"defense {defense.name!r} has an {term.name.upper()} warm-up of {term.warmup_epochs()} epochs: "
+                    f"pass steps_per_epoch=... (optimizer steps per epoch), or set {term.name}_warmup_epochs=0"
+                )
         self.network = network
         self.defense = defense
         self.eps = float(eps)
@@ -296,10 +300,7 @@ class RobustModel(keras.Model):
             self._build_average()
             self.built = True
         names = ["loss"] + self._term_names() + ["clean_accuracy", "adv_accuracy"]
-        if defense.awp:
-            names.append("awp_relative_norm")
-        if defense.s2o:
-            names.append("s2o_correlation")
+        names += [n for term in self.weight_space_terms for n in term.STATISTICS]
         self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
         self.trackers["clean_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
         self.trackers["adv_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
@@ -382,7 +383,7 @@ class RobustModel(keras.Model):
         if getattr(self.network, "built", False):
             self._check_logits()
         callbacks = list(callbacks or [])
-        if self.defense.awp and self.defense.awp_warmup_epochs > 0:
+        if self.warmup_term() is not None:
             callbacks.append(_WarmupLengthCheck())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
@@ -474,13 +475,12 @@ class RobustModel(keras.Model):
         return dict(result) if isinstance(result, dict) else {compiled.name: result}
 
     def _term_names(self):
-        d = self.defense
-        names = {"at": ["ce_adv"], "trades": ["ce_clean", "kl"], "mart": ["bce", "weighted_kl"]}[d.base]
-        if d.s2o:
-            names = names + ["s2o_clean", "s2o_adv"]
-        if d.rat:
-            names = names + ["rat_first", "rat_second"]
-        return names
+        names = {"at": ["ce_adv"], "trades": ["ce_clean", "kl"], "mart": ["bce", "weighted_kl"]}[self.defense.base]
+        return names + [n for term in self.weight_space_terms for n in term.TERMS]
+
+    def warmup_term(self):
+        """The first weight-space term with a warm-up (in epochs), or None."""
+        return next((t for t in self.weight_space_terms if t.warmup_epochs() > 0), None)
 
     # -- pieces of the step -------------------------------------------------
 
@@ -525,13 +525,13 @@ class RobustModel(keras.Model):
         objective = self.defense.objective
         state = self.network.non_trainable_variables
         saved_state = self._snapshot(state) if self.bn_mode == "train" else None
-        noisy, saved_kernels = [], None
-        if self.defense.rat and not self.defense.awp:
-            noisy = rat.noisy_variables(self.network.trainable_variables)
-            saved_kernels = self._snapshot(noisy)
-            noise = rat.weight_noise(noisy, self.defense.rat_sigma, self._seed(2))
-            for v, w, u in zip(noisy, saved_kernels, noise):
+        offset, saved_weights = [], []
+        for term in self.weight_space_terms:  # the weights the attack sees (RAT's noisy kernels)
+            variables, offsets = term.attack_weights(self.network.trainable_variables, self._seed(2))
+            saved = self._snapshot(variables)
+            for v, w, u in zip(variables, saved, offsets):
                 v.assign(w + u)
+            offset, saved_weights = offset + list(variables), saved_weights + saved
         model_fn = self._attack_model_fn()
         x_init = start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(1))
         x_adv = attacks.pgd(
@@ -539,8 +539,7 @@ class RobustModel(keras.Model):
             loss=objective.ATTACK_LOSS, x_init=x_init, gradient_scale=self._attack_gradient_scale(),
             project_start=self.defense.attack_start != "gaussian_unclipped",
         )
-        if saved_kernels is not None:
-            self._restore(noisy, saved_kernels)
+        self._restore(offset[::-1], saved_weights[::-1])
         if saved_state is not None:
             self._restore(state, saved_state)
         return x_adv
@@ -586,17 +585,24 @@ class RobustModel(keras.Model):
             return None
         return tf.add_n([tf.cast(l, tf.float32) for l in losses]) / _num_replicas()
 
-    def ascent_gradients(self, x, x_adv, y, weights=None):
-        """This replica's gradient of the base objective w.r.t. AWP's kernels; BatchNorm state is left unchanged."""
-        kernels = awp.perturbed_variables(self.network.trainable_variables)
+    def _perturbing_term(self):
+        return next(t for t in self.weight_space_terms if t.ascent_variables(self.network.trainable_variables))
+
+    def ascent_gradients(self, x, x_adv, y, weights=None, variables=None):
+        """This replica's gradient of the base objective w.r.t. ``variables``; BatchNorm state is left unchanged.
+
+        ``variables`` defaults to the perturbing term's (AWP's kernels).
+        """
+        if variables is None:
+            variables = self._perturbing_term().ascent_variables(self.network.trainable_variables)
         state = self.network.non_trainable_variables
         saved_state = self._snapshot(state)
         with tf.GradientTape() as tape:
             # Scaled like the training loss so float16 gradients do not underflow;
             # AWP normalises the gradient, so the scale cancels.
             loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, training=True, weights=weights))
-        grads = tape.gradient(loss, kernels)
-        grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(kernels, grads)]
+        grads = tape.gradient(loss, variables)
+        grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(variables, grads)]
         # An overflowed (non-finite) gradient gives no perturbation: a NaN added
         # to the weights could not be undone.
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
@@ -604,24 +610,61 @@ class RobustModel(keras.Model):
         self._restore(state, saved_state)
         return grads
 
-    def weight_perturbation(self, x, x_adv, y, active=True, weights=None):
-        """AWP's ``v``, one entry per perturbed kernel (zeros when ``active`` is False).
+    def weight_perturbation(self, x, x_adv, y, active=True, weights=None, term=None):
+        """A term's weight offsets (AWP's ``v``), one entry per ascent variable (zeros when ``active`` is False).
 
         The gradient is all-reduced across replicas outside of any conditional
         (a cross-replica sum cannot sit inside ``tf.cond``), so every replica
         applies the same ``v``. A zero gradient gives ``v = 0`` exactly.
+        ``term`` defaults to the defense's first term with ascent variables.
         """
-        kernels = awp.perturbed_variables(self.network.trainable_variables)
+        term = term or self._perturbing_term()
+        kernels = term.ascent_variables(self.network.trainable_variables)
         if active is True:
-            grads = self.ascent_gradients(x, x_adv, y, weights)
+            grads = self.ascent_gradients(x, x_adv, y, weights, kernels)
         else:
             grads = tf.cond(
                 active,
-                lambda: self.ascent_gradients(x, x_adv, y, weights),
+                lambda: self.ascent_gradients(x, x_adv, y, weights, kernels),
                 lambda: [tf.zeros_like(k.value) for k in kernels],
             )
         grads = _all_reduce_sum(grads)
-        return awp.adversarial_weight_perturbation([k.value for k in kernels], grads, self.defense.awp_gamma)
+        return term.weight_perturbation([k.value for k in kernels], grads)
+
+    def _perturb_weights(self, x, x_adv, y, weights):
+        """Applies every term's weight offsets before the update; returns what :meth:`_restore_weights` undoes."""
+        applied = []
+        for term in self.weight_space_terms:
+            variables = term.ascent_variables(self.network.trainable_variables)
+            if not variables:
+                continue
+            active = self.optimizer.iterations >= term.warmup_epochs() * (self.steps_per_epoch or 1)
+            offsets = self.weight_perturbation(x, x_adv, y, active, weights, term)
+            saved = self._snapshot(variables)
+            for k, w, v in zip(variables, saved, offsets):
+                k.assign(w + v)
+            applied.append((term, variables, saved, offsets))
+        return applied
+
+    def _restore_weights(self, applied):
+        """Restores the weights exactly (last perturbation first); returns the terms' perturbation statistics."""
+        statistics = {}
+        for term, variables, saved, offsets in reversed(applied):
+            self._restore(variables, saved)
+            statistics.update(term.perturbation_statistics(saved, offsets))
+        return statistics
+
+    def _soft_targets(self, logits_clean, logits_adv, y, recorded, tape):
+        """Every term's per-example soft targets from statistics summed across replicas, and their metrics."""
+        targets, extra = [], {}
+        for term, record in zip(self.weight_space_terms, recorded):
+            statistics = term.statistics(self.network, logits_clean, logits_adv, y, record, tape)
+            if statistics:
+                statistics = _all_reduce_sum(statistics)
+            target, metrics = term.soft_targets(statistics, y)
+            targets.append(target)
+            extra.update(metrics)
+        return targets, extra
 
     # -- the steps ----------------------------------------------------------
 
@@ -632,39 +675,20 @@ class RobustModel(keras.Model):
         d = self.defense
         weights = self._sample_weights(sample_weight, y)
         x_adv = self.adversarial_examples(x, y)
-
-        kernels, saved_kernels, perturbation = [], None, None
-        if d.awp:
-            kernels = awp.perturbed_variables(self.network.trainable_variables)
-            active = self.optimizer.iterations >= d.awp_warmup_epochs * (self.steps_per_epoch or 1)
-            perturbation = self.weight_perturbation(x, x_adv, y, active, weights)
-            saved_kernels = self._snapshot(kernels)
-            for k, w, v in zip(kernels, saved_kernels, perturbation):
-                k.assign(w + v)
+        applied = self._perturb_weights(x, x_adv, y, weights)
 
         variables = self.trainable_variables
-        last_kernel = last_dense_kernel(self.network) if d.rat else None
+        watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
         with tf.GradientTape() as tape:
-            with tf.GradientTape(persistent=True, watch_accessed_variables=d.rat) as inner:
+            with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as inner:
                 logits_adv = tf.cast(self.network(x_adv, training=True), tf.float32)
                 logits_clean = (
                     tf.cast(self.network(x, training=True), tf.float32) if d.needs_clean_logits else None
                 )
-                if d.rat:
-                    ce_clean_mean = self._global_mean(attacks.cross_entropy(logits_clean, y))
-                    ce_adv_mean = self._global_mean(attacks.cross_entropy(logits_adv, y))
+                recorded = [t.record(logits_clean, logits_adv, y, self._global_mean) for t in self.weight_space_terms]
             # Soft targets are constants; their cross-replica sums stay off the tape.
             with tape.stop_recording():
-                targets, extra = {}, {}
-                if d.s2o:
-                    m_clean, m_adv = _all_reduce_sum([s2o.second_moment(logits_clean), s2o.second_moment(logits_adv)])
-                    targets["s2o"] = (s2o.soft_targets(m_clean, y), s2o.soft_targets(m_adv, y))
-                    extra["s2o_correlation"] = s2o.correlation_statistic(m_adv)
-                if d.rat:
-                    g_nat = inner.gradient(ce_clean_mean, last_kernel)
-                    g_adv = inner.gradient(ce_adv_mean, last_kernel)
-                    g_nat, g_adv = _all_reduce_sum([g_nat, g_adv])
-                    targets["rat"] = rat.taylor_targets(g_nat, g_adv, y, d.rat_reference_quirk)
+                targets, extra = self._soft_targets(logits_clean, logits_adv, y, recorded, inner)
             per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets)
             loss = self._global_mean(per_example, weights)
             network_losses = self._network_losses()
@@ -679,9 +703,7 @@ class RobustModel(keras.Model):
         grads = tape.gradient(scaled, variables)
         del inner
 
-        if d.awp:
-            self._restore(kernels, saved_kernels)
-            extra["awp_relative_norm"] = awp.relative_size(saved_kernels, perturbation)
+        extra.update(self._restore_weights(applied))
         self.optimizer.apply(grads, variables)
         if self.averaged_network is not None:
             self.update_average(self.optimizer.iterations)
@@ -700,25 +722,15 @@ class RobustModel(keras.Model):
         return results
 
     def _objective_terms(self, y, logits_clean, logits_adv, targets):
-        """Per-example objective (base, then S2O or RAT terms) and its named terms.
+        """Per-example objective (the base, its primary term mixed by each weight-space term) and its named terms.
 
-        ``targets`` holds the soft targets computed without gradient:
-        ``{"s2o": (q_clean, q_adv)}`` or ``{"rat": (y1, y2, yy1, yy2)}``.
+        ``targets`` holds each term's soft targets (computed without gradient), in term order.
         """
-        d = self.defense
         primary, regulariser, terms = self._loss_terms(logits_clean, logits_adv, y)
-        total = primary + regulariser
-        if d.s2o:
-            q_clean, q_adv = targets["s2o"]
-            s_clean = attacks.kl_from_probabilities(q_clean, logits_clean)
-            s_adv = attacks.kl_from_probabilities(q_adv, logits_adv)
-            total = (1.0 - d.s2o_a) * primary + 0.5 * d.s2o_a * (s_clean + s_adv) + regulariser
-            terms = dict(terms, s2o_clean=s_clean, s2o_adv=s_adv)
-        if d.rat:
-            first, second = rat.taylor_terms(logits_clean, logits_adv, targets["rat"])
-            total = (1.0 - d.rat_alpha) * primary + d.rat_alpha * first + 0.5 * d.rat_alpha * second + regulariser
-            terms = dict(terms, rat_first=first, rat_second=second)
-        return total, terms
+        for term, target in zip(self.weight_space_terms, targets):
+            primary, reported = term.mix(primary, logits_clean, logits_adv, target)
+            terms = dict(terms, **reported)
+        return primary + regulariser, terms
 
     def test_step(self, data):
         """Clean and PGD accuracy (``eval_steps`` steps on ``eval_loss``, uniform start) on validation data.
