@@ -157,6 +157,10 @@ class OptimConfig:
     ema_start: float = 0.025
     # Stop when validation PGD accuracy has not improved for this many epochs (0: never).
     early_stopping_patience: int = 0
+    # Gradient accumulation: every batch of data.batch_size examples is processed
+    # as this many micro-batches and makes one update, equal to the whole batch's
+    # (BatchNorm statistics are per micro-batch; docs/algorithms.md, section 17).
+    accumulate_steps: int = 1
 
 
 @dataclass
@@ -442,6 +446,10 @@ def validate(config: ExperimentConfig) -> None:
         (0 <= config.optim.ema_decay < 1, "optim.ema_decay must be in [0, 1)"),
         (0 <= config.optim.ema_start < 1, "optim.ema_start must be in [0, 1)"),
         (config.eval.integrity_examples >= 0, "eval.integrity_examples must be >= 0"),
+        (config.optim.accumulate_steps >= 1, "optim.accumulate_steps must be >= 1"),
+        (config.optim.accumulate_steps < 1 or config.data.batch_size % config.optim.accumulate_steps == 0,
+         f"data.batch_size {config.data.batch_size} is not divisible by optim.accumulate_steps="
+         f"{config.optim.accumulate_steps} (the micro-batches must be equal)"),
     ]
     from tfrobust.defense_names import check_defense_name, resolve_settings
 

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tfrobust import attacks
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
-from tfrobust.defenses import Defense
+from tfrobust.defenses import Defense, WeightSpaceTerm
 from tfrobust.defenses.rat import last_dense_kernel
 from tfrobust.errors import UserError, check_number, check_steps
 
@@ -220,6 +220,16 @@ class RobustModel(keras.Model):
         (default: every trainable variable), ``"batchnorm"`` (BatchNorm's
         gamma and beta, as the references' weight-averaging trainer) or
         ``"batchnorm_and_bias"`` (also every bias).
+      accumulate_steps: ``N`` micro-batches per optimizer update. Each batch
+        is split into N micro-batches processed one after the other (so only
+        one micro-batch's activations are in memory), making one update equal
+        (up to float rounding) to the update on the whole batch: the attack
+        per micro-batch from the batch's random start, AWP's ascent gradient,
+        S2O's second moments and RAT's last-layer gradients summed over the
+        whole batch before they are used, one optimizer iteration. BatchNorm's
+        batch statistics are those of each micro-batch (and its moving
+        averages move once per micro-batch). A batch size not divisible by N
+        is refused; 1 (default) is the plain step.
     """
 
     def __init__(
@@ -241,6 +251,7 @@ class RobustModel(keras.Model):
         ema_decay: Optional[float] = None,
         ema_start_step: float = 0.0,
         weight_decay_exclude: str = "none",
+        accumulate_steps: int = 1,
         **kwargs,
     ):
         if isinstance(defense, str):
@@ -294,6 +305,7 @@ class RobustModel(keras.Model):
                 f"unknown weight_decay_exclude {weight_decay_exclude!r}; allowed: {', '.join(WEIGHT_DECAY_EXCLUDE)}"
             )
         self.weight_decay_exclude = weight_decay_exclude
+        self.accumulate_steps = check_steps("accumulate_steps", accumulate_steps, minimum=1)
         self.averaged_network = None
         if getattr(network, "built", False):
             self._check_logits()
@@ -334,6 +346,7 @@ class RobustModel(keras.Model):
             "ema_decay": self.ema_decay,
             "ema_start_step": self.ema_start_step,
             "weight_decay_exclude": self.weight_decay_exclude,
+            "accumulate_steps": self.accumulate_steps,
         }
 
     @classmethod
@@ -378,8 +391,21 @@ class RobustModel(keras.Model):
         check_outputs_are_logits(self.network, shape)
         self._logits_checked = True
 
+    def _check_divisible(self, batch_size):
+        """Refuses a batch size that does not split into equal micro-batches (a last, partial batch is split unevenly)."""
+        if batch_size is not None and batch_size % self.accumulate_steps:
+            raise UserError(
+                f"a batch of {batch_size} examples does not split into accumulate_steps={self.accumulate_steps} "
+                "equal micro-batches; choose a batch size divisible by it"
+            )
+
     def fit(self, *args, callbacks=None, **kwargs):
-        """Keras' fit; refuses an epoch length that would change AWP's warm-up."""
+        """Keras' fit; refuses an epoch length that would change AWP's warm-up, and a batch size that
+        does not split into ``accumulate_steps`` micro-batches."""
+        self._check_divisible(kwargs.get("batch_size"))
+        data = args[0] if args else kwargs.get("x")
+        if isinstance(data, tf.data.Dataset):  # a batch size fixed in the data set's shapes
+            self._check_divisible(tf.nest.flatten(data.element_spec)[0].shape[0])
         if getattr(self.network, "built", False):
             self._check_logits()
         callbacks = list(callbacks or [])
@@ -520,8 +546,11 @@ class RobustModel(keras.Model):
         for v, value in zip(variables, values):
             v.assign(value)
 
-    def adversarial_examples(self, x, y):
-        """The training attack of the base objective (for RAT: at noisy conv kernels)."""
+    def adversarial_examples(self, x, y, x_init=None):
+        """The training attack of the base objective (for RAT: at noisy conv kernels).
+
+        ``x_init``: the random start (default: drawn for this batch from the step's seed).
+        """
         objective = self.defense.objective
         state = self.network.non_trainable_variables
         saved_state = self._snapshot(state) if self.bn_mode == "train" else None
@@ -533,7 +562,8 @@ class RobustModel(keras.Model):
                 v.assign(w + u)
             offset, saved_weights = offset + list(variables), saved_weights + saved
         model_fn = self._attack_model_fn()
-        x_init = start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(1))
+        if x_init is None:
+            x_init = self._attack_start(x)
         x_adv = attacks.pgd(
             model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm,
             loss=objective.ATTACK_LOSS, x_init=x_init, gradient_scale=self._attack_gradient_scale(),
@@ -543,6 +573,9 @@ class RobustModel(keras.Model):
         if saved_state is not None:
             self._restore(state, saved_state)
         return x_adv
+
+    def _attack_start(self, x):
+        return start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(1))
 
     def _loss_terms(self, logits_clean, logits_adv, y):
         """The base objective's ``(primary, regulariser, terms)``, its CE term label-smoothed when asked."""
@@ -554,19 +587,26 @@ class RobustModel(keras.Model):
             terms = dict(terms, **{name: primary})
         return primary, regulariser, terms
 
-    def _base_loss(self, x, x_adv, y, training=True, weights=None):
-        """Mean base objective over the global batch (divided by the replica count), plus the network's losses."""
+    def _base_loss(self, x, x_adv, y, training=True, weights=None, fraction=None):
+        """Mean base objective over the global batch (divided by the replica count), plus the network's losses.
+
+        ``fraction``: the share of the batch that ``x`` is (a micro-batch), or None for the whole batch.
+        """
         logits_adv = self.network(x_adv, training=training)
         logits_clean = self.network(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
         primary, regulariser, _ = self._loss_terms(logits_clean, logits_adv, y)
-        loss = self._global_mean(primary + regulariser, weights)
-        network_losses = self._network_losses()
+        loss = self._global_mean(primary + regulariser, weights, fraction)
+        network_losses = self._network_losses(fraction)
         return loss if network_losses is None else loss + network_losses
 
-    def _global_mean(self, per_example, weights=None):
-        """This replica's share of the global mean; ``weights = (w, global sum of w)`` makes it weighted."""
+    def _global_mean(self, per_example, weights=None, fraction=None):
+        """This replica's share of the global mean; ``weights = (w, global sum of w)`` makes it weighted.
+
+        For a micro-batch that is ``fraction`` of this replica's batch, its share of that mean.
+        """
         if weights is None:
-            return tf.reduce_mean(per_example) / _num_replicas()
+            mean = tf.reduce_mean(per_example) / _num_replicas()
+            return mean if fraction is None else mean * fraction
         w, total = weights
         return tf.math.divide_no_nan(tf.reduce_sum(w * tf.cast(per_example, tf.float32)), total)
 
@@ -578,20 +618,32 @@ class RobustModel(keras.Model):
         w = tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
         return w, _all_reduce_sum(tf.reduce_sum(w))
 
-    def _network_losses(self):
-        """The network's own losses (regularizers), divided by the replica count; None if it has none."""
+    def _network_losses(self, fraction=None):
+        """The network's own losses (regularizers), divided by the replica count (times a micro-batch's fraction)."""
         losses = self.network.losses
         if not losses:
             return None
-        return tf.add_n([tf.cast(l, tf.float32) for l in losses]) / _num_replicas()
+        total = tf.add_n([tf.cast(l, tf.float32) for l in losses]) / _num_replicas()
+        return total if fraction is None else total * fraction
+
+    def _weight_decay_penalty(self, variables, fraction=None):
+        """``wd/2 ||w||^2`` over the decayed variables, divided by the replica count (times a micro-batch's fraction)."""
+        if not self.weight_decay:
+            return 0.0
+        decayed = self.decayed_variables(variables)
+        penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in decayed])
+        penalty = penalty / _num_replicas()
+        return penalty if fraction is None else penalty * fraction
 
     def _perturbing_term(self):
         return next(t for t in self.weight_space_terms if t.ascent_variables(self.network.trainable_variables))
 
-    def ascent_gradients(self, x, x_adv, y, weights=None, variables=None):
+    def ascent_gradients(self, x, x_adv, y, weights=None, variables=None, fraction=None):
         """This replica's gradient of the base objective w.r.t. ``variables``; BatchNorm state is left unchanged.
 
-        ``variables`` defaults to the perturbing term's (AWP's kernels).
+        ``variables`` defaults to the perturbing term's (AWP's kernels). For a
+        micro-batch (``fraction`` of the batch) the gradient of its share, not
+        yet checked for overflow (see :meth:`_finite_or_zero`).
         """
         if variables is None:
             variables = self._perturbing_term().ascent_variables(self.network.trainable_variables)
@@ -600,15 +652,17 @@ class RobustModel(keras.Model):
         with tf.GradientTape() as tape:
             # Scaled like the training loss so float16 gradients do not underflow;
             # AWP normalises the gradient, so the scale cancels.
-            loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, training=True, weights=weights))
+            loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, True, weights, fraction))
         grads = tape.gradient(loss, variables)
         grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(variables, grads)]
-        # An overflowed (non-finite) gradient gives no perturbation: a NaN added
-        # to the weights could not be undone.
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
         self._restore(state, saved_state)
-        return grads
+        return grads if fraction is not None else self._finite_or_zero(grads)
+
+    @staticmethod
+    def _finite_or_zero(grads):
+        """The gradients, or zeros if any entry overflowed: a NaN added to the weights could not be undone."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        return [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
 
     def weight_perturbation(self, x, x_adv, y, active=True, weights=None, term=None):
         """A term's weight offsets (AWP's ``v``), one entry per ascent variable (zeros when ``active`` is False).
@@ -672,6 +726,8 @@ class RobustModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
         self._check_logits(x.shape[1:])  # at trace time, for a network built by its first batch
+        if self.accumulate_steps > 1:
+            return self._accumulated_train_step(x, y, sample_weight)
         d = self.defense
         weights = self._sample_weights(sample_weight, y)
         x_adv = self.adversarial_examples(x, y)
@@ -690,26 +746,30 @@ class RobustModel(keras.Model):
             with tape.stop_recording():
                 targets, extra = self._soft_targets(logits_clean, logits_adv, y, recorded, inner)
             per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets)
-            loss = self._global_mean(per_example, weights)
-            network_losses = self._network_losses()
-            if network_losses is not None:
-                loss = loss + network_losses
-            penalty = 0.0
-            if self.weight_decay:
-                decayed = self.decayed_variables(variables)
-                penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in decayed])
-                penalty = penalty / _num_replicas()
-            scaled = self.optimizer.scale_loss(loss + penalty)
+            loss = self._training_loss(per_example, weights)
+            scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables))
         grads = tape.gradient(scaled, variables)
         del inner
 
         extra.update(self._restore_weights(applied))
+        self._apply(grads, variables)
+        if logits_clean is None:
+            logits_clean = tf.cast(self.network(x, training=False), tf.float32)
+        return self._update_metrics(loss, terms, extra, y, logits_clean, logits_adv, sample_weight)
+
+    def _training_loss(self, per_example, weights, fraction=None):
+        """The objective's share of this replica (and micro-batch), plus the network's losses."""
+        loss = self._global_mean(per_example, weights, fraction)
+        network_losses = self._network_losses(fraction)
+        return loss if network_losses is None else loss + network_losses
+
+    def _apply(self, grads, variables):
+        """One optimizer update (and one step of the weight average)."""
         self.optimizer.apply(grads, variables)
         if self.averaged_network is not None:
             self.update_average(self.optimizer.iterations)
 
-        if logits_clean is None:
-            logits_clean = tf.cast(self.network(x, training=False), tf.float32)
+    def _update_metrics(self, loss, terms, extra, y, logits_clean, logits_adv, sample_weight):
         self.trackers["loss"].update_state(loss * _num_replicas())
         for name, value in terms.items():
             self.trackers[name].update_state(tf.reduce_mean(value))
@@ -720,6 +780,157 @@ class RobustModel(keras.Model):
         results = {name: t.result() for name, t in self.trackers.items()}
         results.update(self._compiled_results(y, logits_adv, sample_weight))
         return results
+
+    # -- gradient accumulation ---------------------------------------------
+
+    def _micro_batches(self, fn, tensors):
+        """Runs ``fn`` on each of the ``accumulate_steps`` micro-batches of ``tensors``, one after the other.
+
+        ``fn(fraction, *chunks)`` returns ``(sums, parts)``: lists of tensors,
+        the first summed over the micro-batches, the second placed in the
+        batch's rows. ``fraction`` is the micro-batch's share of the
+        batch. The micro-batches after the first run in a ``tf.while_loop``,
+        so only one micro-batch's activations are alive at a time. A batch
+        of ``b`` examples gives micro-batches of ``b // n``, the first one
+        taking the remainder (the last, partial batch of an epoch).
+        """
+        n = self.accumulate_steps
+        size = tf.shape(tensors[0])[0]
+        chunk, rest = size // n, size % n
+        total = tf.cast(size, tf.float32)
+
+        # Rows are gathered and scattered by index, so that under XLA every
+        # shape is a compile-time constant while the start moves.
+        def run(start, length):
+            rows = start + tf.range(length)
+            return fn(tf.cast(length, tf.float32) / total, *[tf.gather(t, rows) for t in tensors])
+
+        def place(buffers, start, parts):
+            if not parts:
+                return []
+            rows = (start + tf.range(tf.shape(parts[0])[0]))[:, None]
+            return [tf.tensor_scatter_nd_update(b, rows, p) for b, p in zip(buffers, parts)]
+
+        sums, parts = run(0, chunk + rest)
+        shapes = [tf.TensorShape([None]) + p.shape[1:] for p in parts]
+        zeros = [tf.ensure_shape(tf.zeros(tf.concat([[size], tf.shape(p)[1:]], 0), p.dtype), shape)
+                 for p, shape in zip(parts, shapes)]
+        buffers = place(zeros, 0, parts)
+
+        def body(i, sums, buffers):
+            start = rest + i * chunk
+            more, parts = run(start, chunk)
+            return i + 1, [a + b for a, b in zip(sums, more)], place(buffers, start, parts)
+
+        count = tf.where(chunk > 0, n, 1)  # fewer examples than micro-batches: all in the first
+        _, sums, buffers = tf.while_loop(
+            lambda i, *_: i < count, body, (tf.constant(1), sums, buffers), parallel_iterations=1,
+            shape_invariants=(tf.TensorShape([]), [s.shape for s in sums], shapes),
+        )
+        return sums, buffers
+
+    def _accumulated_train_step(self, x, y, sample_weight):
+        """One optimizer update from ``accumulate_steps`` micro-batches of the batch, equal to the whole batch's.
+
+        Passes over the micro-batches: the attack (from the whole batch's
+        random start); for each perturbing term (AWP) the base objective's
+        gradient, summed and all-reduced before ``v`` is formed; the terms'
+        soft-target statistics at ``w + v`` (BatchNorm state restored), summed
+        and all-reduced before the targets are formed; the objective's
+        gradient, summed; then one update. BatchNorm's batch statistics are
+        those of each micro-batch.
+        """
+        weights = self._sample_weights(sample_weight, y)
+        w = weights[0] if weights is not None else tf.zeros_like(y, tf.float32)
+
+        def micro_weights(wc):
+            return None if weights is None else (wc, weights[1])
+
+        x_init = self._attack_start(x)
+        _, (x_adv,) = self._micro_batches(
+            lambda f, xc, yc, ic: ([], [self.adversarial_examples(xc, yc, ic)]), [x, y, x_init]
+        )
+        applied = []
+        for term in self.weight_space_terms:
+            variables = term.ascent_variables(self.network.trainable_variables)
+            if not variables:
+                continue
+
+            def ascent(variables=variables):
+                sums, _ = self._micro_batches(
+                    lambda f, xc, ac, yc, wc: (self.ascent_gradients(xc, ac, yc, micro_weights(wc), variables, f), []),
+                    [x, x_adv, y, w],
+                )
+                return self._finite_or_zero(sums)
+
+            active = self.optimizer.iterations >= term.warmup_epochs() * (self.steps_per_epoch or 1)
+            grads = tf.cond(active, ascent, lambda variables=variables: [tf.zeros_like(k.value) for k in variables])
+            offsets = term.weight_perturbation([k.value for k in variables], _all_reduce_sum(grads))
+            saved = self._snapshot(variables)
+            for k, value, v in zip(variables, saved, offsets):
+                k.assign(value + v)
+            applied.append((term, variables, saved, offsets))
+
+        d = self.defense
+        watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
+        state = self.network.non_trainable_variables
+
+        def forward(xc, ac):
+            logits_adv = tf.cast(self.network(ac, training=True), tf.float32)
+            logits_clean = tf.cast(self.network(xc, training=True), tf.float32) if d.needs_clean_logits else None
+            return logits_clean, logits_adv
+
+        layout = {"counts": [0] * len(self.weight_space_terms)}
+
+        def statistics(f, xc, ac, yc):
+            saved_state = self._snapshot(state)
+            with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as tape:
+                logits_clean, logits_adv = forward(xc, ac)
+                mean = lambda v: self._global_mean(v, None, f)  # noqa: E731
+                recorded = [t.record(logits_clean, logits_adv, yc, mean) for t in self.weight_space_terms]
+            found = [t.statistics(self.network, logits_clean, logits_adv, yc, r, tape)
+                     for t, r in zip(self.weight_space_terms, recorded)]
+            del tape
+            self._restore(state, saved_state)
+            layout["counts"] = [len(stats) for stats in found]
+            return [tf.stop_gradient(s) for stats in found for s in stats], []
+
+        summed = []
+        if any(type(t).statistics is not WeightSpaceTerm.statistics for t in self.weight_space_terms):
+            summed, _ = self._micro_batches(statistics, [x, x_adv, y])
+        stats, extra = [], {}
+        for term, count in zip(self.weight_space_terms, layout["counts"]):  # summed across replicas per term
+            mine, summed = summed[:count], summed[count:]
+            stats.append(_all_reduce_sum(mine) if mine else [])
+            extra.update(term.soft_targets(stats[-1], y)[1])
+
+        variables = self.trainable_variables
+
+        def objective(f, xc, ac, yc, wc):
+            with tf.GradientTape() as tape:
+                logits_clean, logits_adv = forward(xc, ac)
+                with tape.stop_recording():
+                    targets = [t.soft_targets(st, yc)[0] for t, st in zip(self.weight_space_terms, stats)]
+                per_example, terms = self._objective_terms(yc, logits_clean, logits_adv, targets)
+                loss = self._training_loss(per_example, micro_weights(wc), f)
+                scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables, f))
+            grads = tape.gradient(scaled, variables)
+            layout["present"], layout["names"] = [g is not None for g in grads], list(terms)
+            logits_clean = logits_adv if logits_clean is None else logits_clean  # recomputed after the update
+            return ([g for g in grads if g is not None] + [loss],
+                    [logits_clean, logits_adv] + [terms[n] for n in layout["names"]])
+
+        sums, parts = self._micro_batches(objective, [x, x_adv, y, w])
+        names, grads, loss = layout["names"], iter(sums[:-1]), sums[-1]
+        grads = [next(grads) if present else None for present in layout["present"]]
+        extra.update(self._restore_weights(applied))
+        self._apply(grads, variables)
+        logits_clean, logits_adv, *values = parts
+        if not d.needs_clean_logits:
+            _, (logits_clean,) = self._micro_batches(
+                lambda f, xc: ([], [tf.cast(self.network(xc, training=False), tf.float32)]), [x]
+            )
+        return self._update_metrics(loss, dict(zip(names, values)), extra, y, logits_clean, logits_adv, sample_weight)
 
     def _objective_terms(self, y, logits_clean, logits_adv, targets):
         """Per-example objective (the base, its primary term mixed by each weight-space term) and its named terms.
