@@ -154,3 +154,21 @@ def test_a_batch_not_divisible_into_micro_batches_is_refused(fashion_subset):
     with pytest.raises(UserError, match="data.batch_size 100 is not divisible by optim.accumulate_steps=3"):
         load_config(overrides={"data.batch_size": "100", "optim.accumulate_steps": "3"})
     assert load_config(overrides={"data.batch_size": "128", "optim.accumulate_steps": "4"}).optim.accumulate_steps == 4
+
+
+@pytest.mark.slow
+def test_a_run_with_accumulation_trains_and_reloads(tmp_path):
+    """optim.accumulate_steps reaches the model; 200 examples in batches of 64 end with a partial batch of 8."""
+    from tfrobust import experiment
+
+    cfg = load_config("configs/fashion_mnist.yaml", {
+        "data.train_examples": 200, "data.validation_examples": 32, "data.batch_size": 64, "attack.steps": 2,
+        "eval.pgd_steps": 2, "optim.epochs": 1, "runtime.verbose": 0, "defense.name": "trades+awp",
+        "defense.awp.warmup_epochs": 0, "optim.accumulate_steps": 2, "eval.images_every": 0,
+    })
+    model, _, history = experiment.train(cfg, str(tmp_path / "run"))
+    assert model.accumulate_steps == 2
+    assert int(model.optimizer.iterations) == 4  # one update per batch of 64 (and the last one of 8)
+    assert np.isfinite(history["loss"]).all()
+    model.save(str(tmp_path / "robust.keras"))
+    assert keras.models.load_model(str(tmp_path / "robust.keras")).accumulate_steps == 2

@@ -20,6 +20,9 @@ their canonical order at each point:
 
 The step knows no term by name: a new weight-space method plugs in through
 :func:`tfrobust.defense_names.register_term` (docs/algorithms.md, section 16).
+With ``accumulate_steps=N`` the same points run over N micro-batches of the
+batch, one after the other, with the sums of step 2 and 3 taken over the whole
+batch before they are used, and one update (docs/algorithms.md, section 17).
 Everything else is Keras' own machinery: ``fit``, callbacks, metrics,
 optimizers, checkpoints and export. Under ``tf.distribute`` the hand-built loss
 is divided by the number of replicas (gradients are summed across replicas).
