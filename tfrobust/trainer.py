@@ -639,7 +639,10 @@ class RobustModel(keras.Model):
         return penalty if fraction is None else penalty * fraction
 
     def _perturbing_term(self):
-        return next(t for t in self.weight_space_terms if t.ascent_variables(self.network.trainable_variables))
+        for term in self.weight_space_terms:
+            if term.ascent_variables(self.network.trainable_variables):
+                return term
+        raise ValueError(f"defense {self.defense.name!r} has no term that perturbs the weights")
 
     def ascent_gradients(self, x, x_adv, y, weights=None, variables=None, fraction=None):
         """This replica's gradient of the base objective w.r.t. ``variables``; BatchNorm state is left unchanged.
@@ -667,28 +670,28 @@ class RobustModel(keras.Model):
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         return [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
 
-    def weight_perturbation(self, x, x_adv, y, active=True, weights=None, term=None):
+    def weight_perturbation(self, x, x_adv, y, active=True, weights=None, term=None, ascent=None):
         """A term's weight offsets (AWP's ``v``), one entry per ascent variable (zeros when ``active`` is False).
 
         The gradient is all-reduced across replicas outside of any conditional
         (a cross-replica sum cannot sit inside ``tf.cond``), so every replica
         applies the same ``v``. A zero gradient gives ``v = 0`` exactly.
-        ``term`` defaults to the defense's first term with ascent variables.
+        ``term`` defaults to the defense's first term with ascent variables;
+        ``ascent(variables)`` replaces :meth:`ascent_gradients` on the batch
+        (the sum over micro-batches).
         """
         term = term or self._perturbing_term()
         kernels = term.ascent_variables(self.network.trainable_variables)
+        if ascent is None:
+            ascent = lambda variables: self.ascent_gradients(x, x_adv, y, weights, variables)  # noqa: E731
         if active is True:
-            grads = self.ascent_gradients(x, x_adv, y, weights, kernels)
+            grads = ascent(kernels)
         else:
-            grads = tf.cond(
-                active,
-                lambda: self.ascent_gradients(x, x_adv, y, weights, kernels),
-                lambda: [tf.zeros_like(k.value) for k in kernels],
-            )
+            grads = tf.cond(active, lambda: ascent(kernels), lambda: [tf.zeros_like(k.value) for k in kernels])
         grads = _all_reduce_sum(grads)
         return term.weight_perturbation([k.value for k in kernels], grads)
 
-    def _perturb_weights(self, x, x_adv, y, weights):
+    def _perturb_weights(self, x, x_adv, y, weights, ascent=None):
         """Applies every term's weight offsets before the update; returns what :meth:`_restore_weights` undoes."""
         applied = []
         for term in self.weight_space_terms:
@@ -696,7 +699,7 @@ class RobustModel(keras.Model):
             if not variables:
                 continue
             active = self.optimizer.iterations >= term.warmup_epochs() * (self.steps_per_epoch or 1)
-            offsets = self.weight_perturbation(x, x_adv, y, active, weights, term)
+            offsets = self.weight_perturbation(x, x_adv, y, active, weights, term, ascent)
             saved = self._snapshot(variables)
             for k, w, v in zip(variables, saved, offsets):
                 k.assign(w + v)
@@ -853,26 +856,15 @@ class RobustModel(keras.Model):
         _, (x_adv,) = self._micro_batches(
             lambda f, xc, yc, ic: ([], [self.adversarial_examples(xc, yc, ic)]), [x, y, x_init]
         )
-        applied = []
-        for term in self.weight_space_terms:
-            variables = term.ascent_variables(self.network.trainable_variables)
-            if not variables:
-                continue
 
-            def ascent(variables=variables):
-                sums, _ = self._micro_batches(
-                    lambda f, xc, ac, yc, wc: (self.ascent_gradients(xc, ac, yc, micro_weights(wc), variables, f), []),
-                    [x, x_adv, y, w],
-                )
-                return self._finite_or_zero(sums)
+        def ascent(variables):  # the base objective's gradient summed over the micro-batches
+            sums, _ = self._micro_batches(
+                lambda f, xc, ac, yc, wc: (self.ascent_gradients(xc, ac, yc, micro_weights(wc), variables, f), []),
+                [x, x_adv, y, w],
+            )
+            return self._finite_or_zero(sums)
 
-            active = self.optimizer.iterations >= term.warmup_epochs() * (self.steps_per_epoch or 1)
-            grads = tf.cond(active, ascent, lambda variables=variables: [tf.zeros_like(k.value) for k in variables])
-            offsets = term.weight_perturbation([k.value for k in variables], _all_reduce_sum(grads))
-            saved = self._snapshot(variables)
-            for k, value, v in zip(variables, saved, offsets):
-                k.assign(value + v)
-            applied.append((term, variables, saved, offsets))
+        applied = self._perturb_weights(x, x_adv, y, weights, ascent)
 
         d = self.defense
         watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
