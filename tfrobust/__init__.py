@@ -10,6 +10,9 @@ Training
   - ``Defense("trades+awp", awp_gamma=0.005)``: a defense from its name with
     keyword overrides (papers' defaults otherwise); ``parse_defense`` builds
     one from a config; ``DEFENSES`` lists the names.
+  - ``WeightSpaceTerm``, ``register_term``, ``Hyperparameter``: a new
+    weight-space method as one class and one registration
+    (docs/algorithms.md, section 16).
   - ``train``, ``train_and_evaluate``, ``load_config``, ``ExperimentConfig``:
     the run directories of the command line, from Python.
   - ``build_model``: the built-in networks (small CNN, PreAct ResNet-18,
@@ -55,7 +58,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "tfrobust.trainer": ("RobustModel", "check_outputs_are_logits"),
-    "tfrobust.defenses": ("Defense", "parse_defense", "DEFENSES"),
+    "tfrobust.defenses": ("Defense", "parse_defense", "DEFENSES", "WeightSpaceTerm", "register_term", "Hyperparameter"),
     "tfrobust.config": ("ExperimentConfig", "load_config"),
     "tfrobust.experiment": ("train", "train_and_evaluate"),
     "tfrobust.models": ("build_model",),

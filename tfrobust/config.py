@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from tfrobust.attack_names import MAX_STEPS
+from tfrobust.defense_names import registered_terms, term_declaration
 from tfrobust.errors import UserError, unknown_choice
 
 
@@ -74,46 +75,59 @@ class AttackConfig:
     bn_mode: str = "eval"
 
 
-@dataclass
-class AWPConfig:
-    """Adversarial weight perturbation (Wu et al. 2020); None means the paper's default for the base."""
+def _term_section(name: str):
+    """The config section of a registered weight-space term, from its declared hyperparameters.
 
-    gamma: Optional[float] = None  # 0.01 for at/mart, 0.005 for trades
-    warmup_epochs: Optional[int] = None  # epochs without perturbation
-
-
-@dataclass
-class S2OConfig:
-    """Second-order statistics optimisation (Jin et al. 2022)."""
-
-    a: Optional[float] = None  # 0.1 for at, 0.3 for trades/mart
-
-
-@dataclass
-class RATConfig:
-    """Randomized adversarial training (Jin et al. 2023)."""
-
-    alpha: float = 0.2
-    sigma: float = 1e-4
-    # Reproduce the reference code's yy1 = reg_gap(t2_adv - t2_nat).
-    reference_quirk: bool = False
+    A hyperparameter whose default depends on the base objective is None
+    here (the base's default); the others hold their default.
+    """
+    declaration = term_declaration(name)
+    fields = []
+    for h in declaration.hyperparameters:
+        if h.per_base:
+            fields.append((h.name, Optional[h.kind], field(default=None)))
+        else:
+            fields.append((h.name, h.kind, field(default=h.default)))
+    section = dataclasses.make_dataclass(f"{name.upper()}Config", fields)
+    section.__module__ = __name__
+    section.__doc__ = declaration.title + "".join(f"\n\n    {h.name}: {h.help}" for h in declaration.hyperparameters)
+    return section
 
 
-@dataclass
-class DefenseConfig:
-    """A base objective plus weight-space terms, e.g. ``trades+awp``."""
+def _defense_config():
+    """``DefenseConfig``: the base's settings and one section per registered weight-space term."""
+    fields = [("name", str, field(default="at")), ("beta", Optional[float], field(default=None))]
+    fields += [(t, section, field(default_factory=section)) for t, section in TERM_SECTIONS.items()]
+    fields += [("unclipped_gaussian_start", bool, field(default=False)), ("label_smoothing", float, field(default=0.0))]
+    config = dataclasses.make_dataclass("DefenseConfig", fields)
+    config.__module__ = __name__
+    config.__doc__ = """A base objective plus weight-space terms, e.g. ``trades+awp``.
 
-    name: str = "at"
-    beta: Optional[float] = None  # TRADES/MART weight; 6.0 by default
-    awp: AWPConfig = field(default_factory=AWPConfig)
-    s2o: S2OConfig = field(default_factory=S2OConfig)
-    rat: RATConfig = field(default_factory=RATConfig)
-    # Start the TRADES/MART/RAT attack at x + 0.001 N(0, 1) without clipping to
-    # [0, 1], as the reference code does (docs/algorithms.md, section 9, item 1).
-    unclipped_gaussian_start: bool = False
-    # s in (1 - s) CE + s mean_k(-log p_k) on the CE term of at/trades (0.1 in
-    # the weight-averaging references; docs/algorithms.md, section 11).
-    label_smoothing: float = 0.0
+    name: the defense (tfrobust.defense_names). beta: the TRADES/MART weight
+    (None: 6.0). One section per weight-space term registered before this
+    module is imported (``awp``, ``s2o``, ``rat``), with the hyperparameters
+    the term declares. unclipped_gaussian_start: start the TRADES/MART/RAT
+    attack at x + 0.001 N(0, 1) without clipping to [0, 1], as the reference
+    code does (docs/algorithms.md, section 9, item 1). label_smoothing: s in
+    (1 - s) CE + s mean_k(-log p_k) on the CE term of at/trades (0.1 in the
+    weight-averaging references; docs/algorithms.md, section 11).
+    """
+    return config
+
+
+# Sections and DefenseConfig are derived from the terms' declarations (tfrobust.defense_names).
+TERM_SECTIONS = {t: _term_section(t) for t in registered_terms()}
+AWPConfig, S2OConfig, RATConfig = TERM_SECTIONS["awp"], TERM_SECTIONS["s2o"], TERM_SECTIONS["rat"]
+DefenseConfig = _defense_config()
+
+
+def defense_settings(config) -> dict:
+    """The terms' hyperparameters set in a DefenseConfig, keyed like Defense's keywords (``awp_gamma``)."""
+    return {
+        term_declaration(t).keyword(f.name): getattr(getattr(config, t), f.name)
+        for t in TERM_SECTIONS if hasattr(config, t)
+        for f in dataclasses.fields(getattr(config, t))
+    }
 
 
 @dataclass
@@ -143,6 +157,10 @@ class OptimConfig:
     ema_start: float = 0.025
     # Stop when validation PGD accuracy has not improved for this many epochs (0: never).
     early_stopping_patience: int = 0
+    # Gradient accumulation: every batch of data.batch_size examples is processed
+    # as this many micro-batches and makes one update, equal to the whole batch's
+    # (BatchNorm statistics are per micro-batch; docs/algorithms.md, section 17).
+    accumulate_steps: int = 1
 
 
 @dataclass
@@ -428,12 +446,17 @@ def validate(config: ExperimentConfig) -> None:
         (0 <= config.optim.ema_decay < 1, "optim.ema_decay must be in [0, 1)"),
         (0 <= config.optim.ema_start < 1, "optim.ema_start must be in [0, 1)"),
         (config.eval.integrity_examples >= 0, "eval.integrity_examples must be >= 0"),
+        (config.optim.accumulate_steps >= 1, "optim.accumulate_steps must be >= 1"),
+        (config.optim.accumulate_steps < 1 or config.data.batch_size % config.optim.accumulate_steps == 0,
+         f"data.batch_size {config.data.batch_size} is not divisible by optim.accumulate_steps="
+         f"{config.optim.accumulate_steps} (the micro-batches must be equal)"),
     ]
-    from tfrobust.defense_names import check_defense_name
+    from tfrobust.defense_names import check_defense_name, resolve_settings
 
     _check_data_name(str(config.data.name))
     _check_model_name(str(config.model.name))
-    check_defense_name(config.defense.name)
+    base = check_defense_name(config.defense.name).split("+")[0]
+    resolve_settings(base, defense_settings(config.defense))
     _check_numbers(config)
     decay_at = config.optim.decay_at
     checks += [
@@ -517,6 +540,8 @@ __all__ = [
     "S2OConfig",
     "RATConfig",
     "DefenseConfig",
+    "TERM_SECTIONS",
+    "defense_settings",
     "OptimConfig",
     "EvalConfig",
     "RuntimeConfig",

@@ -1,56 +1,263 @@
-"""Defense names without TensorFlow: parsing and checking ``at+awp``-style names.
+"""Defense names and the registry of weight-space terms, without TensorFlow.
 
-Split from :mod:`tfrobust.defenses` (whose modules import TensorFlow) so that
-the command line refuses a misspelt name before TensorFlow is imported.
+A defense name is a base objective (``at``, ``trades``, ``mart``) and any
+registered weight-space terms joined with ``+``. Each term is declared once,
+with :func:`register_term`: its name, its hyperparameters with their
+defaults (per base objective where the papers differ), the bases it builds
+on, the terms it cannot be combined with, the combinations its paper
+defines, and its implementation (a :class:`tfrobust.defenses.WeightSpaceTerm`
+subclass, or ``"module:Class"`` imported when a model is built). From these
+declarations come the names the command line accepts,
+:class:`tfrobust.config.DefenseConfig`'s sections (``defense.awp.gamma``)
+and :class:`tfrobust.defenses.Defense`'s keywords (``awp_gamma``).
+
+This module imports no TensorFlow, so the command line refuses a misspelt
+name or a bad hyperparameter before TensorFlow is imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, Optional
+
 from tfrobust.errors import UserError, unknown_choice
 
 BASE_NAMES = ("at", "trades", "mart")
-TERMS = ("awp", "s2o", "rat")
-SHORT_NAMES = {"awp": "at+awp", "s2o": "at+s2o", "rat": "trades+rat"}
-# The combinations the papers define; the others are refused with a reason.
-DEFENSES = (
-    "at", "trades", "mart",
-    "at+awp", "trades+awp", "mart+awp",
-    "at+s2o", "trades+s2o", "mart+s2o", "trades+awp+s2o",
-    "trades+rat", "trades+awp+rat",
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+    """One setting of a weight-space term.
+
+    Fields:
+      name: the key inside the term's config section (``gamma`` gives
+        ``defense.awp.gamma`` and ``Defense(awp_gamma=...)``).
+      default: a value, or ``{base: value}`` when the papers' default
+        depends on the base objective (the config then holds None for
+        "the base's default").
+      kind: ``float``, ``int`` or ``bool``.
+      check: a predicate on the value, and ``requirement`` the words that
+        complete "defense.<term>.<name> ..." when it fails.
+      help: one line for the config's documentation.
+    """
+
+    name: str
+    default: Any
+    kind: type = float
+    check: Optional[Callable[[Any], bool]] = None
+    requirement: str = ""
+    help: str = ""
+
+    @property
+    def per_base(self) -> bool:
+        return isinstance(self.default, dict)
+
+    def default_for(self, base: str):
+        return self.default[base] if self.per_base else self.default
+
+    def resolve(self, value, base: str, key: str):
+        """The value for ``base`` (None: the default), converted to ``kind`` and checked."""
+        value = self.default_for(base) if value is None else value
+        if self.kind is bool:
+            value = bool(value)
+        elif self.kind is int:
+            if isinstance(value, bool) or int(value) != value:
+                raise UserError(f"{key} must be a whole number, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if self.check is not None and not self.check(value):
+            raise UserError(f"{key} {self.requirement}, got {value!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TermDeclaration:
+    """A registered weight-space term (see :func:`register_term`)."""
+
+    name: str
+    implementation: Any
+    title: str = ""
+    hyperparameters: tuple = ()
+    bases: tuple = BASE_NAMES
+    conflicts: tuple = ()
+    short_name: Optional[str] = None
+    defenses: tuple = ()
+
+    def keyword(self, hyperparameter: str) -> str:
+        """The :class:`~tfrobust.defenses.Defense` keyword of a hyperparameter: ``awp_gamma``."""
+        return f"{self.name}_{hyperparameter}"
+
+
+_TERMS: dict = {}
+
+
+def register_term(
+    name: str,
+    implementation,
+    *,
+    hyperparameters=(),
+    bases=BASE_NAMES,
+    conflicts=(),
+    short_name: Optional[str] = None,
+    defenses=(),
+    title: str = "",
+) -> TermDeclaration:
+    """Registers a weight-space term: its name, hyperparameters and implementation.
+
+    Args:
+      name: the term's name in defense names (``trades+<name>``); lower case
+        letters and digits, not a base objective's name.
+      implementation: the :class:`~tfrobust.defenses.WeightSpaceTerm`
+        subclass, or its ``"module:Class"`` path (imported on first use, so
+        that registering needs no TensorFlow).
+      hyperparameters: :class:`Hyperparameter` declarations.
+      bases: the base objectives the term builds on (others are refused).
+      conflicts: ``(other_term, reason)`` pairs that cannot be combined.
+      short_name: the defense that the bare term name stands for (``"at+awp"``).
+      defenses: the combinations the term's paper defines (listed in ``DEFENSES``).
+      title: the term's paper, for the config's documentation.
+
+    Registering the same name again replaces the declaration (a module
+    reloaded in a notebook); it must not shadow a base objective.
+    """
+    if not (isinstance(name, str) and name.isalnum() and name.islower()) or name in BASE_NAMES:
+        raise ValueError(f"a weight-space term needs a lower-case alphanumeric name other than a base's, got {name!r}")
+    for h in hyperparameters:
+        if h.kind not in (float, int, bool) or (h.per_base and set(h.default) != set(BASE_NAMES)):
+            raise ValueError(f"hyperparameter {name}.{h.name}: kind float, int or bool, per-base defaults for every base")
+    declaration = TermDeclaration(
+        name, implementation, title, tuple(hyperparameters), tuple(bases), tuple(tuple(c) for c in conflicts),
+        short_name, tuple(defenses),
+    )
+    _TERMS[name] = declaration
+    return declaration
+
+
+def unregister_term(name: str) -> None:
+    """Removes a registered term (a plug-in's tests clean up after themselves)."""
+    _TERMS.pop(name, None)
+
+
+def registered_terms() -> tuple:
+    """The names of the registered terms, in their canonical order (registration order)."""
+    return tuple(_TERMS)
+
+
+def term_declaration(name: str) -> TermDeclaration:
+    return _TERMS[name]
+
+
+def short_names() -> dict:
+    return {t.name: t.short_name for t in _TERMS.values() if t.short_name}
 
 
 def canonical_name(name: str) -> str:
     """Normalises a defense name: short names expanded, terms in a fixed order."""
     name = str(name).strip().lower().replace(" ", "")
-    name = SHORT_NAMES.get(name, name)
+    name = short_names().get(name, name)
     parts = name.split("+")
     if parts[0] not in BASE_NAMES:
-        if parts[0] in TERMS:
+        if parts[0] in _TERMS:
             raise UserError(
                 f"defense {name!r} must start with a base objective (at, trades, mart), e.g. at+{parts[0]}"
             )
-        raise unknown_choice("defense", name, DEFENSES + tuple(SHORT_NAMES))
+        raise unknown_choice("defense", name, defense_list() + tuple(short_names()))
     terms = parts[1:]
     for t in terms:
-        if t not in TERMS:
-            raise unknown_choice(f"weight-space term in defense {name!r}:", t, TERMS)
+        if t not in _TERMS:
+            raise unknown_choice(f"weight-space term in defense {name!r}:", t, registered_terms())
     if len(set(terms)) != len(terms):
         raise UserError(f"defense {name!r} names a term twice")
-    ordered = [parts[0]] + [t for t in TERMS if t in terms]
+    ordered = [parts[0]] + [t for t in _TERMS if t in terms]
     return "+".join(ordered)
 
 
 def check_defense_name(name: str) -> str:
-    """The canonical name of a defense the papers define, or a UserError saying why not."""
+    """The canonical name of a defense its terms allow, or a UserError saying why not."""
     canonical = canonical_name(name)
     parts = canonical.split("+")
-    base, terms = parts[0], set(parts[1:])
-    if "rat" in terms and base != "trades":
-        raise UserError(f"defense {canonical!r} is not defined: RAT builds on TRADES (use trades+rat or trades+awp+rat)")
-    if "rat" in terms and "s2o" in terms:
-        raise UserError(f"defense {canonical!r} is not defined: RAT and S2O both replace the soft targets; choose one")
+    base, terms = parts[0], parts[1:]
+    for t in terms:
+        declaration = _TERMS[t]
+        if base not in declaration.bases:
+            bases = " or ".join(b.upper() for b in declaration.bases)
+            use = f" (use {' or '.join(declaration.defenses)})" if declaration.defenses else ""
+            raise UserError(f"defense {canonical!r} is not defined: {t.upper()} builds on {bases}{use}")
+        for other, reason in declaration.conflicts:
+            if other in terms:
+                raise UserError(f"defense {canonical!r} is not defined: {reason}")
     return canonical
 
 
-__all__ = ["BASE_NAMES", "TERMS", "SHORT_NAMES", "DEFENSES", "canonical_name", "check_defense_name"]
+def resolve_settings(base: str, given: dict) -> dict:
+    """Every registered term's hyperparameters for ``base``, keyed ``<term>_<name>``.
+
+    ``given`` holds values by the same keys (None or absent: the default);
+    each is converted to its kind and checked (a UserError names the
+    ``defense.<term>.<name>`` key).
+    """
+    settings = {}
+    for t in _TERMS.values():
+        for h in t.hyperparameters:
+            key = t.keyword(h.name)
+            settings[key] = h.resolve(given.get(key), base, f"defense.{t.name}.{h.name}")
+    return settings
+
+
+def defense_list() -> tuple:
+    """The bases and the combinations the registered terms' papers define."""
+    return BASE_NAMES + tuple(d for t in _TERMS.values() for d in t.defenses)
+
+
+def _non_negative(value) -> bool:
+    return value >= 0
+
+
+def _fraction(value) -> bool:
+    return 0 <= value <= 1
+
+
+# The built-in terms; their implementations are in tfrobust/defenses/<name>.py.
+register_term(
+    "awp", "tfrobust.defenses.awp:AdversarialWeightPerturbation",
+    title="Adversarial weight perturbation (Wu et al. 2020); None means the paper's default for the base.",
+    hyperparameters=(
+        Hyperparameter("gamma", {"at": 0.01, "trades": 0.005, "mart": 0.01}, float, _non_negative, "must be >= 0",
+                       "relative perturbation size: 0.01 for at/mart, 0.005 for trades"),
+        Hyperparameter("warmup_epochs", {"at": 0, "trades": 10, "mart": 0}, int, _non_negative, "must be >= 0",
+                       "epochs without perturbation: 0 for at/mart, 10 for trades"),
+    ),
+    short_name="at+awp", defenses=("at+awp", "trades+awp", "mart+awp"),
+)
+register_term(
+    "s2o", "tfrobust.defenses.s2o:SecondOrderStatistics",
+    title="Second-order statistics optimisation (Jin et al. 2022).",
+    hyperparameters=(
+        Hyperparameter("a", {"at": 0.1, "trades": 0.3, "mart": 0.3}, float, _fraction, "must be in [0, 1]",
+                       "weight of the soft-label term: 0.1 for at, 0.3 for trades/mart"),
+    ),
+    short_name="at+s2o", defenses=("at+s2o", "trades+s2o", "mart+s2o", "trades+awp+s2o"),
+)
+register_term(
+    "rat", "tfrobust.defenses.rat:RandomizedAdversarialTraining",
+    title="Randomized adversarial training (Jin et al. 2023).",
+    hyperparameters=(
+        Hyperparameter("alpha", 0.2, float, _fraction, "must be in [0, 1]", "weight of the Taylor terms"),
+        Hyperparameter("sigma", 1e-4, float, _non_negative, "must be >= 0", "std of the weight noise of the attack"),
+        Hyperparameter("reference_quirk", False, bool, help="reproduce the reference code's yy1 = reg_gap(t2_adv - t2_nat)"),
+    ),
+    bases=("trades",), conflicts=(("s2o", "RAT and S2O both replace the soft targets; choose one"),),
+    short_name="trades+rat", defenses=("trades+rat", "trades+awp+rat"),
+)
+
+# The built-in terms, their short names and the combinations the papers define.
+TERMS = registered_terms()
+SHORT_NAMES = short_names()
+DEFENSES = defense_list()
+
+
+__all__ = [
+    "BASE_NAMES", "TERMS", "SHORT_NAMES", "DEFENSES", "Hyperparameter", "TermDeclaration", "register_term", "unregister_term",
+    "registered_terms", "term_declaration", "short_names", "defense_list", "resolve_settings", "canonical_name", "check_defense_name",
+]

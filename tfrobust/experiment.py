@@ -210,6 +210,7 @@ def _compiled_model(config, defense, info, steps_per_epoch):
         ema_decay=config.optim.ema_decay if config.optim.ema else None,
         ema_start_step=config.optim.ema_start * config.optim.epochs * steps_per_epoch,
         weight_decay_exclude=config.optim.weight_decay_exclude,
+        accumulate_steps=config.optim.accumulate_steps,
     )
     optimizer = keras.optimizers.SGD(
         learning_rate_schedule(config.optim, steps_per_epoch),

@@ -1,17 +1,28 @@
 """RobustModel: a keras.Model whose ``train_step`` performs adversarial training.
 
-One compiled step does, for a batch ``(x, y)`` (docs/algorithms.md, sections 1-5):
+One compiled step does, for a batch ``(x, y)`` (docs/algorithms.md, sections 1-5),
+calling the defense's weight-space terms (:mod:`tfrobust.defenses.terms`) in
+their canonical order at each point:
 
 1. the inner attack of the base objective (PGD on CE for AT, on KL for
-   TRADES, on CE from a Gaussian start for MART); for RAT against randomly
-   perturbed convolution kernels;
-2. for AWP, after the warm-up, the adversarial weight perturbation ``v`` from
-   the gradient of the base objective, all-reduced across replicas; the
-   kernels become ``w + v``;
-3. the full objective (base, plus S2O or RAT terms), its gradient, the
-   optimizer update, and for AWP the exact restore of ``w`` before the update
-   is applied, so that ``w_new = w - update(grad at w + v)``.
+   TRADES, on CE from a Gaussian start for MART), at the weights plus the
+   terms' ``attack_weights`` offsets (RAT: randomly perturbed convolution
+   kernels), restored exactly afterwards;
+2. for each term with ``ascent_variables`` (AWP), after its warm-up, the
+   offsets ``v`` from the gradient of the base objective, all-reduced across
+   replicas; the variables become ``w + v``;
+3. the forward pass; the terms' soft-target statistics (S2O's second moments,
+   RAT's last-layer gradients), summed across replicas off the tape, and
+   their targets;
+4. the full objective (the base, its primary term mixed by each term), its
+   gradient, the exact restore of ``w`` and the optimizer update, so that
+   ``w_new = w - update(grad at w + v)``.
 
+The step knows no term by name: a new weight-space method plugs in through
+:func:`tfrobust.defense_names.register_term` (docs/algorithms.md, section 16).
+With ``accumulate_steps=N`` the same points run over N micro-batches of the
+batch, one after the other, with the sums of step 2 and 3 taken over the whole
+batch before they are used, and one update (docs/algorithms.md, section 17).
 Everything else is Keras' own machinery: ``fit``, callbacks, metrics,
 optimizers, checkpoints and export. Under ``tf.distribute`` the hand-built loss
 is divided by the number of replicas (gradients are summed across replicas).
@@ -27,7 +38,8 @@ import tensorflow as tf
 from tfrobust import attacks
 from tfrobust.attacks import random_start as start_point  # the attack's random start, same on any replica count
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
-from tfrobust.defenses import Defense, awp, rat, s2o
+from tfrobust.defenses import Defense, WeightSpaceTerm
+from tfrobust.defenses.rat import last_dense_kernel
 from tfrobust.errors import UserError, check_number, check_steps
 
 __all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "last_dense_kernel"]
@@ -109,18 +121,11 @@ class _WarmupLengthCheck(keras.callbacks.Callback):
         steps = self.params.get("steps") if self.params else None
         expected = self.model.steps_per_epoch
         if steps is not None and steps != expected:
+            term = self.model.warmup_term()
             raise UserError(
                 f"fit runs {steps} steps per epoch but the model was built with steps_per_epoch={expected}; "
-                f"AWP's warm-up of {self.model.defense.awp_warmup_epochs} epochs would not last that many epochs"
+                f"{term.name.upper()}'s warm-up of {term.warmup_epochs()} epochs would not last that many epochs"
             )
-
-
-def last_dense_kernel(network):
-    """The kernel of the network's last Dense layer (S2O's and RAT's W)."""
-    for layer in reversed(network.layers):
-        if isinstance(layer, keras.layers.Dense):
-            return layer.kernel
-    raise ValueError("the network has no Dense layer; RAT needs a last Dense layer")
 
 
 @keras.saving.register_keras_serializable(package="tfrobust")
@@ -178,6 +183,16 @@ class RobustModel(keras.Model):
         (default: every trainable variable), ``"batchnorm"`` (BatchNorm's
         gamma and beta, as the references' weight-averaging trainer) or
         ``"batchnorm_and_bias"`` (also every bias).
+      accumulate_steps: ``N`` micro-batches per optimizer update. Each batch
+        is split into N micro-batches processed one after the other (so only
+        one micro-batch's activations are in memory), making one update equal
+        (up to float rounding) to the update on the whole batch: the attack
+        per micro-batch from the batch's random start, AWP's ascent gradient,
+        S2O's second moments and RAT's last-layer gradients summed over the
+        whole batch before they are used, one optimizer iteration. BatchNorm's
+        batch statistics are those of each micro-batch (and its moving
+        averages move once per micro-batch). A batch size not divisible by N
+        is refused; 1 (default) is the plain step.
     """
 
     def __init__(
@@ -199,6 +214,7 @@ class RobustModel(keras.Model):
         ema_decay: Optional[float] = None,
         ema_start_step: float = 0.0,
         weight_decay_exclude: str = "none",
+        accumulate_steps: int = 1,
         **kwargs,
     ):
         if isinstance(defense, str):
@@ -212,11 +228,13 @@ class RobustModel(keras.Model):
             raise UserError(f"unknown norm {norm!r}; allowed: l2, linf")
         if bn_mode not in ("eval", "train"):
             raise UserError(f"unknown bn_mode {bn_mode!r}; allowed: eval, train")
-        if defense.awp and defense.awp_warmup_epochs > 0 and steps_per_epoch is None:
-            raise UserError(
-                f"defense {defense.name!r} has an AWP warm-up of {defense.awp_warmup_epochs} epochs: "
-                "pass steps_per_epoch=... (optimizer steps per epoch), or set awp_warmup_epochs=0"
-            )
+        self.weight_space_terms = tuple(defense.weight_space_terms())
+        for term in self.weight_space_terms:
+            if term.warmup_epochs() > 0 and steps_per_epoch is None:
+                raise UserError(
+                    f"defense {defense.name!r} has an {term.name.upper()} warm-up of {term.warmup_epochs()} epochs: "
+                    f"pass steps_per_epoch=... (optimizer steps per epoch), or set {term.name}_warmup_epochs=0"
+                )
         self.network = network
         self.defense = defense
         self.eps = float(eps)
@@ -250,16 +268,14 @@ class RobustModel(keras.Model):
                 f"unknown weight_decay_exclude {weight_decay_exclude!r}; allowed: {', '.join(WEIGHT_DECAY_EXCLUDE)}"
             )
         self.weight_decay_exclude = weight_decay_exclude
+        self.accumulate_steps = check_steps("accumulate_steps", accumulate_steps, minimum=1)
         self.averaged_network = None
         if getattr(network, "built", False):
             self._check_logits()
             self._build_average()
             self.built = True
         names = ["loss"] + self._term_names() + ["clean_accuracy", "adv_accuracy"]
-        if defense.awp:
-            names.append("awp_relative_norm")
-        if defense.s2o:
-            names.append("s2o_correlation")
+        names += [n for term in self.weight_space_terms for n in term.STATISTICS]
         self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
         self.trackers["clean_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
         self.trackers["adv_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
@@ -293,6 +309,7 @@ class RobustModel(keras.Model):
             "ema_decay": self.ema_decay,
             "ema_start_step": self.ema_start_step,
             "weight_decay_exclude": self.weight_decay_exclude,
+            "accumulate_steps": self.accumulate_steps,
         }
 
     @classmethod
@@ -337,12 +354,25 @@ class RobustModel(keras.Model):
         check_outputs_are_logits(self.network, shape)
         self._logits_checked = True
 
+    def _check_divisible(self, batch_size):
+        """Refuses a batch size that does not split into equal micro-batches (a last, partial batch is split unevenly)."""
+        if batch_size is not None and batch_size % self.accumulate_steps:
+            raise UserError(
+                f"a batch of {batch_size} examples does not split into accumulate_steps={self.accumulate_steps} "
+                "equal micro-batches; choose a batch size divisible by it"
+            )
+
     def fit(self, *args, callbacks=None, **kwargs):
-        """Keras' fit; refuses an epoch length that would change AWP's warm-up."""
+        """Keras' fit; refuses an epoch length that would change AWP's warm-up, and a batch size that
+        does not split into ``accumulate_steps`` micro-batches."""
+        self._check_divisible(kwargs.get("batch_size"))
+        data = args[0] if args else kwargs.get("x")
+        if isinstance(data, tf.data.Dataset):  # a batch size fixed in the data set's shapes
+            self._check_divisible(tf.nest.flatten(data.element_spec)[0].shape[0])
         if getattr(self.network, "built", False):
             self._check_logits()
         callbacks = list(callbacks or [])
-        if self.defense.awp and self.defense.awp_warmup_epochs > 0:
+        if self.warmup_term() is not None:
             callbacks.append(_WarmupLengthCheck())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
@@ -434,13 +464,12 @@ class RobustModel(keras.Model):
         return dict(result) if isinstance(result, dict) else {compiled.name: result}
 
     def _term_names(self):
-        d = self.defense
-        names = {"at": ["ce_adv"], "trades": ["ce_clean", "kl"], "mart": ["bce", "weighted_kl"]}[d.base]
-        if d.s2o:
-            names = names + ["s2o_clean", "s2o_adv"]
-        if d.rat:
-            names = names + ["rat_first", "rat_second"]
-        return names
+        names = {"at": ["ce_adv"], "trades": ["ce_clean", "kl"], "mart": ["bce", "weighted_kl"]}[self.defense.base]
+        return names + [n for term in self.weight_space_terms for n in term.TERMS]
+
+    def warmup_term(self):
+        """The first weight-space term with a warm-up (in epochs), or None."""
+        return next((t for t in self.weight_space_terms if t.warmup_epochs() > 0), None)
 
     # -- pieces of the step -------------------------------------------------
 
@@ -480,30 +509,36 @@ class RobustModel(keras.Model):
         for v, value in zip(variables, values):
             v.assign(value)
 
-    def adversarial_examples(self, x, y):
-        """The training attack of the base objective (for RAT: at noisy conv kernels)."""
+    def adversarial_examples(self, x, y, x_init=None):
+        """The training attack of the base objective (for RAT: at noisy conv kernels).
+
+        ``x_init``: the random start (default: drawn for this batch from the step's seed).
+        """
         objective = self.defense.objective
         state = self.network.non_trainable_variables
         saved_state = self._snapshot(state) if self.bn_mode == "train" else None
-        noisy, saved_kernels = [], None
-        if self.defense.rat and not self.defense.awp:
-            noisy = rat.noisy_variables(self.network.trainable_variables)
-            saved_kernels = self._snapshot(noisy)
-            noise = rat.weight_noise(noisy, self.defense.rat_sigma, self._seed(2))
-            for v, w, u in zip(noisy, saved_kernels, noise):
+        offset, saved_weights = [], []
+        for term in self.weight_space_terms:  # the weights the attack sees (RAT's noisy kernels)
+            variables, offsets = term.attack_weights(self.network.trainable_variables, self._seed(2))
+            saved = self._snapshot(variables)
+            for v, w, u in zip(variables, saved, offsets):
                 v.assign(w + u)
+            offset, saved_weights = offset + list(variables), saved_weights + saved
         model_fn = self._attack_model_fn()
-        x_init = start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(1))
+        if x_init is None:
+            x_init = self._attack_start(x)
         x_adv = attacks.pgd(
             model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm,
             loss=objective.ATTACK_LOSS, x_init=x_init, gradient_scale=self._attack_gradient_scale(),
             project_start=self.defense.attack_start != "gaussian_unclipped",
         )
-        if saved_kernels is not None:
-            self._restore(noisy, saved_kernels)
+        self._restore(offset[::-1], saved_weights[::-1])
         if saved_state is not None:
             self._restore(state, saved_state)
         return x_adv
+
+    def _attack_start(self, x):
+        return start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(1))
 
     def _loss_terms(self, logits_clean, logits_adv, y):
         """The base objective's ``(primary, regulariser, terms)``, its CE term label-smoothed when asked."""
@@ -515,19 +550,26 @@ class RobustModel(keras.Model):
             terms = dict(terms, **{name: primary})
         return primary, regulariser, terms
 
-    def _base_loss(self, x, x_adv, y, training=True, weights=None):
-        """Mean base objective over the global batch (divided by the replica count), plus the network's losses."""
+    def _base_loss(self, x, x_adv, y, training=True, weights=None, fraction=None):
+        """Mean base objective over the global batch (divided by the replica count), plus the network's losses.
+
+        ``fraction``: the share of the batch that ``x`` is (a micro-batch), or None for the whole batch.
+        """
         logits_adv = self.network(x_adv, training=training)
         logits_clean = self.network(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
         primary, regulariser, _ = self._loss_terms(logits_clean, logits_adv, y)
-        loss = self._global_mean(primary + regulariser, weights)
-        network_losses = self._network_losses()
+        loss = self._global_mean(primary + regulariser, weights, fraction)
+        network_losses = self._network_losses(fraction)
         return loss if network_losses is None else loss + network_losses
 
-    def _global_mean(self, per_example, weights=None):
-        """This replica's share of the global mean; ``weights = (w, global sum of w)`` makes it weighted."""
+    def _global_mean(self, per_example, weights=None, fraction=None):
+        """This replica's share of the global mean; ``weights = (w, global sum of w)`` makes it weighted.
+
+        For a micro-batch that is ``fraction`` of this replica's batch, its share of that mean.
+        """
         if weights is None:
-            return tf.reduce_mean(per_example) / _num_replicas()
+            mean = tf.reduce_mean(per_example) / _num_replicas()
+            return mean if fraction is None else mean * fraction
         w, total = weights
         return tf.math.divide_no_nan(tf.reduce_sum(w * tf.cast(per_example, tf.float32)), total)
 
@@ -539,49 +581,110 @@ class RobustModel(keras.Model):
         w = tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
         return w, _all_reduce_sum(tf.reduce_sum(w))
 
-    def _network_losses(self):
-        """The network's own losses (regularizers), divided by the replica count; None if it has none."""
+    def _network_losses(self, fraction=None):
+        """The network's own losses (regularizers), divided by the replica count (times a micro-batch's fraction)."""
         losses = self.network.losses
         if not losses:
             return None
-        return tf.add_n([tf.cast(l, tf.float32) for l in losses]) / _num_replicas()
+        total = tf.add_n([tf.cast(l, tf.float32) for l in losses]) / _num_replicas()
+        return total if fraction is None else total * fraction
 
-    def ascent_gradients(self, x, x_adv, y, weights=None):
-        """This replica's gradient of the base objective w.r.t. AWP's kernels; BatchNorm state is left unchanged."""
-        kernels = awp.perturbed_variables(self.network.trainable_variables)
+    def _weight_decay_penalty(self, variables, fraction=None):
+        """``wd/2 ||w||^2`` over the decayed variables, divided by the replica count (times a micro-batch's fraction)."""
+        if not self.weight_decay:
+            return 0.0
+        decayed = self.decayed_variables(variables)
+        penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in decayed])
+        penalty = penalty / _num_replicas()
+        return penalty if fraction is None else penalty * fraction
+
+    def _perturbing_term(self):
+        for term in self.weight_space_terms:
+            if term.ascent_variables(self.network.trainable_variables):
+                return term
+        raise ValueError(f"defense {self.defense.name!r} has no term that perturbs the weights")
+
+    def ascent_gradients(self, x, x_adv, y, weights=None, variables=None, fraction=None):
+        """This replica's gradient of the base objective w.r.t. ``variables``; BatchNorm state is left unchanged.
+
+        ``variables`` defaults to the perturbing term's (AWP's kernels). For a
+        micro-batch (``fraction`` of the batch) the gradient of its share, not
+        yet checked for overflow (see :meth:`_finite_or_zero`).
+        """
+        if variables is None:
+            variables = self._perturbing_term().ascent_variables(self.network.trainable_variables)
         state = self.network.non_trainable_variables
         saved_state = self._snapshot(state)
         with tf.GradientTape() as tape:
             # Scaled like the training loss so float16 gradients do not underflow;
             # AWP normalises the gradient, so the scale cancels.
-            loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, training=True, weights=weights))
-        grads = tape.gradient(loss, kernels)
-        grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(kernels, grads)]
-        # An overflowed (non-finite) gradient gives no perturbation: a NaN added
-        # to the weights could not be undone.
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        grads = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+            loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, True, weights, fraction))
+        grads = tape.gradient(loss, variables)
+        grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(variables, grads)]
         self._restore(state, saved_state)
-        return grads
+        return grads if fraction is not None else self._finite_or_zero(grads)
 
-    def weight_perturbation(self, x, x_adv, y, active=True, weights=None):
-        """AWP's ``v``, one entry per perturbed kernel (zeros when ``active`` is False).
+    @staticmethod
+    def _finite_or_zero(grads):
+        """The gradients, or zeros if any entry overflowed: a NaN added to the weights could not be undone."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        return [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+
+    def weight_perturbation(self, x, x_adv, y, active=True, weights=None, term=None, ascent=None):
+        """A term's weight offsets (AWP's ``v``), one entry per ascent variable (zeros when ``active`` is False).
 
         The gradient is all-reduced across replicas outside of any conditional
         (a cross-replica sum cannot sit inside ``tf.cond``), so every replica
         applies the same ``v``. A zero gradient gives ``v = 0`` exactly.
+        ``term`` defaults to the defense's first term with ascent variables;
+        ``ascent(variables)`` replaces :meth:`ascent_gradients` on the batch
+        (the sum over micro-batches).
         """
-        kernels = awp.perturbed_variables(self.network.trainable_variables)
+        term = term or self._perturbing_term()
+        kernels = term.ascent_variables(self.network.trainable_variables)
+        if ascent is None:
+            ascent = lambda variables: self.ascent_gradients(x, x_adv, y, weights, variables)  # noqa: E731
         if active is True:
-            grads = self.ascent_gradients(x, x_adv, y, weights)
+            grads = ascent(kernels)
         else:
-            grads = tf.cond(
-                active,
-                lambda: self.ascent_gradients(x, x_adv, y, weights),
-                lambda: [tf.zeros_like(k.value) for k in kernels],
-            )
+            grads = tf.cond(active, lambda: ascent(kernels), lambda: [tf.zeros_like(k.value) for k in kernels])
         grads = _all_reduce_sum(grads)
-        return awp.adversarial_weight_perturbation([k.value for k in kernels], grads, self.defense.awp_gamma)
+        return term.weight_perturbation([k.value for k in kernels], grads)
+
+    def _perturb_weights(self, x, x_adv, y, weights, ascent=None):
+        """Applies every term's weight offsets before the update; returns what :meth:`_restore_weights` undoes."""
+        applied = []
+        for term in self.weight_space_terms:
+            variables = term.ascent_variables(self.network.trainable_variables)
+            if not variables:
+                continue
+            active = self.optimizer.iterations >= term.warmup_epochs() * (self.steps_per_epoch or 1)
+            offsets = self.weight_perturbation(x, x_adv, y, active, weights, term, ascent)
+            saved = self._snapshot(variables)
+            for k, w, v in zip(variables, saved, offsets):
+                k.assign(w + v)
+            applied.append((term, variables, saved, offsets))
+        return applied
+
+    def _restore_weights(self, applied):
+        """Restores the weights exactly (last perturbation first); returns the terms' perturbation statistics."""
+        statistics = {}
+        for term, variables, saved, offsets in reversed(applied):
+            self._restore(variables, saved)
+            statistics.update(term.perturbation_statistics(saved, offsets))
+        return statistics
+
+    def _soft_targets(self, logits_clean, logits_adv, y, recorded, tape):
+        """Every term's per-example soft targets from statistics summed across replicas, and their metrics."""
+        targets, extra = [], {}
+        for term, record in zip(self.weight_space_terms, recorded):
+            statistics = term.statistics(self.network, logits_clean, logits_adv, y, record, tape)
+            if statistics:
+                statistics = _all_reduce_sum(statistics)
+            target, metrics = term.soft_targets(statistics, y)
+            targets.append(target)
+            extra.update(metrics)
+        return targets, extra
 
     # -- the steps ----------------------------------------------------------
 
@@ -589,65 +692,50 @@ class RobustModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
         self._check_logits(x.shape[1:])  # at trace time, for a network built by its first batch
+        if self.accumulate_steps > 1:
+            return self._accumulated_train_step(x, y, sample_weight)
         d = self.defense
         weights = self._sample_weights(sample_weight, y)
         x_adv = self.adversarial_examples(x, y)
-
-        kernels, saved_kernels, perturbation = [], None, None
-        if d.awp:
-            kernels = awp.perturbed_variables(self.network.trainable_variables)
-            active = self.optimizer.iterations >= d.awp_warmup_epochs * (self.steps_per_epoch or 1)
-            perturbation = self.weight_perturbation(x, x_adv, y, active, weights)
-            saved_kernels = self._snapshot(kernels)
-            for k, w, v in zip(kernels, saved_kernels, perturbation):
-                k.assign(w + v)
+        applied = self._perturb_weights(x, x_adv, y, weights)
 
         variables = self.trainable_variables
-        last_kernel = last_dense_kernel(self.network) if d.rat else None
+        watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
         with tf.GradientTape() as tape:
-            with tf.GradientTape(persistent=True, watch_accessed_variables=d.rat) as inner:
+            with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as inner:
                 logits_adv = tf.cast(self.network(x_adv, training=True), tf.float32)
                 logits_clean = (
                     tf.cast(self.network(x, training=True), tf.float32) if d.needs_clean_logits else None
                 )
-                if d.rat:
-                    ce_clean_mean = self._global_mean(attacks.cross_entropy(logits_clean, y))
-                    ce_adv_mean = self._global_mean(attacks.cross_entropy(logits_adv, y))
+                recorded = [t.record(logits_clean, logits_adv, y, self._global_mean) for t in self.weight_space_terms]
             # Soft targets are constants; their cross-replica sums stay off the tape.
             with tape.stop_recording():
-                targets, extra = {}, {}
-                if d.s2o:
-                    m_clean, m_adv = _all_reduce_sum([s2o.second_moment(logits_clean), s2o.second_moment(logits_adv)])
-                    targets["s2o"] = (s2o.soft_targets(m_clean, y), s2o.soft_targets(m_adv, y))
-                    extra["s2o_correlation"] = s2o.correlation_statistic(m_adv)
-                if d.rat:
-                    g_nat = inner.gradient(ce_clean_mean, last_kernel)
-                    g_adv = inner.gradient(ce_adv_mean, last_kernel)
-                    g_nat, g_adv = _all_reduce_sum([g_nat, g_adv])
-                    targets["rat"] = rat.taylor_targets(g_nat, g_adv, y, d.rat_reference_quirk)
+                targets, extra = self._soft_targets(logits_clean, logits_adv, y, recorded, inner)
             per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets)
-            loss = self._global_mean(per_example, weights)
-            network_losses = self._network_losses()
-            if network_losses is not None:
-                loss = loss + network_losses
-            penalty = 0.0
-            if self.weight_decay:
-                decayed = self.decayed_variables(variables)
-                penalty = 0.5 * self.weight_decay * tf.add_n([tf.reduce_sum(tf.square(v.value)) for v in decayed])
-                penalty = penalty / _num_replicas()
-            scaled = self.optimizer.scale_loss(loss + penalty)
+            loss = self._training_loss(per_example, weights)
+            scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables))
         grads = tape.gradient(scaled, variables)
         del inner
 
-        if d.awp:
-            self._restore(kernels, saved_kernels)
-            extra["awp_relative_norm"] = awp.relative_size(saved_kernels, perturbation)
+        extra.update(self._restore_weights(applied))
+        self._apply(grads, variables)
+        if logits_clean is None:
+            logits_clean = tf.cast(self.network(x, training=False), tf.float32)
+        return self._update_metrics(loss, terms, extra, y, logits_clean, logits_adv, sample_weight)
+
+    def _training_loss(self, per_example, weights, fraction=None):
+        """The objective's share of this replica (and micro-batch), plus the network's losses."""
+        loss = self._global_mean(per_example, weights, fraction)
+        network_losses = self._network_losses(fraction)
+        return loss if network_losses is None else loss + network_losses
+
+    def _apply(self, grads, variables):
+        """One optimizer update (and one step of the weight average)."""
         self.optimizer.apply(grads, variables)
         if self.averaged_network is not None:
             self.update_average(self.optimizer.iterations)
 
-        if logits_clean is None:
-            logits_clean = tf.cast(self.network(x, training=False), tf.float32)
+    def _update_metrics(self, loss, terms, extra, y, logits_clean, logits_adv, sample_weight):
         self.trackers["loss"].update_state(loss * _num_replicas())
         for name, value in terms.items():
             self.trackers[name].update_state(tf.reduce_mean(value))
@@ -659,26 +747,156 @@ class RobustModel(keras.Model):
         results.update(self._compiled_results(y, logits_adv, sample_weight))
         return results
 
-    def _objective_terms(self, y, logits_clean, logits_adv, targets):
-        """Per-example objective (base, then S2O or RAT terms) and its named terms.
+    # -- gradient accumulation ---------------------------------------------
 
-        ``targets`` holds the soft targets computed without gradient:
-        ``{"s2o": (q_clean, q_adv)}`` or ``{"rat": (y1, y2, yy1, yy2)}``.
+    def _micro_batches(self, fn, tensors):
+        """Runs ``fn`` on each of the ``accumulate_steps`` micro-batches of ``tensors``, one after the other.
+
+        ``fn(fraction, *chunks)`` returns ``(sums, parts)``: lists of tensors,
+        the first summed over the micro-batches, the second placed in the
+        batch's rows. ``fraction`` is the micro-batch's share of the
+        batch. The micro-batches after the first run in a ``tf.while_loop``,
+        so only one micro-batch's activations are alive at a time. A batch
+        of ``b`` examples gives micro-batches of ``b // n``, the first one
+        taking the remainder (the last, partial batch of an epoch).
         """
+        n = self.accumulate_steps
+        size = tf.shape(tensors[0])[0]
+        chunk, rest = size // n, size % n
+        total = tf.cast(size, tf.float32)
+
+        # Rows are gathered and scattered by index, so that under XLA every
+        # shape is a compile-time constant while the start moves.
+        def run(start, length):
+            rows = start + tf.range(length)
+            return fn(tf.cast(length, tf.float32) / total, *[tf.gather(t, rows) for t in tensors])
+
+        def place(buffers, start, parts):
+            if not parts:
+                return []
+            rows = (start + tf.range(tf.shape(parts[0])[0]))[:, None]
+            return [tf.tensor_scatter_nd_update(b, rows, p) for b, p in zip(buffers, parts)]
+
+        sums, parts = run(0, chunk + rest)
+        shapes = [tf.TensorShape([None]) + p.shape[1:] for p in parts]
+        zeros = [tf.ensure_shape(tf.zeros(tf.concat([[size], tf.shape(p)[1:]], 0), p.dtype), shape)
+                 for p, shape in zip(parts, shapes)]
+        buffers = place(zeros, 0, parts)
+
+        def body(i, sums, buffers):
+            start = rest + i * chunk
+            more, parts = run(start, chunk)
+            return i + 1, [a + b for a, b in zip(sums, more)], place(buffers, start, parts)
+
+        count = tf.where(chunk > 0, n, 1)  # fewer examples than micro-batches: all in the first
+        _, sums, buffers = tf.while_loop(
+            lambda i, *_: i < count, body, (tf.constant(1), sums, buffers), parallel_iterations=1,
+            shape_invariants=(tf.TensorShape([]), [s.shape for s in sums], shapes),
+        )
+        return sums, buffers
+
+    def _accumulated_train_step(self, x, y, sample_weight):
+        """One optimizer update from ``accumulate_steps`` micro-batches of the batch, equal to the whole batch's.
+
+        Passes over the micro-batches: the attack (from the whole batch's
+        random start); for each perturbing term (AWP) the base objective's
+        gradient, summed and all-reduced before ``v`` is formed; the terms'
+        soft-target statistics at ``w + v`` (BatchNorm state restored), summed
+        and all-reduced before the targets are formed; the objective's
+        gradient, summed; then one update. BatchNorm's batch statistics are
+        those of each micro-batch.
+        """
+        weights = self._sample_weights(sample_weight, y)
+        w = weights[0] if weights is not None else tf.zeros_like(y, tf.float32)
+
+        def micro_weights(wc):
+            return None if weights is None else (wc, weights[1])
+
+        x_init = self._attack_start(x)
+        _, (x_adv,) = self._micro_batches(
+            lambda f, xc, yc, ic: ([], [self.adversarial_examples(xc, yc, ic)]), [x, y, x_init]
+        )
+
+        def ascent(variables):  # the base objective's gradient summed over the micro-batches
+            sums, _ = self._micro_batches(
+                lambda f, xc, ac, yc, wc: (self.ascent_gradients(xc, ac, yc, micro_weights(wc), variables, f), []),
+                [x, x_adv, y, w],
+            )
+            return self._finite_or_zero(sums)
+
+        applied = self._perturb_weights(x, x_adv, y, weights, ascent)
+
         d = self.defense
+        watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
+        state = self.network.non_trainable_variables
+
+        def forward(xc, ac):
+            logits_adv = tf.cast(self.network(ac, training=True), tf.float32)
+            logits_clean = tf.cast(self.network(xc, training=True), tf.float32) if d.needs_clean_logits else None
+            return logits_clean, logits_adv
+
+        layout = {"counts": [0] * len(self.weight_space_terms)}
+
+        def statistics(f, xc, ac, yc):
+            saved_state = self._snapshot(state)
+            with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as tape:
+                logits_clean, logits_adv = forward(xc, ac)
+                mean = lambda v: self._global_mean(v, None, f)  # noqa: E731
+                recorded = [t.record(logits_clean, logits_adv, yc, mean) for t in self.weight_space_terms]
+            found = [t.statistics(self.network, logits_clean, logits_adv, yc, r, tape)
+                     for t, r in zip(self.weight_space_terms, recorded)]
+            del tape
+            self._restore(state, saved_state)
+            layout["counts"] = [len(stats) for stats in found]
+            return [tf.stop_gradient(s) for stats in found for s in stats], []
+
+        summed = []
+        if any(type(t).statistics is not WeightSpaceTerm.statistics for t in self.weight_space_terms):
+            summed, _ = self._micro_batches(statistics, [x, x_adv, y])
+        stats, extra = [], {}
+        for term, count in zip(self.weight_space_terms, layout["counts"]):  # summed across replicas per term
+            mine, summed = summed[:count], summed[count:]
+            stats.append(_all_reduce_sum(mine) if mine else [])
+            extra.update(term.soft_targets(stats[-1], y)[1])
+
+        variables = self.trainable_variables
+
+        def objective(f, xc, ac, yc, wc):
+            with tf.GradientTape() as tape:
+                logits_clean, logits_adv = forward(xc, ac)
+                with tape.stop_recording():
+                    targets = [t.soft_targets(st, yc)[0] for t, st in zip(self.weight_space_terms, stats)]
+                per_example, terms = self._objective_terms(yc, logits_clean, logits_adv, targets)
+                loss = self._training_loss(per_example, micro_weights(wc), f)
+                scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables, f))
+            grads = tape.gradient(scaled, variables)
+            layout["present"], layout["names"] = [g is not None for g in grads], list(terms)
+            logits_clean = logits_adv if logits_clean is None else logits_clean  # recomputed after the update
+            return ([g for g in grads if g is not None] + [loss],
+                    [logits_clean, logits_adv] + [terms[n] for n in layout["names"]])
+
+        sums, parts = self._micro_batches(objective, [x, x_adv, y, w])
+        names, grads, loss = layout["names"], iter(sums[:-1]), sums[-1]
+        grads = [next(grads) if present else None for present in layout["present"]]
+        extra.update(self._restore_weights(applied))
+        self._apply(grads, variables)
+        logits_clean, logits_adv, *values = parts
+        if not d.needs_clean_logits:
+            _, (logits_clean,) = self._micro_batches(
+                lambda f, xc: ([], [tf.cast(self.network(xc, training=False), tf.float32)]), [x]
+            )
+        return self._update_metrics(loss, dict(zip(names, values)), extra, y, logits_clean, logits_adv, sample_weight)
+
+    def _objective_terms(self, y, logits_clean, logits_adv, targets):
+        """Per-example objective (the base, its primary term mixed by each weight-space term) and its named terms.
+
+        ``targets`` holds each term's soft targets (computed without gradient), in term order.
+        """
         primary, regulariser, terms = self._loss_terms(logits_clean, logits_adv, y)
-        total = primary + regulariser
-        if d.s2o:
-            q_clean, q_adv = targets["s2o"]
-            s_clean = attacks.kl_from_probabilities(q_clean, logits_clean)
-            s_adv = attacks.kl_from_probabilities(q_adv, logits_adv)
-            total = (1.0 - d.s2o_a) * primary + 0.5 * d.s2o_a * (s_clean + s_adv) + regulariser
-            terms = dict(terms, s2o_clean=s_clean, s2o_adv=s_adv)
-        if d.rat:
-            first, second = rat.taylor_terms(logits_clean, logits_adv, targets["rat"])
-            total = (1.0 - d.rat_alpha) * primary + d.rat_alpha * first + 0.5 * d.rat_alpha * second + regulariser
-            terms = dict(terms, rat_first=first, rat_second=second)
-        return total, terms
+        for term, target in zip(self.weight_space_terms, targets):
+            primary, reported = term.mix(primary, logits_clean, logits_adv, target)
+            terms = dict(terms, **reported)
+        return primary + regulariser, terms
 
     def test_step(self, data):
         """Clean and PGD accuracy (``eval_steps`` steps on ``eval_loss``, uniform start) on validation data.

@@ -4,30 +4,61 @@ A defense name is a base objective (``at``, ``trades``, ``mart``) followed by
 any of the weight-space terms (``awp``, ``s2o``, ``rat``), joined with ``+``:
 ``trades+awp``, ``mart+s2o``, ``trades+awp+rat``. Short names stand for the
 papers' main settings: ``awp`` = ``at+awp``, ``s2o`` = ``at+s2o``, ``rat`` =
-``trades+rat``. Each method lives in its own module of this package; adding a
-method means adding a module, registering it here and its name in
-:mod:`tfrobust.defense_names` (which the command line checks before importing
-TensorFlow).
+``trades+rat``.
+
+Each base objective is a module of pure functions (``at``, ``trades``,
+``mart``). Each weight-space term is a module with a
+:class:`WeightSpaceTerm` subclass (``awp``, ``s2o``, ``rat``) whose hooks the
+train step calls around the attack, before the update, for soft targets and
+in the objective (:mod:`tfrobust.defenses.terms`). A new term is one module
+and one :func:`register_term` call, which declares its name, its
+hyperparameters with their defaults and its composition rules; from that
+declaration come the accepted names, :class:`Defense`'s keywords
+(``<term>_<hyperparameter>``) and the config's ``defense.<term>.*`` keys.
+The built-in terms are registered in :mod:`tfrobust.defense_names`, which
+imports no TensorFlow, so the command line checks names first; a term
+registered later (``register_term("toy", ToyTerm, ...)``) is accepted by
+``Defense("at+toy")`` in Python.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Optional
 
 from tfrobust.defenses import at, awp, mart, rat, s2o, trades
-from tfrobust.defense_names import BASE_NAMES, DEFENSES, SHORT_NAMES, TERMS, canonical_name, check_defense_name
+from tfrobust.defenses.terms import WeightSpaceTerm
+from tfrobust.defense_names import (
+    BASE_NAMES, DEFENSES, SHORT_NAMES, TERMS, Hyperparameter, canonical_name, check_defense_name, register_term,
+    registered_terms, resolve_settings, term_declaration,
+)
 from tfrobust.errors import UserError
 
 
 BASES = dict(zip(BASE_NAMES, (at, trades, mart)))
 
 
-# Module constants read in the class body, where the field ``rat`` shadows the module.
-_RAT_ALPHA, _RAT_SIGMA = rat.DEFAULT_ALPHA, rat.DEFAULT_SIGMA
+def _keywords():
+    """``{keyword: (term, hyperparameter or None)}`` for every registered term's flag and hyperparameters."""
+    keywords = {}
+    for t in registered_terms():
+        keywords[t] = (t, None)
+        for h in term_declaration(t).hyperparameters:
+            keywords[term_declaration(t).keyword(h.name)] = (t, h.name)
+    return keywords
 
 
-@dataclasses.dataclass(frozen=True)
+def term_class(name: str):
+    """The :class:`WeightSpaceTerm` subclass registered for a term (imported on first use)."""
+    implementation = term_declaration(name).implementation
+    if isinstance(implementation, str):
+        module, _, attribute = implementation.partition(":")
+        implementation = getattr(importlib.import_module(module), attribute)
+    return implementation
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class Defense:
     """A defense: a name such as ``"trades+awp"`` and its hyperparameters.
 
@@ -38,81 +69,93 @@ class Defense:
         Defense("trades+awp", awp_gamma=0.01, awp_warmup_epochs=0)
         Defense("mart", unclipped_gaussian_start=True)
 
-    Fields:
+    Fields and keywords:
       name: the defense (short names and any order accepted; stored canonical).
-      base, awp, s2o, rat: derived from the name (passing them is allowed
-        only when they agree with it).
+      base: derived from the name (passing it is allowed only when it agrees).
       beta: TRADES/MART regulariser weight (6; unused by AT).
-      awp_gamma: AWP's relative perturbation size (0.01 for AT/MART, 0.005 for TRADES).
-      awp_warmup_epochs: epochs without weight perturbation (0 for AT/MART, 10 for TRADES);
-        a :class:`~tfrobust.trainer.RobustModel` needs ``steps_per_epoch`` to count them.
-      s2o_a: S2O's weight ``a`` (0.1 for AT, 0.3 for TRADES/MART).
-      rat_alpha, rat_sigma: RAT's Taylor-term weight (0.2) and weight-noise std (1e-4).
-      rat_reference_quirk: reproduce the reference's ``yy1`` (docs/algorithms.md, section 9, item 8).
       unclipped_gaussian_start: start the TRADES/MART/RAT attack at
-        ``x + 0.001 N(0, 1)`` without clipping to [0, 1], as the reference code
-        does; the default clips (docs/algorithms.md, section 9, item 1).
+        ``x + 0.001 N(0, 1)`` without clipping to [0, 1], as the reference
+        code does; the default clips (docs/algorithms.md, section 9, item 1).
+      <term>: for every registered term, whether the name has it (``awp``,
+        ``s2o``, ``rat``: attributes; as keywords only when they agree).
+      <term>_<hyperparameter>: the terms' hyperparameters, declared with the
+        term (:mod:`tfrobust.defense_names`):
+        awp_gamma: AWP's relative perturbation size (0.01 for AT/MART, 0.005 for TRADES).
+        awp_warmup_epochs: epochs without weight perturbation (0 for AT/MART, 10 for TRADES);
+        a :class:`~tfrobust.trainer.RobustModel` needs ``steps_per_epoch`` to count them.
+        s2o_a: S2O's weight ``a`` (0.1 for AT, 0.3 for TRADES/MART).
+        rat_alpha, rat_sigma: RAT's Taylor-term weight (0.2) and weight-noise std (1e-4).
+        rat_reference_quirk: reproduce the reference's ``yy1`` (docs/algorithms.md, section 9, item 8).
+      settings: the resolved hyperparameters as ``((keyword, value), ...)``
+        (what :func:`dataclasses.replace` carries over).
     """
 
     name: str
-    base: Optional[str] = None
-    beta: Optional[float] = None
-    awp: Optional[bool] = None
-    awp_gamma: Optional[float] = None
-    awp_warmup_epochs: Optional[int] = None
-    s2o: Optional[bool] = None
-    s2o_a: Optional[float] = None
-    rat: Optional[bool] = None
-    rat_alpha: float = _RAT_ALPHA
-    rat_sigma: float = _RAT_SIGMA
-    rat_reference_quirk: bool = False
-    unclipped_gaussian_start: bool = False
+    base: Optional[str]
+    beta: Optional[float]
+    unclipped_gaussian_start: bool
+    settings: tuple
 
-    def __post_init__(self):
-        canonical = check_defense_name(self.name)
+    def __init__(self, name, base=None, beta=None, unclipped_gaussian_start=False, settings=(), **keywords):
+        canonical = check_defense_name(name)
         parts = canonical.split("+")
-        base, terms = parts[0], set(parts[1:])
-        derived = {"base": base, "awp": "awp" in terms, "s2o": "s2o" in terms, "rat": "rat" in terms}
-        for key, value in derived.items():
-            given = getattr(self, key)
-            if given is not None and given != value:
-                raise UserError(f"defense {canonical!r} has {key}={value!r}, not {given!r}; change the name instead")
-        module = BASES[base]
-        values = dict(
-            derived,
-            name=canonical,
-            beta=self.beta if self.beta is not None else module.DEFAULT_BETA,
-            awp_gamma=float(self.awp_gamma if self.awp_gamma is not None else awp.DEFAULT_GAMMA[base]),
-            awp_warmup_epochs=self.awp_warmup_epochs if self.awp_warmup_epochs is not None else awp.DEFAULT_WARMUP_EPOCHS[base],
-            s2o_a=float(self.s2o_a if self.s2o_a is not None else s2o.DEFAULT_A[base]),
-            rat_alpha=float(self.rat_alpha),
-            rat_sigma=float(self.rat_sigma),
-            rat_reference_quirk=bool(self.rat_reference_quirk),
-            unclipped_gaussian_start=bool(self.unclipped_gaussian_start),
-        )
-        if values["beta"] is not None:
-            values["beta"] = float(values["beta"])
-            if values["beta"] < 0:
+        derived_base, terms = parts[0], parts[1:]
+        known = _keywords()
+        given = dict(settings)
+        for key, value in keywords.items():
+            if key not in known:
+                raise TypeError(f"Defense got an unexpected keyword {key!r}; allowed: {', '.join(sorted(known))}")
+            term, hyperparameter = known[key]
+            if hyperparameter is None:
+                if value is not None and bool(value) != (term in terms):
+                    raise UserError(f"defense {canonical!r} has {term}={term in terms!r}, not {value!r}; change the name instead")
+            else:
+                given[key] = value
+        if base is not None and base != derived_base:
+            raise UserError(f"defense {canonical!r} has base={derived_base!r}, not {base!r}; change the name instead")
+        beta = beta if beta is not None else BASES[derived_base].DEFAULT_BETA
+        if beta is not None:
+            beta = float(beta)
+            if beta < 0:
                 raise UserError("defense.beta must be >= 0")
-        warmup = values["awp_warmup_epochs"]
-        if isinstance(warmup, bool) or int(warmup) != warmup:
-            raise UserError(f"defense.awp.warmup_epochs must be a whole number of epochs, got {warmup!r}")
-        values["awp_warmup_epochs"] = int(warmup)
-        if values["awp_gamma"] < 0 or values["awp_warmup_epochs"] < 0 or not 0 <= values["s2o_a"] <= 1:
-            raise UserError("defense.awp.gamma and defense.awp.warmup_epochs must be >= 0 and defense.s2o.a in [0, 1]")
-        if values["rat_sigma"] < 0 or not 0 <= values["rat_alpha"] <= 1:
-            raise UserError("defense.rat.sigma must be >= 0 and defense.rat.alpha in [0, 1]")
-        for key, value in values.items():
-            object.__setattr__(self, key, value)
+        resolved = resolve_settings(derived_base, given)
+        object.__setattr__(self, "name", canonical)
+        object.__setattr__(self, "base", derived_base)
+        object.__setattr__(self, "beta", beta)
+        object.__setattr__(self, "unclipped_gaussian_start", bool(unclipped_gaussian_start))
+        object.__setattr__(self, "settings", tuple(resolved.items()))
+
+    def __getattr__(self, key):
+        # Only called for names that are not fields: the terms' flags and hyperparameters.
+        if key.startswith("__") or "settings" not in self.__dict__:
+            raise AttributeError(key)
+        if key in registered_terms():
+            return key in self.terms
+        for k, value in self.settings:
+            if k == key:
+                return value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    def __repr__(self):
+        return f"Defense({', '.join(f'{k}={v!r}' for k, v in self.hyperparameters().items())})"
+
+    @property
+    def terms(self) -> tuple:
+        """The weight-space terms of the name, in canonical order."""
+        return tuple(self.name.split("+")[1:])
 
     @property
     def objective(self):
         """The module of the base objective (``at``, ``trades`` or ``mart``)."""
         return BASES[self.base]
 
+    def weight_space_terms(self) -> list:
+        """The :class:`WeightSpaceTerm` objects of the name's terms, in canonical order."""
+        return [term_class(t)(self, t) for t in self.terms]
+
     @property
     def needs_clean_logits(self) -> bool:
-        return self.objective.NEEDS_CLEAN_LOGITS or self.s2o or self.rat
+        return self.objective.NEEDS_CLEAN_LOGITS or any(term_class(t).NEEDS_CLEAN_LOGITS for t in self.terms)
 
     @property
     def attack_start(self) -> str:
@@ -123,8 +166,17 @@ class Defense:
         return start
 
     def hyperparameters(self) -> dict:
-        """Every field as a plain dict; ``Defense(**d.hyperparameters()) == d``."""
-        return dataclasses.asdict(self)
+        """Every setting as a plain dict (flat keywords); ``Defense(**d.hyperparameters()) == d``."""
+        result = {"name": self.name, "base": self.base, "beta": self.beta}
+        settings = dict(self.settings)
+        for t in registered_terms():
+            result[t] = t in self.terms
+            for h in term_declaration(t).hyperparameters:
+                key = term_declaration(t).keyword(h.name)
+                if key in settings:
+                    result[key] = settings[key]
+        result["unclipped_gaussian_start"] = self.unclipped_gaussian_start
+        return result
 
 
 def parse_defense(name: str, config=None) -> Defense:
@@ -134,23 +186,17 @@ def parse_defense(name: str, config=None) -> Defense:
     the chosen base (AWP gamma and warm-up, S2O's a, TRADES/MART beta).
     ``parse_defense(name)`` equals ``Defense(name)``.
     """
-    from tfrobust.config import DefenseConfig
+    from tfrobust.config import DefenseConfig, defense_settings
 
     config = config or DefenseConfig()
     return Defense(
-        name,
-        beta=config.beta,
-        awp_gamma=config.awp.gamma,
-        awp_warmup_epochs=config.awp.warmup_epochs,
-        s2o_a=config.s2o.a,
-        rat_alpha=config.rat.alpha,
-        rat_sigma=config.rat.sigma,
-        rat_reference_quirk=config.rat.reference_quirk,
-        unclipped_gaussian_start=config.unclipped_gaussian_start,
+        name, beta=config.beta, unclipped_gaussian_start=config.unclipped_gaussian_start,
+        settings=tuple(defense_settings(config).items()),
     )
 
 
 __all__ = [
     "Defense", "parse_defense", "canonical_name", "DEFENSES", "BASES", "TERMS", "SHORT_NAMES",
+    "WeightSpaceTerm", "Hyperparameter", "register_term", "registered_terms", "term_class",
     "at", "trades", "mart", "awp", "s2o", "rat",
 ]

@@ -21,11 +21,13 @@ MART) without S2O or RAT terms, plus the network's own losses
 import tensorflow as tf
 
 from tfrobust import weight_space
+from tfrobust.defense_names import term_declaration
+from tfrobust.defenses.terms import WeightSpaceTerm
 
 NAME = "awp"
-# gamma per base objective (reference defaults) and warm-up epochs without perturbation.
-DEFAULT_GAMMA = {"at": 0.01, "mart": 0.01, "trades": 0.005}
-DEFAULT_WARMUP_EPOCHS = {"at": 0, "mart": 0, "trades": 10}
+# gamma per base objective (reference defaults) and warm-up epochs without
+# perturbation, as declared in the term's registration (tfrobust.defense_names).
+DEFAULT_GAMMA, DEFAULT_WARMUP_EPOCHS = (h.default for h in term_declaration(NAME).hyperparameters)
 
 
 def perturbed_variables(variables):
@@ -59,8 +61,27 @@ def relative_size(weights, perturbation):
     return tf.reduce_mean(tf.stack(ratios)) if ratios else tf.constant(0.0)
 
 
+class AdversarialWeightPerturbation(WeightSpaceTerm):
+    """AWP in the train step: ``v`` before the update from the ascent gradient of the base objective."""
+
+    STATISTICS = ("awp_relative_norm",)
+
+    def warmup_epochs(self) -> int:
+        return self.setting("warmup_epochs")
+
+    def ascent_variables(self, variables):
+        return perturbed_variables(variables)
+
+    def weight_perturbation(self, weights, gradients):
+        return adversarial_weight_perturbation(weights, gradients, self.setting("gamma"))
+
+    def perturbation_statistics(self, weights, offsets) -> dict:
+        return {"awp_relative_norm": relative_size(weights, offsets)}
+
+
 __all__ = [
     "NAME",
+    "AdversarialWeightPerturbation",
     "DEFAULT_GAMMA",
     "DEFAULT_WARMUP_EPOCHS",
     "perturbed_variables",

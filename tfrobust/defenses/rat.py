@@ -28,14 +28,16 @@ uses no weight noise: the loss above is evaluated at the AWP-perturbed weights
 (docs/algorithms.md, section 5; section 9, items 4 and 8).
 """
 
+import keras
 import tensorflow as tf
 
 from tfrobust import weight_space
-from tfrobust.attacks import kl_from_probabilities
+from tfrobust.attacks import cross_entropy, kl_from_probabilities
+from tfrobust.defense_names import term_declaration
+from tfrobust.defenses.terms import WeightSpaceTerm
 
 NAME = "rat"
-DEFAULT_ALPHA = 0.2
-DEFAULT_SIGMA = 1e-4
+DEFAULT_ALPHA, DEFAULT_SIGMA, _ = (h.default for h in term_declaration(NAME).hyperparameters)
 
 
 def noisy_variables(variables):
@@ -96,8 +98,48 @@ def taylor_terms(logits_clean, logits_adv, targets):
     return first, second
 
 
+def last_dense_kernel(network):
+    """The kernel of the network's last Dense layer (S2O's and RAT's W)."""
+    for layer in reversed(network.layers):
+        if isinstance(layer, keras.layers.Dense):
+            return layer.kernel
+    raise ValueError("the network has no Dense layer; RAT needs a last Dense layer")
+
+
+class RandomizedAdversarialTraining(WeightSpaceTerm):
+    """RAT in the train step: noisy kernels for the attack (without AWP), Taylor soft targets, the mixture."""
+
+    NEEDS_CLEAN_LOGITS = True
+    WATCHES_VARIABLES = True
+    TERMS = ("rat_first", "rat_second")
+
+    def attack_weights(self, variables, seed):
+        if self.defense.awp:  # with AWP, RAT's loss is taken at the AWP-perturbed weights, without noise
+            return [], []
+        noisy = noisy_variables(variables)
+        return noisy, weight_noise(noisy, self.setting("sigma"), seed)
+
+    def record(self, logits_clean, logits_adv, y, global_mean) -> dict:
+        return {"ce_clean": global_mean(cross_entropy(logits_clean, y)), "ce_adv": global_mean(cross_entropy(logits_adv, y))}
+
+    def statistics(self, network, logits_clean, logits_adv, y, recorded, tape):
+        kernel = last_dense_kernel(network)
+        return [tape.gradient(recorded["ce_clean"], kernel), tape.gradient(recorded["ce_adv"], kernel)]
+
+    def soft_targets(self, statistics, y):
+        g_nat, g_adv = statistics
+        return taylor_targets(g_nat, g_adv, y, self.setting("reference_quirk")), {}
+
+    def mix(self, primary, logits_clean, logits_adv, targets):
+        alpha = self.setting("alpha")
+        first, second = taylor_terms(logits_clean, logits_adv, targets)
+        return (1.0 - alpha) * primary + alpha * first + 0.5 * alpha * second, {"rat_first": first, "rat_second": second}
+
+
 __all__ = [
     "NAME",
+    "RandomizedAdversarialTraining",
+    "last_dense_kernel",
     "DEFAULT_ALPHA",
     "DEFAULT_SIGMA",
     "noisy_variables",

@@ -22,9 +22,11 @@ both and works for any C.
 import tensorflow as tf
 
 from tfrobust.attacks import kl_from_probabilities
+from tfrobust.defense_names import term_declaration
+from tfrobust.defenses.terms import WeightSpaceTerm
 
 NAME = "s2o"
-DEFAULT_A = {"at": 0.1, "trades": 0.3, "mart": 0.3}
+(DEFAULT_A,) = (h.default for h in term_declaration(NAME).hyperparameters)
 
 
 def second_moment(logits):
@@ -69,10 +71,31 @@ def correlation_statistic(moment):
     off = corr * (1.0 - tf.eye(tf.shape(moment)[0], dtype=tf.float32))
     return tf.norm(off)
 
+class SecondOrderStatistics(WeightSpaceTerm):
+    """S2O in the train step: soft targets from the batch's second moments, mixed with the primary term."""
+
+    NEEDS_CLEAN_LOGITS = True
+    TERMS = ("s2o_clean", "s2o_adv")
+    STATISTICS = ("s2o_correlation",)
+
+    def statistics(self, network, logits_clean, logits_adv, y, recorded, tape):
+        return [second_moment(logits_clean), second_moment(logits_adv)]
+
+    def soft_targets(self, statistics, y):
+        m_clean, m_adv = statistics
+        return (soft_targets(m_clean, y), soft_targets(m_adv, y)), {"s2o_correlation": correlation_statistic(m_adv)}
+
+    def mix(self, primary, logits_clean, logits_adv, targets):
+        a = self.setting("a")
+        q_clean, q_adv = targets
+        s_clean = kl_from_probabilities(q_clean, logits_clean)
+        s_adv = kl_from_probabilities(q_adv, logits_adv)
+        return (1.0 - a) * primary + 0.5 * a * (s_clean + s_adv), {"s2o_clean": s_clean, "s2o_adv": s_adv}
 
 
 __all__ = [
     "NAME",
+    "SecondOrderStatistics",
     "DEFAULT_A",
     "second_moment",
     "soft_target_matrix",

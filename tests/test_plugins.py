@@ -1,0 +1,138 @@
+"""A weight-space term registered from outside the package trains like the built-in ones.
+
+The toy term below is one class and one ``register_term`` call, written here
+only: it has a soft target computed from whole-batch statistics (the batch's
+mean clean prediction ``q = mean_n softmax(f(x_n))``, summed across replicas),
+mixes ``weight * KL(q || p(x'_n))`` into the primary term, reports that term
+and a scalar statistic. The step it makes is checked against the same
+objective written out by hand with a GradientTape.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_cnn
+from tfrobust import attacks
+from tfrobust.config import load_config
+from tfrobust.defense_names import Hyperparameter, check_defense_name, register_term, unregister_term
+from tfrobust.defenses import Defense, WeightSpaceTerm
+from tfrobust.errors import UserError
+from tfrobust.trainer import RobustModel
+
+
+class MeanPredictionTerm(WeightSpaceTerm):
+    """``weight * KL(q || p(x'))`` with ``q`` the batch's mean clean prediction (no gradient)."""
+
+    NEEDS_CLEAN_LOGITS = True
+    TERMS = ("toy_kl",)
+    STATISTICS = ("toy_entropy",)
+
+    def statistics(self, network, logits_clean, logits_adv, y, recorded, tape):
+        p = tf.nn.softmax(tf.stop_gradient(logits_clean))
+        return [tf.reduce_sum(p, axis=0), tf.cast(tf.shape(p)[0], tf.float32)]
+
+    def soft_targets(self, statistics, y):
+        total, count = statistics
+        q = total / count
+        entropy = -tf.reduce_sum(q * tf.math.log(q))
+        return tf.tile(q[None, :], [tf.shape(y)[0], 1]), {"toy_entropy": entropy}
+
+    def mix(self, primary, logits_clean, logits_adv, targets):
+        kl = attacks.kl_from_probabilities(targets, logits_adv)
+        return primary + self.setting("weight") * kl, {"toy_kl": kl}
+
+
+@pytest.fixture
+def toy():
+    register_term(
+        "toy", MeanPredictionTerm, bases=("at", "trades"),
+        hyperparameters=(Hyperparameter("weight", 0.5, float, lambda w: w >= 0, "must be >= 0"),),
+        conflicts=(("rat", "toy and RAT both replace the soft targets"),), defenses=("at+toy",),
+    )
+    yield
+    unregister_term("toy")
+
+
+def one_step(defense, x, y, strategy=None, lr=0.1):
+    """One plain SGD step of RobustModel with an attack of size 0 (x' = x)."""
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = RobustModel(tiny_cnn(seed=4), defense, eps=0.0, step_size=0.0, steps=0, seed=1)
+        model.compile(optimizer=keras.optimizers.SGD(lr))
+    logs = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)), epochs=1, verbose=0, shuffle=False).history
+    return model, {k: v[0] for k, v in logs.items()}
+
+
+def by_hand(x, y, weight, lr=0.1):
+    """The same step written out: CE + weight * KL(q || p(x)), q the batch's mean softmax."""
+    network = tiny_cnn(seed=4)
+    with tf.GradientTape() as tape:
+        logits = network(x, training=True)
+        q = tf.reduce_mean(tf.nn.softmax(tf.stop_gradient(logits)), axis=0)
+        log_p = tf.nn.log_softmax(logits)
+        kl = tf.reduce_sum(q * (tf.math.log(q) - log_p), axis=1)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        loss = tf.reduce_mean(ce + weight * kl)
+    grads = tape.gradient(loss, network.trainable_variables)
+    new = [w.numpy() - lr * g.numpy() for w, g in zip(network.trainable_variables, grads)]
+    return new, float(loss), float(tf.reduce_mean(kl)), float(-tf.reduce_sum(q * tf.math.log(q)))
+
+
+# One SGD step (lr 0.1) from weights of size ~0.1: the two float32 computations
+# sum in different orders, which moves a gradient entry by ~1e-7 of its size
+# and a weight by ~1e-8; the toy term itself moves the weights by ~1e-3
+# (asserted below), so 1e-6 separates the two by three orders of magnitude.
+TOL = 1e-6
+
+
+def largest_difference(model, expected):
+    return max(float(np.abs(w.numpy() - e).max()) for w, e in zip(model.network.trainable_variables, expected))
+
+
+def test_registered_term_trains_a_step_equal_to_the_objective_written_out(toy, fashion_subset):
+    x, y = fashion_subset[0][:32], fashion_subset[1][:32]
+    model, logs = one_step(Defense("at+toy", toy_weight=2.0), x, y)
+    expected, loss, kl, entropy = by_hand(x, y, weight=2.0)
+    assert largest_difference(model, expected) < TOL
+    np.testing.assert_allclose([logs["loss"], logs["toy_kl"], logs["toy_entropy"]], [loss, kl, entropy], rtol=1e-5)
+    # The check can fail: without the term (weight 0) the step lands far from it.
+    without, *_ = by_hand(x, y, weight=0.0)
+    assert largest_difference(model, without) > 1000 * TOL
+
+
+def test_registered_term_statistics_are_summed_across_replicas(toy, fashion_subset):
+    from tfrobust.config import RuntimeConfig
+    from tfrobust.experiment import build_strategy
+
+    x, y = fashion_subset[0][:32], fashion_subset[1][:32]
+    mirrored = build_strategy(RuntimeConfig(strategy="mirrored", devices=["/cpu:0", "/cpu:1"]))
+    model, _ = one_step(Defense("at+toy"), x, y, strategy=mirrored)
+    expected, *_ = by_hand(x, y, weight=0.5)  # the registered default
+    for w, e in zip(model.network.trainable_variables, expected):
+        for replica in w.value.values:  # both replicas applied the update of the whole batch
+            np.testing.assert_allclose(replica.numpy(), e, atol=TOL)
+
+
+def test_registration_declares_name_rules_and_hyperparameters(toy):
+    d = Defense("at+toy")
+    assert (d.name, d.toy, d.awp, d.toy_weight) == ("at+toy", True, False, 0.5)
+    assert Defense(**d.hyperparameters()) == d
+    assert check_defense_name("trades+awp+toy") == "trades+awp+toy"
+    with pytest.raises(UserError, match="TOY builds on AT or TRADES"):
+        Defense("mart+toy")
+    with pytest.raises(UserError, match="toy and RAT both replace the soft targets"):
+        Defense("trades+toy+rat")
+    with pytest.raises(UserError, match="defense.toy.weight must be >= 0"):
+        Defense("at+toy", toy_weight=-1.0)
+
+
+def test_built_in_terms_keep_their_config_keys_and_defaults():
+    cfg = load_config(overrides={"defense.name": "trades+awp+s2o", "defense.awp.gamma": "0.02", "defense.s2o.a": "0.2"})
+    from tfrobust.defenses import parse_defense
+
+    d = parse_defense(cfg.defense.name, cfg.defense)
+    assert (d.awp_gamma, d.awp_warmup_epochs, d.s2o_a, d.rat_alpha, d.beta) == (0.02, 10, 0.2, 0.2, 6.0)
+    assert Defense("trades+awp+s2o", awp_gamma=0.02, s2o_a=0.2) == d
+    with pytest.raises(UserError, match="defense.awp.gamma must be >= 0"):
+        load_config(overrides={"defense.name": "at+awp", "defense.awp.gamma": "-1"})
