@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from tfrobust import weight_space
+from tfrobust import seeds, weight_space
 from tfrobust.attacks import NORMS, cross_entropy, pgd
 from tfrobust.errors import UserError, unknown_choice
 
@@ -204,8 +204,11 @@ class RobustLossEvaluator:
                    random_start_kind="uniform", seed=seed)
 
     def batch_seed(self, batch: int, restart: int) -> tf.Tensor:
-        """The seed of the random start of ``batch`` in ``restart``: ``(seed, STREAM_PGD, restart, batch)``."""
-        return weight_space.stateless_seed(self.seed, weight_space.STREAM_PGD, restart, batch)
+        """The seed of the random start of ``batch`` in ``restart``.
+
+        :func:`tfrobust.seeds.flatness_seed` of ``(seed, STREAM_PGD, restart, batch)``.
+        """
+        return seeds.flatness_seed(self.seed, seeds.STREAM_PGD, restart, batch)
 
     def _adversarial_ce(self, x, y, seed):
         return cross_entropy(self._model_fn(self.attack(self._model_fn, x, y, seed)), y)
