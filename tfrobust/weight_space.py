@@ -5,10 +5,10 @@ inputs choose the variables they perturb and draw their perturbations here:
 the flatness measures and loss landscapes of Stutz, Hein and Schiele (ICCV
 2021), adversarial weight perturbation (AWP; Wu, Xia and Wang, NeurIPS 2020)
 and randomized adversarial training (RAT; Jin et al., CVPR 2023). The flatness
-measures and landscapes also apply and restore their perturbations with this
-module. The mathematics that is particular to one paper (AWP's ascent step,
-RAT's Taylor terms) stays in :mod:`tfrobust.defenses.awp` and
-:mod:`tfrobust.defenses.rat`.
+measures, the landscapes and the train step (:mod:`tfrobust.trainer`) also
+apply and restore their perturbations with this module. The mathematics that
+is particular to one paper (AWP's ascent step, RAT's Taylor terms) stays in
+:mod:`tfrobust.defenses.awp` and :mod:`tfrobust.defenses.rat`.
 
 Which variables (one selection rule per paper, named after the rule):
   - :func:`variables_outside_normalisation` (Stutz et al.; flatness and
