@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tfrobust import flatness as F
+from tfrobust import seeds
 from tfrobust.attacks import cross_entropy
 from tfrobust.errors import UserError
 
@@ -265,6 +266,25 @@ def test_robust_loss_against_independent_computations():
     assert F.robust_loss(model, x, y, eps=8 / 255, steps=5, restarts=1, batch_size=10) == r1  # deterministic
     # Batching does not change the value.
     assert F.robust_loss(model, x, y, eps=0.0, steps=2, batch_size=7) == pytest.approx(clean_ce, rel=1e-5)
+
+
+def test_robust_loss_evaluator_is_the_worst_restart_per_example_with_its_own_seeds():
+    model = _dense_relu_dense()
+    x, y = _data()
+    x, y = tf.constant(x, tf.float32), tf.constant(y, tf.int32)
+    evaluator = F.RobustLossEvaluator(model, 8 / 255, 2 / 255, 3, 2, "linf", 10, seed=4, jit=False)
+    model_fn = lambda t: model(t, training=False)  # noqa: E731
+    expected = []
+    for b, lo in enumerate(range(0, 24, 10)):  # batches of 10, 10 and 4
+        xb, yb = x[lo:lo + 10], y[lo:lo + 10]
+        starts = [seeds.flatness_seed(4, seeds.STREAM_PGD, r, b) for r in range(2)]
+        runs = [cross_entropy(model_fn(evaluator.attack(model_fn, xb, yb, s)), yb).numpy() for s in starts]
+        assert not np.array_equal(runs[0], runs[1])  # the restarts start from different points
+        expected.append(np.maximum(*runs))
+    # The same eager ops on the same inputs in one process: equal bit for bit.
+    np.testing.assert_array_equal(evaluator.per_example(x, y), np.concatenate(expected))
+    clean = F.RobustLossEvaluator(model, 8 / 255, 2 / 255, 3, 2, "linf", 10, seed=4, robust=False, jit=False)
+    np.testing.assert_array_equal(clean.per_example(x, y), cross_entropy(model_fn(x), y).numpy())
 
 
 def test_clean_measures_use_inference_mode_and_keep_batchnorm_fixed():

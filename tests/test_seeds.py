@@ -57,3 +57,12 @@ def test_data_seeds_number_epochs_rounds_and_batches():
     extra = seeds.extra_draw_seed(11, epoch, tf.constant(4, tf.int64)).numpy()
     assert augment.dtype == np.int64 and augment.tolist() == [11 * 1000003 + 3, 4]
     assert extra.tolist() == [-(11 * 1000003 + 3) - 1, 4]
+
+
+def test_flatness_seed_is_a_function_of_its_parts():
+    a = seeds.flatness_seed(0, seeds.STREAM_PGD, 0, 0)
+    assert a.dtype == tf.int32 and a.shape == (2,)
+    np.testing.assert_array_equal(a.numpy(), seeds.flatness_seed(0, seeds.STREAM_PGD, 0, 0).numpy())
+    others = [seeds.flatness_seed(*p).numpy().tolist()
+              for p in [(0, seeds.STREAM_PGD, 0, 1), (0, seeds.STREAM_AVERAGE, 0, 0), (1, seeds.STREAM_PGD, 0, 0)]]
+    assert a.numpy().tolist() not in others and len({tuple(o) for o in others}) == 3

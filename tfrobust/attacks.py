@@ -10,10 +10,10 @@ attack never changes a model variable: it reads the model only through
 such attack over a data set in batches, compiled once per input shape, with a
 seed per batch and restart from :mod:`tfrobust.seeds`, and returns a
 per-example measure (correct predictions by default, or losses, or the
-adversarial examples). Evaluation, the integrity probes and the TensorBoard
-image grid run their attacks through it. It also takes what the robust loss
-of the flatness measures needs (restarts, each with its own seed, and the
-worst per-example loss); :mod:`tfrobust.flatness` still runs its own loop.
+adversarial examples). Evaluation, the integrity probes, the TensorBoard
+image grid and the robust loss of the flatness measures and landscapes
+(restarts, each with its own seed, and the worst per-example loss) run their
+attacks through it.
 :func:`random_start` is the one random start of PGD, in training (where it
 draws for the global batch and slices per replica) and in evaluation.
 

@@ -25,19 +25,24 @@ augmentation of batch b of        ``[base * 1000003 + e, b]``, int64          :f
 epoch e (data)
 extra-data draw of batch b of     ``[-(base * 1000003 + e) - 1, b]``, int64   :func:`extra_draw_seed`
 epoch e (data)
+flatness measures and landscapes  SeedSequence hash of ``(base, stream,``     :func:`flatness_seed`
+                                  ``counters)`` mod 2**31 - 1, int32
 ================================  ==========================================  =====================
 
-Purpose codes are the constants below. The trainer still builds its step
-seeds itself, with the values of :func:`step_seed`. ``attacks.random_start`` turns a
+Purpose codes and streams are the constants below. :func:`flatness_seed`
+hashes its parts rather than placing them, so that nearby counters give
+unrelated streams; its streams (``STREAM_*``) keep apart the robust loss'
+random starts, the average-case samples, the worst-case attack's weight and
+input starts and the landscapes' directions. ``attacks.random_start`` turns a
 Python integer seed ``s`` into ``[s, 0]`` (and ``[s, 1]`` for the L2 radius)
-and a seed tensor ``t`` into ``t`` (and ``t + 1``). The flatness measures hash
-their counters with numpy's ``SeedSequence`` (``tfrobust.flatness``); the
-shuffled single-pass training pipeline seeds ``tf.data``'s own ops with
-``seed`` and ``seed + 1`` (``tfrobust.data``).
+and a seed tensor ``t`` into ``t`` (and ``t + 1``). The shuffled single-pass
+training pipeline seeds ``tf.data``'s own ops with ``seed`` and ``seed + 1``
+(``tfrobust.data``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 # AutoAttack: the first counter of attack_seed (one stream per attack).
@@ -57,6 +62,13 @@ PROBE_STEPS = 10  # + the index of the step count (10, 11, 12 for PGD-10, -20, -
 TRAIN_ATTACK_START = 1
 TRAIN_RAT_NOISE = 2
 VALIDATION_ATTACK_START = 7
+
+# Flatness measures and landscapes: the stream of flatness_seed (tfrobust.flatness, tfrobust.weight_space).
+STREAM_PGD = 1  # the robust loss' random starts (restart, batch)
+STREAM_AVERAGE = 2  # average-case samples (sample, layer)
+STREAM_WORST_NU = 3  # worst-case weight starts (attempt, layer)
+STREAM_WORST_DELTA = 4  # worst-case input starts (attempt, batch)
+STREAM_DIRECTION = 5  # landscape directions (layer)
 
 ATTACK_RADIX = 1009
 BATCH_RADIX = 100003
@@ -117,7 +129,20 @@ def extra_draw_seed(base, epoch, batch):
     return tf.stack([-mixed_radix(tf.constant(base, tf.int64), epoch, radix=EPOCH_RADIX) - 1, batch])
 
 
+def flatness_seed(base, stream: int, *counters) -> tf.Tensor:
+    """The int32 seed pair of one draw of the flatness measures or landscapes: a hash of ``(base, stream, counters)``.
+
+    The integers are taken modulo 2**32 and mixed by NumPy's ``SeedSequence``
+    (each word of the result reduced modulo 2**31 - 1), so nearby inputs such
+    as ``(seed, stream, 0)`` and ``(seed, stream, 1)`` give unrelated streams.
+    """
+    words = [int(p) & 0xFFFFFFFF for p in (base, stream) + counters]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return tf.constant((state % np.uint32(2**31 - 1)).astype(np.int32))
+
+
 __all__ = ["mixed_radix", "attack_seed", "batch_seed", "step_seed", "epoch_seed", "augment_seed",
-           "extra_draw_seed", "APGD", "APGD_TARGETED", "FAB_TARGETED",
+           "extra_draw_seed", "flatness_seed", "APGD", "APGD_TARGETED", "FAB_TARGETED",
            "SQUARE", "FAB", "EVALUATION", "PROBE_EPS0", "PROBE_LARGE_EPS", "PROBE_STEPS", "TRAIN_ATTACK_START",
-           "TRAIN_RAT_NOISE", "VALIDATION_ATTACK_START"]
+           "TRAIN_RAT_NOISE", "VALIDATION_ATTACK_START", "STREAM_PGD", "STREAM_AVERAGE", "STREAM_WORST_NU",
+           "STREAM_WORST_DELTA", "STREAM_DIRECTION"]

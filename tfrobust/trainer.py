@@ -35,12 +35,13 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from tfrobust import attacks
+from tfrobust import attacks, seeds
 from tfrobust.attacks import random_start as start_point  # the attack's random start, same on any replica count
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
 from tfrobust.defenses import Defense, WeightSpaceTerm
 from tfrobust.defenses.rat import last_dense_kernel
 from tfrobust.errors import UserError, check_number, check_steps
+from tfrobust.weight_space import assign_offset, restore, snapshot
 
 __all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "last_dense_kernel"]
 
@@ -473,9 +474,9 @@ class RobustModel(keras.Model):
 
     # -- pieces of the step -------------------------------------------------
 
-    def _seed(self, salt: int):
-        step = tf.cast(self.optimizer.iterations, tf.int32)
-        return tf.stack([tf.constant(self.seed * 1000 + salt, tf.int32), step])
+    def _seed(self, purpose: int):
+        """The seed of one draw of this step (:func:`tfrobust.seeds.step_seed` at the optimizer's step)."""
+        return seeds.step_seed(self.seed, purpose, self.optimizer.iterations)
 
     def _attack_model_fn(self):
         training = self.bn_mode == "train"
@@ -501,14 +502,6 @@ class RobustModel(keras.Model):
                 excluded.add(id(layer.bias))
         return [v for v in variables if id(v) not in excluded]
 
-    def _snapshot(self, variables):
-        return [tf.identity(v.value) for v in variables]
-
-    @staticmethod
-    def _restore(variables, values):
-        for v, value in zip(variables, values):
-            v.assign(value)
-
     def adversarial_examples(self, x, y, x_init=None):
         """The training attack of the base objective (for RAT: at noisy conv kernels).
 
@@ -516,13 +509,13 @@ class RobustModel(keras.Model):
         """
         objective = self.defense.objective
         state = self.network.non_trainable_variables
-        saved_state = self._snapshot(state) if self.bn_mode == "train" else None
+        saved_state = snapshot(state) if self.bn_mode == "train" else None
         offset, saved_weights = [], []
         for term in self.weight_space_terms:  # the weights the attack sees (RAT's noisy kernels)
-            variables, offsets = term.attack_weights(self.network.trainable_variables, self._seed(2))
-            saved = self._snapshot(variables)
-            for v, w, u in zip(variables, saved, offsets):
-                v.assign(w + u)
+            variables, offsets = term.attack_weights(self.network.trainable_variables,
+                                                     self._seed(seeds.TRAIN_RAT_NOISE))
+            saved = snapshot(variables)
+            assign_offset(variables, saved, offsets)
             offset, saved_weights = offset + list(variables), saved_weights + saved
         model_fn = self._attack_model_fn()
         if x_init is None:
@@ -532,13 +525,13 @@ class RobustModel(keras.Model):
             loss=objective.ATTACK_LOSS, x_init=x_init, gradient_scale=self._attack_gradient_scale(),
             project_start=self.defense.attack_start != "gaussian_unclipped",
         )
-        self._restore(offset[::-1], saved_weights[::-1])
+        restore(offset[::-1], saved_weights[::-1])
         if saved_state is not None:
-            self._restore(state, saved_state)
+            restore(state, saved_state)
         return x_adv
 
     def _attack_start(self, x):
-        return start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(1))
+        return start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(seeds.TRAIN_ATTACK_START))
 
     def _loss_terms(self, logits_clean, logits_adv, y):
         """The base objective's ``(primary, regulariser, terms)``, its CE term label-smoothed when asked."""
@@ -614,14 +607,14 @@ class RobustModel(keras.Model):
         if variables is None:
             variables = self._perturbing_term().ascent_variables(self.network.trainable_variables)
         state = self.network.non_trainable_variables
-        saved_state = self._snapshot(state)
+        saved_state = snapshot(state)
         with tf.GradientTape() as tape:
             # Scaled like the training loss so float16 gradients do not underflow;
             # AWP normalises the gradient, so the scale cancels.
             loss = self.optimizer.scale_loss(self._base_loss(x, x_adv, y, True, weights, fraction))
         grads = tape.gradient(loss, variables)
         grads = [tf.zeros_like(k.value) if g is None else tf.cast(g, k.value.dtype) for k, g in zip(variables, grads)]
-        self._restore(state, saved_state)
+        restore(state, saved_state)
         return grads if fraction is not None else self._finite_or_zero(grads)
 
     @staticmethod
@@ -660,9 +653,8 @@ class RobustModel(keras.Model):
                 continue
             active = self.optimizer.iterations >= term.warmup_epochs() * (self.steps_per_epoch or 1)
             offsets = self.weight_perturbation(x, x_adv, y, active, weights, term, ascent)
-            saved = self._snapshot(variables)
-            for k, w, v in zip(variables, saved, offsets):
-                k.assign(w + v)
+            saved = snapshot(variables)
+            assign_offset(variables, saved, offsets)
             applied.append((term, variables, saved, offsets))
         return applied
 
@@ -670,7 +662,7 @@ class RobustModel(keras.Model):
         """Restores the weights exactly (last perturbation first); returns the terms' perturbation statistics."""
         statistics = {}
         for term, variables, saved, offsets in reversed(applied):
-            self._restore(variables, saved)
+            restore(variables, saved)
             statistics.update(term.perturbation_statistics(saved, offsets))
         return statistics
 
@@ -838,7 +830,7 @@ class RobustModel(keras.Model):
         layout = {"counts": [0] * len(self.weight_space_terms)}
 
         def statistics(f, xc, ac, yc):
-            saved_state = self._snapshot(state)
+            saved_state = snapshot(state)
             with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as tape:
                 logits_clean, logits_adv = forward(xc, ac)
                 mean = lambda v: self._global_mean(v, None, f)  # noqa: E731
@@ -846,7 +838,7 @@ class RobustModel(keras.Model):
             found = [t.statistics(self.network, logits_clean, logits_adv, yc, r, tape)
                      for t, r in zip(self.weight_space_terms, recorded)]
             del tape
-            self._restore(state, saved_state)
+            restore(state, saved_state)
             layout["counts"] = [len(stats) for stats in found]
             return [tf.stop_gradient(s) for stats in found for s in stats], []
 
@@ -909,7 +901,7 @@ class RobustModel(keras.Model):
         network = self.evaluated_network()
         model_fn = lambda inputs: tf.cast(network(inputs, training=False), tf.float32)  # noqa: E731
         logits = model_fn(x)
-        seed = tf.constant([self.seed * 1000 + 7, 0], tf.int32)
+        seed = seeds.step_seed(self.seed, seeds.VALIDATION_ATTACK_START, 0)  # the same start at every validation
         x_init = start_point(x, self.eps, self.norm, "uniform", seed)
         x_adv = attacks.pgd(
             model_fn, x, y, self.eps, self.eval_step_size, self.eval_steps, norm=self.norm, x_init=x_init,

@@ -5,10 +5,10 @@ inputs choose the variables they perturb and draw their perturbations here:
 the flatness measures and loss landscapes of Stutz, Hein and Schiele (ICCV
 2021), adversarial weight perturbation (AWP; Wu, Xia and Wang, NeurIPS 2020)
 and randomized adversarial training (RAT; Jin et al., CVPR 2023). The flatness
-measures and landscapes also apply and restore their perturbations with this
-module. The mathematics that is particular to one paper (AWP's ascent step,
-RAT's Taylor terms) stays in :mod:`tfrobust.defenses.awp` and
-:mod:`tfrobust.defenses.rat`.
+measures, the landscapes and the train step (:mod:`tfrobust.trainer`) also
+apply and restore their perturbations with this module. The mathematics that
+is particular to one paper (AWP's ascent step, RAT's Taylor terms) stays in
+:mod:`tfrobust.defenses.awp` and :mod:`tfrobust.defenses.rat`.
 
 Which variables (one selection rule per paper, named after the rule):
   - :func:`variables_outside_normalisation` (Stutz et al.; flatness and
@@ -19,9 +19,8 @@ Which variables (one selection rule per paper, named after the rule):
   - :func:`conv_and_dense_kernels` (AWP): variables of rank >= 2.
   - :func:`conv_kernels` (RAT): variables of rank >= 3.
 
-Drawing perturbations (all stateless: a draw is a function of its seed):
-  - :func:`stateless_seed`: a ``[2]`` int32 seed from any integers; the
-    ``STREAM_*`` constants keep the flatness measures' random streams apart.
+Drawing perturbations (all stateless: a draw is a function of its seed,
+:func:`tfrobust.seeds.flatness_seed` with one of its ``STREAM_*`` streams):
   - :func:`sample_sphere_perturbation`, :func:`sample_ball_perturbation`:
     relative (scale-invariant) perturbations, ``||nu_l|| = xi ||w_l||`` and
     ``||nu_l|| <= xi ||w_l||``.
@@ -52,14 +51,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust.errors import UserError
+from tfrobust.seeds import STREAM_AVERAGE, STREAM_DIRECTION, STREAM_WORST_NU, flatness_seed
 
 __all__ = [
     "NORMALISATION_LAYER_NAMES",
-    "STREAM_PGD",
-    "STREAM_AVERAGE",
-    "STREAM_WORST_NU",
-    "STREAM_WORST_DELTA",
-    "STREAM_DIRECTION",
     "DIRECTION_SCALE",
     "variables_outside_normalisation",
     "perturbable_variables",
@@ -67,7 +62,6 @@ __all__ = [
     "built_perturbable_variables",
     "conv_and_dense_kernels",
     "conv_kernels",
-    "stateless_seed",
     "l2_norm",
     "sample_sphere_perturbation",
     "sample_ball_perturbation",
@@ -93,14 +87,6 @@ NORMALISATION_LAYER_NAMES = (
     "RMSNormalization",
     "Normalization",
 )
-
-# Independent random streams of the flatness measures and landscapes (the
-# second entry of every stateless_seed(seed, stream, ...)).
-STREAM_PGD = 1
-STREAM_AVERAGE = 2
-STREAM_WORST_NU = 3
-STREAM_WORST_DELTA = 4
-STREAM_DIRECTION = 5
 
 # Landscape directions: max|d_l| = DIRECTION_SCALE * max|w_l| (Stutz et al., ICCV 2021).
 DIRECTION_SCALE = 0.5
@@ -191,18 +177,6 @@ def conv_kernels(variables) -> list:
 # ---------------------------------------------------------------------------
 
 
-def stateless_seed(*parts) -> tf.Tensor:
-    """A stateless-RNG seed (int32, shape [2]) derived from integers.
-
-    The integers are taken modulo 2**32 and mixed by NumPy's ``SeedSequence``,
-    so nearby inputs such as ``(seed, stream, 0)`` and ``(seed, stream, 1)``
-    give unrelated streams.
-    """
-    words = [int(p) & 0xFFFFFFFF for p in parts]
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return tf.constant((state % np.uint32(2**31 - 1)).astype(np.int32))
-
-
 def l2_norm(t) -> tf.Tensor:
     """``||t||_2`` over all entries, in float32."""
     return tf.sqrt(tf.reduce_sum(tf.square(tf.cast(t, tf.float32))))
@@ -220,7 +194,7 @@ def sample_sphere_perturbation(weights: Sequence, xi: float, seed=0, sample: int
       weights: the values ``w_l`` (tensors or arrays), one per layer.
       xi: the relative radius.
       seed, sample: the draw is a deterministic function of ``(seed, sample)``
-        (stream :data:`STREAM_AVERAGE`).
+        (stream :data:`tfrobust.seeds.STREAM_AVERAGE`).
 
     Returns:
       One tensor per layer, with the shape and dtype of ``w_l``.
@@ -228,7 +202,7 @@ def sample_sphere_perturbation(weights: Sequence, xi: float, seed=0, sample: int
     out = []
     for i, w in enumerate(weights):
         w = tf.convert_to_tensor(w)
-        g = tf.random.stateless_normal(tf.shape(w), stateless_seed(seed, STREAM_AVERAGE, sample, i), dtype=tf.float32)
+        g = tf.random.stateless_normal(tf.shape(w), flatness_seed(seed, STREAM_AVERAGE, sample, i), dtype=tf.float32)
         scale = tf.cast(xi, tf.float32) * l2_norm(w) / tf.maximum(l2_norm(g), 1e-30)
         out.append(tf.cast(g * scale, w.dtype))
     return out
@@ -240,12 +214,12 @@ def sample_ball_perturbation(weights: Sequence, xi: float, seed=0, attempt: int 
     Per layer, a uniform direction (normalised Gaussian) with radius drawn
     uniformly from ``[0, xi * ||w_l||_2]`` (the reference's "uniform norm"
     initialisation). Deterministic in ``(seed, attempt)`` (stream
-    :data:`STREAM_WORST_NU`).
+    :data:`tfrobust.seeds.STREAM_WORST_NU`).
     """
     out = []
     for i, w in enumerate(weights):
         w = tf.convert_to_tensor(w)
-        s = stateless_seed(seed, STREAM_WORST_NU, attempt, i)
+        s = flatness_seed(seed, STREAM_WORST_NU, attempt, i)
         g = tf.random.stateless_normal(tf.shape(w), s, dtype=tf.float32)
         u = tf.random.stateless_uniform([], s + 1, 0.0, 1.0, dtype=tf.float32)
         scale = u * tf.cast(xi, tf.float32) * l2_norm(w) / tf.maximum(l2_norm(g), 1e-30)
@@ -270,10 +244,10 @@ def gaussian_noise(variables, sigma, seed) -> List[tf.Tensor]:
 def gaussian_direction(weights: Sequence, seed: int = 0) -> List[np.ndarray]:
     """A standard Gaussian direction, one array of float32 per layer shaped like ``w_l`` (not yet rescaled).
 
-    Deterministic in ``seed`` (stream :data:`STREAM_DIRECTION`) and independent
+    Deterministic in ``seed`` (stream :data:`tfrobust.seeds.STREAM_DIRECTION`) and independent
     of the weights' values; :func:`rescale_direction` makes it scale-invariant.
     """
-    return [tf.random.stateless_normal(np.shape(w), stateless_seed(seed, STREAM_DIRECTION, i),
+    return [tf.random.stateless_normal(np.shape(w), flatness_seed(seed, STREAM_DIRECTION, i),
                                        dtype=tf.float32).numpy()
             for i, w in enumerate(weights)]
 

@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from tfrobust import weight_space
-from tfrobust.attacks import NORMS, cross_entropy, pgd
+from tfrobust import seeds, weight_space
+from tfrobust.attacks import NORMS, AttackRunner, cross_entropy, pgd
 from tfrobust.errors import UserError, unknown_choice
 
 __all__ = [
@@ -153,8 +153,9 @@ class RobustLossEvaluator:
     maximum over restarts of CE at the adversarial point. The starts depend
     only on ``(seed, r, batch)``, so every evaluation at other weights uses
     common random starts. ``robust=False``: CE at the clean input. The model
-    is called with ``training=False``; ``jit=True`` compiles one
-    ``tf.function`` per evaluator.
+    is called with ``training=False``. The batches and restarts run through
+    one :class:`tfrobust.attacks.AttackRunner` per evaluator (``jit=True``:
+    compiled).
 
     Args:
       model: a Keras model mapping images in [0, 1] to logits.
@@ -177,19 +178,14 @@ class RobustLossEvaluator:
         self.seed = int(seed)
         self.robust = robust
         self.jit = jit
-        self._adv = None
-        self._clean = None
+        self._runner = None
 
-    def _compile(self, x):
-        if self._adv is not None:
+    def _compile(self):
+        if self._runner is not None:
             return
-        if not self.jit:
-            self._adv, self._clean = self._adversarial_ce, self._clean_ce
-            return
-        xs = batch_spec(x)
-        ys = tf.TensorSpec([None], tf.int32)
-        self._adv = compiled(self._adversarial_ce, [xs, ys, tf.TensorSpec([2], tf.int32)])
-        self._clean = compiled(self._clean_ce, [xs, ys])
+        attack = self.attack if self.robust else (lambda model_fn, x, y, seed: x)
+        measure = lambda model_fn, x_adv, x, y: cross_entropy(model_fn(x_adv), y)  # noqa: E731
+        self._runner = AttackRunner(self._model_fn, attack, measure, jit=self.jit)
 
     def _model_fn(self, t):
         return self.model(t, training=False)
@@ -197,38 +193,26 @@ class RobustLossEvaluator:
     def attack(self, model_fn, x, y, seed):
         """The adversarial examples of one batch: PGD-``steps`` on CE from a uniform start drawn with ``seed``.
 
-        The only place the evaluator runs an attack; :meth:`per_example` runs
-        it over the batches and restarts with the seeds of :meth:`batch_seed`.
+        The only attack of the evaluator; :meth:`per_example` runs it over the
+        batches and restarts with the seeds of :meth:`batch_seed`.
         """
         return pgd(model_fn, x, y, self.eps, self.step_size, self.steps, norm=self.norm, loss="ce",
                    random_start_kind="uniform", seed=seed)
 
     def batch_seed(self, batch: int, restart: int) -> tf.Tensor:
-        """The seed of the random start of ``batch`` in ``restart``: ``(seed, STREAM_PGD, restart, batch)``."""
-        return weight_space.stateless_seed(self.seed, weight_space.STREAM_PGD, restart, batch)
+        """The seed of the random start of ``batch`` in ``restart``.
 
-    def _adversarial_ce(self, x, y, seed):
-        return cross_entropy(self._model_fn(self.attack(self._model_fn, x, y, seed)), y)
-
-    def _clean_ce(self, x, y):
-        return cross_entropy(self._model_fn(x), y)
+        :func:`tfrobust.seeds.flatness_seed` of ``(seed, STREAM_PGD, restart, batch)``.
+        """
+        return seeds.flatness_seed(self.seed, seeds.STREAM_PGD, restart, batch)
 
     def per_example(self, x, y) -> np.ndarray:
-        """The loss of every example of ``(x, y)`` (float64)."""
-        self._compile(x)
-        n = int(x.shape[0])
-        out = []
-        for b, (lo, hi) in enumerate(batch_bounds(n, self.batch_size)):
-            xb, yb = x[lo:hi], y[lo:hi]
-            if not self.robust:
-                out.append(self._clean(xb, yb).numpy())
-                continue
-            worst = None
-            for r in range(self.restarts):
-                ce = self._adv(xb, yb, self.batch_seed(b, r)).numpy()
-                worst = ce if worst is None else np.maximum(worst, ce)
-            out.append(worst)
-        return np.concatenate(out).astype(np.float64)
+        """The loss of every example of ``(x, y)`` (float64): the worst over restarts when robust."""
+        batch_bounds(int(x.shape[0]), self.batch_size)  # the one-line error for a bad batch size
+        self._compile()
+        restarts = self.restarts if self.robust else 1
+        losses = self._runner(x, y, self.batch_size, seeds=self.batch_seed, restarts=restarts)
+        return losses.astype(np.float64)
 
     def mean(self, x, y) -> float:
         """The mean over ``(x, y)`` of :meth:`per_example`."""

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import tensorflow as tf
 
+from tfrobust import seeds
 from tfrobust import weight_space as ws
 from tfrobust.attacks import cross_entropy, project, random_start
 from tfrobust.flatness.loss import (
@@ -326,7 +327,7 @@ def worst_case_flatness(
                 for b, (lo, hi) in enumerate(batches):
                     xb = x[lo:hi]
                     if robust:
-                        start_seed = ws.stateless_seed(seed, ws.STREAM_WORST_DELTA, a, b)
+                        start_seed = seeds.flatness_seed(seed, seeds.STREAM_WORST_DELTA, a, b)
                         start = random_start(xb, float(eps), norm, "uniform", start_seed)
                         x_adv.append(project(start, xb, float(eps), norm))
                     else:
