@@ -7,9 +7,13 @@ training images, then times ``run_autoattack(version=...)`` on the first
 ``--rounds`` rounds after one untimed warm-up each, and checks that the
 verdicts agree. Prints wall and CPU seconds per round.
 
+Whole batches alternate between the devices; a lone batch is not split on
+logical CPUs (they share the cores), so ``--batch-size`` below
+``--examples`` is what exercises the sharding.
+
 Usage::
 
-    python benchmarks/bench_autoattack_sharding.py --examples 64 --version fast --rounds 2
+    python benchmarks/bench_autoattack_sharding.py --examples 256 --batch-size 64 --version fast --rounds 3
 """
 
 import argparse
@@ -27,6 +31,7 @@ def main(argv=None):
     p.add_argument("--version", default="fast")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=0, help="AutoAttack batch (0: all examples in one batch)")
     args = p.parse_args(argv)
 
     import tensorflow as tf
@@ -54,7 +59,7 @@ def main(argv=None):
         for name, strategy in runs.items():
             wall, cpu_time = time.time(), time.process_time()
             res = aa.run_autoattack(model, xt, yt, args.eps, version=args.version, verbose=False, strategy=strategy,
-                                    batch_size=len(xt))
+                                    batch_size=args.batch_size or len(xt))
             times[name].append((time.time() - wall, time.process_time() - cpu_time))
             masks[name] = res["robust_mask"]
     for name, t in times.items():

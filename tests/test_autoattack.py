@@ -422,12 +422,8 @@ def test_eot_beats_the_gradient_noise_that_fools_one_pass(noisy_linear):
     assert low["verdict_passes"] == 20 and low["worst_case"] == 1.0
 
 
-def test_sharded_across_replicas_agrees_with_one_device(linear_cases):
-    """Under a MirroredStrategy on two logical CPUs every batch is split per replica; verdicts are unchanged.
-
-    The examples are at least 20% away from the boundary in L-inf distance, so the changed random
-    draws of the split (they depend on an example's position) cannot flip a verdict.
-    """
+def _clear_linear_examples(linear_cases):
+    """12 examples of a linear model at least 20% away from the boundary (L-inf), half robust at eps."""
     model, kernel, bias, _, _ = linear_cases[5]
     x = np.random.default_rng(5).uniform(0.3, 0.7, size=(64, H, W, 1)).astype(np.float32)
     y = (x.reshape(len(x), -1) @ kernel + bias).argmax(1)
@@ -436,28 +432,68 @@ def test_sharded_across_replicas_agrees_with_one_device(linear_cases):
     clear = np.abs(r / eps - 1) > 0.2
     x, y, r = x[clear][:12], y[clear][:12], r[clear][:12]
     assert len(x) == 12 and 0 < np.sum(r > eps) < 12 and r.max() * 1.2 < 0.3  # the box never binds
-    seen = []
+    return model, x, y, r, eps
 
+
+def _recording_budget(seen):
     def recording(attack):
         def run(model_fn, xb, yb, eps, norm, seed):
-            seen.append((tf.constant(0.0).device, len(xb)))
+            seen.append((tf.constant(0.0).device.split("device:")[-1], len(xb)))
             return attack(model_fn, xb, yb, eps, norm=norm, seed=seed)
         return run
 
-    budget = {"apgd-ce": recording(functools.partial(aa.apgd, n_iter=50)),
-              "apgd-t": recording(functools.partial(aa.apgd_targeted, n_iter=50, n_target_classes=4)),
-              "fab": recording(functools.partial(aa.fab, n_iter=50))}
-    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
-    one = aa.run_autoattack(model, x, y, eps, attacks=budget, batch_size=len(x), verbose=False)
-    assert {d for d, _ in seen} == {tf.constant(0.0).device} and one["devices"] == []
+    return {"apgd-ce": recording(functools.partial(aa.apgd, n_iter=50)),
+            "apgd-t": recording(functools.partial(aa.apgd_targeted, n_iter=50, n_target_classes=4)),
+            "fab": recording(functools.partial(aa.fab, n_iter=50))}
+
+
+def test_whole_batches_go_to_the_replicas_and_give_the_one_device_result(linear_cases):
+    """Under a MirroredStrategy on two logical CPUs whole batches alternate between the replicas.
+
+    Each batch is attacked exactly as on one device (same examples, same seed), so verdicts and
+    points equal the single-device run. The points are compared with atol 1e-6 only because the two
+    runs may partition a kernel's work across threads differently; the verdicts exactly.
+    """
+    model, x, y, r, eps = _clear_linear_examples(linear_cases)
+    seen = []
+    one = aa.run_autoattack(model, x, y, eps, attacks=_recording_budget(seen), batch_size=4, verbose=False)
+    assert {d for d, _ in seen} == {"CPU:0"} and one["devices"] == []
     seen.clear()
-    two = aa.run_autoattack(model, x, y, eps, attacks=budget, batch_size=len(x), verbose=False, strategy=strategy)
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    two = aa.run_autoattack(model, x, y, eps, attacks=_recording_budget(seen), batch_size=4, verbose=False,
+                            strategy=strategy)
     assert len(two["devices"]) == 2
-    devices = {d.split("device:")[-1] for d, _ in seen}
-    assert devices == {"CPU:0", "CPU:1"}
+    # APGD-CE runs on all 12 examples: 3 whole batches of 4, the first two at once on both devices.
+    # (the first two run concurrently, so they may be recorded in either order).
+    assert sorted(seen[:2]) == [("CPU:0", 4), ("CPU:1", 4)] and seen[2] == ("CPU:0", 4)
+    assert {d for d, _ in seen} == {"CPU:0", "CPU:1"} and {k for _, k in seen} <= {1, 2, 3, 4}
+    np.testing.assert_array_equal(two["robust_mask"], one["robust_mask"])
+    np.testing.assert_array_equal(two["robust_mask"], r > eps)
+    np.testing.assert_allclose(two["x_adv"], one["x_adv"], rtol=0, atol=1e-6)
+    broken = ~two["robust_mask"]
+    assert aa.perturbation_norms(two["x_adv"][broken], x[broken], "linf").max() <= eps + 1e-6
+
+
+def test_accelerators_split_a_lone_batch_and_verdicts_stay(linear_cases, monkeypatch):
+    """With fewer batches than devices, accelerator devices split each batch into one shard per device.
+
+    No GPU here: the device-type test is replaced so that two logical CPUs count as accelerators.
+    The examples are at least 20% away from the boundary, so the changed random draws of the split
+    (they depend on an example's position) cannot flip a verdict.
+    """
+    from tfrobust.autoattack import ensemble
+
+    model, x, y, r, eps = _clear_linear_examples(linear_cases)
+    assert not ensemble._splits_batches(["/job:localhost/replica:0/task:0/device:CPU:0"] * 2)
+    assert ensemble._splits_batches(["/job:localhost/replica:0/task:0/device:GPU:0"] * 2)
+    monkeypatch.setattr(ensemble, "_splits_batches", lambda devices: True)
+    seen = []
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    two = aa.run_autoattack(model, x, y, eps, attacks=_recording_budget(seen), batch_size=len(x), verbose=False,
+                            strategy=strategy)
+    assert {d for d, _ in seen} == {"CPU:0", "CPU:1"}
     # Every call saw one shard of the batch: sizes of each attack's calls add up to the examples it ran on.
     assert sum(k for _, k in seen[:2]) == len(x)
-    np.testing.assert_array_equal(two["robust_mask"], one["robust_mask"])
     np.testing.assert_array_equal(two["robust_mask"], r > eps)
     broken = ~two["robust_mask"]
     assert aa.perturbation_norms(two["x_adv"][broken], x[broken], "linf").max() <= eps + 1e-6

@@ -238,19 +238,19 @@ def test_eps_accepts_an_exact_fraction(capsys):
 
 
 def test_evaluate_shards_autoattack_under_a_mirrored_strategy(tmp_path):
-    """--strategy mirrored splits each batch over the two logical CPUs of the test session; same verdicts."""
+    """--strategy mirrored hands whole batches to the two logical CPUs of the test session in turn; same verdicts."""
     path = _saved_tiny(tmp_path)
     reports = {}
     for strategy in ("default", "mirrored"):
         out = tmp_path / f"{strategy}.json"
         assert evaluate_main(["--model", path, "--examples", "16", "--attacks", "clean,apgd_ce,apgd_dlr",
                               "--integrity-examples", "0", "--eps", "0.05", "--strategy", strategy,
-                              "--output", str(out)]) == 0
+                              "--batch-size", "4", "--output", str(out)]) == 0
         reports[strategy] = json.loads(out.read_text())
     assert reports["default"]["autoattack"]["devices"] == []
     assert [d.split("device:")[-1] for d in reports["mirrored"]["autoattack"]["devices"]] == ["CPU:0", "CPU:1"]
-    # An untrained network at eps 0.05: APGD-CE breaks every clean-correct example on both runs
-    # (nothing borderline for the changed random draws of the split to flip).
+    # Each batch is attacked as on one device; and an untrained network at eps 0.05 leaves nothing
+    # borderline: APGD-CE breaks every clean-correct example on both runs.
     for r in reports.values():
         assert r["accuracy"]["autoattack"] == 0.0
     assert reports["mirrored"]["autoattack"]["broken_by"] == reports["default"]["autoattack"]["broken_by"]

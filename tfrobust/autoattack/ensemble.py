@@ -195,13 +195,16 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         stopped and ends with the same result. Adversarial points of replayed
         examples are not stored: ``x_adv`` holds ``x`` for them.
       strategy: a ``tf.distribute`` strategy (e.g. the ``MirroredStrategy``
-        of training). Each batch is split into one shard per local replica
-        device; the shards are attacked concurrently, each under its device,
-        and the results gathered per example. The split changes the random
-        draws of an example (they depend on its position in the shard), so
-        verdicts agree with a single-device run except on borderline
-        examples. Workers of a multi-worker strategy are not used (their
-        local devices are).
+        of training). Whole batches go to the local replica devices in turn
+        (batch k to device k mod N), attacked concurrently, each exactly as
+        on one device, so the verdicts and points equal a single-device run.
+        When an attack has fewer batches than devices and the devices are
+        accelerators, each batch is split into one shard per device
+        instead; the split changes the random draws of an example (they
+        depend on its position in the shard), so verdicts then agree with a
+        single-device run except on borderline examples. Logical devices of
+        one CPU share its cores and never split a batch. Workers of a
+        multi-worker strategy are not used (their local devices are).
 
     Returns:
       A dict with
@@ -286,7 +289,19 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         points = x_np[idx].copy()
         norms = np.full(len(idx), np.nan)
         n_batches = max(1, math.ceil(len(idx) / batch_size))
+        split = len(devices) > 1 and n_batches < len(devices) and _splits_batches(devices)
+        group = len(devices) if len(devices) > 1 and not split else 1
+
+        def finish(b, sl, xb, yb, out):
+            out = project_numpy(np.asarray(out, np.float32).reshape(xb.shape), xb, eps, norm)
+            pred = predicted(predict_logits(model_fn, tf.constant(out), batch_size, passes=passes)).numpy()
+            fooled[sl] = pred != yb
+            points[sl] = out
+            norms[sl] = np.where(fooled[sl], perturbation_norms(out, xb, norm), np.nan)
+            log.record(bar_desc, b, idx[sl], idx[sl][fooled[sl]], norms[sl][fooled[sl]])
+
         with tqdm(total=len(idx), desc=bar_desc, disable=not verbose, leave=False) as bar:
+            pending = []
             for b in range(n_batches):
                 sl = slice(b * batch_size, min((b + 1) * batch_size, len(idx)))
                 xb, yb = x_np[idx[sl]], y_np[idx[sl]]
@@ -301,18 +316,20 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
                     replayed[fooled_idx] = True
                     bar.update(len(xb))
                     continue
-                if len(devices) > 1 and len(xb) >= len(devices):
-                    out = _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices)
+                pending.append((b, sl, xb, yb))
+                if len(pending) < group and b < n_batches - 1:
+                    continue
+                if split and len(xb) >= len(devices):
+                    outs = [_run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices)]
+                elif len(pending) > 1:
+                    outs = _run_on_devices(fn, model_fn, [(xb, yb) for _, _, xb, yb in pending], eps, norm, seed,
+                                           devices)
                 else:
-                    out = fn(model_fn, xb, yb, eps, norm=norm, seed=seed)
-                out = np.asarray(out, np.float32).reshape(xb.shape)
-                out = project_numpy(out, xb, eps, norm)
-                pred = predicted(predict_logits(model_fn, tf.constant(out), batch_size, passes=passes)).numpy()
-                fooled[sl] = pred != yb
-                points[sl] = out
-                norms[sl] = np.where(fooled[sl], perturbation_norms(out, xb, norm), np.nan)
-                log.record(bar_desc, b, idx[sl], idx[sl][fooled[sl]], norms[sl][fooled[sl]])
-                bar.update(len(xb))
+                    outs = [fn(model_fn, xb, yb, eps, norm=norm, seed=seed)]
+                for (b_, sl_, xb_, yb_), out in zip(pending, outs):
+                    finish(b_, sl_, xb_, yb_, out)
+                    bar.update(len(xb_))
+                pending = []
         return fooled, points, norms
 
     per_attack = {}
@@ -392,18 +409,33 @@ def _replica_devices(strategy) -> list:
         return []
 
 
-def _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices):
-    """``fn`` on one shard of the batch per device, concurrently; the points in the batch's order."""
+def _splits_batches(devices) -> bool:
+    """Whether a batch is worth splitting across ``devices``: only across accelerators.
+
+    Logical devices of one CPU share its cores, so a split batch only adds
+    per-call overhead (measured 20-30% slower on two logical CPUs,
+    benchmarks/bench_autoattack_sharding.py).
+    """
+    return any((tf.DeviceSpec.from_string(str(d)).device_type or "CPU").upper() != "CPU" for d in devices)
+
+
+def _run_on_devices(fn, model_fn, batches, eps, norm, seed, devices):
+    """``fn`` on whole batches, batch k on device k, concurrently; each batch exactly as on one device."""
     from concurrent.futures import ThreadPoolExecutor
 
-    shards = [s for s in np.array_split(np.arange(len(xb)), len(devices)) if len(s)]
-
-    def run(device, s):
+    def run(device, batch):
+        xb, yb = batch
         with tf.device(device):
-            return np.asarray(fn(model_fn, xb[s], yb[s], eps, norm=norm, seed=seed), np.float32)
+            return np.asarray(fn(model_fn, xb, yb, eps, norm=norm, seed=seed), np.float32)
 
-    with ThreadPoolExecutor(len(shards)) as pool:
-        parts = list(pool.map(run, devices[:len(shards)], shards))
+    with ThreadPoolExecutor(len(batches)) as pool:
+        return list(pool.map(run, devices[:len(batches)], batches))
+
+
+def _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices):
+    """``fn`` on one shard of the batch per device, concurrently; the points in the batch's order."""
+    shards = [s for s in np.array_split(np.arange(len(xb)), len(devices)) if len(s)]
+    parts = _run_on_devices(fn, model_fn, [(xb[s], yb[s]) for s in shards], eps, norm, seed, devices)
     return np.concatenate(parts, axis=0)
 
 
