@@ -37,7 +37,11 @@ input starts and the landscapes' directions. ``attacks.random_start`` turns a
 Python integer seed ``s`` into ``[s, 0]`` (and ``[s, 1]`` for the L2 radius)
 and a seed tensor ``t`` into ``t`` (and ``t + 1``). The shuffled single-pass
 training pipeline seeds ``tf.data``'s own ops with ``seed`` and ``seed + 1``
-(``tfrobust.data``).
+(``tfrobust.data``); augmentation splits its seed ``[s0, s1]`` into
+``[s0, 2 s1]`` and ``[s0, 2 s1 + 1]``. Two draws keep a fixed or shifted
+seed: the TensorBoard image grid's PGD start is always ``[0, 0]`` (the same
+start every epoch, so grids compare across epochs), and a 2-D landscape's
+second direction is drawn with ``seed + 1``.
 """
 
 from __future__ import annotations
