@@ -37,10 +37,10 @@ def test_prepare_pool_streams_a_compressed_npz_in_chunks(tmp_path, monkeypatch):
 
 def test_pool_errors_are_one_line(tmp_path):
     x, _ = constant_pool(10)
-    unlabelled = str(tmp_path / "u.npz")
-    np.savez(unlabelled, x=x)
-    with pytest.raises(UserError, match="has no labels .* make pseudo-labels first: python pseudo_label.py"):
-        extra_data.prepare_pool(unlabelled)
+    labels_only = str(tmp_path / "l.npz")
+    np.savez(labels_only, label=np.zeros(10, np.int64))
+    with pytest.raises(UserError, match="has no images: need one of the keys image, images, x"):
+        extra_data.prepare_pool(labels_only)
     bad = str(tmp_path / "b.npz")
     np.savez(bad, images=x, labels=np.full(10, 12))
     with pytest.raises(UserError, match=r"labels must be in \[0, 9\], found 12..12"):

@@ -10,6 +10,9 @@ one device is not tight: the two-replica and one-device gradients differ in
 the last bits, and PGD's sign step turns such a difference into a full step on
 a pixel, after which the runs drift apart by about 1e-3.)
 
+The runs mix a pool of extra images into every batch and keep a weight
+average (EMA), so that both are checked on the cluster, also across a kill -9.
+
 The workers see no GPU, so that they compute on the CPU as the reference run
 does. They train under op determinism, so that a run can be compared exactly
 with itself after a kill -9 and a restart of the cluster.
@@ -87,6 +90,7 @@ except WorkerLost as e:
     print(f"WorkerLost: {e}", flush=True)
     sys.exit(1)
 np.savez(out, *[v.numpy() for v in model.network.weights])
+np.savez(out + ".average.npz", *[v.numpy() for v in model.averaged_network.weights])
 with open(out + ".json", "w") as f:
     json.dump(history, f)
 """
@@ -163,13 +167,30 @@ class Cluster:
             f"--- worker {i}:\n" + (self.tmp_path / f"worker{i}.log").read_text()[-4000:] for i in indices
         )
 
-    def weights(self, index):
-        with np.load(self.tmp_path / f"worker{index}.npz") as z:
+    def weights(self, index, average=False):
+        with np.load(self.tmp_path / f"worker{index}.npz{'.average.npz' if average else ''}") as z:
             return [z[f"arr_{k}"] for k in range(len(z.files))]
 
     def history(self, index):
         with open(self.tmp_path / f"worker{index}.npz.json") as f:
             return json.load(f)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extra_pool(tmp_path_factory):
+    """A labelled pool of extra images (256 Fashion-MNIST test images) mixed into half of every batch."""
+    from tfrobust.data import load_arrays
+
+    x, y = load_arrays("fashion_mnist", "test")
+    path = str(tmp_path_factory.mktemp("pool") / "pool.npz")
+    np.savez(path, image=x[-256:], label=y[-256:])
+    recipe = {"data.extra_data": path, "data.extra_fraction": 0.5,
+              "optim.ema": True, "optim.ema_decay": 0.9, "optim.ema_start": 0.25}
+    OVERRIDES.update(recipe)
+    CLUSTER_OVERRIDES.update(recipe)
+    yield path
+    for key in recipe:
+        OVERRIDES.pop(key), CLUSTER_OVERRIDES.pop(key)
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +215,15 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path, uni
     )
     reference, _, reference_history = experiment.train(reference_config, str(tmp_path / "reference"))
 
-    first, second = cluster.weights(0), cluster.weights(1)
-    expected = [v.numpy() for v in reference.network.weights]
-    assert len(first) == len(second) == len(expected)
-    for a, b, c in zip(first, second, expected):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(a, c, rtol=0, atol=1e-5)
+    first = cluster.weights(0)
+    for average in (False, True):  # the live weights and their average
+        network = reference.averaged_network if average else reference.network
+        expected = [v.numpy() for v in network.weights]
+        mine, theirs = cluster.weights(0, average), cluster.weights(1, average)
+        assert len(mine) == len(theirs) == len(expected)
+        for a, b, c in zip(mine, theirs, expected):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, c, rtol=0, atol=1e-5)
     # Training moved the weights: the comparison is not between two initial networks.
     fresh = models.build_model("small_cnn", (28, 28, 1), 10, (0.2860,), (0.3530,), seed=0)
     assert max(np.abs(a - f.numpy()).max() for a, f in zip(first, fresh.weights)) > 1e-3
@@ -223,9 +247,10 @@ def test_two_workers_match_one_process_on_the_same_replica_batches(tmp_path, uni
     with open(workdir / "history.json") as f:
         assert json.load(f) == histories[0]
 
-    saved = keras.saving.load_model(workdir / "model.keras")
-    for a, v in zip(first, saved.weights):
-        np.testing.assert_array_equal(a, v.numpy())
+    for name, weights in (("model.keras", cluster.weights(0, average=True)), ("model_live.keras", first)):
+        saved = keras.saving.load_model(workdir / name)
+        for a, v in zip(weights, saved.weights):
+            np.testing.assert_array_equal(a, v.numpy())
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -290,10 +315,10 @@ def test_a_cluster_killed_mid_epoch_resumes_and_ends_as_the_uninterrupted_run(tm
     # Exactly equal: the restored weights and optimizer state are the backup's float32 values, the
     # batches and the attack noise depend only on the epoch and step, the ops run under op determinism
     # on the same machine, and a two-worker all-reduce adds two numbers (the same sum in either order).
-    expected = reference.weights(0)
     for index in (0, 1):
-        for a, b in zip(cluster.weights(index), expected):
-            np.testing.assert_array_equal(a, b)
+        for average in (False, True):
+            for a, b in zip(cluster.weights(index, average), reference.weights(0, average)):
+                np.testing.assert_array_equal(a, b)
         history, reference_history = cluster.history(index), reference.history(0)
         assert history == {**reference_history, "train_seconds": history["train_seconds"]}
     assert (workdir / "finished.json").exists() and not (workdir / "backup").exists()

@@ -168,6 +168,11 @@ def train_main(argv=None) -> int:
 
         data_lib.check_source(cfg.data.name)
         models.check_model_name(cfg.model.name)
+        if cfg.data.extra_data:
+            from tfrobust import extra_data
+
+            labelled = extra_data.has_labels(cfg.data.extra_data, cfg.data.extra_cache_dir)
+            extra_data.check_labels_for(defense, cfg.data.extra_data, labelled)
         if models.model_kind(cfg.model.name) != "builtin":
             # The user's network is checked against the data before a run directory is made.
             from tfrobust.trainer import check_outputs_are_logits

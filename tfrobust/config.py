@@ -48,6 +48,7 @@ class DataConfig:
     # Extra (generated or pseudo-labelled) images mixed into every training
     # batch: a .npz with image and label arrays (tfrobust/extra_data.py),
     # converted once to .npy files in extra_cache_dir (default <file>.cache).
+    # Without labels only TRADES's KL term uses the images (trades, trades+awp).
     extra_data: Optional[str] = None
     extra_fraction: float = 0.7  # of every batch, from extra_data (Wang et al. 2023)
     extra_cache_dir: Optional[str] = None
@@ -436,7 +437,6 @@ def validate(config: ExperimentConfig) -> None:
         (config.optim.early_stopping_patience >= 0, "optim.early_stopping_patience must be >= 0"),
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
         (0 < config.data.extra_fraction < 1, "data.extra_fraction must be in (0, 1)"),
-        (not (config.data.extra_data and config.runtime.strategy == "multi_worker"), "data.extra_data is not supported with runtime.strategy=multi_worker"),
         (config.eval.pgd_loss in ("ce", "cw"), f"unknown eval.pgd_loss {config.eval.pgd_loss!r}; allowed: ce, cw"),
         (0 <= config.defense.label_smoothing < 1, "defense.label_smoothing must be in [0, 1)"),
         (config.optim.schedule in SCHEDULES, f"unknown optim.schedule {config.optim.schedule!r}; allowed: {', '.join(SCHEDULES)}"),

@@ -77,6 +77,9 @@ class Datasets:
     # and augmented as a function of (seed, epoch) only, so that a resumed run
     # sees exactly the batches an uninterrupted run would.
     train_epochs: Optional[Callable] = None
+    # True when data.extra_data has no labels: its examples carry the label -1
+    # (only TRADES's KL term uses them, RobustModel(allow_unlabelled=True)).
+    unlabelled_extra: bool = False
 
 
 _INFO = {
@@ -677,6 +680,8 @@ def _mixed_epochs_pipeline(x, y, cfg: DataConfig, seed: int, start: int, end: in
 
     def read(idx):
         batch = np.asarray(pool_images[idx])
+        if pool_labels is None:  # a pool without labels: -1 marks its examples
+            return batch.reshape((len(idx),) + shape), np.full(len(idx), -1, np.int32)
         return batch.reshape((len(idx),) + shape), np.asarray(pool_labels[idx]).astype(np.int32)
 
     steps = max(1, math.ceil(n / cfg.batch_size))
@@ -737,6 +742,7 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     (x_tr, y_tr), (x_val, y_val) = _split(cfg, seed)
     x_test, y_test = load_arrays(cfg.name, "test", cfg.data_dir, limit=cfg.test_examples)
     train_epochs = lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end)  # noqa: E731
+    pool = None
     if getattr(cfg, "extra_data", None):
         from tfrobust import extra_data
 
@@ -757,6 +763,7 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         validation_size=len(x_val),
         test_size=len(x_test),
         train_epochs=train_epochs,
+        unlabelled_extra=pool is not None and pool[1] is None,
     )
 
 

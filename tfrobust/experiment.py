@@ -185,6 +185,10 @@ def build(config: ExperimentConfig, datasets=None, defense: Defense | None = Non
     if datasets is None:
         datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
     info = datasets.info
+    if datasets.unlabelled_extra:
+        from tfrobust import extra_data
+
+        extra_data.check_labels_for(defense, config.data.extra_data, labelled=False)
     steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
     strategy = build_strategy(config.runtime)
     previous_policy = keras.config.dtype_policy()
@@ -192,13 +196,13 @@ def build(config: ExperimentConfig, datasets=None, defense: Defense | None = Non
     keras.config.set_dtype_policy(policy)
     try:
         with strategy.scope():
-            model = _compiled_model(config, defense, info, steps_per_epoch)
+            model = _compiled_model(config, defense, info, steps_per_epoch, datasets.unlabelled_extra)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     return model, datasets, strategy
 
 
-def _compiled_model(config, defense, info, steps_per_epoch):
+def _compiled_model(config, defense, info, steps_per_epoch, unlabelled_extra=False):
     network = models.network_for(config.model, info, seed=config.runtime.seed)
     model = RobustModel(
         network, defense,
@@ -210,7 +214,7 @@ def _compiled_model(config, defense, info, steps_per_epoch):
         ema_decay=config.optim.ema_decay if config.optim.ema else None,
         ema_start_step=config.optim.ema_start * config.optim.epochs * steps_per_epoch,
         weight_decay_exclude=config.optim.weight_decay_exclude,
-        accumulate_steps=config.optim.accumulate_steps,
+        accumulate_steps=config.optim.accumulate_steps, allow_unlabelled=unlabelled_extra,
     )
     optimizer = keras.optimizers.SGD(
         learning_rate_schedule(config.optim, steps_per_epoch),

@@ -11,20 +11,25 @@ images with labels or pseudo-labels (docs/algorithms.md, section 14):
   files that are read memory-mapped, so a pool of any size never sits in
   memory whole;
 - a pool without labels is pseudo-labelled with a trained network
-  (:func:`pseudo_label`, the ``pseudo_label.py`` command) before training;
+  (:func:`pseudo_label`, the ``pseudo_label.py`` command) before training,
+  or used as it is with TRADES: its examples get the label -1 and enter only
+  the KL term (the CE term is the mean over the labelled examples, as in
+  Carmon et al. 2019);
 - an epoch is ``ceil(N / B)`` batches, as without extra data; a batch of
   ``B`` holds ``B - floor(f B)`` labelled training examples, taken in turn
   from a permutation per (seed, epoch) (so an epoch sees a fresh subset of
   them, as in the references' sampler), and ``floor(f B)`` pool examples
   drawn uniformly with replacement from ``(seed, epoch, batch)`` alone, so a
   resumed run sees the batches an uninterrupted run would;
-- pool examples enter every term of the objective like labelled ones (their
-  pseudo-labels in the CE terms, their images in TRADES's KL term).
+- labelled pool examples enter every term of the objective like labelled
+  training examples (their pseudo-labels in the CE terms, their images in
+  TRADES's KL term).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import zipfile
 from typing import Optional
 
@@ -34,6 +39,7 @@ from tfrobust.errors import UserError
 
 IMAGE_KEYS = ("image", "images", "x")
 LABEL_KEYS = ("label", "labels", "y")
+UNLABELLED = "unlabelled"  # the marker file of a prepared pool without labels
 _CHUNK = 4096
 
 
@@ -54,7 +60,9 @@ def _copy_member(archive: zipfile.ZipFile, member: str, out_path: str) -> tuple:
         shape, dtype = _npy_header(f)
         if dtype.hasobject:
             raise UserError(f"extra data: {member} holds Python objects; need numeric arrays")
-        partial = out_path + ".partial"
+        # A name of this process's own: workers of a cluster may prepare one pool on a shared filesystem at
+        # once; each writes the same bytes, and the last rename wins.
+        partial = f"{out_path}.{socket.gethostname()}-{os.getpid()}.partial"
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) > 1 else dtype.itemsize
         flat = out.reshape(shape[0], -1) if len(shape) > 1 else out.reshape(-1, 1)
@@ -75,12 +83,15 @@ def prepare_pool(path: str, cache_dir: Optional[str] = None) -> str:
 
     ``cache_dir`` defaults to ``<path>.cache``. A directory that already
     holds both files is used as it is; ``path`` may also be such a directory.
+    A pool without labels gets ``images.npy`` and an empty ``unlabelled``
+    marker file instead of ``labels.npy``.
     """
     if os.path.isdir(path):
         cache_dir = path
     cache_dir = cache_dir or path + ".cache"
     images, labels = os.path.join(cache_dir, "images.npy"), os.path.join(cache_dir, "labels.npy")
-    if os.path.exists(images) and os.path.exists(labels):
+    marker = os.path.join(cache_dir, UNLABELLED)
+    if os.path.exists(images) and (os.path.exists(labels) or os.path.exists(marker)):
         return cache_dir
     if not os.path.isfile(path):
         raise UserError(f"extra data file not found: {path}")
@@ -94,38 +105,74 @@ def prepare_pool(path: str, cache_dir: Optional[str] = None) -> str:
         label_key = next((k for k in LABEL_KEYS if k in members), None)
         if image_key is None:
             raise UserError(f"extra data {path} has no images: need one of the keys {', '.join(IMAGE_KEYS)}")
-        if label_key is None:
-            raise UserError(
-                f"extra data {path} has no labels (keys {', '.join(LABEL_KEYS)}); "
-                "make pseudo-labels first: python pseudo_label.py --model NET.keras --data " + path
-            )
         os.makedirs(cache_dir, exist_ok=True)
+        if label_key is None:
+            _copy_member(archive, members[image_key], images)
+            open(marker, "w").close()
+            return cache_dir
         shape = _copy_member(archive, members[image_key], images)
-        label_shape = _copy_member(archive, members[label_key], labels + ".tmp.npy")
+        unchecked = f"{labels}.{socket.gethostname()}-{os.getpid()}.npy"
+        label_shape = _copy_member(archive, members[label_key], unchecked)
     if label_shape[0] != shape[0] or len(label_shape) != 1:
-        os.remove(labels + ".tmp.npy")
+        os.remove(unchecked)
         raise UserError(f"extra data {path}: {shape[0]} images but labels of shape {label_shape}")
-    os.replace(labels + ".tmp.npy", labels)
+    os.replace(unchecked, labels)
     return cache_dir
 
 
 def open_pool(cache_dir: str, image_shape: tuple, num_classes: int) -> tuple:
-    """The memory-mapped ``(images, labels)`` of a prepared pool, checked against the data set."""
+    """The memory-mapped ``(images, labels)`` of a prepared pool, checked against the data set.
+
+    ``labels`` is None for a pool without labels.
+    """
     images = np.load(os.path.join(cache_dir, "images.npy"), mmap_mode="r")
-    labels = np.load(os.path.join(cache_dir, "labels.npy"), mmap_mode="r")
+    unlabelled = not os.path.exists(os.path.join(cache_dir, "labels.npy"))
+    labels = None if unlabelled else np.load(os.path.join(cache_dir, "labels.npy"), mmap_mode="r")
     image_shape = tuple(int(d) for d in image_shape)
     if images.shape[1:] != image_shape and not (image_shape[-1] == 1 and images.shape[1:] == image_shape[:-1]):
         raise UserError(f"extra data images have shape {images.shape[1:]}, the data set's are {image_shape}")
     if images.dtype != np.uint8 and images.dtype.kind != "f":
         raise UserError(f"extra data images are {images.dtype}; need uint8 or floats in [0, 1]")
-    if labels.dtype.kind not in "iu":
-        raise UserError(f"extra data labels are {labels.dtype}; need integers")
     if len(images) == 0:
         raise UserError("extra data holds no images")
+    if labels is None:
+        return images, None
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"extra data labels are {labels.dtype}; need integers")
     lo, hi = int(labels[:_CHUNK * 16].min()), int(labels[:_CHUNK * 16].max())
     if lo < 0 or hi >= num_classes:
         raise UserError(f"extra data labels must be in [0, {num_classes - 1}], found {lo}..{hi}")
     return images, labels
+
+
+def has_labels(path: str, cache_dir: Optional[str] = None) -> bool:
+    """Whether a pool (a ``.npz``, or a prepared directory) has labels; reads only the archive's member names."""
+    prepared = path if os.path.isdir(path) else (cache_dir or path + ".cache")
+    if os.path.exists(os.path.join(prepared, "images.npy")):
+        if os.path.exists(os.path.join(prepared, "labels.npy")):
+            return True
+        if os.path.exists(os.path.join(prepared, UNLABELLED)):
+            return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {os.path.splitext(n)[0] for n in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return True  # unreadable or missing: prepare_pool says so in its own words
+    return any(k in names for k in LABEL_KEYS)
+
+
+def check_labels_for(defense, path: str, labelled: bool) -> None:
+    """Refuses a pool without labels for a defense that needs a label for every example.
+
+    Without labels only TRADES's KL term (``trades``, ``trades+awp``) can use the pool.
+    """
+    if labelled or (defense.base == "trades" and set(defense.terms) <= {"awp"}):
+        return
+    raise UserError(
+        f"data.extra_data {path} has no labels, which only TRADES's KL term can use (defense trades or "
+        f"trades+awp); for {defense.name} make pseudo-labels first: python pseudo_label.py --model RUN "
+        f"--data {path} --output labelled.npz"
+    )
 
 
 def split_batch(batch_size: int, fraction: float) -> tuple:
@@ -188,4 +235,7 @@ def pseudo_label(model_fn, source: str, output: str, batch_size: int = 512) -> i
     return count
 
 
-__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "prepare_pool", "open_pool", "split_batch", "pseudo_label"]
+__all__ = [
+    "IMAGE_KEYS", "LABEL_KEYS", "UNLABELLED", "prepare_pool", "open_pool", "has_labels", "check_labels_for",
+    "split_batch", "pseudo_label",
+]

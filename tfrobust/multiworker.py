@@ -91,7 +91,9 @@ replicas; ``runtime.devices`` is not used. A worker that fails alone (say,
 its data directory is missing) leaves the others waiting until the cluster's
 health check notices it is gone. No XLA is used (``runtime.jit_compile`` is
 ignored), as Keras does not use it under a distribution strategy either.
-``data.extra_data`` is not supported.
+With ``data.extra_data`` every worker reads the pool (the same path on every
+machine, or one shared file that the first worker to start converts; workers
+converting it at once write the same bytes under names of their own).
 """
 
 from __future__ import annotations

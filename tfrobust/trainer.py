@@ -30,7 +30,7 @@ is divided by the number of replicas (gradients are summed across replicas).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
@@ -44,6 +44,22 @@ from tfrobust.errors import UserError, check_number, check_steps
 from tfrobust.weight_space import assign_offset, restore, snapshot
 
 __all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "last_dense_kernel"]
+
+
+class BatchWeights(NamedTuple):
+    """How a step averages its per-example objective over the global batch.
+
+    ``w``: each example's weight; ``total``: the sum of ``w`` over the global
+    batch (all replicas), so that ``sum(w * L) / total`` is this replica's
+    share of the weighted mean; ``ce_scale``: with unlabelled examples
+    (label -1), ``total`` divided by the weight of the labelled examples of
+    the global batch, the factor that turns the CE term into a mean over the
+    labelled examples only (None when every example has a label).
+    """
+
+    w: tf.Tensor
+    total: tf.Tensor
+    ce_scale: Optional[tf.Tensor] = None
 
 
 def _all_layers(layer):
@@ -60,6 +76,10 @@ def _replica_context():
 def _num_replicas() -> int:
     ctx = _replica_context()
     return ctx.num_replicas_in_sync if ctx is not None else 1
+
+
+def _ce_scale(weights):
+    return None if weights is None else weights.ce_scale
 
 
 def _all_reduce_sum(values):
@@ -194,6 +214,14 @@ class RobustModel(keras.Model):
         batch statistics are those of each micro-batch (and its moving
         averages move once per micro-batch). A batch size not divisible by N
         is refused; 1 (default) is the plain step.
+      allow_unlabelled: accept batches in which label -1 marks an unlabelled
+        example (a pool of extra images without labels). Such examples enter
+        only TRADES's KL term and the attack; the CE term is the mean over the
+        labelled examples of the global batch (Carmon et al. 2019,
+        ``ignore_index=-1``; docs/algorithms.md, section 14), and the accuracy
+        metrics count only labelled examples. Only for ``trades`` and
+        ``trades+awp``: AT and MART have no label-free term, and S2O's and
+        RAT's soft targets need a label per example.
     """
 
     def __init__(
@@ -216,6 +244,7 @@ class RobustModel(keras.Model):
         ema_start_step: float = 0.0,
         weight_decay_exclude: str = "none",
         accumulate_steps: int = 1,
+        allow_unlabelled: bool = False,
         **kwargs,
     ):
         if isinstance(defense, str):
@@ -270,6 +299,12 @@ class RobustModel(keras.Model):
             )
         self.weight_decay_exclude = weight_decay_exclude
         self.accumulate_steps = check_steps("accumulate_steps", accumulate_steps, minimum=1)
+        self.allow_unlabelled = bool(allow_unlabelled)
+        if self.allow_unlabelled and (defense.base != "trades" or any(t.name != "awp" for t in self.weight_space_terms)):
+            raise UserError(
+                f"unlabelled examples enter only TRADES's KL term, which defense {defense.name!r} does not have in a "
+                "form that needs no label: use trades or trades+awp, or pseudo-label them (pseudo_label.py)"
+            )
         self.averaged_network = None
         if getattr(network, "built", False):
             self._check_logits()
@@ -311,6 +346,7 @@ class RobustModel(keras.Model):
             "ema_start_step": self.ema_start_step,
             "weight_decay_exclude": self.weight_decay_exclude,
             "accumulate_steps": self.accumulate_steps,
+            "allow_unlabelled": self.allow_unlabelled,
         }
 
     @classmethod
@@ -533,13 +569,25 @@ class RobustModel(keras.Model):
     def _attack_start(self, x):
         return start_point(x, self.eps, self.norm, self.defense.attack_start, self._seed(seeds.TRAIN_ATTACK_START))
 
-    def _loss_terms(self, logits_clean, logits_adv, y):
-        """The base objective's ``(primary, regulariser, terms)``, its CE term label-smoothed when asked."""
+    def _loss_terms(self, logits_clean, logits_adv, y, ce_scale=None):
+        """The base objective's ``(primary, regulariser, terms)``, its CE term label-smoothed when asked.
+
+        With ``ce_scale`` (:class:`BatchWeights`), examples labelled -1 get no
+        CE term and the labelled ones' is multiplied by ``ce_scale``, so that
+        its batch mean is the mean over the labelled examples.
+        """
         d = self.defense
+        name = "ce_adv" if d.base == "at" else "ce_clean"
+        if ce_scale is not None:
+            labelled = y >= 0
+            y = tf.where(labelled, y, tf.zeros_like(y))
         primary, regulariser, terms = d.objective.loss_terms(logits_clean, logits_adv, y, d.beta)
         if self.label_smoothing:
-            name, logits = ("ce_adv", logits_adv) if d.base == "at" else ("ce_clean", logits_clean)
+            logits = logits_adv if d.base == "at" else logits_clean
             primary = attacks.smoothed_cross_entropy(logits, y, self.label_smoothing)
+            terms = dict(terms, **{name: primary})
+        if ce_scale is not None:
+            primary = primary * tf.cast(labelled, primary.dtype) * ce_scale
             terms = dict(terms, **{name: primary})
         return primary, regulariser, terms
 
@@ -550,7 +598,7 @@ class RobustModel(keras.Model):
         """
         logits_adv = self.network(x_adv, training=training)
         logits_clean = self.network(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
-        primary, regulariser, _ = self._loss_terms(logits_clean, logits_adv, y)
+        primary, regulariser, _ = self._loss_terms(logits_clean, logits_adv, y, _ce_scale(weights))
         loss = self._global_mean(primary + regulariser, weights, fraction)
         network_losses = self._network_losses(fraction)
         return loss if network_losses is None else loss + network_losses
@@ -563,16 +611,30 @@ class RobustModel(keras.Model):
         if weights is None:
             mean = tf.reduce_mean(per_example) / _num_replicas()
             return mean if fraction is None else mean * fraction
-        w, total = weights
-        return tf.math.divide_no_nan(tf.reduce_sum(w * tf.cast(per_example, tf.float32)), total)
+        return tf.math.divide_no_nan(tf.reduce_sum(weights.w * tf.cast(per_example, tf.float32)), weights.total)
 
-    @staticmethod
-    def _sample_weights(sample_weight, y):
-        """``(w, sum of w over the global batch)`` for a weighted mean, or None without weights."""
-        if sample_weight is None:
+    def _sample_weights(self, sample_weight, y):
+        """The step's :class:`BatchWeights`, or None for a plain mean (no weights, every example labelled)."""
+        if sample_weight is None and not self.allow_unlabelled:
             return None
-        w = tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
-        return w, _all_reduce_sum(tf.reduce_sum(w))
+        if sample_weight is None:
+            w = tf.ones(tf.shape(y), tf.float32)
+        else:
+            w = tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
+        if not self.allow_unlabelled:
+            return BatchWeights(w, _all_reduce_sum(tf.reduce_sum(w)))
+        # One all-reduce for both sums, outside of any conditional.
+        total, labelled = _all_reduce_sum([tf.reduce_sum(w), tf.reduce_sum(w * tf.cast(y >= 0, tf.float32))])
+        return BatchWeights(w, total, tf.math.divide_no_nan(total, labelled))
+
+    def _metric_weights(self, y, sample_weight):
+        """Labels and sample weights for the accuracy metrics: unlabelled examples count with weight 0."""
+        if not self.allow_unlabelled:
+            return y, sample_weight
+        labelled = tf.cast(y >= 0, tf.float32)
+        if sample_weight is not None:
+            labelled = labelled * tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
+        return tf.where(y >= 0, y, tf.zeros_like(y)), labelled
 
     def _network_losses(self, fraction=None):
         """The network's own losses (regularizers), divided by the replica count (times a micro-batch's fraction)."""
@@ -703,7 +765,7 @@ class RobustModel(keras.Model):
             # Soft targets are constants; their cross-replica sums stay off the tape.
             with tape.stop_recording():
                 targets, extra = self._soft_targets(logits_clean, logits_adv, y, recorded, inner)
-            per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets)
+            per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets, _ce_scale(weights))
             loss = self._training_loss(per_example, weights)
             scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables))
         grads = tape.gradient(scaled, variables)
@@ -728,6 +790,7 @@ class RobustModel(keras.Model):
             self.update_average(self.optimizer.iterations)
 
     def _update_metrics(self, loss, terms, extra, y, logits_clean, logits_adv, sample_weight):
+        y, sample_weight = self._metric_weights(y, sample_weight)
         self.trackers["loss"].update_state(loss * _num_replicas())
         for name, value in terms.items():
             self.trackers[name].update_state(tf.reduce_mean(value))
@@ -799,10 +862,10 @@ class RobustModel(keras.Model):
         those of each micro-batch.
         """
         weights = self._sample_weights(sample_weight, y)
-        w = weights[0] if weights is not None else tf.zeros_like(y, tf.float32)
+        w = weights.w if weights is not None else tf.zeros_like(y, tf.float32)
 
         def micro_weights(wc):
-            return None if weights is None else (wc, weights[1])
+            return None if weights is None else weights._replace(w=wc)
 
         x_init = self._attack_start(x)
         _, (x_adv,) = self._micro_batches(
@@ -858,7 +921,7 @@ class RobustModel(keras.Model):
                 logits_clean, logits_adv = forward(xc, ac)
                 with tape.stop_recording():
                     targets = [t.soft_targets(st, yc)[0] for t, st in zip(self.weight_space_terms, stats)]
-                per_example, terms = self._objective_terms(yc, logits_clean, logits_adv, targets)
+                per_example, terms = self._objective_terms(yc, logits_clean, logits_adv, targets, _ce_scale(weights))
                 loss = self._training_loss(per_example, micro_weights(wc), f)
                 scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables, f))
             grads = tape.gradient(scaled, variables)
@@ -879,12 +942,13 @@ class RobustModel(keras.Model):
             )
         return self._update_metrics(loss, dict(zip(names, values)), extra, y, logits_clean, logits_adv, sample_weight)
 
-    def _objective_terms(self, y, logits_clean, logits_adv, targets):
+    def _objective_terms(self, y, logits_clean, logits_adv, targets, ce_scale=None):
         """Per-example objective (the base, its primary term mixed by each weight-space term) and its named terms.
 
-        ``targets`` holds each term's soft targets (computed without gradient), in term order.
+        ``targets`` holds each term's soft targets (computed without gradient), in term order;
+        ``ce_scale`` as in :meth:`_loss_terms`.
         """
-        primary, regulariser, terms = self._loss_terms(logits_clean, logits_adv, y)
+        primary, regulariser, terms = self._loss_terms(logits_clean, logits_adv, y, ce_scale)
         for term, target in zip(self.weight_space_terms, targets):
             primary, reported = term.mix(primary, logits_clean, logits_adv, target)
             terms = dict(terms, **reported)
