@@ -368,15 +368,24 @@ def report_lines(args) -> list:
     if agreement:
         lines.append(f"- Pseudo-labels agree with the hidden labels on {_pct(min(agreement))}% to "
                      f"{_pct(max(agreement))}% of the pool ({pools[0].get('examples')} images).")
-    lines += ["", "| method | seeds | clean | PGD-20 | AutoAttack | train time per run |", "|---|---|---|---|---|---|"]
+    jobs = plan(args)
+    remaining = [f"{what} (seed {seed})" for seed, what in jobs if not _done(args, seed, what)]
+    if remaining:
+        lines.append(f"- In progress: {len(jobs) - len(remaining)} of {len(jobs)} steps done; next "
+                     f"{remaining[0]}. The same command continues the study; the intervals need every seed.")
+    lines += ["", "| method | seeds | clean | PGD-20 | AutoAttack | CPU time per run: training, evaluation |",
+              "|---|---|---|---|---|---|"]
     for method in METHODS:
         runs = results.get(method, {})
         cells = []
         for key, metric in (("pgd", "clean"), ("pgd", "pgd20_ce"), ("autoattack", "autoattack_standard")):
             values = [e[key]["accuracy"][metric] for e in runs.values() if key in e]
             cells.append(_pct(*interval(values)) if values else "–")
-        times = [e["train"]["train_seconds"] for e in runs.values() if e.get("train", {}).get("train_seconds")]
-        minutes = f"{sum(times) / len(times) / 60:.1f} min" if times else "–"
+        train = [e["train"]["cpu_seconds"] for e in runs.values() if "cpu_seconds" in e.get("train", {})]
+        attacks = [sum(e.get(k, {}).get("cpu_seconds", 0.0) for k in ("pgd", "autoattack"))
+                   for e in runs.values() if "pgd" in e]
+        minutes = (f"{sum(train) / len(train) / 60:.0f} min, {sum(attacks) / len(attacks) / 60:.0f} min"
+                   if train and attacks else "–")
         done = sum(1 for e in runs.values() if "pgd" in e)
         lines.append(f"| {method} | {done} | " + " | ".join(cells) + f" | {minutes} |")
     lines += ["", "Accuracies in percent of the test examples.", "",
