@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -369,6 +370,26 @@ def test_malformed_tf_config_is_a_one_line_user_error(value, message):
     with pytest.raises(UserError, match=message) as info:
         parse_tf_config(value)
     assert "\n" not in str(info.value)
+
+
+def test_scratch_dir_removes_what_killed_workers_of_its_task_left(tmp_path, monkeypatch):
+    from tfrobust import multiworker
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    stale = tmp_path / f"tfrobust-worker1-{dead_pid}-abc"
+    alive = tmp_path / f"tfrobust-worker1-{os.getpid()}-def"  # a live process's: kept
+    other_task = tmp_path / f"tfrobust-worker2-{dead_pid}-ghi"  # another task's: kept (its worker cleans it)
+    for d in (stale, alive, other_task):
+        d.mkdir()
+        (d / "history.csv").write_text("x\n")
+    cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 1}}
+    task = parse_tf_config(json.dumps(cluster))
+    with multiworker.scratch_dir(task) as path:
+        assert os.path.basename(path).startswith(f"tfrobust-worker1-{os.getpid()}-")
+        assert not stale.exists() and alive.exists() and other_task.exists()
+    assert not os.path.exists(path)
 
 
 def test_chief_and_worker_numbering():

@@ -123,8 +123,14 @@ def test_the_labelled_mean_is_over_the_global_batch(fashion_subset, mirrored_str
     ("at", "'at'"), ("mart", "'mart'"), ("trades+s2o", "'trades+s2o'"), ("trades+rat", "'trades+rat'"),
 ])
 def test_defenses_without_a_label_free_term_refuse_unlabelled_examples(name, reason):
-    with pytest.raises(UserError, match=re.escape(f"unlabelled examples enter only TRADES's KL term, which defense {reason}")):
+    message = f"unlabelled examples enter only TRADES's KL term, which defense {reason}"
+    with pytest.raises(UserError, match=re.escape(message)):
         FixedAttackModel(tiny_cnn(), Defense(name), eps=EPS, step_size=0.025, steps=1, allow_unlabelled=True)
+    assert not Defense(name).accepts_unlabelled and not Defense(name + "+awp").accepts_unlabelled
+
+
+def test_trades_and_awp_accept_unlabelled_examples():
+    assert Defense("trades").accepts_unlabelled and Defense("trades+awp").accepts_unlabelled
 
 
 def unlabelled_pool(tmp_path, images):

@@ -166,7 +166,7 @@ def check_labels_for(defense, path: str, labelled: bool) -> None:
 
     Without labels only TRADES's KL term (``trades``, ``trades+awp``) can use the pool.
     """
-    if labelled or (defense.base == "trades" and set(defense.terms) <= {"awp"}):
+    if labelled or defense.accepts_unlabelled:
         return
     raise UserError(
         f"data.extra_data {path} has no labels, which only TRADES's KL term can use (defense trades or "

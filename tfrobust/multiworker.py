@@ -84,7 +84,8 @@ stop any worker that still waits): the run continues from the start of the inter
 epoch and ends as an uninterrupted run would (every step after the backup is
 the same computation on the same data; tests/test_multiworker.py checks that
 the weights are exactly equal under op determinism). A worker killed by
-``kill -9`` leaves its temporary directory behind.
+``kill -9`` leaves its temporary directory behind until the same task starts
+again in the same temporary folder, which removes it.
 
 Each worker uses all of its GPUs (or its CPU when it has none) as local
 replicas; ``runtime.devices`` is not used. A worker that fails alone (say,
@@ -274,10 +275,31 @@ def all_equal(strategy, value: float) -> bool:
     return not any_worker(strategy, mismatch)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def scratch_dir(task: ClusterTask):
-    """A temporary directory where a non-chief worker writes its run files; removed on exit."""
-    path = tempfile.mkdtemp(prefix=f"tfrobust-{task.task_type}{task.task_index}-")
+    """A temporary directory where a non-chief worker writes its run files; removed on exit.
+
+    Its name holds the worker's process id; the directories that killed
+    workers of the same task left in the same temporary folder (their process
+    is gone) are removed first.
+    """
+    prefix = f"tfrobust-{task.task_type}{task.task_index}-"
+    parent = tempfile.gettempdir()
+    for name in os.listdir(parent):
+        owner = name[len(prefix):].split("-", 1)[0]
+        if name.startswith(prefix) and owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
     try:
         yield path
     finally:

@@ -300,7 +300,7 @@ class RobustModel(keras.Model):
         self.weight_decay_exclude = weight_decay_exclude
         self.accumulate_steps = check_steps("accumulate_steps", accumulate_steps, minimum=1)
         self.allow_unlabelled = bool(allow_unlabelled)
-        if self.allow_unlabelled and (defense.base != "trades" or any(t.name != "awp" for t in self.weight_space_terms)):
+        if self.allow_unlabelled and not defense.accepts_unlabelled:
             raise UserError(
                 f"unlabelled examples enter only TRADES's KL term, which defense {defense.name!r} does not have in a "
                 "form that needs no label: use trades or trades+awp, or pseudo-label them (pseudo_label.py)"

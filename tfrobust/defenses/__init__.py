@@ -158,6 +158,12 @@ class Defense:
         return self.objective.NEEDS_CLEAN_LOGITS or any(term_class(t).NEEDS_CLEAN_LOGITS for t in self.terms)
 
     @property
+    def accepts_unlabelled(self) -> bool:
+        """Whether examples labelled -1 (no label) can train: the base has a term without labels (TRADES's
+        KL) and no weight-space term uses the labels itself (AWP does not; S2O's and RAT's soft targets do)."""
+        return self.objective.LABEL_FREE_TERM and not any(term_class(t).NEEDS_LABELS for t in self.terms)
+
+    @property
     def attack_start(self) -> str:
         """The random start of the training attack: ``uniform``, ``gaussian`` or ``gaussian_unclipped``."""
         start = self.objective.ATTACK_START

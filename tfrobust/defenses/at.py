@@ -10,6 +10,7 @@ NAME = "at"
 ATTACK_LOSS = "ce"
 ATTACK_START = "uniform"
 NEEDS_CLEAN_LOGITS = False
+LABEL_FREE_TERM = False  # no term that examples without a label (-1) can enter
 DEFAULT_BETA = None
 
 
@@ -23,4 +24,4 @@ def loss_terms(logits_clean, logits_adv, y, beta=None):
     return ce, 0.0 * ce, {"ce_adv": ce}
 
 
-__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "DEFAULT_BETA", "loss_terms"]
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "LABEL_FREE_TERM", "DEFAULT_BETA", "loss_terms"]

@@ -65,6 +65,7 @@ class AdversarialWeightPerturbation(WeightSpaceTerm):
     """AWP in the train step: ``v`` before the update from the ascent gradient of the base objective."""
 
     STATISTICS = ("awp_relative_norm",)
+    NEEDS_LABELS = False  # ascends the base objective, whatever examples it takes
 
     def warmup_epochs(self) -> int:
         return self.setting("warmup_epochs")

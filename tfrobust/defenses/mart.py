@@ -17,6 +17,7 @@ NAME = "mart"
 ATTACK_LOSS = "ce"
 ATTACK_START = "gaussian"
 NEEDS_CLEAN_LOGITS = True
+LABEL_FREE_TERM = False  # its KL term is weighted by 1 - p_y(x)
 DEFAULT_BETA = 6.0
 
 
@@ -44,6 +45,7 @@ __all__ = [
     "ATTACK_LOSS",
     "ATTACK_START",
     "NEEDS_CLEAN_LOGITS",
+    "LABEL_FREE_TERM",
     "DEFAULT_BETA",
     "boosted_cross_entropy",
     "loss_terms",

@@ -45,6 +45,7 @@ class WeightSpaceTerm:
 
     NEEDS_CLEAN_LOGITS = False  # the objective needs f(x) besides f(x')
     WATCHES_VARIABLES = False  # record() needs gradients w.r.t. variables
+    NEEDS_LABELS = True  # uses y beyond the base objective (examples labelled -1 are then refused)
     TERMS = ()  # per-example terms returned by mix(), reported as batch means
     STATISTICS = ()  # scalar statistics returned by perturbation_statistics() or soft_targets()
 

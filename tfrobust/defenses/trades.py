@@ -13,6 +13,7 @@ NAME = "trades"
 ATTACK_LOSS = "trades_kl"
 ATTACK_START = "gaussian"
 NEEDS_CLEAN_LOGITS = True
+LABEL_FREE_TERM = True  # KL(p(x) || p(x')) needs no label: unlabelled examples (-1) enter it alone
 DEFAULT_BETA = 6.0
 
 
@@ -23,4 +24,4 @@ def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
     return ce, beta * kl, {"ce_clean": ce, "kl": kl}
 
 
-__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "DEFAULT_BETA", "loss_terms"]
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "LABEL_FREE_TERM", "DEFAULT_BETA", "loss_terms"]
