@@ -136,3 +136,95 @@ def test_built_in_terms_keep_their_config_keys_and_defaults():
     assert Defense("trades+awp+s2o", awp_gamma=0.02, s2o_a=0.2) == d
     with pytest.raises(UserError, match="defense.awp.gamma must be >= 0"):
         load_config(overrides={"defense.name": "at+awp", "defense.awp.gamma": "-1"})
+
+
+PLUGIN = '''
+"""A plug-in module: one weight-space term, registered when the module is imported."""
+import tensorflow as tf
+
+from tfrobust.defense_names import Hyperparameter, register_term
+from tfrobust.defenses import WeightSpaceTerm
+
+
+class FlatPrediction(WeightSpaceTerm):
+    """weight * KL(uniform || p(x')) added to the primary term."""
+
+    TERMS = ("planted_kl",)
+
+    def mix(self, primary, logits_clean, logits_adv, targets):
+        log_p = tf.nn.log_softmax(logits_adv)
+        k = tf.cast(tf.shape(log_p)[-1], tf.float32)
+        kl = -tf.math.log(k) - tf.reduce_mean(log_p, axis=-1)
+        return primary + self.setting("weight") * kl, {"planted_kl": kl}
+
+
+register_term("planted", FlatPrediction, bases=("at", "trades"),
+              hyperparameters=(Hyperparameter("weight", 0.5, float, lambda w: w >= 0, "must be >= 0"),))
+'''
+
+
+@pytest.fixture
+def plugin_file(tmp_path):
+    import sys
+
+    path = tmp_path / "planted_term.py"
+    path.write_text(PLUGIN)
+    yield str(path)
+    unregister_term("planted")
+    for name in [n for n, m in sys.modules.items() if getattr(m, "__file__", None) == str(path)]:
+        del sys.modules[name]
+
+
+def test_a_plugin_named_in_the_config_gives_a_defense_and_its_config_section(plugin_file):
+    from tfrobust.config import to_dict
+    from tfrobust.defenses import parse_defense
+
+    with pytest.raises(UserError, match="'planted'; allowed: awp, rat, s2o .a plug-in's term: load its module with --plugin"):
+        load_config(overrides={"defense.name": "at+planted"})
+    cfg = load_config(overrides={"plugins": plugin_file, "defense.name": "at+planted",
+                                 "defense.planted.weight": "0.25"})
+    assert cfg.defense.name == "at+planted" and cfg.defense.planted.weight == 0.25
+    assert parse_defense(cfg.defense.name, cfg.defense).planted_weight == 0.25
+    saved = to_dict(cfg)
+    assert saved["plugins"] == [plugin_file] and saved["defense"]["planted"] == {"weight": 0.25}
+    assert "plugins" not in to_dict(load_config())  # config files of runs without plug-ins are unchanged
+    # Loading again (a resume) imports nothing twice: the term is registered once.
+    assert load_config(overrides={"plugins": plugin_file, "defense.name": "at+planted"}).defense.planted.weight == 0.5
+    with pytest.raises(UserError, match="defense.planted.weight must be >= 0"):
+        load_config(overrides={"plugins": plugin_file, "defense.name": "at+planted", "defense.planted.weight": "-1"})
+
+
+def test_plugins_that_cannot_be_imported_are_one_line_errors(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('needs a GPU\\nsecond line')\n")
+    with pytest.raises(UserError, match=r"^plugin file not found: nope.py$"):
+        load_config(overrides={"plugins": "nope.py"})
+    with pytest.raises(UserError, match=r"^plugin 'no_such_module_xyz' could not be imported: ModuleNotFoundError"):
+        load_config(overrides={"plugins": "no_such_module_xyz"})
+    with pytest.raises(UserError, match=r"could not be imported: RuntimeError: needs a GPU$"):
+        load_config(overrides={"plugins": str(broken)})
+
+
+def test_train_command_loads_a_plugin_term(plugin_file, tmp_path):
+    import json
+
+    import yaml
+
+    from tfrobust.cli import train_main
+
+    workdir = tmp_path / "run"
+    argv = ["--plugin", plugin_file, "--defense", "at+planted", "--set", "defense.planted.weight=2", "--epochs", "1",
+            "--no-eval", "--workdir", str(workdir), "--set", "data.train_examples=64", "--set", "data.batch_size=32",
+            "--set", "data.validation_examples=32", "--set", "attack.steps=1", "--set", "eval.pgd_steps=1",
+            "--set", "eval.images_every=0", "--set", "runtime.verbose=0"]
+    try:
+        code = train_main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, None)
+    with open(workdir / "history.json") as f:
+        history = json.load(f)
+    assert history["planted_kl"][0] > 0  # the plug-in's term was trained and reported
+    with open(workdir / "config.yaml") as f:
+        saved = yaml.safe_load(f)
+    assert saved["plugins"] == [plugin_file] and saved["defense"]["planted"] == {"weight": 2.0}

@@ -5,12 +5,22 @@ eval, runtime). A YAML file sets any subset of its fields; ``--set
 key=value`` on the command line sets one dotted field (``optim.lr=0.05``).
 Unknown keys and values of the wrong type are refused with a
 :class:`~tfrobust.errors.UserError` that names the key.
+
+``plugins`` (``--plugin`` on the command line) lists Python modules, or
+``.py`` files, imported before the rest of the config is read: a plug-in that
+registers a weight-space term (:func:`tfrobust.defense_names.register_term`)
+makes its name a defense and its hyperparameters a ``defense.<term>``
+section, as for the built-in terms.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
+import importlib.util
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -120,6 +130,24 @@ def _defense_config():
 TERM_SECTIONS = {t: _term_section(t) for t in registered_terms()}
 AWPConfig, S2OConfig, RATConfig = TERM_SECTIONS["awp"], TERM_SECTIONS["s2o"], TERM_SECTIONS["rat"]
 DefenseConfig = _defense_config()
+_current_defense_config = DefenseConfig
+
+
+def defense_config_class():
+    """``DefenseConfig`` with a section for each term registered now.
+
+    The same class as :data:`DefenseConfig` until a term is registered (or
+    removed) after this module's import; then a class with one more (or one
+    less) section. :class:`ExperimentConfig` takes its ``defense`` from here.
+    """
+    global _current_defense_config
+    terms = registered_terms()
+    if tuple(TERM_SECTIONS) != terms:
+        sections = {t: TERM_SECTIONS.get(t) or _term_section(t) for t in terms}
+        TERM_SECTIONS.clear()
+        TERM_SECTIONS.update(sections)
+        _current_defense_config = _defense_config()
+    return _current_defense_config
 
 
 def defense_settings(config) -> dict:
@@ -202,10 +230,11 @@ class RuntimeConfig:
 class ExperimentConfig:
     """Everything a training run needs."""
 
+    plugins: list = field(default_factory=list)  # modules or .py files imported first (module docstring)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
-    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    defense: DefenseConfig = field(default_factory=lambda: defense_config_class()())
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -222,8 +251,48 @@ PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 
 def to_dict(config) -> dict:
-    """The config as plain nested dicts (for YAML and JSON)."""
-    return dataclasses.asdict(config)
+    """The config as plain nested dicts (for YAML and JSON); ``plugins`` only when there are some."""
+    values = dataclasses.asdict(config)
+    if "plugins" in values and not values["plugins"]:
+        del values["plugins"]
+    return values
+
+
+def import_plugins(names) -> None:
+    """Imports each plug-in: a module name (found from the current directory too) or a ``.py`` file.
+
+    Importing twice does nothing more (a module runs once per process). A
+    plug-in that cannot be imported is a one-line UserError.
+    """
+    for name in names:
+        name = str(name).strip()
+        if not name:
+            continue
+        try:
+            if name.endswith(".py"):
+                path = os.path.abspath(name)
+                if not os.path.isfile(path):
+                    raise UserError(f"plugin file not found: {name}")
+                module_name = "tfrobust_plugin_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+                if module_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
+            else:
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())  # a module next to where the command runs
+                importlib.import_module(name)
+        except UserError:
+            raise
+        except Exception as e:  # ImportError, or any error the plug-in's own code raises
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"plugin {name!r} could not be imported: {type(e).__name__}: {first}") from None
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -368,7 +437,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
         packaged config (:func:`packaged_configs`), or None.
       overrides: ``{"optim.lr": "0.05", ...}``; values are strings or values.
     """
-    config = ExperimentConfig()
+    values = {}
     if path is not None:
         path = resolve_config(path)
         try:
@@ -384,8 +453,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
             raise UserError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    overrides = overrides or {}
+    plugins = overrides.get("plugins", values.get("plugins") if isinstance(values, dict) else None)
+    import_plugins(_coerce(plugins, list, "plugins") if plugins is not None else [])
+    config = ExperimentConfig()  # after the plug-ins: their terms' sections are part of it
+    if path is not None:
         _merge(config, values)
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         set_value(config, key, value)
     validate(config)
     return config

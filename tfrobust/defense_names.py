@@ -166,7 +166,8 @@ def canonical_name(name: str) -> str:
     terms = parts[1:]
     for t in terms:
         if t not in _TERMS:
-            raise unknown_choice(f"weight-space term in defense {name!r}:", t, registered_terms())
+            error = unknown_choice(f"weight-space term in defense {name!r}:", t, registered_terms())
+            raise UserError(f"{error} (a plug-in's term: load its module with --plugin MODULE)")
     if len(set(terms)) != len(terms):
         raise UserError(f"defense {name!r} names a term twice")
     ordered = [parts[0]] + [t for t in _TERMS if t in terms]
