@@ -48,7 +48,7 @@ def reference_decay(t, tau, start):
     return min(tau, (1.0 + d) / (10.0 + d))
 
 
-@pytest.mark.parametrize("name", ["at", "trades+awp"])
+@pytest.mark.parametrize("name", ["at", "trades+awp", "mart+s2o", "trades+awp+rat"])  # every base and every term
 def test_average_follows_the_numpy_recurrence_and_copies_batchnorm(batches, name):
     tau, start = 0.2, 2.0  # small tau so that min(tau, (1+d)/(10+d)) takes both branches in 6 steps
     model = make(name, ema_decay=tau, ema_start_step=start)
