@@ -136,3 +136,41 @@ def test_mixed_float16_scales_losses_and_learns(tmp_path):
     assert model._attack_gradient_scale() > 1
     assert np.isfinite(history["loss"]).all() and history["loss"][-1] < history["loss"][0]
     assert history["awp_relative_norm"][-1] == pytest.approx(0.01, rel=1e-2)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _scalar_steps(directory, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # purge_orphaned_data=False: the steps as they are in the files, without TensorBoard's own clean-up.
+    accumulator = EventAccumulator(str(directory), purge_orphaned_data=False).Reload()
+    tags = accumulator.Tags()
+    if tag in tags.get("scalars", []):
+        return [e.step for e in accumulator.Scalars(tag)]
+    return [e.step for e in accumulator.Tensors(tag)]
+
+
+def test_tensorboard_shows_each_epoch_once_after_a_resume(tmp_path, monkeypatch):
+    """Killed after TensorBoard logged epoch 2 but before its backup: the resumed run logs epoch 2 again,
+    and the first attempt's epoch 2 is gone from the event files."""
+    config = tiny_config(**{"data.train_examples": 64, "optim.epochs": 3, "eval.images_every": 1})
+    workdir = tmp_path / "run"
+    save = EpochBackup.on_epoch_end
+
+    def die_before_the_second_backup(self, epoch, logs=None):
+        if epoch == 1:
+            raise _Killed()
+        save(self, epoch, logs)
+
+    monkeypatch.setattr(EpochBackup, "on_epoch_end", die_before_the_second_backup)
+    with pytest.raises(_Killed):
+        experiment.train(config, str(workdir))
+    assert _scalar_steps(workdir / "tensorboard" / "train", "epoch_loss") == [0, 1]  # 1 is not backed up
+    monkeypatch.setattr(EpochBackup, "on_epoch_end", save)
+    experiment.train(config, str(workdir))
+    for sub, tag in (("train", "epoch_loss"), ("validation", "epoch_pgd_accuracy"),
+                     ("images", "clean_and_adversarial")):
+        assert _scalar_steps(workdir / "tensorboard" / sub, tag) == [0, 1, 2], sub

@@ -384,6 +384,41 @@ class AdversarialExamplesImages(keras.callbacks.Callback):
             self._writer = None
 
 
+def drop_events_from(log_dir: str, epoch: int) -> int:
+    """Removes the TensorBoard summaries of epochs ``>= epoch`` from the event files under ``log_dir``.
+
+    A run resumed from the backup of ``epoch`` epochs repeats the epochs after
+    it; what an interrupted attempt logged for them (an epoch written to
+    TensorBoard before its backup was) would show twice. Each event file that
+    holds such summaries is rewritten without them under a temporary name and
+    renamed into place; a truncated last record (a kill while writing) is
+    dropped too. Returns the number of events removed.
+    """
+    from tensorboard.compat.proto import event_pb2
+
+    removed = 0
+    for path in sorted(glob.glob(os.path.join(log_dir, "**", "*tfevents*"), recursive=True)):
+        kept, dropped = [], 0
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = event_pb2.Event.FromString(record.numpy())
+                if event.HasField("summary") and event.step >= epoch:
+                    dropped += 1
+                else:
+                    kept.append(record.numpy())
+        except tf.errors.DataLossError:
+            dropped += 1  # a record cut short by a kill
+        if not dropped:
+            continue
+        partial = os.path.join(os.path.dirname(path), "partial-rewrite")
+        with tf.io.TFRecordWriter(partial) as writer:
+            for record in kept:
+                writer.write(record)
+        os.replace(partial, path)
+        removed += dropped
+    return removed
+
+
 def write_hparams(log_dir: str, config: dict) -> None:
     """Records the flattened config with TensorBoard's hparams plugin."""
     from tensorboard.plugins.hparams import api as hp
@@ -405,6 +440,7 @@ def write_hparams(log_dir: str, config: dict) -> None:
 
 
 __all__ = [
+    "drop_events_from",
     "TrainingDiverged",
     "EpochBackup",
     "NonFiniteLossGuard",
