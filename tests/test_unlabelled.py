@@ -92,7 +92,8 @@ def test_a_fully_labelled_batch_trains_as_without_the_option(fashion_subset):
     with_option, logs = one_step("trades", x, y, allow_unlabelled=True)
     without, plain_logs = one_step("trades", x, y, allow_unlabelled=False)
     assert gap(with_option, [w.numpy() for w in without.network.trainable_variables]) < TOL
-    assert logs["clean_accuracy"] == plain_logs["clean_accuracy"]
+    # The same predictions counted over the same 32 examples (a rounding-level near-tie may flip one).
+    assert abs(logs["clean_accuracy"] - plain_logs["clean_accuracy"]) <= 1 / 32 + 1e-7
 
 
 @pytest.fixture(scope="module")
