@@ -161,7 +161,7 @@ def test_training_on_a_pool_without_labels(tmp_path, fashion_subset, capsys):
               "--set", "data.test_examples=32", "--set", "data.batch_size=32", "--set", f"data.extra_data={path}",
               "--set", "data.extra_fraction=0.5", "--set", "attack.steps=1", "--set", "eval.pgd_steps=1",
               "--set", "eval.images_every=0", "--set", "eval.integrity_examples=0", "--set", "runtime.verbose=0",
-              "--set", "model.name=small_cnn"]
+              "--set", "model.name=small_cnn", "--no-eval"]
     refused = tmp_path / "refused"
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--defense", "at", "--workdir", str(refused)] + common)
