@@ -72,10 +72,10 @@ sys.exit(train_main(sys.argv[1:]))
 """
 
 
-def run(workdir, kill_at="", extra=()):
+def run(workdir, kill_at=""):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KILL_AT=kill_at)
-    return subprocess.run([sys.executable, "-c", DRIVER, *COMMAND, *extra, "--workdir", str(workdir)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", DRIVER, *COMMAND, "--workdir", str(workdir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def weights_of(path):
@@ -91,36 +91,24 @@ def outcome(workdir):
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """The weight average and a labelled pool of extra images mixed into half of every batch: flags for run()."""
-    from tfrobust.data import load_arrays
-
-    x, y = load_arrays("fashion_mnist", "test")
-    path = tmp_path_factory.mktemp("pool") / "pool.npz"
-    np.savez(path, image=x[-256:], label=y[-256:])
-    return ["--set", f"data.extra_data={path}", "--set", "data.extra_fraction=0.5", "--set", "optim.ema=true",
-            "--set", "optim.ema_decay=0.9", "--set", "optim.ema_start=0.25"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, recipe):
-    """One uninterrupted run (with the weight average and extra data)."""
+def reference(tmp_path_factory):
+    """One uninterrupted run."""
     workdir = tmp_path_factory.mktemp("reference") / "run"
-    done = run(workdir, extra=recipe)
+    done = run(workdir)
     assert done.returncode == 0, done.stderr[-2000:]
     return workdir
 
 
 @pytest.mark.slow
-def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, recipe, tmp_path, capsys):
+def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, tmp_path, capsys):
     """One run killed seven times in a row (mid-epoch, while writing the last checkpoint, the history, the
     backup's weights and its state, during the final save, during the final evaluation), resumed each time by
-    the same command. It keeps a weight average and mixes extra data into its batches, so both resume too."""
+    the same command."""
     workdir = tmp_path / "killed"
     final_state_mtime = last_mtime = None
     for kill_at in ("mid_epoch", "checkpoint_write", "history_write", "weights_write", "state_write", "final_save",
                     "final_evaluation"):
-        killed = run(workdir, kill_at, recipe)
+        killed = run(workdir, kill_at)
         assert killed.returncode == -signal.SIGKILL, (kill_at, killed.returncode, killed.stderr[-2000:])
         assert not os.path.exists(workdir / "report.json"), kill_at
         finished = rundir.finished(str(workdir))
@@ -134,7 +122,7 @@ def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, recip
             assert state_mtime == final_state_mtime
             last_mtime = os.path.getmtime(workdir / "model.keras")
         final_state_mtime = state_mtime
-    resumed = run(workdir, extra=recipe)
+    resumed = run(workdir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     # Killed during the final evaluation, the rerun only evaluated: the networks were not saved again.
     assert os.path.getmtime(workdir / "model.keras") == last_mtime
@@ -153,7 +141,7 @@ def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, recip
         if key != "train_seconds":
             np.testing.assert_allclose(history[key], ref_history[key], rtol=0, atol=1e-6, err_msg=key)
     assert history["train_seconds"] > 0
-    for name in ("model.keras", "best.keras", "model_live.keras"):  # the averaged networks and the live one
+    for name in ("model.keras", "best.keras"):
         for a, b in zip(weights_of(workdir / name), weights_of(reference / name)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=name)
     for which in ("last", "best"):
