@@ -342,11 +342,16 @@ class _StopAfterFirstEpoch(keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path, fashion_subset):
+def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path, fashion_subset, monkeypatch):
     import json
     import os
 
+    from tfrobust import callbacks as callbacks_lib
     from tfrobust import experiment
+
+    dropped = []  # (epoch) of every training start: a resume first drops what was logged after its backup
+    drop = callbacks_lib.drop_events_from
+    monkeypatch.setattr(callbacks_lib, "drop_events_from", lambda d, e: dropped.append(e) or drop(d, e))
 
     pool = str(tmp_path / "pool.npz")  # 300 images standing in for generated data, labelled
     np.savez(pool, image=(fashion_subset[0][300:] * 255).round().astype(np.uint8), label=fashion_subset[1][300:])
@@ -370,6 +375,7 @@ def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path, fashion_su
         experiment.train(config, interrupted, extra_callbacks=[_StopAfterFirstEpoch()])
     model, _, history = experiment.train(config, interrupted)
     assert len(history["loss"]) == 3
+    assert dropped == [0, 0, 1]  # the straight run, the interrupted attempt, the resume after one epoch
     exported = keras.saving.load_model(os.path.join(interrupted, "model.keras"))
     for a, b in zip(exported.weights, model.averaged_network.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
