@@ -366,8 +366,9 @@ def report_lines(args) -> list:
     pools = [_read(_file(args, s, "pool")) for s in seeds]
     agreement = [p["pseudo_label_agreement"] for p in pools if p.get("done")]
     if agreement:
-        lines.append(f"- Pseudo-labels agree with the hidden labels on {_pct(min(agreement))}% to "
-                     f"{_pct(max(agreement))}% of the pool ({pools[0].get('examples')} images).")
+        spread = _pct(min(agreement)) + ("" if min(agreement) == max(agreement) else f"% to {_pct(max(agreement))}")
+        lines.append(f"- Pseudo-labels agree with the hidden labels on {spread}% of the pool "
+                     f"({pools[0].get('examples')} images).")
     lines += _rationale(args, results, pools)
     jobs = plan(args)
     remaining = [f"{what} (seed {seed})" for seed, what in jobs if not _done(args, seed, what)]
