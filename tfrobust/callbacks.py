@@ -391,8 +391,9 @@ def drop_events_from(log_dir: str, epoch: int) -> int:
     it; what an interrupted attempt logged for them (an epoch written to
     TensorBoard before its backup was) would show twice. Each event file that
     holds such summaries is rewritten without them under a temporary name and
-    renamed into place; a truncated last record (a kill while writing) is
-    dropped too. Returns the number of events removed.
+    renamed into place, which also leaves out bytes of a record cut short by a
+    kill (TensorBoard skips those anyway). Returns the number of summaries
+    removed.
     """
     from tensorboard.compat.proto import event_pb2
 
@@ -407,7 +408,7 @@ def drop_events_from(log_dir: str, epoch: int) -> int:
                 else:
                     kept.append(record.numpy())
         except tf.errors.DataLossError:
-            dropped += 1  # a record cut short by a kill
+            dropped += 1  # a corrupt record: the file is rewritten without it
         if not dropped:
             continue
         partial = os.path.join(os.path.dirname(path), "partial-rewrite")
