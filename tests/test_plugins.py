@@ -228,3 +228,26 @@ def test_train_command_loads_a_plugin_term(plugin_file, tmp_path):
     with open(workdir / "config.yaml") as f:
         saved = yaml.safe_load(f)
     assert saved["plugins"] == [plugin_file] and saved["defense"]["planted"] == {"weight": 2.0}
+
+
+def test_command_line_plugins_are_added_to_those_of_the_config_file(plugin_file, tmp_path, capsys):
+    import sys
+
+    import yaml
+
+    from tfrobust.cli import train_main
+
+    other = tmp_path / "other_plugin.py"
+    other.write_text("IMPORTED = True\n")
+    config = tmp_path / "with_plugin.yaml"
+    config.write_text(yaml.safe_dump({"plugins": [plugin_file], "defense": {"name": "at+planted"}}))
+    # The file's plug-in is kept (its term stays a defense); the flag's is added once, after it.
+    assert train_main(["--config", str(config), "--plugin", str(other), "--plugin", plugin_file,
+                       "--plugin", str(other), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["plugins"] == [plugin_file, str(other)] and printed["defense"]["name"] == "at+planted"
+    assert any(getattr(m, "__file__", None) == str(other) for m in list(sys.modules.values()))
+    # --set plugins=... replaces the file's list, as any --set does.
+    assert load_config(str(config), {"plugins": str(other)}, plugins=[str(other)]).plugins == [str(other)]
+    for name in [n for n, m in list(sys.modules.items()) if getattr(m, "__file__", None) == str(other)]:
+        del sys.modules[name]

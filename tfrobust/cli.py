@@ -123,7 +123,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--plugin", action="append", metavar="MODULE",
                    help="a Python module or .py file imported first, e.g. one that registers a weight-space term "
-                        "(repeatable; the config key plugins)")
+                        "(repeatable; added to the config's plugins)")
     p.add_argument("--workdir", help="run directory (default: runs/<data>-<defense>-<time>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set optim.lr=0.05 (repeatable)")
@@ -148,11 +148,9 @@ def train_main(argv=None) -> int:
                           ("epochs", "optim.epochs"), ("seed", "runtime.seed")):
             if getattr(args, flag) is not None:
                 overrides[key] = getattr(args, flag)
-        if args.plugin:
-            overrides["plugins"] = args.plugin
         overrides.update(config_lib.parse_overrides(args.set))
         # Names and values are checked before TensorFlow is imported (seconds), so a typo is refused at once.
-        cfg = config_lib.load_config(args.config, overrides)
+        cfg = config_lib.load_config(args.config, overrides, plugins=args.plugin or ())
         if args.print_config:
             import yaml
 

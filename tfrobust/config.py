@@ -429,13 +429,16 @@ def resolve_config(name_or_path: str) -> str:
                     "'tfrobust configs' lists the packaged ones)")
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> ExperimentConfig:
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, plugins=()) -> ExperimentConfig:
     """Builds a config from defaults, an optional YAML file and dotted overrides.
 
     Args:
       path: a YAML file whose nested mapping sets fields, or the name of a
         packaged config (:func:`packaged_configs`), or None.
       overrides: ``{"optim.lr": "0.05", ...}``; values are strings or values.
+        ``"plugins"`` among them replaces the file's list.
+      plugins: plug-ins added after those of the file (or of ``overrides``),
+        each once: the command line's ``--plugin``.
     """
     values = {}
     if path is not None:
@@ -454,13 +457,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     overrides = overrides or {}
-    plugins = overrides.get("plugins", values.get("plugins") if isinstance(values, dict) else None)
-    import_plugins(_coerce(plugins, list, "plugins") if plugins is not None else [])
+    named = overrides.get("plugins", values.get("plugins") if isinstance(values, dict) else None)
+    named = _coerce(named, list, "plugins") if named is not None else []
+    added = [p for p in dict.fromkeys(plugins) if p not in named]
+    import_plugins(named + added)
     config = ExperimentConfig()  # after the plug-ins: their terms' sections are part of it
     if path is not None:
         _merge(config, values)
     for key, value in overrides.items():
         set_value(config, key, value)
+    if added:
+        config.plugins = list(config.plugins) + added
     validate(config)
     return config
 
