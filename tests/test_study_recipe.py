@@ -29,9 +29,11 @@ def test_interval_is_the_t_interval_of_the_mean():
 
 def record(args, seed, method, clean, pgd, autoattack=None):
     entry = {"train": {"cpu_seconds": 60.0, "train_seconds": 30.0},
-             "pgd": {"accuracy": {"clean": clean, "pgd20_ce": pgd}, "cpu_seconds": 6.0}}
+             "pgd": {"accuracy": {"clean": clean, "pgd20_ce": pgd}, "cpu_seconds": 6.0,
+                     "seconds": {"clean": 1.0, "pgd20_ce": 3.0}}}
     if autoattack is not None:
-        entry["autoattack"] = {"accuracy": {"autoattack_standard": autoattack}, "cpu_seconds": 54.0}
+        entry["autoattack"] = {"accuracy": {"autoattack_standard": autoattack}, "cpu_seconds": 54.0,
+                               "seconds": {"clean": 1.0, "autoattack_standard": 29.0}}
     study_recipe._write(entry, study_recipe._file(args, seed, method))
 
 
@@ -54,4 +56,8 @@ def test_report_gives_paired_differences_and_verdicts(tmp_path):
     assert "| at+s2o − at | PGD-20 | +5.0, +5.0, +5.0 | +5.0 ± 0.0 | better (the interval excludes 0) |" in lines
     assert "| at+s2o − at | clean | -5.0, -4.0, -3.0 | -4.0 ± 2.5 | worse (the interval excludes 0) |" in lines
     assert "In progress: 9 of 12 steps done; next trades (seed 0)" in lines
-    assert "Total CPU time of all steps: 0.3 h" in lines  # 6 x (60 + 6 + 54) + 3 x (60 + 6) s = 918 s = 0.255 h
+    # 6 x (60 + 6 + 54) + 3 x (60 + 6) s = 918 s = 0.255 h, AutoAttack 6 x 54 = 324 s of it (35%); wall time
+    # 6 x (30 + 4 + 30) + 3 x (30 + 4) = 486 s = 0.135 h.
+    assert "Total CPU time of all steps: 0.3 h, 35% of it AutoAttack" in lines
+    assert "took 0.1 h of wall time" in lines
+    assert "| at+s2o | 3 | 71.0 ± 2.5 | 56.0 ± 2.5 | – | 1 min, 6 s |" in lines
