@@ -444,11 +444,15 @@ def test_replica_batches_reach_the_replicas_in_order():
 
 
 class CallRecorder(keras.callbacks.Callback):
-    """Records every call it gets: (hook, epoch or batch index, sorted log keys), and the epoch logs."""
+    """Records every call it gets: (hook, epoch or batch index, sorted log keys), and the epoch logs.
 
-    def __init__(self):
+    With ``stop_at=(epoch, batch)`` it asks training to stop after that batch, as the NaN guard does.
+    """
+
+    def __init__(self, stop_at=None):
         super().__init__()
         self.calls, self.epoch_logs = [], []
+        self.stop_at, self.epoch = stop_at, None
 
     def _record(self, hook, index=None, logs=None):
         self.calls.append((hook, index, sorted(logs) if logs is not None else None))
@@ -459,6 +463,7 @@ class CallRecorder(keras.callbacks.Callback):
         self._record("on_train_begin", None, logs)
 
     def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
         self._record("on_epoch_begin", epoch, logs)
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -466,6 +471,8 @@ class CallRecorder(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._record("on_train_batch_end", batch, logs)
+        if (self.epoch, batch) == self.stop_at:
+            self.model.stop_training = True
 
     def on_test_begin(self, logs=None):
         self._record("on_test_begin", None, logs)
@@ -488,7 +495,11 @@ class CallRecorder(keras.callbacks.Callback):
 
 @pytest.mark.slow
 def test_the_custom_loop_makes_the_calls_and_logs_of_fit(tmp_path):
-    """fit_distributed under MirroredStrategy (two logical CPUs) against fit on the same strategy and data."""
+    """fit_distributed under MirroredStrategy (two logical CPUs) against fit on the same strategy and data.
+
+    Of 3 epochs, a callback stops training after the first batch of the second, as the NaN guard does:
+    both loops leave the epoch at once, still validate and end it, and run no third epoch.
+    """
     from tfrobust.multiworker import build_optimizer, fit_distributed
 
     config = load_config(CONFIG, dict(OVERRIDES, **{"runtime.strategy": "mirrored", "runtime.devices": "/cpu:0,/cpu:1",
@@ -497,14 +508,14 @@ def test_the_custom_loop_makes_the_calls_and_logs_of_fit(tmp_path):
     for loop in ("fit", "custom"):
         keras.utils.set_random_seed(config.runtime.seed)
         model, datasets, strategy = experiment.build(config)
-        recorder = CallRecorder()
+        recorder = CallRecorder(stop_at=(1, 0))
         steps = datasets.train_size // config.data.batch_size
         if loop == "fit":
-            model.fit(datasets.train_epochs(0, 2), epochs=2, steps_per_epoch=steps, validation_data=datasets.validation,
+            model.fit(datasets.train_epochs(0, 3), epochs=3, steps_per_epoch=steps, validation_data=datasets.validation,
                       callbacks=[recorder], verbose=0)
         else:
             build_optimizer(model, strategy)
-            fit_distributed(model, strategy, datasets.train_epochs(0, 2), epochs=2, steps_per_epoch=steps,
+            fit_distributed(model, strategy, datasets.train_epochs(0, 3), epochs=3, steps_per_epoch=steps,
                             validation=datasets.validation,
                             validation_steps=-(-datasets.validation_size // config.data.eval_batch_size),
                             callbacks=[recorder])
@@ -512,6 +523,10 @@ def test_the_custom_loop_makes_the_calls_and_logs_of_fit(tmp_path):
     (fit_recorder, fit_weights), (custom_recorder, custom_weights) = runs["fit"], runs["custom"]
     # The same hooks in the same order with the same indices and log keys.
     assert custom_recorder.calls == fit_recorder.calls
+    assert steps > 1 and [c[1] for c in custom_recorder.calls if c[0] == "on_epoch_end"] == [0, 1]
+    second = next(i for i, c in enumerate(custom_recorder.calls) if c[:2] == ("on_epoch_begin", 1))
+    assert [c[1] for c in custom_recorder.calls[second:] if c[0] == "on_train_batch_end"] == [0]
+    assert custom_recorder.calls[-1][0] == "on_train_end"
     # The same computation on the same replica batches, with the logs reduced the same way (a mean over
     # the replicas). The two loops trace different functions around the same step, so the compiled
     # graphs may round differently in the last bits; 1e-5 is far below what a training step moves.
