@@ -22,7 +22,8 @@ t distribution over seeds.
 Everything is kept in ``docs/figures/recipe_study/seed<k>/<method>.json``
 after each step (training, pseudo-labels, each evaluation), with the CPU
 time of the process that did it; a rerun of the same command skips what is
-recorded and resumes unfinished training runs from their epoch backups in
+recorded and resumes unfinished training runs from their epoch backups, and
+unfinished AutoAttack evaluations from their last decided batch, in
 ``--workroot``. The section "Today's recipe at CPU scale" of
 ``docs/results.md`` is rebuilt from these files (``--report-only`` rebuilds it
 alone).
@@ -241,13 +242,18 @@ def run_method(args, seed, method) -> None:
         if network is None:
             network = keras.saving.load_model(os.path.join(workdir, "best.keras"))
         started = _cpu_seconds()
+        # AutoAttack records every decided batch, so an interrupted evaluation resumes from the last one.
+        partial = os.path.join(workdir, "autoattack.partial.jsonl") if key == "autoattack" else None
         report = evaluation.evaluate(lambda t: network(t, training=False), x[:n], y[:n], eps, norm,  # noqa: B023
                                      attacks=attacks, step_size=eps / 4, seed=seed,
-                                     batch_size=args.eval_batch_size, verbose=False, integrity_examples=0)
+                                     batch_size=args.eval_batch_size, verbose=False, integrity_examples=0,
+                                     partial_path=partial)
         entry[key] = {"accuracy": report["accuracy"], "examples": n, "seconds": report["seconds"],
                       "cpu_seconds": round(_cpu_seconds() - started, 1)}
         print(f"   seed {seed} {method} {key}: {report['accuracy']}", flush=True)
         _write(entry, path)
+        if partial is not None:
+            os.remove(partial)
 
 
 def run_job(args) -> None:
