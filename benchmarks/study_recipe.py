@@ -393,7 +393,8 @@ def report_lines(args) -> list:
     lines += ["", "| method | seeds | clean | PGD-20 | AutoAttack | CPU time per run: training, evaluation |",
               "|---|---|---|---|---|---|"]
     for method in METHODS:
-        runs = results.get(method, {})
+        # Only seeds whose step is complete, so that every column of a row covers the same seeds.
+        runs = {s: e for s, e in results.get(method, {}).items() if _done(args, s, method)}
         cells = []
         for key, metric in (("pgd", "clean"), ("pgd", "pgd20_ce"), ("autoattack", "autoattack_standard")):
             values = [e[key]["accuracy"][metric] for e in runs.values() if key in e]
@@ -427,6 +428,8 @@ def report_lines(args) -> list:
                 verdict = "worse (the interval excludes 0)"
             else:
                 verdict = f"not resolved: differences below ±{100 * half:.1f} points cannot be told apart here"
+            if half is not None and len(diffs) < len(seeds):
+                verdict = f"so far ({len(diffs)} of {len(seeds)} seeds): {verdict}"
             per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs)
             lines.append(f"| {method} − {base} | {label} | {per_seed} | {100 * mean:+.1f}"
                          + (f" ± {100 * half:.1f}" if half is not None else "") + f" | {verdict} |")

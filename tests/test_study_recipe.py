@@ -61,3 +61,18 @@ def test_report_gives_paired_differences_and_verdicts(tmp_path):
     assert "Total CPU time of all steps: 0.3 h, 35% of it AutoAttack" in lines
     assert "took 0.1 h of wall time" in lines
     assert "| at+s2o | 3 | 71.0 ± 2.5 | 56.0 ± 2.5 | – | 1 min, 6 s |" in lines
+
+
+def test_a_report_in_progress_counts_only_complete_steps(tmp_path):
+    args = study_recipe.parse_args(["--results", str(tmp_path), "--methods", "at,at+ema", "--autoattack-examples", "1000"])
+    study_recipe._write({"machine": "test machine", "command": "cmd"}, str(tmp_path / "setting.json"))
+    for seed in (0, 1):
+        record(args, seed, "at", 0.75, 0.50 + 0.01 * seed, 0.48)
+        record(args, seed, "at+ema", 0.75, 0.52 + 0.02 * seed, 0.49)
+    record(args, 2, "at", 0.60, 0.40)  # trained and PGD-evaluated; AutoAttack still to run
+    lines = "\n".join(study_recipe.report_lines(args))
+    # Seed 2's at is left out of its row: every column covers seeds 0 and 1.
+    assert "| at | 2 | 75.0 ± 0.0 | 50.5 ± 6.4 | 48.0 ± 0.0 | 1 min, 1 min |" in lines
+    assert ("| at+ema − at | PGD-20 | +2.0, +3.0 | +2.5 ± 6.4 | so far (2 of 3 seeds): not resolved: differences "
+            "below ±6.4 points cannot be told apart here |") in lines
+    assert "| at+ema − at | AutoAttack | +1.0, +1.0 | +1.0 ± 0.0 | so far (2 of 3 seeds): better" in lines
