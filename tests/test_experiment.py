@@ -74,7 +74,9 @@ def test_saved_model_serves_the_same_logits(finished_run):
     network = keras.saving.load_model(os.path.join(workdir, "model.keras"))
     served = tf.saved_model.load(os.path.join(workdir, "saved_model"))
     x = np.random.default_rng(0).random((5, 28, 28, 1)).astype("float32")
-    np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(), network(x).numpy(), rtol=1e-5, atol=1e-5)
+    logits = served.serve(tf.constant(x))["logits"]
+    np.testing.assert_allclose(logits.numpy(), network(x).numpy(), rtol=1e-5, atol=1e-5)
+    assert list(served.signatures["serving_default"].structured_input_signature[1]) == ["images"]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ def test_guide_has_the_promised_examples():
     code = "\n".join(blocks)
     for needle in ("keras.Sequential", "keras.Model(inputs", "class SubclassedNet", "BatchNormalization",
                    "tf.data.Dataset", "@tf.function", "tf.saved_model.load", "run_autoattack",
-                   "average_case_flatness", "worst_case_flatness", "landscape_1d"):
+                   "average_case_flatness", "worst_case_flatness", "landscape_1d", "restored.export(", "served.serve("):
         assert needle in code, needle
 
 

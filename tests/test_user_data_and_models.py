@@ -186,6 +186,29 @@ def factory_module(tmp_path, monkeypatch):
 
         def not_a_model(input_shape, num_classes):
             return 42
+
+        @keras.saving.register_keras_serializable(package="my_nets")
+        class Subclassed(keras.Model):
+            def __init__(self, num_classes=3, **kwargs):
+                super().__init__(**kwargs)
+                self.num_classes = num_classes
+                self.conv = keras.layers.Conv2D(4, 3)
+                self.pool = keras.layers.GlobalAveragePooling2D()
+                self.head = keras.layers.Dense(num_classes)
+
+            def call(self, x):
+                return self.head(self.pool(self.conv(x)))
+
+            def get_config(self):
+                return dict(super().get_config(), num_classes=self.num_classes)
+
+        def subclassed(input_shape, num_classes):
+            return Subclassed(num_classes)
+
+        def scaled_logits(input_shape, num_classes):
+            inputs = keras.Input(input_shape)
+            h = keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs))
+            return keras.Model(inputs, keras.layers.Rescaling(0.5)(h))
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_nets"
@@ -243,6 +266,8 @@ def test_train_refuses_bad_user_pieces_in_one_line(tmp_path, capsys, factory_mod
         (["--data", npz, "--model", "my_nets:nope"], "has no function 'nope'"),
         (["--data", npz, "--model", "my_nets:softmax", "--no-eval", "--set", "data.validation_examples=10"],
          "outputs probabilities"),
+        (["--data", npz, "--model", "my_nets:scaled_logits", "--defense", "trades+rat"],
+         "RAT needs the logits to come straight from a Dense layer"),
     ]
     for argv, message in cases:
         workdir = tmp_path / f"w{len(message)}"
@@ -323,6 +348,39 @@ def test_user_network_trained_with_trades_awp_by_fit_and_by_cli_then_reloaded_an
         evaluated = json.load(f)
     assert evaluated["data"] == npz and evaluated["examples"] == 20  # the run's data, found from its config
     assert 0 <= evaluated["accuracy"]["pgd5_ce"] <= evaluated["accuracy"]["clean"] <= 1
+
+
+def test_a_run_on_a_subclassed_factory_network_is_evaluated_from_a_new_process_elsewhere(tmp_path, factory_module):
+    import json
+    import subprocess
+
+    npz = str(tmp_path / "d.npz")
+    write_npz(npz, n_train=40, n_test=12)
+    workdir = str(tmp_path / "run")
+    argv = ["--data", npz, "--model", f"{factory_module}:subclassed", "--epochs", "1", "--workdir", workdir,
+            "--no-eval"]
+    for item in ("data.validation_examples=8", "data.batch_size=16", "attack.steps=1", "eval.pgd_steps=1",
+                 "eval.images_every=0", "runtime.verbose=0"):
+        argv += ["--set", item]
+    assert train_main(argv) == 0
+    with open(os.path.join(workdir, "imports.json")) as f:
+        assert json.load(f) == {"imports": [{"module": "my_nets", "path": str(tmp_path)}]}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="3")
+    run = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--model", workdir, "--attacks", "clean",
+                          "--integrity-examples", "0", "--output", str(elsewhere / "r.json")],
+                         capture_output=True, text=True, env=env, cwd=elsewhere, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(elsewhere / "r.json") as f:
+        assert json.load(f)["examples"] == 12
+    # A module that can no longer be imported is named in one line.
+    os.rename(tmp_path / "my_nets.py", tmp_path / "moved.py")
+    run = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--model", workdir, "--attacks", "clean"],
+                         capture_output=True, text=True, env=env, cwd=elsewhere, timeout=300)
+    assert run.returncode == 2 and "the run imports 'my_nets'" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 def test_default_run_directory_names_the_data_by_its_last_component():

@@ -54,6 +54,8 @@ does not load TensorFlow.
 
 import importlib
 
+from tfrobust import registration as _registration
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -83,6 +85,10 @@ _SUBMODULES = (
 
 # The names above, then the submodules (so that documentation generators list them too).
 __all__ = sorted(_WHERE) + ["__version__"] + [m for m in _SUBMODULES if m != "cli"]
+
+
+# Keras' load_model finds RobustModel after ``import tfrobust`` alone (tfrobust.registration).
+_registration.install()
 
 
 def __getattr__(name):

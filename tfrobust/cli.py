@@ -181,7 +181,10 @@ def train_main(argv=None) -> int:
             from tfrobust.trainer import check_outputs_are_logits
 
             info = data_lib.source_info(cfg.data.name, cfg.data.data_dir)
-            check_outputs_are_logits(models.user_network(cfg.model.name, info.image_shape, info.num_classes))
+            network = models.user_network(cfg.model.name, info.image_shape, info.num_classes)
+            classes = check_outputs_are_logits(network, info.image_shape)
+            for term in defense.weight_space_terms():  # the defense's requirements on the network
+                term.check_network(network, classes)
         workdir = args.workdir or os.path.join(
             "runs", f"{_run_label(cfg.data.name)}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         )
@@ -248,6 +251,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="split each AutoAttack batch across the local devices with a MirroredStrategy (default: "
                         "mirrored when the run trained with runtime.strategy mirrored or multi_worker, else one "
                         "device)")
+    p.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import this module or .py file first, e.g. the one defining a subclassed network saved in "
+                        "--model (repeatable; a run directory imports what its training imported by itself)")
     p.add_argument("--which", choices=("last", "best"), default="last",
                    help="for a run directory: the last network or the one chosen on validation")
     p.add_argument("--flatness", action="store_true",
@@ -270,7 +276,9 @@ def evaluate_main(argv=None) -> int:
         _quiet_tensorflow()
         _quiet_device_start()
         from tfrobust import evaluation, loading
+        from tfrobust.config import import_plugins
 
+        import_plugins(args.plugin or ())
         loaded = loading.load(args.model, args.which)
         landscape_dir = _landscape_dir(args, loaded) if args.landscape is not None else None
         if (args.flatness or landscape_dir) and loaded.network is None:

@@ -58,9 +58,11 @@ from tfrobust import evaluation
 from tfrobust import models
 from tfrobust import multiworker
 from tfrobust import rundir
+from tfrobust import user_code
 from tfrobust.config import ExperimentConfig, to_dict
 from tfrobust.defenses import Defense, parse_defense
 from tfrobust.errors import UserError
+from tfrobust.export import export_network
 from tfrobust.trainer import RobustModel
 
 REPORT = rundir.REPORT
@@ -398,6 +400,7 @@ def _train(config, workdir, run_dir, extra_callbacks, datasets, keep_backup, def
     # the corrected command. Before the first backup a different config
     # simply replaces it.
     callbacks_lib.atomic_write(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(config), sort_keys=False))
+    user_code.record(config, run_dir, callbacks_lib.atomic_write)
     callbacks, history_log, backup, resumed = training_callbacks(
         config, model, datasets, run_dir, os.path.join(workdir, "backup"), extra_callbacks,
     )
@@ -492,7 +495,7 @@ def _save_network(network, workdir, keras_name, export_name):
         network.save(partial)
     rundir.atomic_replace_dir(
         os.path.join(workdir, export_name),
-        lambda path: network.export(path, format="tf_saved_model", verbose=False),
+        lambda path: export_network(network, path),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import tensorflow as tf
 import yaml
 
+from tfrobust import user_code
 from tfrobust.errors import UserError
 
 
@@ -31,7 +32,17 @@ def _keras(path: str):
     try:
         return keras.saving.load_model(path)
     except Exception as e:  # a corrupt or foreign file raises many kinds (ValueError, OSError, zipfile errors)
-        raise UserError(f"{path} cannot be loaded as a Keras model: {_first_line(e)}") from None
+        reason = _first_line(e)
+        if "Could not locate class" in reason:
+            reason = (reason.split(". ")[0] + ": import the module that defines it first (--plugin MODULE on the "
+                      "command line)")
+        raise UserError(f"{path} cannot be loaded as a Keras model: {reason}") from None
+
+
+def _network(model):
+    """The network a loaded model is evaluated as: a saved RobustModel's evaluated network (averaged, if any)."""
+    evaluated = getattr(model, "evaluated_network", None)
+    return evaluated() if callable(evaluated) else model
 
 
 def _first_line(e: Exception) -> str:
@@ -45,7 +56,7 @@ def load(path: str, which: str = "last") -> LoadedModel:
     if os.path.isfile(path):
         if not path.endswith(".keras"):
             raise UserError(f"{path} is a file but not a .keras model; pass a run directory, a SavedModel directory or a .keras file")
-        network = _keras(path)
+        network = _network(_keras(path))
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network)
     config_path = os.path.join(path, "config.yaml")
     if os.path.exists(config_path):
@@ -55,7 +66,8 @@ def load(path: str, which: str = "last") -> LoadedModel:
         keras_path = os.path.join(path, name)
         if not os.path.exists(keras_path):
             raise UserError(f"run directory {path} has no {name}: the run has not finished; rerun its training command to resume it")
-        network = _keras(keras_path)
+        user_code.import_recorded(path)
+        network = _network(_keras(keras_path))
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network, run_config)
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         try:

@@ -39,11 +39,11 @@ from tfrobust import attacks, seeds
 from tfrobust.attacks import random_start as start_point  # the attack's random start, same on any replica count
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
 from tfrobust.defenses import Defense, WeightSpaceTerm
-from tfrobust.defenses.rat import last_dense_kernel
 from tfrobust.errors import UserError, check_number, check_steps
+from tfrobust.export import export_network, input_shape_of
 from tfrobust.weight_space import assign_offset, restore, snapshot
 
-__all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "last_dense_kernel"]
+__all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "EVALUATION_METRICS"]
 
 
 class BatchWeights(NamedTuple):
@@ -89,38 +89,22 @@ def _all_reduce_sum(values):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
-def _probe_shape(network):
-    """The input shape (without batch) of a built network, or None when unknown."""
-    inputs = getattr(network, "inputs", None)
-    try:
-        if inputs:
-            shape = tuple(inputs[0].shape[1:])
-        else:
-            build = network.get_build_config() or {}
-            shape = build.get("input_shape")
-            shape = tuple(shape[1:]) if shape is not None else None
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return None
-    if not shape or any(d is None for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
-
-
-def check_outputs_are_logits(network, input_shape=None, examples: int = 4) -> None:
+def check_outputs_are_logits(network, input_shape=None, examples: int = 4) -> Optional[int]:
     """Refuses a network whose outputs look like probabilities instead of logits.
 
     The network is called in inference mode on a fixed probe batch of images
     uniform in [0, 1]; if every output row is non-negative and sums to 1
     (within 1e-4), the network most likely ends in a softmax, and the
     objectives, which apply their own softmax, would silently train the wrong
-    thing. Does nothing when the input shape is unknown.
+    thing. Returns the number of classes, or None (and checks nothing) when
+    the input shape is unknown.
 
     Raises:
       UserError: the outputs are probabilities.
     """
     import numpy as np
 
-    shape = tuple(input_shape) if input_shape is not None else _probe_shape(network)
+    shape = tuple(input_shape) if input_shape is not None else input_shape_of(network)
     if shape is None:
         return
     probe = np.random.default_rng(0).uniform(size=(examples,) + tuple(shape)).astype("float32")
@@ -133,6 +117,60 @@ def check_outputs_are_logits(network, input_shape=None, examples: int = 4) -> No
             "the network outputs probabilities (non-negative rows summing to 1), not logits; "
             "remove its final softmax: tfrobust's objectives apply softmax themselves"
         )
+    return int(out.shape[1])
+
+
+# What ``evaluate`` (and the validation of ``fit``, as ``val_...``) reports, in this order.
+EVALUATION_METRICS = ("loss", "clean_accuracy", "pgd_accuracy", "pgd_loss")
+
+
+class _Decreasing(keras.metrics.Mean):
+    """A mean whose smaller values are better (a loss), as Keras' callbacks read it."""
+
+    def __init__(self, name):
+        super().__init__(name=name)
+        self._direction = "down"
+
+
+def _trackers(term_names, statistics) -> dict:
+    """The model's metrics by name: the objective and its terms, accuracies, the terms' statistics."""
+    trackers = {n: _Decreasing(n) for n in ["loss"] + list(term_names)}
+    for name in ("clean_accuracy", "adv_accuracy"):
+        trackers[name] = keras.metrics.SparseCategoricalAccuracy(name=name)
+    trackers.update({n: keras.metrics.Mean(name=n) for n in statistics})
+    trackers["pgd_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
+    trackers["pgd_loss"] = _Decreasing("pgd_loss")
+    return trackers
+
+
+def _direction_group(metrics) -> list:
+    """The metrics with a direction, as the one group Keras' callbacks search for it (``mode="auto"``).
+
+    Keras' ``MonitorCallback`` reads a direction only from metrics grouped in
+    its own list type; without it (another Keras), callbacks need ``mode=``.
+    """
+    try:
+        from keras.src.trainers.compile_utils import MetricsList
+    except ImportError:
+        return []
+
+    class Directions(MetricsList):
+        def result(self):
+            return {}  # adds no value of its own to the logs
+
+    return [Directions([m for m in metrics if hasattr(m, "_direction")], name="directions")]
+
+
+def _input_shape_of_data(data):
+    """The shape (without batch) of the inputs ``fit`` is given (an array or a data set), or None."""
+    if isinstance(data, tf.data.Dataset):
+        spec = tf.nest.flatten(data.element_spec)[0]
+    elif hasattr(data, "shape") and hasattr(data, "dtype"):
+        spec = data
+    else:
+        return None
+    shape = tuple(spec.shape[1:])
+    return None if not shape or any(d is None for d in shape) else tuple(int(d) for d in shape)
 
 
 class _WarmupLengthCheck(keras.callbacks.Callback):
@@ -278,7 +316,7 @@ class RobustModel(keras.Model):
         self._eval_step_size_arg = eval_step_size
         self.eval_step_size = float(eval_step_size) if eval_step_size is not None else self.eps / 4.0
         self.seed = int(seed)
-        self._logits_checked = False
+        self._network_checked = False
         if eval_loss not in ("ce", "cw"):
             raise UserError(f"unknown eval_loss {eval_loss!r}; allowed: ce, cw")
         self.eval_loss = eval_loss
@@ -307,19 +345,10 @@ class RobustModel(keras.Model):
             )
         self.averaged_network = None
         if getattr(network, "built", False):
-            self._check_logits()
+            self._check_network()
             self._build_average()
             self.built = True
-        names = ["loss"] + self._term_names() + ["clean_accuracy", "adv_accuracy"]
-        names += [n for term in self.weight_space_terms for n in term.STATISTICS]
-        self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
-        self.trackers["clean_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
-        self.trackers["adv_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
-        self.val_trackers = {
-            "clean_accuracy": keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy"),
-            "pgd_accuracy": keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy"),
-            "pgd_loss": keras.metrics.Mean(name="pgd_loss"),
-        }
+        self.trackers = _trackers(self._term_names(), [n for t in self.weight_space_terms for n in t.STATISTICS])
 
     # -- Keras plumbing ---------------------------------------------------
 
@@ -377,19 +406,25 @@ class RobustModel(keras.Model):
         """Builds an unbuilt network on ``input_shape`` and checks that it outputs logits."""
         if not self.network.built:
             self.network.build(input_shape)
-        self._check_logits(tuple(input_shape)[1:])
+        self._check_network(tuple(input_shape)[1:])
         self._build_average()
         self.built = True
 
-    def _check_logits(self, input_shape=None):
-        """Runs :func:`check_outputs_are_logits` once, as soon as the input shape is known."""
-        if self._logits_checked:
+    def _check_network(self, input_shape=None):
+        """Runs :func:`check_outputs_are_logits` and each term's network check once, as soon as the input shape is known.
+
+        So a network a defense cannot train is refused when the model is
+        built (or at the latest when its first step is traced), in one line.
+        """
+        if self._network_checked:
             return
-        shape = tuple(input_shape) if input_shape is not None else _probe_shape(self.network)
+        shape = tuple(input_shape) if input_shape is not None else input_shape_of(self.network)
         if shape is None or any(d is None for d in shape):
             return
-        check_outputs_are_logits(self.network, shape)
-        self._logits_checked = True
+        classes = check_outputs_are_logits(self.network, shape)
+        for term in self.weight_space_terms:
+            term.check_network(self.network, classes)
+        self._network_checked = True
 
     def _check_divisible(self, batch_size):
         """Refuses a batch size that does not split into equal micro-batches (a last, partial batch is split unevenly)."""
@@ -406,16 +441,59 @@ class RobustModel(keras.Model):
         data = args[0] if args else kwargs.get("x")
         if isinstance(data, tf.data.Dataset):  # a batch size fixed in the data set's shapes
             self._check_divisible(tf.nest.flatten(data.element_spec)[0].shape[0])
-        if getattr(self.network, "built", False):
-            self._check_logits()
+        self._check_network(_input_shape_of_data(data))  # before anything is traced
         callbacks = list(callbacks or [])
         if self.warmup_term() is not None:
             callbacks.append(_WarmupLengthCheck())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def call(self, inputs, training=False):
-        """The live network (``averaged_network`` holds the weight average, if any)."""
-        return self.network(inputs, training=training)
+        """The live network when training, otherwise :meth:`evaluated_network` (the weight average, if any).
+
+        So ``predict``, ``model(x)``, ``evaluate``, :meth:`export` and the
+        run's saved networks all use the same network; only the train step
+        (and ``model(x, training=True)``) uses the live one.
+        """
+        network = self.network if training else self.evaluated_network()
+        return network(inputs, training=training)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Exports :meth:`evaluated_network` (the network alone, without the defense).
+
+        As a SavedModel (the default format), its ``serve`` endpoint (also
+        ``serving_default``) maps ``images`` (float32, [0, 1]) to
+        ``{"logits": ...}`` (:func:`tfrobust.export.export_network`). Other
+        formats and an explicit ``input_signature`` go to Keras' own export
+        of the network.
+        """
+        network = self.evaluated_network()
+        if format != "tf_saved_model" or input_signature is not None or kwargs:
+            return network.export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        export_network(network, str(filepath))
+
+    def description(self) -> str:
+        """What this model trains with, in a few lines: the defense, the attacks, the averaging, the network."""
+        d = self.defense
+        settings = d.hyperparameters()
+        used = ", ".join(f"{k}={v}" for k, v in settings.items()
+                         if (k == "beta" and v is not None) or any(k.startswith(t + "_") for t in d.terms))
+        lines = [
+            f"RobustModel: defense {d.name}" + (f" ({used})" if used else ""),
+            f"  training attack: PGD-{self.steps} ({self.norm}) eps {self.eps:.6g}, step {self.step_size:.6g}, "
+            f"BatchNorm in {self.bn_mode} mode",
+            f"  validation attack: PGD-{self.eval_steps} on {self.eval_loss}, step {self.eval_step_size:.6g}",
+            "  weight averaging: " + (f"decay {self.ema_decay}, from optimizer step {self.ema_start_step:g}; "
+                                      "inference uses the average" if self.ema_decay is not None else "none"),
+            f"  network: {self.network.name} ({type(self.network).__name__})",
+        ]
+        return "\n".join(lines)
+
+    def summary(self, line_length=None, positions=None, print_fn=None, expand_nested=False, show_trainable=False,
+                layer_range=None):
+        """:meth:`description`, then Keras' summary of the network (the layers that are trained)."""
+        (print_fn or print)(self.description())
+        self.network.summary(line_length=line_length, positions=positions, print_fn=print_fn,
+                             expand_nested=expand_nested, show_trainable=show_trainable, layer_range=layer_range)
 
     # -- weight averaging ---------------------------------------------------
 
@@ -435,7 +513,7 @@ class RobustModel(keras.Model):
                 f"weight averaging needs a network keras.models.clone_model can copy "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from None
-        shape = _probe_shape(self.network)
+        shape = input_shape_of(self.network)
         if not clone.built and shape is not None:
             clone.build((None,) + shape)
         live, averaged = self.network.weights, clone.weights
@@ -488,8 +566,26 @@ class RobustModel(keras.Model):
 
     @property
     def metrics(self):
+        """Every metric, those of ``evaluate`` first (in :attr:`metrics_names` order), then the training ones.
+
+        The last entry groups the loss-like and accuracy metrics for Keras'
+        callbacks, so that ``EarlyStopping``, ``ReduceLROnPlateau`` and
+        ``ModelCheckpoint`` infer whether to minimise or maximise them.
+        """
         compiled = getattr(self, "_compile_metrics", None)
-        return list(self.trackers.values()) + list(self.val_trackers.values()) + ([compiled] if compiled else [])
+        names = list(EVALUATION_METRICS) + [n for n in self.trackers if n not in EVALUATION_METRICS]
+        ordered = [self.trackers[n] for n in EVALUATION_METRICS] + ([compiled] if compiled else [])
+        ordered += [self.trackers[n] for n in names[len(EVALUATION_METRICS):]]
+        return ordered + _direction_group(self.trackers.values())
+
+    @property
+    def metrics_names(self):
+        """The names of the values ``evaluate`` returns, in order: :data:`EVALUATION_METRICS`, then compiled metrics."""
+        compiled = getattr(self, "_compile_metrics", None)
+        names = list(EVALUATION_METRICS)
+        if compiled is not None:
+            names += [m.name for m in getattr(compiled, "metrics", [])] if compiled.built else [compiled.name]
+        return names
 
     def _compiled_results(self, y, logits, sample_weight):
         """Updates the metrics given to compile() and returns their results."""
@@ -745,7 +841,7 @@ class RobustModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
-        self._check_logits(x.shape[1:])  # at trace time, for a network built by its first batch
+        self._check_network(x.shape[1:])  # at trace time, for a network built by its first batch
         if self.accumulate_steps > 1:
             return self._accumulated_train_step(x, y, sample_weight)
         d = self.defense
@@ -790,17 +886,32 @@ class RobustModel(keras.Model):
             self.update_average(self.optimizer.iterations)
 
     def _update_metrics(self, loss, terms, extra, y, logits_clean, logits_adv, sample_weight):
-        y, sample_weight = self._metric_weights(y, sample_weight)
+        """Updates the training metrics: the loss and its terms weighted alike, the accuracies unweighted.
+
+        As in Keras, sample weights (and ``class_weight``) weight the loss and
+        each reported term of it, not the accuracies (``metrics=`` of
+        ``compile`` are unweighted too; ``weighted_metrics=`` are weighted).
+        Unlabelled examples never count in an accuracy.
+        """
+        y_metric, labelled = self._metric_weights(y, None)
         self.trackers["loss"].update_state(loss * _num_replicas())
+        weights = None if sample_weight is None else tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
         for name, value in terms.items():
-            self.trackers[name].update_state(tf.reduce_mean(value))
+            if weights is None:
+                self.trackers[name].update_state(tf.reduce_mean(value))
+            else:  # the batch's weighted mean, as the loss
+                self.trackers[name].update_state(tf.math.divide_no_nan(
+                    tf.reduce_sum(weights * tf.cast(value, tf.float32)), tf.reduce_sum(weights)))
         for name, value in extra.items():
             self.trackers[name].update_state(value)
-        self.trackers["clean_accuracy"].update_state(y, logits_clean, sample_weight)
-        self.trackers["adv_accuracy"].update_state(y, logits_adv, sample_weight)
-        results = {name: t.result() for name, t in self.trackers.items()}
-        results.update(self._compiled_results(y, logits_adv, sample_weight))
+        self.trackers["clean_accuracy"].update_state(y_metric, logits_clean, labelled)
+        self.trackers["adv_accuracy"].update_state(y_metric, logits_adv, labelled)
+        results = {name: self.trackers[name].result() for name in self._training_metric_names()}
+        results.update(self._compiled_results(y_metric, logits_adv, self._metric_weights(y, sample_weight)[1]))
         return results
+
+    def _training_metric_names(self):
+        return [n for n in self.trackers if n not in ("pgd_accuracy", "pgd_loss")]
 
     # -- gradient accumulation ---------------------------------------------
 
@@ -957,8 +1068,11 @@ class RobustModel(keras.Model):
     def test_step(self, data):
         """Clean and PGD accuracy (``eval_steps`` steps on ``eval_loss``, uniform start) on validation data.
 
-        With weight averaging, of the averaged network. ``pgd_loss`` is the
-        cross-entropy at the adversarial examples whichever loss PGD ascends.
+        With weight averaging, of the averaged network. ``loss`` (so
+        ``val_loss`` in ``fit``) is the validation objective, the robust
+        cross-entropy: the mean cross-entropy at the adversarial examples
+        whichever loss PGD ascends; ``pgd_loss`` is the same number under its
+        older name. Sample weights weight the losses, not the accuracies.
         """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
@@ -972,13 +1086,14 @@ class RobustModel(keras.Model):
             loss=self.eval_loss,
         )
         logits_adv = model_fn(x_adv)
-        self.val_trackers["clean_accuracy"].update_state(y, logits, sample_weight)
-        self.val_trackers["pgd_accuracy"].update_state(y, logits_adv, sample_weight)
+        self.trackers["clean_accuracy"].update_state(y, logits)
+        self.trackers["pgd_accuracy"].update_state(y, logits_adv)
         pgd_loss = attacks.cross_entropy(logits_adv, y)
-        if sample_weight is None:
-            self.val_trackers["pgd_loss"].update_state(tf.reduce_mean(pgd_loss))  # one value per batch
-        else:
-            self.val_trackers["pgd_loss"].update_state(pgd_loss, sample_weight)
-        results = {name: t.result() for name, t in self.val_trackers.items()}
+        for name in ("loss", "pgd_loss"):
+            if sample_weight is None:
+                self.trackers[name].update_state(tf.reduce_mean(pgd_loss))  # one value per batch
+            else:
+                self.trackers[name].update_state(pgd_loss, sample_weight)
+        results = {name: self.trackers[name].result() for name in EVALUATION_METRICS}
         results.update(self._compiled_results(y, logits_adv, sample_weight))
         return results

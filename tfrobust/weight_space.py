@@ -55,6 +55,7 @@ from tfrobust.seeds import STREAM_AVERAGE, STREAM_DIRECTION, STREAM_WORST_NU, fl
 
 __all__ = [
     "NORMALISATION_LAYER_NAMES",
+    "output_dense_layer",
     "DIRECTION_SCALE",
     "variables_outside_normalisation",
     "perturbable_variables",
@@ -137,7 +138,17 @@ perturbable_variables = variables_outside_normalisation
 
 
 def ensure_built(model, x) -> None:
-    """Builds ``model`` by calling it on ``x[:1]`` (``training=False``) if it has no variables yet."""
+    """Builds ``model`` by calling it on ``x[:1]`` (``training=False``) if it has no variables yet.
+
+    Refuses a :class:`~tfrobust.trainer.RobustModel` with weight averaging:
+    its inference calls use the averaged network while its trainable (and so
+    perturbed) variables are the live network's; pass ``model.network``.
+    """
+    if getattr(model, "averaged_network", None) is not None:
+        raise UserError(
+            "this RobustModel averages its weights, so its inference network is not the one whose weights are "
+            "perturbed: pass model.network (the live network)"
+        )
     if not getattr(model, "built", True) or not model.trainable_variables:
         model(x[:1], training=False)
 
@@ -170,6 +181,55 @@ def conv_kernels(variables) -> list:
     the reference code. The order of ``variables`` is kept.
     """
     return [v for v in variables if len(v.shape) >= 3]
+
+
+def _output_layer(network):
+    """The layer whose output is ``network``'s output, entering nested models; None for a subclassed network."""
+    layers = getattr(network, "layers", None)
+    if isinstance(network, keras.Sequential) and layers:
+        last = layers[-1]
+    else:
+        outputs = getattr(network, "outputs", None) if isinstance(network, keras.Model) else None
+        if not outputs or len(outputs) != 1:
+            return None
+        history = getattr(outputs[0], "_keras_history", None)  # (layer, node, tensor) that made the output
+        last = getattr(history, "operation", None)
+        if last is None:
+            return None
+    if isinstance(last, keras.Model):
+        return _output_layer(last) or last
+    return last
+
+
+def output_dense_layer(network, classes: int, purpose: str):
+    """The Dense layer that computes ``network``'s logits (``W``, ``b`` of ``f(x) = h W + b``), nested models included.
+
+    For a functional or Sequential network (also a backbone nested in a
+    wrapper model), the layer that produces the output, followed back through
+    nested models. For a subclassed network, whose graph is not recorded, the
+    one Dense layer among all nested layers with ``classes`` units.
+
+    Raises:
+      UserError: (one line, naming ``purpose``) the output does not come from
+        a Dense layer, or a subclassed network has no or several candidates.
+    """
+    layer = _output_layer(network)
+    if isinstance(layer, keras.layers.Dense):
+        return layer
+    if layer is not None and not isinstance(layer, keras.Model):
+        raise UserError(
+            f"{purpose} needs the logits to come straight from a Dense layer; this network's output comes from "
+            f"layer {layer.name!r} ({type(layer).__name__})"
+        )
+    inner = layer if layer is not None else network  # a subclassed network, perhaps nested in a functional one
+    candidates = [l for l in _sublayers(inner) if isinstance(l, keras.layers.Dense) and l.units == int(classes)]
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(repr(l.name) for l in candidates) or "none"
+    raise UserError(
+        f"{purpose} needs the Dense layer that computes the logits; in this subclassed network the Dense layers with "
+        f"{classes} units are: {found} (build the network with the functional API, or keep exactly one)"
+    )
 
 
 # ---------------------------------------------------------------------------

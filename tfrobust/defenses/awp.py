@@ -21,6 +21,7 @@ MART) without S2O or RAT terms, plus the network's own losses
 import tensorflow as tf
 
 from tfrobust import weight_space
+from tfrobust.errors import UserError
 from tfrobust.defense_names import term_declaration
 from tfrobust.defenses.terms import WeightSpaceTerm
 
@@ -69,6 +70,10 @@ class AdversarialWeightPerturbation(WeightSpaceTerm):
 
     def warmup_epochs(self) -> int:
         return self.setting("warmup_epochs")
+
+    def check_network(self, network, classes):
+        if not perturbed_variables(network.trainable_variables):
+            raise UserError("AWP perturbs the kernels of convolution and dense layers; this network has no trainable one")
 
     def ascent_variables(self, variables):
         return perturbed_variables(variables)

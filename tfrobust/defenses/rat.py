@@ -28,10 +28,10 @@ uses no weight noise: the loss above is evaluated at the AWP-perturbed weights
 (docs/algorithms.md, section 5; section 9, items 4 and 8).
 """
 
-import keras
 import tensorflow as tf
 
 from tfrobust import weight_space
+from tfrobust.weight_space import output_dense_layer
 from tfrobust.attacks import cross_entropy, kl_from_probabilities
 from tfrobust.defense_names import term_declaration
 from tfrobust.defenses.terms import WeightSpaceTerm
@@ -98,12 +98,9 @@ def taylor_terms(logits_clean, logits_adv, targets):
     return first, second
 
 
-def last_dense_kernel(network):
-    """The kernel of the network's last Dense layer (S2O's and RAT's W)."""
-    for layer in reversed(network.layers):
-        if isinstance(layer, keras.layers.Dense):
-            return layer.kernel
-    raise ValueError("the network has no Dense layer; RAT needs a last Dense layer")
+def last_dense_kernel(network, classes: int):
+    """The kernel ``W`` of the Dense layer that computes the logits (:func:`tfrobust.weight_space.output_dense_layer`)."""
+    return output_dense_layer(network, classes, "RAT").kernel
 
 
 class RandomizedAdversarialTraining(WeightSpaceTerm):
@@ -122,8 +119,11 @@ class RandomizedAdversarialTraining(WeightSpaceTerm):
     def record(self, logits_clean, logits_adv, y, global_mean) -> dict:
         return {"ce_clean": global_mean(cross_entropy(logits_clean, y)), "ce_adv": global_mean(cross_entropy(logits_adv, y))}
 
+    def check_network(self, network, classes):
+        last_dense_kernel(network, classes)
+
     def statistics(self, network, logits_clean, logits_adv, y, recorded, tape):
-        kernel = last_dense_kernel(network)
+        kernel = last_dense_kernel(network, int(logits_clean.shape[-1]))
         return [tape.gradient(recorded["ce_clean"], kernel), tape.gradient(recorded["ce_adv"], kernel)]
 
     def soft_targets(self, statistics, y):

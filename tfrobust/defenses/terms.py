@@ -57,6 +57,9 @@ class WeightSpaceTerm:
         """The defense's value of one of this term's hyperparameters."""
         return getattr(self.defense, f"{self.name}_{hyperparameter}")
 
+    def check_network(self, network, classes: int) -> None:
+        """Refuses, with a one-line UserError, a network this term cannot train (called when the model is built)."""
+
     # -- 1. around the attack -----------------------------------------------
 
     def attack_weights(self, variables, seed):

@@ -73,7 +73,8 @@ class FlatnessMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every != 0:
             return
-        res = average_case_flatness(self.model, self.x, self.y, progress=self.progress, **self.settings)
+        network = getattr(self.model, "network", self.model)  # a RobustModel's live network
+        res = average_case_flatness(network, self.x, self.y, progress=self.progress, **self.settings)
         res = {k: v for k, v in res.items() if k != "perturbations"}
         res["epoch"] = int(epoch)
         self.results.append(res)

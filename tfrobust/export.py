@@ -1,0 +1,58 @@
+"""SavedModel export of a network: one ``serve`` endpoint from ``images`` to ``logits``.
+
+The endpoint takes a float32 batch of images in [0, 1] (named ``images``,
+any batch size) and returns ``{"logits": float32 (batch, classes)}``; it is
+also the SavedModel's ``serving_default``. TensorFlow Serving, ``tf.saved_model.load``
+and ``tfrobust evaluate --model DIR`` read it.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfrobust.errors import UserError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+def input_shape_of(network):
+    """The input shape (without batch) of a built network, or None when it is not known."""
+    inputs = getattr(network, "inputs", None)
+    try:
+        if inputs:
+            shape = tuple(inputs[0].shape[1:])
+        else:
+            build = network.get_build_config() or {}
+            shape = build.get("input_shape")
+            shape = tuple(shape[1:]) if shape is not None else None
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    if not shape or any(d is None for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def export_network(network, path: str, input_shape=None) -> None:
+    """Writes ``network`` to ``path`` as a SavedModel whose ``serve`` endpoint maps ``images`` to ``logits``.
+
+    ``input_shape`` (without batch) defaults to the network's own. Raises
+    UserError when neither is known.
+    """
+    shape = tuple(input_shape) if input_shape is not None else input_shape_of(network)
+    if shape is None:
+        raise UserError("export needs the network's input shape: call the model on a batch first, or pass input_shape")
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+
+    def serve(images):
+        return {OUTPUT_NAME: tf.cast(network(images, training=False), tf.float32)}
+
+    archive.add_endpoint(
+        "serve", serve, input_signature=[tf.TensorSpec((None,) + shape, tf.float32, name=INPUT_NAME)],
+    )
+    archive.write_out(path, verbose=False)
+
+
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "input_shape_of", "export_network"]

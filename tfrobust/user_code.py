@@ -1,0 +1,87 @@
+"""The user's code a run depends on: recorded when it trains, imported again wherever it is loaded.
+
+A run trained with ``--model module:function`` or with plug-ins may hold
+classes that only the user's modules define (a subclassed network, a custom
+layer, a registered weight-space term). ``imports.json`` in the run directory
+names each such module with the directory it was imported from (or the path
+of a ``.py`` plug-in), so that ``evaluate``, ``pseudo_label`` and Python's
+:func:`tfrobust.loading.load` import them in a new process, from any working
+directory, before the run's ``.keras`` files are read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from tfrobust.config import import_plugins
+from tfrobust.errors import UserError
+
+FILE = "imports.json"
+
+
+def _import_root(module_name: str):
+    """The ``sys.path`` entry ``module_name`` was imported from, or None (a built-in or namespace module)."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    levels = module_name.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
+    for _ in range(levels):
+        root = os.path.dirname(root)
+    return root
+
+
+def run_imports(config) -> list:
+    """``[{"module": name, "path": dir}, {"file": path}, ...]``: the user's modules that ``config`` imported."""
+    entries = []
+    names = [str(p).strip() for p in getattr(config, "plugins", []) or []]
+    model_name = config.model.name
+    if ":" in model_name and not model_name.endswith(".keras"):
+        names.append(model_name.partition(":")[0])
+    for name in dict.fromkeys(n for n in names if n):
+        if name.endswith(".py"):
+            entries.append({"file": os.path.abspath(name)})
+        else:
+            entries.append({"module": name, "path": _import_root(name)})
+    return entries
+
+
+def record(config, run_dir: str, write) -> None:
+    """Writes ``imports.json`` into ``run_dir`` with ``write(path, text)`` (nothing when there is nothing to import)."""
+    entries = run_imports(config)
+    if entries:
+        write(os.path.join(run_dir, FILE), json.dumps({"imports": entries}, indent=1) + "\n")
+
+
+def import_recorded(run_dir: str) -> None:
+    """Imports what ``run_dir/imports.json`` names (nothing when the file is absent); one-line UserError otherwise."""
+    path = os.path.join(run_dir, FILE)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)["imports"]
+        entries = [dict(e) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged: it should list the modules the run imports") from None
+    for entry in entries:
+        if "file" in entry:
+            import_plugins([str(entry["file"])])
+            continue
+        name, root = str(entry.get("module", "")), entry.get("path")
+        if root and os.path.isdir(root) and root not in sys.path:
+            sys.path.append(root)
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # ImportError, or any error the user's module raises
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(
+                f"the run imports {name!r} (from {root}), which cannot be imported now: {type(e).__name__}: {first}"
+            ) from None
+
+
+__all__ = ["FILE", "run_imports", "record", "import_recorded"]
