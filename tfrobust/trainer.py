@@ -30,6 +30,7 @@ is divided by the number of replicas (gradients are summed across replicas).
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import keras
@@ -41,6 +42,7 @@ from tfrobust.config import WEIGHT_DECAY_EXCLUDE
 from tfrobust.defenses import Defense, WeightSpaceTerm
 from tfrobust.errors import UserError, check_number, check_steps
 from tfrobust.export import export_network, input_shape_of
+from tfrobust.step.micro_batches import MicroBatches
 from tfrobust.weight_space import assign_offset, restore, snapshot
 
 __all__ = ["RobustModel", "start_point", "check_outputs_are_logits", "EVALUATION_METRICS"]
@@ -839,39 +841,127 @@ class RobustModel(keras.Model):
     # -- the steps ----------------------------------------------------------
 
     def train_step(self, data):
+        """One optimizer update from a batch, walked in ``accumulate_steps`` micro-batches (one: the batch).
+
+        The passes, each over the micro-batches: the attack (from the whole
+        batch's random start); for each perturbing term (AWP) the base
+        objective's gradient, summed and all-reduced before ``v`` is formed;
+        when the batch is split, the terms' soft-target statistics at
+        ``w + v`` (BatchNorm state restored), summed and all-reduced before
+        the targets are formed (unsplit, they come from the objective's own
+        forward pass); the objective's gradient, summed; then the exact
+        restore of ``w``, one update and the metrics.
+        """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
         self._check_network(x.shape[1:])  # at trace time, for a network built by its first batch
-        if self.accumulate_steps > 1:
-            return self._accumulated_train_step(x, y, sample_weight)
-        d = self.defense
+        batches = MicroBatches(self.accumulate_steps)
         weights = self._sample_weights(sample_weight, y)
-        x_adv = self.adversarial_examples(x, y)
-        applied = self._perturb_weights(x, x_adv, y, weights)
+        w = weights.w if weights is not None else tf.zeros_like(y, tf.float32)
 
+        def micro_weights(wc):
+            return None if weights is None else weights._replace(w=wc)
+
+        x_init = self._attack_start(x)
+        _, (x_adv,) = batches.run(lambda f, xc, yc, ic: ([], [self.adversarial_examples(xc, yc, ic)]), [x, y, x_init])
+
+        def ascent(variables):  # the base objective's gradient over the batch
+            sums, _ = batches.run(
+                lambda f, xc, ac, yc, wc: (self.ascent_gradients(xc, ac, yc, micro_weights(wc), variables, f), []),
+                [x, x_adv, y, w],
+            )
+            return self._finite_or_zero(sums) if batches.split else sums
+
+        applied = self._perturb_weights(x, x_adv, y, weights, ascent)
+        stats, extra = self._batch_statistics(batches, x, x_adv, y) if batches.split else (None, {})
         variables = self.trainable_variables
-        watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
-        with tf.GradientTape() as tape:
-            with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as inner:
-                logits_adv = tf.cast(self.network(x_adv, training=True), tf.float32)
-                logits_clean = (
-                    tf.cast(self.network(x, training=True), tf.float32) if d.needs_clean_logits else None
-                )
-                recorded = [t.record(logits_clean, logits_adv, y, self._global_mean) for t in self.weight_space_terms]
-            # Soft targets are constants; their cross-replica sums stay off the tape.
-            with tape.stop_recording():
-                targets, extra = self._soft_targets(logits_clean, logits_adv, y, recorded, inner)
-            per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets, _ce_scale(weights))
-            loss = self._training_loss(per_example, weights)
-            scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables))
-        grads = tape.gradient(scaled, variables)
-        del inner
+        layout = {}
 
+        def objective(f, xc, ac, yc, wc):
+            grads, loss, logits_clean, logits_adv, terms, found = self._objective_pass(
+                variables, stats, micro_weights(wc), f, xc, ac, yc)
+            layout.update(present=[g is not None for g in grads], names=list(terms), extra=found)
+            logits_clean = logits_adv if logits_clean is None else logits_clean  # recomputed after the update
+            return ([g for g in grads if g is not None] + [loss],
+                    [logits_clean, logits_adv] + [terms[n] for n in layout["names"]])
+
+        sums, parts = batches.run(objective, [x, x_adv, y, w])
+        grads, loss = iter(sums[:-1]), sums[-1]
+        grads = [next(grads) if present else None for present in layout["present"]]
+        extra.update(layout["extra"])
         extra.update(self._restore_weights(applied))
         self._apply(grads, variables)
-        if logits_clean is None:
-            logits_clean = tf.cast(self.network(x, training=False), tf.float32)
-        return self._update_metrics(loss, terms, extra, y, logits_clean, logits_adv, sample_weight)
+        logits_clean, logits_adv, *values = parts
+        if not self.defense.needs_clean_logits:
+            _, (logits_clean,) = batches.run(
+                lambda f, xc: ([], [tf.cast(self.network(xc, training=False), tf.float32)]), [x])
+        return self._update_metrics(loss, dict(zip(layout["names"], values)), extra, y, logits_clean, logits_adv,
+                                    sample_weight)
+
+    def _objective_pass(self, variables, stats, weights, fraction, x, x_adv, y):
+        """The forward pass at ``x_adv`` (and ``x``), the soft targets, the objective and its gradient.
+
+        ``stats``: the terms' statistics summed over the whole batch, or None
+        to take them from this pass (the batch is not split). Returns the
+        gradients, the loss (this replica's share), both logits (clean None
+        when the objective does not need it), the named per-example terms
+        and the terms' metrics from the statistics of this pass.
+        """
+        d = self.defense
+        watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
+        extra = {}
+        with tf.GradientTape() as tape:
+            inner = (tf.GradientTape(persistent=True, watch_accessed_variables=watch) if stats is None
+                     else contextlib.nullcontext())
+            with inner:
+                logits_adv = tf.cast(self.network(x_adv, training=True), tf.float32)
+                logits_clean = tf.cast(self.network(x, training=True), tf.float32) if d.needs_clean_logits else None
+                if stats is None:
+                    recorded = [t.record(logits_clean, logits_adv, y, self._global_mean) for t in self.weight_space_terms]
+            # Soft targets are constants; their cross-replica sums stay off the tape.
+            with tape.stop_recording():
+                if stats is None:
+                    targets, extra = self._soft_targets(logits_clean, logits_adv, y, recorded, inner)
+                else:
+                    targets = [t.soft_targets(st, y)[0] for t, st in zip(self.weight_space_terms, stats)]
+            per_example, terms = self._objective_terms(y, logits_clean, logits_adv, targets, _ce_scale(weights))
+            loss = self._training_loss(per_example, weights, fraction)
+            scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables, fraction))
+        grads = tape.gradient(scaled, variables)
+        del inner
+        return grads, loss, logits_clean, logits_adv, terms, extra
+
+    def _batch_statistics(self, batches, x, x_adv, y):
+        """The terms' soft-target statistics at ``w + v`` summed over the micro-batches and across replicas,
+        and the terms' metrics from them; BatchNorm state is restored after each micro-batch."""
+        terms = self.weight_space_terms
+        watch = any(term.WATCHES_VARIABLES for term in terms)
+        state = self.network.non_trainable_variables
+        counts = {}
+
+        def statistics(f, xc, ac, yc):
+            saved_state = snapshot(state)
+            with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as tape:
+                logits_adv = tf.cast(self.network(ac, training=True), tf.float32)
+                logits_clean = (tf.cast(self.network(xc, training=True), tf.float32)
+                                if self.defense.needs_clean_logits else None)
+                mean = lambda v: self._global_mean(v, None, f)  # noqa: E731
+                recorded = [t.record(logits_clean, logits_adv, yc, mean) for t in terms]
+            found = [t.statistics(self.network, logits_clean, logits_adv, yc, r, tape) for t, r in zip(terms, recorded)]
+            del tape
+            restore(state, saved_state)
+            counts["per_term"] = [len(stats) for stats in found]
+            return [tf.stop_gradient(s) for stats in found for s in stats], []
+
+        summed = []
+        if any(type(t).statistics is not WeightSpaceTerm.statistics for t in terms):
+            summed, _ = batches.run(statistics, [x, x_adv, y])
+        stats, extra = [], {}
+        for term, count in zip(terms, counts.get("per_term", [0] * len(terms))):  # summed across replicas per term
+            mine, summed = summed[:count], summed[count:]
+            stats.append(_all_reduce_sum(mine) if mine else [])
+            extra.update(term.soft_targets(stats[-1], y)[1])
+        return stats, extra
 
     def _training_loss(self, per_example, weights, fraction=None):
         """The objective's share of this replica (and micro-batch), plus the network's losses."""
@@ -912,146 +1002,6 @@ class RobustModel(keras.Model):
 
     def _training_metric_names(self):
         return [n for n in self.trackers if n not in ("pgd_accuracy", "pgd_loss")]
-
-    # -- gradient accumulation ---------------------------------------------
-
-    def _micro_batches(self, fn, tensors):
-        """Runs ``fn`` on each of the ``accumulate_steps`` micro-batches of ``tensors``, one after the other.
-
-        ``fn(fraction, *chunks)`` returns ``(sums, parts)``: lists of tensors,
-        the first summed over the micro-batches, the second placed in the
-        batch's rows. ``fraction`` is the micro-batch's share of the
-        batch. The micro-batches after the first run in a ``tf.while_loop``,
-        so only one micro-batch's activations are alive at a time. A batch
-        of ``b`` examples gives micro-batches of ``b // n``, the first one
-        taking the remainder (the last, partial batch of an epoch).
-        """
-        n = self.accumulate_steps
-        size = tf.shape(tensors[0])[0]
-        chunk, rest = size // n, size % n
-        total = tf.cast(size, tf.float32)
-
-        # Rows are gathered and scattered by index, so that under XLA every
-        # shape is a compile-time constant while the start moves.
-        def run(start, length):
-            rows = start + tf.range(length)
-            return fn(tf.cast(length, tf.float32) / total, *[tf.gather(t, rows) for t in tensors])
-
-        def place(buffers, start, parts):
-            if not parts:
-                return []
-            rows = (start + tf.range(tf.shape(parts[0])[0]))[:, None]
-            return [tf.tensor_scatter_nd_update(b, rows, p) for b, p in zip(buffers, parts)]
-
-        sums, parts = run(0, chunk + rest)
-        shapes = [tf.TensorShape([None]) + p.shape[1:] for p in parts]
-        zeros = [tf.ensure_shape(tf.zeros(tf.concat([[size], tf.shape(p)[1:]], 0), p.dtype), shape)
-                 for p, shape in zip(parts, shapes)]
-        buffers = place(zeros, 0, parts)
-
-        def body(i, sums, buffers):
-            start = rest + i * chunk
-            more, parts = run(start, chunk)
-            return i + 1, [a + b for a, b in zip(sums, more)], place(buffers, start, parts)
-
-        count = tf.where(chunk > 0, n, 1)  # fewer examples than micro-batches: all in the first
-        _, sums, buffers = tf.while_loop(
-            lambda i, *_: i < count, body, (tf.constant(1), sums, buffers), parallel_iterations=1,
-            shape_invariants=(tf.TensorShape([]), [s.shape for s in sums], shapes),
-        )
-        return sums, buffers
-
-    def _accumulated_train_step(self, x, y, sample_weight):
-        """One optimizer update from ``accumulate_steps`` micro-batches of the batch, equal to the whole batch's.
-
-        Passes over the micro-batches: the attack (from the whole batch's
-        random start); for each perturbing term (AWP) the base objective's
-        gradient, summed and all-reduced before ``v`` is formed; the terms'
-        soft-target statistics at ``w + v`` (BatchNorm state restored), summed
-        and all-reduced before the targets are formed; the objective's
-        gradient, summed; then one update. BatchNorm's batch statistics are
-        those of each micro-batch.
-        """
-        weights = self._sample_weights(sample_weight, y)
-        w = weights.w if weights is not None else tf.zeros_like(y, tf.float32)
-
-        def micro_weights(wc):
-            return None if weights is None else weights._replace(w=wc)
-
-        x_init = self._attack_start(x)
-        _, (x_adv,) = self._micro_batches(
-            lambda f, xc, yc, ic: ([], [self.adversarial_examples(xc, yc, ic)]), [x, y, x_init]
-        )
-
-        def ascent(variables):  # the base objective's gradient summed over the micro-batches
-            sums, _ = self._micro_batches(
-                lambda f, xc, ac, yc, wc: (self.ascent_gradients(xc, ac, yc, micro_weights(wc), variables, f), []),
-                [x, x_adv, y, w],
-            )
-            return self._finite_or_zero(sums)
-
-        applied = self._perturb_weights(x, x_adv, y, weights, ascent)
-
-        d = self.defense
-        watch = any(term.WATCHES_VARIABLES for term in self.weight_space_terms)
-        state = self.network.non_trainable_variables
-
-        def forward(xc, ac):
-            logits_adv = tf.cast(self.network(ac, training=True), tf.float32)
-            logits_clean = tf.cast(self.network(xc, training=True), tf.float32) if d.needs_clean_logits else None
-            return logits_clean, logits_adv
-
-        layout = {"counts": [0] * len(self.weight_space_terms)}
-
-        def statistics(f, xc, ac, yc):
-            saved_state = snapshot(state)
-            with tf.GradientTape(persistent=True, watch_accessed_variables=watch) as tape:
-                logits_clean, logits_adv = forward(xc, ac)
-                mean = lambda v: self._global_mean(v, None, f)  # noqa: E731
-                recorded = [t.record(logits_clean, logits_adv, yc, mean) for t in self.weight_space_terms]
-            found = [t.statistics(self.network, logits_clean, logits_adv, yc, r, tape)
-                     for t, r in zip(self.weight_space_terms, recorded)]
-            del tape
-            restore(state, saved_state)
-            layout["counts"] = [len(stats) for stats in found]
-            return [tf.stop_gradient(s) for stats in found for s in stats], []
-
-        summed = []
-        if any(type(t).statistics is not WeightSpaceTerm.statistics for t in self.weight_space_terms):
-            summed, _ = self._micro_batches(statistics, [x, x_adv, y])
-        stats, extra = [], {}
-        for term, count in zip(self.weight_space_terms, layout["counts"]):  # summed across replicas per term
-            mine, summed = summed[:count], summed[count:]
-            stats.append(_all_reduce_sum(mine) if mine else [])
-            extra.update(term.soft_targets(stats[-1], y)[1])
-
-        variables = self.trainable_variables
-
-        def objective(f, xc, ac, yc, wc):
-            with tf.GradientTape() as tape:
-                logits_clean, logits_adv = forward(xc, ac)
-                with tape.stop_recording():
-                    targets = [t.soft_targets(st, yc)[0] for t, st in zip(self.weight_space_terms, stats)]
-                per_example, terms = self._objective_terms(yc, logits_clean, logits_adv, targets, _ce_scale(weights))
-                loss = self._training_loss(per_example, micro_weights(wc), f)
-                scaled = self.optimizer.scale_loss(loss + self._weight_decay_penalty(variables, f))
-            grads = tape.gradient(scaled, variables)
-            layout["present"], layout["names"] = [g is not None for g in grads], list(terms)
-            logits_clean = logits_adv if logits_clean is None else logits_clean  # recomputed after the update
-            return ([g for g in grads if g is not None] + [loss],
-                    [logits_clean, logits_adv] + [terms[n] for n in layout["names"]])
-
-        sums, parts = self._micro_batches(objective, [x, x_adv, y, w])
-        names, grads, loss = layout["names"], iter(sums[:-1]), sums[-1]
-        grads = [next(grads) if present else None for present in layout["present"]]
-        extra.update(self._restore_weights(applied))
-        self._apply(grads, variables)
-        logits_clean, logits_adv, *values = parts
-        if not d.needs_clean_logits:
-            _, (logits_clean,) = self._micro_batches(
-                lambda f, xc: ([], [tf.cast(self.network(xc, training=False), tf.float32)]), [x]
-            )
-        return self._update_metrics(loss, dict(zip(names, values)), extra, y, logits_clean, logits_adv, sample_weight)
 
     def _objective_terms(self, y, logits_clean, logits_adv, targets, ce_scale=None):
         """Per-example objective (the base, its primary term mixed by each weight-space term) and its named terms.
