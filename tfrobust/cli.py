@@ -211,15 +211,11 @@ def _run_label(data_name: str) -> str:
 
 
 def _number(text: str) -> float:
-    """A float, or a fraction ``a/b`` such as ``8/255`` (exact, unlike a rounded 0.031)."""
-    if "/" in text:
-        num, _, den = text.partition("/")
-        try:
-            return float(num) / float(den)
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    """A float, or a fraction ``a/b`` such as ``8/255`` (the same reading as ``--set key=8/255``)."""
+    from tfrobust.errors import parse_number
+
     try:
-        return float(text)
+        return parse_number(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
 
@@ -232,7 +228,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data set, image folder or .npz, as for training (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="directory with the data set's files")
     p.add_argument("--eps", type=_number, help="attack budget, a number or a fraction such as 8/255 (default: the "
-                   "run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
+                   "run's, else 0.1 for mnist and fashion_mnist, 8/255 for any other data, as in training)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
     p.add_argument("--examples", type=int, help="evaluate the first N test examples (default: the whole test set)")
@@ -289,6 +285,7 @@ def evaluate_main(argv=None) -> int:
         report["total_seconds"] = round(time.time() - start, 3)
         report["model"] = args.model
         report["data"] = settings["data"]
+        report["eps_source"] = settings["eps_source"]
         print(evaluation.format_table(report))
         if args.flatness:
             from tfrobust.flatness import flatness_report

@@ -58,7 +58,7 @@ from tfrobust import evaluation
 from tfrobust import models
 from tfrobust import multiworker
 from tfrobust import rundir
-from tfrobust.config import ExperimentConfig, to_dict
+from tfrobust.config import ExperimentConfig, resolve_attack, to_dict
 from tfrobust.defenses import Defense, parse_defense
 from tfrobust.errors import UserError
 from tfrobust.trainer import RobustModel
@@ -182,6 +182,7 @@ def build(config: ExperimentConfig, datasets=None, defense: Defense | None = Non
     """
     if defense is None:
         defense = parse_defense(config.defense.name, config.defense)
+    resolve_attack(config)
     if datasets is None:
         datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
     info = datasets.info
@@ -247,6 +248,7 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     """
     if defense is None:
         defense = parse_defense(config.defense.name, config.defense)
+    resolve_attack(config)  # the budget written into config.yaml is the one trained with
     if config.runtime.strategy == "multi_worker":
         if datasets is not None:
             raise UserError("runtime.strategy=multi_worker takes no preloaded datasets (every worker loads its own)")
@@ -506,6 +508,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
     ``runtime.strategy=multi_worker`` the chief alone evaluates; the other
     workers return a report without models.
     """
+    resolve_attack(config)
     if config.runtime.strategy == "multi_worker":
         return _train_and_evaluate_on_cluster(config, workdir, verbose, defense)
     with _owned(workdir):
