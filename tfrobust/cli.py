@@ -231,7 +231,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    "run's, else 0.1 for mnist and fashion_mnist, 8/255 for any other data, as in training)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
-    p.add_argument("--examples", type=int, help="evaluate the first N test examples (default: the whole test set)")
+    p.add_argument("--examples", type=int, help="evaluate N test examples drawn at random with --seed, every class in "
+                   "proportion to its frequency (the same seed, the same examples; default: the whole test set)")
     p.add_argument("--integrity-examples", type=int, default=200,
                    help="run the integrity probes (eps 0, large eps, more steps, Square vs gradients) on the "
                         "first N examples (default 200; 0: skip)")
@@ -274,7 +275,14 @@ def evaluate_main(argv=None) -> int:
         settings = loading.evaluation_settings(loaded, args.data, args.eps, args.norm, args.data_dir)
         from tfrobust import data as data_lib
 
-        x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
+        x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"])
+        drawn = f"the whole test set ({len(x)})"
+        if args.examples is not None and args.examples < len(x):
+            chosen = data_lib.stratified_subset(y, args.examples, args.seed)
+            drawn = f"{len(chosen)} of {len(x)} test examples, stratified by label, drawn with seed {args.seed}"
+            x, y = x[chosen], y[chosen]
+        print(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
+              f"({settings['eps_source']})")
         loading.check_compatible(loaded, x, y)
         start = time.time()
         report = evaluation.evaluate(
@@ -286,6 +294,7 @@ def evaluate_main(argv=None) -> int:
         report["model"] = args.model
         report["data"] = settings["data"]
         report["eps_source"] = settings["eps_source"]
+        report["test_examples"] = drawn
         print(evaluation.format_table(report))
         if args.flatness:
             from tfrobust.flatness import flatness_report
