@@ -330,6 +330,9 @@ def _check_images(x, y, where: str) -> tuple:
         raise UserError(f"{where} must hold images of shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
+    if y.ndim == 2 and len(y) == len(x):
+        raise UserError(f"{where} has one-hot labels of shape {y.shape}; store integer class labels of shape (N,) "
+                        "(y.argmax(axis=-1))")
     if y.ndim != 1 or len(y) != len(x):
         raise UserError(f"{where} has {len(x)} images but labels of shape {y.shape}; need one integer label per image")
     if y.size and (y.dtype.kind not in "iu" and not np.all(np.mod(y, 1) == 0)):
@@ -339,8 +342,11 @@ def _check_images(x, y, where: str) -> tuple:
     if x.dtype != np.uint8:
         if x.dtype.kind not in "fiu":
             raise UserError(f"{where} holds images of type {x.dtype}; need uint8 or floats in [0, 1]")
-        if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or np.isnan(x).any()):
-            raise UserError(f"{where} holds non-uint8 images outside [0, 1]; scale them to [0, 1] or store uint8")
+        if x.size and np.isnan(x).any():
+            raise UserError(f"{where} holds NaN pixels; need uint8 images or floats in [0, 1]")
+        if x.size and (np.min(x) < 0 or np.max(x) > 1):
+            raise UserError(f"{where} holds non-uint8 images with values in [{np.min(x):g}, {np.max(x):g}], outside "
+                            "[0, 1]; divide 0..255 images by 255 (or store them as uint8), or scale them to [0, 1]")
         x = x.astype(np.float32)
     return x, y.astype(np.int64)
 

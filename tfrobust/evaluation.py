@@ -339,7 +339,7 @@ def to_json(report: dict) -> str:
     return json.dumps(clean, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
-def _eps_text(eps: float) -> str:
+def eps_text(eps: float) -> str:
     """``"8/255"`` when eps is k/255 (to float32 precision), else the number."""
     k = round(eps * 255)
     if 0 < k <= 255 and abs(eps - k / 255) <= 1e-7 * k / 255:
@@ -366,7 +366,7 @@ def robustbench_summary(report: dict, config=None) -> dict:
         "dataset": report.get("data"),
         "model": report.get("model"),
         "threat_model": {"linf": "Linf", "l2": "L2"}[report["norm"]],
-        "eps": _eps_text(float(report["eps"])),
+        "eps": eps_text(float(report["eps"])),
         "eps_value": float(report["eps"]),
         "version": aa.get("version"),
         "n_examples": int(report["examples"]),
