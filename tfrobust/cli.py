@@ -180,6 +180,9 @@ def train_main(argv=None) -> int:
             # The user's network is checked against the data before a run directory is made.
             from tfrobust.trainer import check_outputs_are_logits
 
+            if cfg.runtime.strategy != "multi_worker":  # building it starts the devices
+                _quiet_device_start()
+
             info = data_lib.source_info(cfg.data.name, cfg.data.data_dir)
             check_outputs_are_logits(models.user_network(cfg.model.name, info.image_shape, info.num_classes))
         workdir = args.workdir or os.path.join(
