@@ -208,8 +208,7 @@ def evaluate(
         raise UserError(f"y must be integer labels of shape (N,), got {y.dtype} of shape {y.shape}")
     network_checks.check_unit_range(x)
     network_checks.check_attacks_for(kind, names, ENSEMBLES)
-    if hasattr(model_fn, "inputs") and hasattr(model_fn, "outputs"):
-        network_checks.check_network_io(model_fn)
+    network_checks.check_network_io(model_fn)  # a Keras network; a plain function passes
     check_model_and_data(model_fn, x, y, batch_size)
     report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm,
               "non_finite_outputs": {}}

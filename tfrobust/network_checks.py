@@ -32,7 +32,7 @@ def _count(value) -> int:
 
 def _io(network, which: str):
     try:
-        return getattr(network, which)
+        return getattr(network, which, None)
     except (AttributeError, ValueError):  # a subclassed network that was never called has neither
         return None
 
