@@ -180,6 +180,9 @@ def train_main(argv=None) -> int:
             # The user's network is checked against the data before a run directory is made.
             from tfrobust.trainer import check_outputs_are_logits
 
+            if cfg.runtime.strategy != "multi_worker":  # building it starts the devices
+                _quiet_device_start()
+
             info = data_lib.source_info(cfg.data.name, cfg.data.data_dir)
             network = models.user_network(cfg.model.name, info.image_shape, info.num_classes)
             classes = check_outputs_are_logits(network, info.image_shape)
@@ -214,15 +217,11 @@ def _run_label(data_name: str) -> str:
 
 
 def _number(text: str) -> float:
-    """A float, or a fraction ``a/b`` such as ``8/255`` (exact, unlike a rounded 0.031)."""
-    if "/" in text:
-        num, _, den = text.partition("/")
-        try:
-            return float(num) / float(den)
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    """A float, or a fraction ``a/b`` such as ``8/255`` (the same reading as ``--set key=8/255``)."""
+    from tfrobust.errors import parse_number
+
     try:
-        return float(text)
+        return parse_number(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
 
@@ -235,10 +234,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data set, image folder or .npz, as for training (default: the run's, else fashion_mnist)")
     p.add_argument("--data-dir", help="directory with the data set's files")
     p.add_argument("--eps", type=_number, help="attack budget, a number or a fraction such as 8/255 (default: the "
-                   "run's, else 0.1 for (fashion_)mnist, 8/255 otherwise)")
+                   "run's, else 0.1 for mnist and fashion_mnist, 8/255 for any other data, as in training)")
     p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default: the run's, else linf)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20_ce,pgd20_cw", help=f"comma-separated: {attack_names_help()}")
-    p.add_argument("--examples", type=int, help="evaluate the first N test examples (default: the whole test set)")
+    p.add_argument("--examples", type=int, help="evaluate N test examples drawn at random with --seed, every class in "
+                   "proportion to its frequency (the same seed, the same examples; default: the whole test set)")
     p.add_argument("--integrity-examples", type=int, default=200,
                    help="run the integrity probes (eps 0, large eps, more steps, Square vs gradients) on the "
                         "first N examples (default 200; 0: skip)")
@@ -286,7 +286,14 @@ def evaluate_main(argv=None) -> int:
         settings = loading.evaluation_settings(loaded, args.data, args.eps, args.norm, args.data_dir)
         from tfrobust import data as data_lib
 
-        x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"], args.examples)
+        x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"])
+        drawn = f"the whole test set ({len(x)})"
+        if args.examples is not None and args.examples < len(x):
+            chosen = data_lib.stratified_subset(y, args.examples, args.seed)
+            drawn = f"{len(chosen)} of {len(x)} test examples, stratified by label, drawn with seed {args.seed}"
+            x, y = x[chosen], y[chosen]
+        print(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
+              f"({settings['eps_source']})")
         loading.check_compatible(loaded, x, y)
         start = time.time()
         report = evaluation.evaluate(
@@ -297,6 +304,8 @@ def evaluate_main(argv=None) -> int:
         report["total_seconds"] = round(time.time() - start, 3)
         report["model"] = args.model
         report["data"] = settings["data"]
+        report["eps_source"] = settings["eps_source"]
+        report["test_examples"] = drawn
         print(evaluation.format_table(report))
         if args.flatness:
             from tfrobust.flatness import flatness_report

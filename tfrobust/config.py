@@ -29,7 +29,7 @@ import yaml
 
 from tfrobust.attack_names import MAX_STEPS
 from tfrobust.defense_names import registered_terms, term_declaration
-from tfrobust.errors import UserError, unknown_choice
+from tfrobust.errors import UserError, parse_number, unknown_choice
 
 
 @dataclass
@@ -79,8 +79,10 @@ class AttackConfig:
     """The inner maximisation used during training (docs/algorithms.md, section 1)."""
 
     norm: str = "linf"  # linf | l2
-    eps: float = 0.1
-    step_size: float = 0.025
+    # None: the data's default budget, default_eps(data.name) (0.1 for mnist and
+    # fashion_mnist, 8/255 for any other data), the same rule as evaluate.py's.
+    eps: Optional[float] = None
+    step_size: Optional[float] = None  # None: eps / 4
     steps: int = 10
     # BatchNorm during the attack: "eval" (moving statistics) or "train".
     bn_mode: str = "eval"
@@ -250,6 +252,27 @@ WEIGHT_DECAY_EXCLUDE = ("none", "batchnorm", "batchnorm_and_bias")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 
 
+# The budget (L-inf, images in [0, 1]) of the data sets whose papers use 0.1; every other data set gets 8/255.
+MNIST_LIKE = ("mnist", "fashion_mnist")
+
+
+def default_eps(data_name) -> float:
+    """The attack budget used when none is given, for training and evaluation alike.
+
+    0.1 for ``mnist`` and ``fashion_mnist``; 8/255 for any other data (the
+    CIFAR/SVHN convention), the user's own files and folders included.
+    """
+    return 0.1 if str(data_name) in MNIST_LIKE else 8 / 255
+
+
+def resolve_attack(config) -> None:
+    """Fills ``attack.eps`` (None: :func:`default_eps` of the data) and ``attack.step_size`` (None: eps / 4)."""
+    if config.attack.eps is None:
+        config.attack.eps = default_eps(config.data.name)
+    if config.attack.step_size is None:
+        config.attack.step_size = config.attack.eps / 4
+
+
 def to_dict(config) -> dict:
     """The config as plain nested dicts (for YAML and JSON); ``plugins`` only when there are some."""
     values = dataclasses.asdict(config)
@@ -317,7 +340,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"config key {key!r} needs a number, got {value!r}")
         try:
-            number = float(value) if annotation is float else value
+            number = (parse_number(value) if isinstance(value, str) else float(value)) if annotation is float else value
             if annotation is int:
                 number = int(value) if not isinstance(value, float) or value.is_integer() else None
                 if number is None:
@@ -341,7 +364,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 value = [_scalar(item.strip()) for item in value.split(",") if item.strip()]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key!r} needs a list, got {value!r}")
-        return list(value)
+        return [_fraction_or_item(item) for item in value]
     return value
 
 
@@ -351,6 +374,16 @@ def _scalar(text: str):
     except yaml.YAMLError:
         return text
     return value if isinstance(value, (int, float, str, bool)) else text
+
+
+def _fraction_or_item(item):
+    """A list item written as a fraction (``1/2``) as its number; any other item unchanged."""
+    if isinstance(item, str) and "/" in item:
+        try:
+            return parse_number(item)
+        except ValueError:
+            return item
+    return item
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -468,6 +501,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, pl
         set_value(config, key, value)
     if added:
         config.plugins = list(config.plugins) + added
+    resolve_attack(config)
     validate(config)
     return config
 
@@ -495,8 +529,8 @@ def parse_overrides(items) -> dict:
 def validate(config: ExperimentConfig) -> None:
     """Refuses values that cannot work, with a message naming the key."""
     checks = [
-        (config.attack.eps >= 0, "attack.eps must be >= 0"),
-        (config.attack.step_size >= 0, "attack.step_size must be >= 0"),
+        (config.attack.eps is None or config.attack.eps >= 0, "attack.eps must be >= 0"),
+        (config.attack.step_size is None or config.attack.step_size >= 0, "attack.step_size must be >= 0"),
         (config.attack.steps >= 0, "attack.steps must be >= 0"),
         (config.attack.norm in ("linf", "l2"), f"unknown attack.norm {config.attack.norm!r}; allowed: l2, linf"),
         (config.attack.bn_mode in ("eval", "train"), f"unknown attack.bn_mode {config.attack.bn_mode!r}; allowed: eval, train"),
@@ -636,6 +670,9 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULES",
     "WEIGHT_DECAY_EXCLUDE",
+    "MNIST_LIKE",
+    "default_eps",
+    "resolve_attack",
     "to_dict",
     "load_config",
     "set_value",

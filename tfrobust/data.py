@@ -80,6 +80,8 @@ class Datasets:
     # True when data.extra_data has no labels: its examples carry the label -1
     # (only TRADES's KL term uses them, RobustModel(allow_unlabelled=True)).
     unlabelled_extra: bool = False
+    # Examples in the training split before the validation split and data.train_examples.
+    split_size: Optional[int] = None
 
 
 _INFO = {
@@ -328,6 +330,9 @@ def _check_images(x, y, where: str) -> tuple:
         raise UserError(f"{where} must hold images of shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
+    if y.ndim == 2 and len(y) == len(x):
+        raise UserError(f"{where} has one-hot labels of shape {y.shape}; store integer class labels of shape (N,) "
+                        "(y.argmax(axis=-1))")
     if y.ndim != 1 or len(y) != len(x):
         raise UserError(f"{where} has {len(x)} images but labels of shape {y.shape}; need one integer label per image")
     if y.size and (y.dtype.kind not in "iu" and not np.all(np.mod(y, 1) == 0)):
@@ -337,8 +342,11 @@ def _check_images(x, y, where: str) -> tuple:
     if x.dtype != np.uint8:
         if x.dtype.kind not in "fiu":
             raise UserError(f"{where} holds images of type {x.dtype}; need uint8 or floats in [0, 1]")
-        if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or np.isnan(x).any()):
-            raise UserError(f"{where} holds non-uint8 images outside [0, 1]; scale them to [0, 1] or store uint8")
+        if x.size and np.isnan(x).any():
+            raise UserError(f"{where} holds NaN pixels; need uint8 images or floats in [0, 1]")
+        if x.size and (np.min(x) < 0 or np.max(x) > 1):
+            raise UserError(f"{where} holds non-uint8 images with values in [{np.min(x):g}, {np.max(x):g}], outside "
+                            "[0, 1]; divide 0..255 images by 255 (or store them as uint8), or scale them to [0, 1]")
         x = x.astype(np.float32)
     return x, y.astype(np.int64)
 
@@ -540,23 +548,66 @@ def load_test_arrays(name: str, data_dir: Optional[str] = None, limit: Optional[
     return _unit_float(x), y.astype(np.int32)
 
 
+# Validation may take at most this share of the training split (more is refused) and should
+# take at most VALIDATION_WARN_SHARE of it (more is said at the start of the run).
+VALIDATION_MAX_SHARE = 0.5
+VALIDATION_WARN_SHARE = 0.2
+
+
 def split_indices(num_examples: int, validation_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation indices into a training split of ``num_examples``.
 
     The split is permuted with a generator seeded by ``seed``; the last
     ``validation_examples`` of the permutation are validation, the rest are
-    training. The two never share an index.
+    training. The two never share an index. A validation split of more than
+    half the training split is refused (:data:`VALIDATION_MAX_SHARE`).
     """
     if validation_examples < 0:
         raise UserError(f"data.validation_examples must be >= 0, got {validation_examples}")
-    if validation_examples >= num_examples:
+    if validation_examples > VALIDATION_MAX_SHARE * num_examples:
+        suggestion = max(1, int(0.1 * num_examples))
         raise UserError(
-            f"data.validation_examples={validation_examples} leaves no training examples "
-            f"(the training split has {num_examples})"
+            f"data.validation_examples={validation_examples} would hold out more than half of the "
+            f"{num_examples} training examples; set data.validation_examples (e.g. --set "
+            f"data.validation_examples={suggestion}, 10%) or 0 for no validation"
         )
     permutation = np.random.default_rng(seed).permutation(num_examples)
     cut = num_examples - validation_examples
     return permutation[:cut], permutation[cut:]
+
+
+def validation_warning(num_examples: int, validation_examples: int) -> Optional[str]:
+    """A one-line warning when validation takes more than :data:`VALIDATION_WARN_SHARE` of the training split."""
+    if num_examples and validation_examples > VALIDATION_WARN_SHARE * num_examples:
+        return (f"data.validation_examples={validation_examples} holds out {validation_examples / num_examples:.0%} "
+                f"of the {num_examples} training examples; lower it with --set data.validation_examples=N "
+                "if that is more than intended")
+    return None
+
+
+def stratified_subset(y, count: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``count`` examples drawn at random, every label in proportion to its frequency.
+
+    Each label gets ``count * n_label / n`` examples rounded down, and the
+    examples left over go to the labels with the largest remainders (ties to
+    the smaller label). The draw depends on ``(y, count, seed)`` only: the same
+    seed gives the same subset. ``count >= len(y)`` gives every index.
+    """
+    y = np.asarray(y).reshape(len(y), -1)[:, 0] if np.ndim(y) > 1 else np.asarray(y)
+    n = len(y)
+    if count >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    labels, counts = np.unique(y, return_counts=True)
+    quota = counts * count / n
+    share = np.floor(quota).astype(np.int64)
+    left = count - int(share.sum())
+    order = sorted(range(len(labels)), key=lambda i: (-(quota[i] - share[i]), i))
+    for i in order[:left]:
+        share[i] += 1
+    chosen = [rng.choice(np.flatnonzero(y == label), size=int(k), replace=False)
+              for label, k in zip(labels, share) if k]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -739,7 +790,7 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise UserError(f"data.{key} must be > 0, got {value}")
-    (x_tr, y_tr), (x_val, y_val) = _split(cfg, seed)
+    (x_tr, y_tr), (x_val, y_val), split_size = _split(cfg, seed)
     x_test, y_test = load_arrays(cfg.name, "test", cfg.data_dir, limit=cfg.test_examples)
     train_epochs = lambda start, end: _epochs_pipeline(x_tr, y_tr, cfg, seed, start, end)  # noqa: E731
     pool = None
@@ -764,24 +815,26 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         test_size=len(x_test),
         train_epochs=train_epochs,
         unlabelled_extra=pool is not None and pool[1] is None,
+        split_size=split_size,
     )
 
 
 def _split(cfg: DataConfig, seed: int) -> tuple:
-    """((train images, labels), (validation images, labels)) as uint8/int64, as load_datasets splits them."""
+    """((train images, labels), (validation images, labels), size of the training split) as load_datasets
+    splits them (images uint8 or the user's float32, labels int64)."""
     _check_data_dir(cfg.data_dir)
     x_train, y_train = load_arrays(cfg.name, "train", cfg.data_dir)
     train_idx, val_idx = split_indices(len(x_train), cfg.validation_examples, seed)
     if cfg.train_examples is not None:
         train_idx = train_idx[: cfg.train_examples]
-    return (x_train[train_idx], y_train[train_idx]), (x_train[val_idx], y_train[val_idx])
+    return (x_train[train_idx], y_train[train_idx]), (x_train[val_idx], y_train[val_idx]), len(x_train)
 
 
 def load_training_arrays(cfg: DataConfig, seed: int = 0) -> tuple:
     """The examples :func:`load_datasets` trains on (before augmentation), as
     ``float32`` images in [0, 1] and ``int32`` labels: for measuring how
     robust a network is on its own training data."""
-    (x, y), _ = _split(cfg, seed)
+    (x, y), _, _ = _split(cfg, seed)
     return _unit_float(x), y.astype(np.int32)
 
 
@@ -796,6 +849,10 @@ __all__ = [
     "load_arrays",
     "load_test_arrays",
     "split_indices",
+    "validation_warning",
+    "stratified_subset",
+    "VALIDATION_MAX_SHARE",
+    "VALIDATION_WARN_SHARE",
     "augment_options",
     "augment_batch",
     "load_datasets",

@@ -35,6 +35,21 @@ def check_number(name: str, value, minimum: float = 0.0, strict: bool = False) -
     return number
 
 
+def parse_number(text) -> float:
+    """A number written as text: a float, or a fraction ``a/b`` such as ``8/255`` (exact, unlike a rounded 0.031).
+
+    Raises ValueError for anything else (a zero denominator included).
+    """
+    text = str(text).strip()
+    if "/" in text:
+        num, _, den = text.partition("/")
+        try:
+            return float(num) / float(den)
+        except ZeroDivisionError:
+            raise ValueError(f"not a number or fraction: {text!r}") from None
+    return float(text)
+
+
 def _is_scalar(value) -> bool:
     shape = getattr(value, "shape", ())
     return len(tuple(shape)) == 0
@@ -55,4 +70,4 @@ def check_steps(name: str, value, minimum: int = 0, maximum: int = 1000) -> int:
     return number
 
 
-__all__ = ["UserError", "unknown_choice", "check_number", "check_steps"]
+__all__ = ["UserError", "unknown_choice", "check_number", "check_steps", "parse_number"]

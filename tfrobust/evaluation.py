@@ -1,5 +1,10 @@
 """Robust accuracy of any model that maps images in [0, 1] to logits.
 
+The inputs are images ``(N, H, W, C)`` or feature vectors ``(N, F)`` (tabular
+data), with values in [0, 1] (others are refused, with the range found); on
+feature vectors every attack but Square runs (Square draws image patches), so
+``standard`` and ``plus``, which hold it, are refused there in one line.
+
 ``evaluate`` runs a list of named attacks over a test set in batches and
 returns accuracies as fractions in [0, 1] under keys that name the attack:
 
@@ -60,6 +65,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks as attack_lib
+from tfrobust import network_checks
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
     AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
     OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, parse_attacks,
@@ -85,6 +91,8 @@ def check_model_and_data(model_fn: Callable, x, y, batch_size: int) -> int:
     except Exception as e:  # a mismatched model raises many kinds (ValueError, InvalidArgumentError, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"the model cannot take the data's images of shape {tuple(x.shape[1:])}: {first}") from None
+    if isinstance(logits, (list, tuple, dict)):
+        raise UserError(f"the model returns {len(logits)} outputs; tfrobust supports {network_checks.SUPPORTED_IO}")
     shape = tuple(logits.shape)
     if len(shape) != 2 or shape[0] != probe.shape[0]:
         raise UserError(f"the model outputs shape {shape} for {probe.shape[0]} images; expected (batch, classes) logits")
@@ -159,8 +167,8 @@ def evaluate(
     """Accuracy under each attack, and the per-example worst case.
 
     Args:
-      model_fn: maps float32 NHWC images in [0, 1] to logits.
-      x, y: test images in [0, 1] and integer labels (numpy arrays).
+      model_fn: maps float32 NHWC images (or (N, F) feature vectors) in [0, 1] to logits.
+      x, y: test images (or feature vectors) in [0, 1] and integer labels (numpy arrays).
       eps, norm: the threat model ("linf" or "l2").
       attacks: names, see the module doc.
       step_size: PGD step; default eps / 4.
@@ -194,10 +202,13 @@ def evaluate(
         raise UserError("no test examples to evaluate")
     if len(y) != n:
         raise UserError(f"x has {n} examples but y has {len(y)} labels")
-    if x.ndim != 4:
-        raise UserError(f"x must be images of shape (N, H, W, C), got shape {x.shape}")
+    kind = network_checks.input_kind(x)
     if y.ndim != 1 or y.dtype.kind not in "iu":
+        network_checks.check_labels(y)  # names one-hot labels and the fix
         raise UserError(f"y must be integer labels of shape (N,), got {y.dtype} of shape {y.shape}")
+    network_checks.check_unit_range(x)
+    network_checks.check_attacks_for(kind, names, ENSEMBLES)
+    network_checks.check_network_io(model_fn)  # a Keras network; a plain function passes
     check_model_and_data(model_fn, x, y, batch_size)
     report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm,
               "non_finite_outputs": {}}
@@ -224,7 +235,7 @@ def evaluate(
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
-                                        eps, norm, seed, verbose)
+                                        eps, norm, seed, verbose, images=kind == "images")
     if report["non_finite_outputs"]:
         counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
         check = {"name": "finite outputs", "passed": False, "skipped": False,
@@ -266,10 +277,11 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     report["_autoattack_integrity"] = from_autoattack(result)
 
 
-def integrity(report, model_fn, x, y, eps, norm, seed, verbose) -> dict:
+def integrity(report, model_fn, x, y, eps, norm, seed, verbose, images=True) -> dict:
     """Integrity checks on the main results and on probes run on the first examples.
 
     A check fails when it fails on either; the details of both are kept.
+    Without ``images`` (feature vectors) the probes run no Square attack.
     """
     from tfrobust.integrity import integrity_checks, run_integrity_probes
 
@@ -281,7 +293,8 @@ def integrity(report, model_fn, x, y, eps, norm, seed, verbose) -> dict:
     if aa and "gradient_free_only" in aa:
         main_inputs["gradient_free_only"] = aa["gradient_free_only"]
     start = time.time()
-    probes = run_integrity_probes(model_fn, x, y, eps, norm=norm, seed=seed, verbose=verbose)
+    probes = run_integrity_probes(model_fn, x, y, eps, norm=norm, seed=seed, verbose=verbose,
+                                  **({} if images else {"square_queries": 0}))
     merged = []
     for a, b in zip(integrity_checks(main_inputs), integrity_checks(probes)):
         used = [c for c in (a, b) if not c.get("skipped")]
@@ -325,7 +338,7 @@ def to_json(report: dict) -> str:
     return json.dumps(clean, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
-def _eps_text(eps: float) -> str:
+def eps_text(eps: float) -> str:
     """``"8/255"`` when eps is k/255 (to float32 precision), else the number."""
     k = round(eps * 255)
     if 0 < k <= 255 and abs(eps - k / 255) <= 1e-7 * k / 255:
@@ -352,7 +365,7 @@ def robustbench_summary(report: dict, config=None) -> dict:
         "dataset": report.get("data"),
         "model": report.get("model"),
         "threat_model": {"linf": "Linf", "l2": "L2"}[report["norm"]],
-        "eps": _eps_text(float(report["eps"])),
+        "eps": eps_text(float(report["eps"])),
         "eps_value": float(report["eps"]),
         "version": aa.get("version"),
         "n_examples": int(report["examples"]),

@@ -22,6 +22,9 @@ into place, so a kill or a failed write never tears a good file):
   while it runs (see :mod:`tfrobust.rundir`);
 - ``config.yaml``: the effective configuration, written once the data and
   network are built;
+- ``run_summary.txt``: one block per start of the run (fresh, or resumed
+  from epoch N): data sizes and split, eps, step and steps, defense and
+  warm-up, and any warning (also printed);
 - ``tensorboard/``: Keras' TensorBoard logs (every metric and the learning rate);
 - ``checkpoints/``: ``last.weights.h5`` every epoch and ``best.weights.h5``,
   chosen on robust accuracy on the validation split (never the test split);
@@ -59,7 +62,7 @@ from tfrobust import models
 from tfrobust import multiworker
 from tfrobust import rundir
 from tfrobust import user_code
-from tfrobust.config import ExperimentConfig, to_dict
+from tfrobust.config import ExperimentConfig, resolve_attack, to_dict
 from tfrobust.defenses import Defense, parse_defense
 from tfrobust.errors import UserError
 from tfrobust.export import export_network
@@ -184,6 +187,7 @@ def build(config: ExperimentConfig, datasets=None, defense: Defense | None = Non
     """
     if defense is None:
         defense = parse_defense(config.defense.name, config.defense)
+    resolve_attack(config)
     if datasets is None:
         datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
     info = datasets.info
@@ -249,6 +253,7 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     """
     if defense is None:
         defense = parse_defense(config.defense.name, config.defense)
+    resolve_attack(config)  # the budget written into config.yaml is the one trained with
     if config.runtime.strategy == "multi_worker":
         if datasets is not None:
             raise UserError("runtime.strategy=multi_worker takes no preloaded datasets (every worker loads its own)")
@@ -410,6 +415,7 @@ def _train(config, workdir, run_dir, extra_callbacks, datasets, keep_backup, def
     epochs = config.optim.epochs
     has_validation = datasets.validation_size > 0
     steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
+    write_start_summary(run_dir, config, datasets, defense, model, resumed.epoch, loud=run_dir == workdir)
     if resumed.epoch < epochs and not resumed.stopped:
         if cluster:
             multiworker.fit_distributed(
@@ -436,6 +442,68 @@ def _train(config, workdir, run_dir, extra_callbacks, datasets, keep_backup, def
     if not keep_backup:
         callbacks_lib.EpochBackup.discard(os.path.join(run_dir, "backup"))
     return model, datasets, history
+
+
+SUMMARY = "run_summary.txt"
+
+
+def warmup_warnings(defense: Defense, epochs: int) -> list:
+    """One line per weight-space term whose warm-up covers the whole run (the term would never act)."""
+    lines = []
+    for term in defense.weight_space_terms():
+        warmup = term.warmup_epochs()
+        if warmup and warmup >= epochs:
+            label = term.name.upper()
+            lines.append(f"the {label} warm-up ({warmup} epochs) is as long as the run ({epochs} epochs): no epoch "
+                         f"uses {label}, the run is plain {defense.base.upper()}; shorten it with --set "
+                         f"defense.{term.name}.warmup_epochs=N (N < {epochs}), e.g. 0")
+    return lines
+
+
+def start_summary(config: ExperimentConfig, datasets, defense: Defense, model, resumed_epoch: int) -> tuple:
+    """``(lines, warnings)``: what this start of a run trains on and with, and what looks unintended."""
+    info = datasets.info
+    epochs = config.optim.epochs
+    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
+    split = datasets.split_size if datasets.split_size is not None else datasets.train_size + datasets.validation_size
+    shape = "x".join(str(d) for d in info.image_shape)
+    warmups = [f"{t.name} warm-up {t.warmup_epochs()} of {epochs} epochs" for t in defense.weight_space_terms()
+               if t.warmup_epochs()]
+    lines = [
+        f"start: resumed from epoch {resumed_epoch} of {epochs}" if resumed_epoch else f"start: fresh ({epochs} epochs)",
+        f"data: {config.data.name} ({shape}, {info.num_classes} classes); of its {split} training examples "
+        f"{datasets.train_size} train and {datasets.validation_size} validate; {datasets.test_size} test examples",
+        f"attack: {config.attack.norm} eps={evaluation.eps_text(config.attack.eps)}, step {config.attack.step_size:.6g}, "
+        f"{config.attack.steps} steps; validation PGD-{config.eval.pgd_steps} step {float(model.eval_step_size):.6g}",
+        f"defense: {defense.name}" + (f" ({', '.join(warmups)})" if warmups else ""),
+        f"optimisation: {steps_per_epoch} steps per epoch of batch {config.data.batch_size}, lr {config.optim.lr:g} "
+        f"{config.optim.schedule}, seed {config.runtime.seed}",
+    ]
+    warnings = warmup_warnings(defense, epochs)
+    note = data_lib.validation_warning(split, datasets.validation_size)
+    if note:
+        warnings.append(note)
+    return lines, warnings
+
+
+def write_start_summary(run_dir, config, datasets, defense, model, resumed_epoch, loud=True) -> None:
+    """Adds this start's summary to ``run_dir/run_summary.txt`` (one block per start) and, when ``loud``,
+    prints it (warnings to stderr)."""
+    import sys
+
+    lines, warnings = start_summary(config, datasets, defense, model, resumed_epoch)
+    block = "\n".join(lines + [f"warning: {w}" for w in warnings]) + "\n"
+    path = os.path.join(run_dir, SUMMARY)
+    previous = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            previous = f.read() + "\n"
+    callbacks_lib.atomic_write(path, previous + block)
+    if loud:
+        if config.runtime.verbose:
+            print("\n".join(lines), flush=True)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
 
 
 def _same_config(config, workdir) -> bool:
@@ -509,6 +577,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
     ``runtime.strategy=multi_worker`` the chief alone evaluates; the other
     workers return a report without models.
     """
+    resolve_attack(config)
     if config.runtime.strategy == "multi_worker":
         return _train_and_evaluate_on_cluster(config, workdir, verbose, defense)
     with _owned(workdir):
@@ -588,6 +657,10 @@ __all__ = [
     "build",
     "train",
     "training_callbacks",
+    "SUMMARY",
+    "warmup_warnings",
+    "start_summary",
+    "write_start_summary",
     "flatness_monitor",
     "save_networks",
     "train_and_evaluate",

@@ -506,7 +506,7 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
 
     idx = np.flatnonzero(gradient_robust)
     square_fooled = 0
-    if idx.size and eps > 0:
+    if idx.size and eps > 0 and square_queries:
         square_fooled = int(np.sum(fooled_by(lambda fn, xb, yb: square(
             fn, xb, yb, eps, norm=norm, n_queries=square_queries, seed=seed), x_np[idx], y_np[idx])))
     bar.update(1)

@@ -112,16 +112,23 @@ def check_compatible(loaded: LoadedModel, x, y) -> None:
 
 
 def evaluation_settings(loaded: LoadedModel, data=None, eps=None, norm=None, data_dir=None) -> dict:
-    """Data set and threat model: command line first, then the run's config, then defaults."""
+    """Data set and threat model: command line first, then the run's config, then defaults.
+
+    The default eps is :func:`tfrobust.config.default_eps` of the data, the
+    rule training uses; ``eps_source`` says where eps came from.
+    """
+    from tfrobust.config import default_eps
+
     cfg = loaded.run_config or {}
     data = data or cfg.get("data", {}).get("name") or "fashion_mnist"
     data_dir = data_dir or cfg.get("data", {}).get("data_dir")
+    source = "--eps"
     if eps is None:
-        eps = cfg.get("attack", {}).get("eps")
+        eps, source = cfg.get("attack", {}).get("eps"), "the run's attack.eps"
     if eps is None:
-        eps = 0.1 if data in ("fashion_mnist", "mnist") else 8 / 255
+        eps, source = default_eps(data), f"the default for {data} (0.1 for mnist and fashion_mnist, 8/255 otherwise)"
     norm = norm or cfg.get("attack", {}).get("norm") or "linf"
-    return {"data": data, "data_dir": data_dir, "eps": float(eps), "norm": norm}
+    return {"data": data, "data_dir": data_dir, "eps": float(eps), "norm": norm, "eps_source": source}
 
 
 __all__ = ["LoadedModel", "load", "check_compatible", "evaluation_settings"]

@@ -40,6 +40,7 @@ import numpy as np
 
 from tfrobust.config import MODEL_NAMES
 from tfrobust.errors import UserError, unknown_choice
+from tfrobust.network_checks import SUPPORTED_IO, check_network_io
 
 MODELS = MODEL_NAMES
 
@@ -345,6 +346,7 @@ def user_network(name: str, input_shape: tuple, num_classes: int) -> keras.Model
         network = _factory(name)(input_shape=input_shape, num_classes=int(num_classes))
     if not isinstance(network, keras.Model):
         raise UserError(f"model {name!r} gave a {type(network).__name__}, not a keras.Model")
+    check_network_io(network)  # before the first call: several inputs or outputs fail there obscurely
     probe = np.zeros((1,) + input_shape, np.float32)
     try:
         out = network(probe, training=False)
@@ -353,6 +355,8 @@ def user_network(name: str, input_shape: tuple, num_classes: int) -> keras.Model
             f"model {name!r} does not accept images of shape {input_shape} "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+    if isinstance(out, (list, tuple, dict)):  # a subclassed network, unknown until called
+        raise UserError(f"model {name!r} returns {len(out)} outputs; tfrobust supports {SUPPORTED_IO}")
     if len(out.shape) != 2 or int(out.shape[-1]) != int(num_classes):
         raise UserError(f"model {name!r} outputs shape {tuple(out.shape)}, but the data has {num_classes} classes")
     return network
