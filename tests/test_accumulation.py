@@ -37,7 +37,7 @@ class FixedAttackModel(RobustModel):
 
     def adversarial_examples(self, x, y, x_init=None):
         push = tf.where(x > 0.5, -1.0, 1.0)
-        return tf.clip_by_value(x + 0.5 * self.eps * push, 0.0, 1.0)
+        return tf.clip_by_value(x + 0.5 * self.settings.eps * push, 0.0, 1.0)
 
 
 class PerMicroBatchDirection(FixedAttackModel):
@@ -167,8 +167,8 @@ def test_a_run_with_accumulation_trains_and_reloads(tmp_path):
         "defense.awp.warmup_epochs": 0, "optim.accumulate_steps": 2, "eval.images_every": 0,
     })
     model, _, history = experiment.train(cfg, str(tmp_path / "run"))
-    assert model.accumulate_steps == 2
+    assert model.settings.accumulate_steps == 2
     assert int(model.optimizer.iterations) == 4  # one update per batch of 64 (and the last one of 8)
     assert np.isfinite(history["loss"]).all()
     model.save(str(tmp_path / "robust.keras"))
-    assert keras.models.load_model(str(tmp_path / "robust.keras")).accumulate_steps == 2
+    assert keras.models.load_model(str(tmp_path / "robust.keras")).settings.accumulate_steps == 2

@@ -34,7 +34,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_cnn
-from tfrobust import trainer as trainer_module
+from tfrobust.step import objective as objective_module
 from tfrobust.defenses import parse_defense
 from tfrobust.trainer import RobustModel, start_point
 
@@ -50,9 +50,9 @@ class FixedAttackModel(RobustModel):
     replicas and leaves only the weight-space part of the step to compare.
     """
 
-    def adversarial_examples(self, x, y):
+    def adversarial_examples(self, x, y, x_init=None):
         push = tf.where(x > 0.5, -1.0, 1.0)
-        return tf.clip_by_value(x + 0.5 * self.eps * push, 0.0, 1.0)
+        return tf.clip_by_value(x + 0.5 * self.settings.eps * push, 0.0, 1.0)
 
 
 def build(name, strategy, model_class=RobustModel, **attack):
@@ -130,7 +130,7 @@ def test_the_check_detects_a_per_replica_statistic(fashion_subset, mirrored_stra
     """Without the cross-replica sum each replica uses its own half-batch: far outside TIGHT."""
     x, y = fashion_subset[0][:32], fashion_subset[1][:32]
     single = train(name, tf.distribute.OneDeviceStrategy("/cpu:0"), x, y)
-    monkeypatch.setattr(trainer_module, "_all_reduce_sum", lambda values: values)
+    monkeypatch.setattr(objective_module, "all_reduce_sum", lambda values: values)
     broken = train(name, mirrored_strategy, x, y)
     gaps = [float(np.abs(r.numpy() - a.numpy()).max())
             for a, b in zip(single.network.trainable_variables, broken.network.trainable_variables)

@@ -115,7 +115,7 @@ def test_checkpoint_and_keras_file_hold_the_average(tmp_path, batches):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     model.save(str(tmp_path / "m.keras"))
     loaded = keras.models.load_model(str(tmp_path / "m.keras"))
-    assert loaded.ema_decay == 0.5 and loaded.ema_start_step == 1.0
+    assert loaded.settings.ema_decay == 0.5 and loaded.settings.ema_start_step == 1.0
     for a, b in zip(model.averaged_network.weights, loaded.averaged_network.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     # One more step continues the average identically in both.
@@ -184,8 +184,8 @@ def test_label_smoothing_replaces_only_the_ce_term(name, smoothed):
     y = rng.integers(0, 10, 16)
     plain = make(name)
     smooth = make(name, label_smoothing=0.1)
-    p0, r0, t0 = plain._loss_terms(clean, adv, y)
-    p1, r1, t1 = smooth._loss_terms(clean, adv, y)
+    p0, r0, t0 = plain.objective.loss_terms(clean, adv, y)
+    p1, r1, t1 = smooth.objective.loss_terms(clean, adv, y)
     logits = adv if name == "at" else clean
     np.testing.assert_allclose(p1.numpy(), attacks.smoothed_cross_entropy(logits, y, 0.1).numpy(), rtol=1e-6)
     np.testing.assert_allclose(t1[smoothed].numpy(), p1.numpy(), rtol=1e-6)

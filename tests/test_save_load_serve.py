@@ -7,6 +7,7 @@ operations on the same CPU give the same float32 values up to rounding, and a wr
 one instead of the average, another file) differs by orders of magnitude more.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfrobust as tr
 from conftest import tiny_cnn
@@ -339,3 +341,47 @@ def test_flatness_of_an_averaging_model_must_name_the_network_it_measures():
     with pytest.raises(UserError, match="pass model.network"):
         tr.robust_loss(model, x, y, eps=0.1, steps=1)
     assert np.isfinite(tr.robust_loss(model.network, x, y, eps=0.1, steps=1))
+
+
+# --- settings passed whole -------------------------------------------------------------------------
+
+
+def test_settings_are_one_value_saved_field_by_field_and_checked_where_made():
+    from tfrobust.step.settings import FIELDS, StepSettings
+
+    settings = StepSettings(eps=8 / 255, step_size=2 / 255, steps=3, ema_decay=0.99, weight_decay=5e-4, seed=7)
+    model = RobustModel(tiny_cnn(SHAPE, CLASSES), "at", settings)
+    assert model.settings is settings
+    config = model.get_config()
+    assert {k: config[k] for k in FIELDS} == settings.to_config()
+    assert RobustModel.from_config(config).settings == settings
+    same = RobustModel(tiny_cnn(SHAPE, CLASSES), "at", eps=8 / 255, step_size=2 / 255, steps=3, ema_decay=0.99,
+                       weight_decay=5e-4, seed=7)
+    assert same.settings == settings and settings.validation_step_size == (8 / 255) / 4
+    with pytest.raises(UserError, match="either settings or its fields"):
+        RobustModel(tiny_cnn(SHAPE, CLASSES), "at", settings, eps=0.1)
+    with pytest.raises(UserError, match="needs steps"):
+        RobustModel(tiny_cnn(SHAPE, CLASSES), "at", eps=0.1, step_size=0.1)
+    with pytest.raises(UserError, match="unknown norm 'l3'"):
+        StepSettings(eps=0.1, step_size=0.1, steps=1, norm="l3")
+    with pytest.raises(UserError, match="label smoothing applies to the CE term of at and trades; mart has none"):
+        RobustModel(tiny_cnn(SHAPE, CLASSES), "mart", StepSettings(eps=0.1, step_size=0.1, steps=1,
+                                                                    label_smoothing=0.1))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.eps = 0.5
+
+
+def test_one_hot_labels_are_refused_by_fit_before_anything_is_traced():
+    x, y = data(32)
+    model = RobustModel(tiny_cnn(SHAPE, CLASSES), "at", eps=0.1, step_size=0.05, steps=1)
+    model.compile(optimizer="sgd")
+    one_hot = np.eye(CLASSES, dtype="float32")[y]
+    with pytest.raises(UserError, match=r"labels of shape \(32, 4\) look one-hot"):
+        model.fit(x, one_hot, epochs=1, verbose=0)
+    with pytest.raises(UserError, match=r"look one-hot"):
+        model.fit(tf.data.Dataset.from_tensor_slices((x, one_hot)).batch(16), epochs=1, verbose=0)
+    assert model.optimizer.iterations.numpy() == 0
+    with pytest.raises(UserError, match="2 inputs"):
+        a, b = keras.Input(SHAPE), keras.Input(SHAPE)
+        two = keras.Model([a, b], keras.layers.Dense(CLASSES)(keras.layers.Flatten()(keras.layers.Add()([a, b]))))
+        RobustModel(two, "at", eps=0.1, step_size=0.05, steps=1)

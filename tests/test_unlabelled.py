@@ -11,6 +11,7 @@ difference into a whole step.
 import json
 import os
 import re
+import types
 
 import keras
 import numpy as np
@@ -46,7 +47,8 @@ def one_step(name, x, y, allow_unlabelled=True, strategy=None, accumulate_steps=
 def by_hand(x, y, ce_divisor=None, unlabelled_class=None):
     """The step written out: CE over the labelled examples (divided by their count), beta * KL over all."""
     network = tiny_cnn(seed=4)
-    x_adv = FixedAttackModel.adversarial_examples(type("M", (), {"eps": EPS})(), tf.constant(x), None)
+    x_adv = FixedAttackModel.adversarial_examples(types.SimpleNamespace(settings=types.SimpleNamespace(eps=EPS)),
+                                                 tf.constant(x), None)
     labelled = y >= 0
     if unlabelled_class is not None:  # a wrong objective: unlabelled examples counted as one class
         y, labelled = np.where(labelled, y, unlabelled_class), np.ones_like(labelled)

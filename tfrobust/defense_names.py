@@ -22,7 +22,66 @@ from typing import Any, Callable, Optional
 
 from tfrobust.errors import UserError, unknown_choice
 
-BASE_NAMES = ("at", "trades", "mart")
+BASE_NAMES = ("at", "trades", "mart")  # the built-in base objectives
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseDeclaration:
+    """A registered base objective (see :func:`register_base`)."""
+
+    name: str
+    implementation: Any
+    like: Optional[str] = None
+    title: str = ""
+
+    @property
+    def defaults_base(self) -> str:
+        """The built-in base whose per-base term defaults and term compatibility this base takes."""
+        return self.like or self.name
+
+
+_BASES: dict = {}
+
+
+def register_base(name: str, implementation, *, like: Optional[str] = None, title: str = "") -> BaseDeclaration:
+    """Registers a base objective: its name and the module of pure functions that implements it.
+
+    Args:
+      name: the base's name, the first part of defense names (``<name>+awp``).
+      implementation: the module, or its import path (imported on first
+        use, so that registering needs no TensorFlow). It defines
+        ``loss_terms(logits_clean, logits_adv, y, beta)`` returning
+        ``(primary, regulariser, terms)`` per example, ``ATTACK_LOSS``,
+        ``ATTACK_START``, ``NEEDS_CLEAN_LOGITS``, ``LABEL_FREE_TERM``,
+        ``DEFAULT_BETA``, ``TERM_NAMES``, ``CE_TERM`` and ``CE_LOGITS``
+        (``tfrobust/defenses/at.py`` is the smallest example).
+      like: for a base that is not built in, the built-in base whose
+        per-base term defaults it takes and whose terms it combines with
+        (``"at"``); None: it combines with terms declared for it by name.
+      title: the base's paper, for documentation.
+    """
+    if not (isinstance(name, str) and name.isalnum() and name.islower()) or name in _TERMS:
+        raise ValueError(f"a base objective needs a lower-case alphanumeric name other than a term's, got {name!r}")
+    if like is not None and like not in BASE_NAMES:
+        raise ValueError(f"base {name!r}: like must be a built-in base ({', '.join(BASE_NAMES)}), got {like!r}")
+    declaration = BaseDeclaration(name, implementation, like, title)
+    _BASES[name] = declaration
+    return declaration
+
+
+def unregister_base(name: str) -> None:
+    """Removes a registered base that is not built in (a plug-in's tests clean up after themselves)."""
+    if name not in BASE_NAMES:
+        _BASES.pop(name, None)
+
+
+def registered_bases() -> tuple:
+    """The names of the registered base objectives, built-in first."""
+    return tuple(_BASES)
+
+
+def base_declaration(name: str) -> BaseDeclaration:
+    return _BASES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +112,9 @@ class Hyperparameter:
         return isinstance(self.default, dict)
 
     def default_for(self, base: str):
-        return self.default[base] if self.per_base else self.default
+        if not self.per_base:
+            return self.default
+        return self.default[base if base in self.default else _BASES[base].defaults_base]
 
     def resolve(self, value, base: str, key: str):
         """The value for ``base`` (None: the default), converted to ``kind`` and checked."""
@@ -121,7 +182,7 @@ def register_term(
     Registering the same name again replaces the declaration (a module
     reloaded in a notebook); it must not shadow a base objective.
     """
-    if not (isinstance(name, str) and name.isalnum() and name.islower()) or name in BASE_NAMES:
+    if not (isinstance(name, str) and name.isalnum() and name.islower()) or name in _BASES:
         raise ValueError(f"a weight-space term needs a lower-case alphanumeric name other than a base's, got {name!r}")
     for h in hyperparameters:
         if h.kind not in (float, int, bool) or (h.per_base and set(h.default) != set(BASE_NAMES)):
@@ -157,10 +218,10 @@ def canonical_name(name: str) -> str:
     name = str(name).strip().lower().replace(" ", "")
     name = short_names().get(name, name)
     parts = name.split("+")
-    if parts[0] not in BASE_NAMES:
+    if parts[0] not in _BASES:
         if parts[0] in _TERMS:
             raise UserError(
-                f"defense {name!r} must start with a base objective (at, trades, mart), e.g. at+{parts[0]}"
+                f"defense {name!r} must start with a base objective ({', '.join(_BASES)}), e.g. at+{parts[0]}"
             )
         raise unknown_choice("defense", name, defense_list() + tuple(short_names()))
     terms = parts[1:]
@@ -181,7 +242,7 @@ def check_defense_name(name: str) -> str:
     base, terms = parts[0], parts[1:]
     for t in terms:
         declaration = _TERMS[t]
-        if base not in declaration.bases:
+        if base not in declaration.bases and _BASES[base].defaults_base not in declaration.bases:
             bases = " or ".join(b.upper() for b in declaration.bases)
             use = f" (use {' or '.join(declaration.defenses)})" if declaration.defenses else ""
             raise UserError(f"defense {canonical!r} is not defined: {t.upper()} builds on {bases}{use}")
@@ -208,7 +269,7 @@ def resolve_settings(base: str, given: dict) -> dict:
 
 def defense_list() -> tuple:
     """The bases and the combinations the registered terms' papers define."""
-    return BASE_NAMES + tuple(d for t in _TERMS.values() for d in t.defenses)
+    return registered_bases() + tuple(d for t in _TERMS.values() for d in t.defenses)
 
 
 def _non_negative(value) -> bool:
@@ -219,7 +280,11 @@ def _fraction(value) -> bool:
     return 0 <= value <= 1
 
 
-# The built-in terms; their implementations are in tfrobust/defenses/<name>.py.
+# The built-in base objectives and terms; their implementations are in tfrobust/defenses/<name>.py.
+register_base("at", "tfrobust.defenses.at", title="PGD adversarial training (Madry et al. 2018).")
+register_base("trades", "tfrobust.defenses.trades", title="TRADES (Zhang et al. 2019).")
+register_base("mart", "tfrobust.defenses.mart", title="MART (Wang et al. 2020).")
+
 register_term(
     "awp", "tfrobust.defenses.awp:AdversarialWeightPerturbation",
     title="Adversarial weight perturbation (Wu et al. 2020); None means the paper's default for the base.",
@@ -260,5 +325,6 @@ DEFENSES = defense_list()
 
 __all__ = [
     "BASE_NAMES", "TERMS", "SHORT_NAMES", "DEFENSES", "Hyperparameter", "TermDeclaration", "register_term", "unregister_term",
+    "BaseDeclaration", "register_base", "unregister_base", "registered_bases", "base_declaration",
     "registered_terms", "term_declaration", "short_names", "defense_list", "resolve_settings", "canonical_name", "check_defense_name",
 ]

@@ -66,7 +66,7 @@ from tfrobust.config import ExperimentConfig, resolve_attack, to_dict
 from tfrobust.defenses import Defense, parse_defense
 from tfrobust.errors import UserError
 from tfrobust.export import export_network
-from tfrobust.trainer import RobustModel
+from tfrobust.trainer import RobustModel, StepSettings
 
 REPORT = rundir.REPORT
 
@@ -210,18 +210,7 @@ def build(config: ExperimentConfig, datasets=None, defense: Defense | None = Non
 
 def _compiled_model(config, defense, info, steps_per_epoch, unlabelled_extra=False):
     network = models.network_for(config.model, info, seed=config.runtime.seed)
-    model = RobustModel(
-        network, defense,
-        eps=config.attack.eps, step_size=config.attack.step_size, steps=config.attack.steps,
-        norm=config.attack.norm, bn_mode=config.attack.bn_mode, steps_per_epoch=steps_per_epoch,
-        weight_decay=config.optim.weight_decay, eval_steps=config.eval.pgd_steps,
-        eval_step_size=config.eval.step_size, seed=config.runtime.seed,
-        eval_loss=config.eval.pgd_loss, label_smoothing=config.defense.label_smoothing,
-        ema_decay=config.optim.ema_decay if config.optim.ema else None,
-        ema_start_step=config.optim.ema_start * config.optim.epochs * steps_per_epoch,
-        weight_decay_exclude=config.optim.weight_decay_exclude,
-        accumulate_steps=config.optim.accumulate_steps, allow_unlabelled=unlabelled_extra,
-    )
+    model = RobustModel(network, defense, StepSettings.from_experiment(config, steps_per_epoch, unlabelled_extra))
     optimizer = keras.optimizers.SGD(
         learning_rate_schedule(config.optim, steps_per_epoch),
         momentum=config.optim.momentum, nesterov=config.optim.nesterov,
@@ -359,7 +348,7 @@ def training_callbacks(config: ExperimentConfig, model: RobustModel, datasets, r
         if config.eval.images_every:
             x_show, y_show = next(iter(datasets.validation.unbatch().batch(8)))
             callbacks.append(callbacks_lib.AdversarialExamplesImages(
-                x_show, y_show, log_dir, config.attack.eps, model.eval_step_size, config.eval.pgd_steps,
+                x_show, y_show, log_dir, config.attack.eps, model.settings.validation_step_size, config.eval.pgd_steps,
                 config.attack.norm, every=config.eval.images_every,
             ))
     # Any other callback with get_state/set_state (e.g. one passed in extra_callbacks) is backed up too.
@@ -474,7 +463,7 @@ def start_summary(config: ExperimentConfig, datasets, defense: Defense, model, r
         f"data: {config.data.name} ({shape}, {info.num_classes} classes); of its {split} training examples "
         f"{datasets.train_size} train and {datasets.validation_size} validate; {datasets.test_size} test examples",
         f"attack: {config.attack.norm} eps={evaluation.eps_text(config.attack.eps)}, step {config.attack.step_size:.6g}, "
-        f"{config.attack.steps} steps; validation PGD-{config.eval.pgd_steps} step {float(model.eval_step_size):.6g}",
+        f"{config.attack.steps} steps; validation PGD-{config.eval.pgd_steps} step {float(model.settings.validation_step_size):.6g}",
         f"defense: {defense.name}" + (f" ({', '.join(warmups)})" if warmups else ""),
         f"optimisation: {steps_per_epoch} steps per epoch of batch {config.data.batch_size}, lr {config.optim.lr:g} "
         f"{config.optim.schedule}, seed {config.runtime.seed}",

@@ -30,13 +30,19 @@ from typing import Optional
 from tfrobust.defenses import at, awp, mart, rat, s2o, trades
 from tfrobust.defenses.terms import WeightSpaceTerm
 from tfrobust.defense_names import (
-    BASE_NAMES, DEFENSES, SHORT_NAMES, TERMS, Hyperparameter, canonical_name, check_defense_name, register_term,
-    registered_terms, resolve_settings, term_declaration,
+    BASE_NAMES, DEFENSES, SHORT_NAMES, TERMS, Hyperparameter, base_declaration, canonical_name, check_defense_name,
+    register_base, register_term, registered_terms, resolve_settings, term_declaration,
 )
 from tfrobust.errors import UserError
 
 
-BASES = dict(zip(BASE_NAMES, (at, trades, mart)))
+BASES = dict(zip(BASE_NAMES, (at, trades, mart)))  # the built-in base objectives' modules
+
+
+def base_module(name: str):
+    """The module of a registered base objective (imported on first use)."""
+    implementation = base_declaration(name).implementation
+    return importlib.import_module(implementation) if isinstance(implementation, str) else implementation
 
 
 def _keywords():
@@ -113,7 +119,7 @@ class Defense:
                 given[key] = value
         if base is not None and base != derived_base:
             raise UserError(f"defense {canonical!r} has base={derived_base!r}, not {base!r}; change the name instead")
-        beta = beta if beta is not None else BASES[derived_base].DEFAULT_BETA
+        beta = beta if beta is not None else base_module(derived_base).DEFAULT_BETA
         if beta is not None:
             beta = float(beta)
             if beta < 0:
@@ -146,8 +152,8 @@ class Defense:
 
     @property
     def objective(self):
-        """The module of the base objective (``at``, ``trades`` or ``mart``)."""
-        return BASES[self.base]
+        """The module of the base objective (``at``, ``trades``, ``mart`` or a registered one)."""
+        return base_module(self.base)
 
     def weight_space_terms(self) -> list:
         """The :class:`WeightSpaceTerm` objects of the name's terms, in canonical order."""
@@ -203,6 +209,7 @@ def parse_defense(name: str, config=None) -> Defense:
 
 __all__ = [
     "Defense", "parse_defense", "canonical_name", "DEFENSES", "BASES", "TERMS", "SHORT_NAMES",
-    "WeightSpaceTerm", "Hyperparameter", "register_term", "registered_terms", "term_class",
+    "WeightSpaceTerm", "Hyperparameter", "register_term", "registered_terms", "term_class", "register_base",
+    "base_module",
     "at", "trades", "mart", "awp", "s2o", "rat",
 ]

@@ -12,6 +12,9 @@ ATTACK_START = "uniform"
 NEEDS_CLEAN_LOGITS = False
 LABEL_FREE_TERM = False  # no term that examples without a label (-1) can enter
 DEFAULT_BETA = None
+TERM_NAMES = ("ce_adv",)  # the per-example terms loss_terms() reports
+CE_TERM = "ce_adv"  # the cross-entropy term that label smoothing and unlabelled examples change
+CE_LOGITS = "adversarial"  # the logits of that term
 
 
 def loss_terms(logits_clean, logits_adv, y, beta=None):
@@ -24,4 +27,4 @@ def loss_terms(logits_clean, logits_adv, y, beta=None):
     return ce, 0.0 * ce, {"ce_adv": ce}
 
 
-__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "LABEL_FREE_TERM", "DEFAULT_BETA", "loss_terms"]
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "LABEL_FREE_TERM", "DEFAULT_BETA", "TERM_NAMES", "CE_TERM", "CE_LOGITS", "loss_terms"]

@@ -19,6 +19,9 @@ ATTACK_START = "gaussian"
 NEEDS_CLEAN_LOGITS = True
 LABEL_FREE_TERM = False  # its KL term is weighted by 1 - p_y(x)
 DEFAULT_BETA = 6.0
+TERM_NAMES = ("bce", "weighted_kl")  # the per-example terms loss_terms() reports
+CE_TERM = None  # the cross-entropy term that label smoothing and unlabelled examples change (none)
+CE_LOGITS = None  # the logits of that term
 
 
 def boosted_cross_entropy(logits_adv, y):
@@ -47,6 +50,9 @@ __all__ = [
     "NEEDS_CLEAN_LOGITS",
     "LABEL_FREE_TERM",
     "DEFAULT_BETA",
+    "TERM_NAMES",
+    "CE_TERM",
+    "CE_LOGITS",
     "boosted_cross_entropy",
     "loss_terms",
 ]

@@ -15,6 +15,9 @@ ATTACK_START = "gaussian"
 NEEDS_CLEAN_LOGITS = True
 LABEL_FREE_TERM = True  # KL(p(x) || p(x')) needs no label: unlabelled examples (-1) enter it alone
 DEFAULT_BETA = 6.0
+TERM_NAMES = ("ce_clean", "kl")  # the per-example terms loss_terms() reports
+CE_TERM = "ce_clean"  # the cross-entropy term that label smoothing and unlabelled examples change
+CE_LOGITS = "clean"  # the logits of that term
 
 
 def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
@@ -24,4 +27,4 @@ def loss_terms(logits_clean, logits_adv, y, beta=DEFAULT_BETA):
     return ce, beta * kl, {"ce_clean": ce, "kl": kl}
 
 
-__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "LABEL_FREE_TERM", "DEFAULT_BETA", "loss_terms"]
+__all__ = ["NAME", "ATTACK_LOSS", "ATTACK_START", "NEEDS_CLEAN_LOGITS", "LABEL_FREE_TERM", "DEFAULT_BETA", "TERM_NAMES", "CE_TERM", "CE_LOGITS", "loss_terms"]
