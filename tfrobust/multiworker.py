@@ -1,100 +1,18 @@
 """Training on several machines with ``tf.distribute.MultiWorkerMirroredStrategy``.
 
-Every worker runs the same program with its own ``TF_CONFIG``, for example on
-the first of two machines::
+Its one job: what only a cluster needs, around the same step and the same
+callbacks as on one machine: ``TF_CONFIG`` (:func:`parse_tf_config`), the
+strategy (:func:`multi_worker_strategy`), each worker's part of the global
+batches (:func:`replica_batches`, :func:`check_batches`), agreement between
+workers (:func:`any_worker`, :func:`all_equal`), the non-chief's temporary run
+directory (:func:`scratch_dir`), and the loop that replaces ``fit``, which
+does not run under this strategy (:func:`fit_distributed`).
 
-    TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]},
-                "task": {"type": "worker", "index": 0}}' \\
-        python train.py --config configs/cifar10.yaml --workdir runs/x --set runtime.strategy=multi_worker
-
-and ``"index": 1`` on the second. :func:`tfrobust.experiment.train` runs the
-same step and the same callbacks as on one machine (backup/resume, best
-checkpoint on validation, TensorBoard scalars and images, flatness monitor,
-NaN guard, early stopping, history); this module holds what only a cluster
-needs: ``TF_CONFIG`` (:func:`parse_tf_config`), the strategy
-(:func:`multi_worker_strategy`), each worker's part of the global batches
-(:func:`replica_batches`), agreement between workers (:func:`any_worker`,
-:func:`all_equal`), the non-chief's temporary run directory
-(:func:`scratch_dir`), and the loop that replaces ``fit``
-(:func:`fit_distributed`).
-
-The workers keep one synchronous copy of the network: every step all-reduces
-the gradients (and AWP's, S2O's and RAT's cross-replica statistics, see
-:mod:`tfrobust.trainer`) across all replicas of all workers, so that a step on
-N workers computes what one device computes on the same global batch, up to
-floating-point rounding. (Two workers give exactly the weights of
-``experiment.train`` under MirroredStrategy with one replica per worker.)
-
-The loop. Keras' ``fit`` does not run under this strategy
-(keras-team/keras#20585), so :func:`fit_distributed` uses only the public
-``tf.distribute`` API: a per-worker input pipeline from
-``distribute_datasets_from_function`` and a ``tf.function`` that calls
-``strategy.run(model.train_step, ...)`` (``model.test_step`` for
-validation). It drives a ``keras.callbacks.CallbackList`` of the same callback
-objects ``fit`` gets, with the calls and logs ``fit`` makes: ``on_train_begin``,
-``on_epoch_begin``, ``on_train_batch_end`` with the step's logs (each metric
-averaged over the replicas, as ``fit`` reduces them), ``on_test_*`` around
-validation, ``on_epoch_end`` with the last step's training logs and the
-``val_`` validation logs, ``stop_training`` honoured (agreed by all workers),
-``on_train_end``. The logs are the same on every worker, so every callback
-decides the same way everywhere.
-
-Order of operations. The strategy must be created before TensorFlow runs
-anything else in the process (it configures collective ops and starts the
-worker's gRPC server, which TensorFlow only allows at start-up): call
-``experiment.train`` first thing in a fresh process, before loading data or
-building a model. In a process that already ran TensorFlow ops it raises
-:class:`~tfrobust.errors.UserError`.
-
-Batches. ``data.batch_size`` is the GLOBAL batch, as everywhere in tfrobust.
-Every worker builds the same deterministic sequence of global batches
-(``Datasets.train_epochs``) and keeps only its replicas' part: the global batch
-is cut into ``num_replicas_in_sync`` contiguous chunks and replica r (in the
-strategy's numbering: worker ``id_in_cluster`` times local replicas, plus the
-local replica) gets chunk r. This is exactly the part the trainer draws its
-attack noise for (``attacks.random_start``), so a step matches the same step
-on one device. ``AutoShardPolicy.FILE`` cannot apply (the data is in memory)
-and ``AutoShardPolicy.DATA`` leaves the assignment of batch pieces to workers
-to tf.data's rewrite, which the trainer cannot rely on, hence the explicit
-per-worker function. The global batch (and the last, partial batch of an epoch
-and of the validation set) must give every replica at least one example
-(:func:`check_batches`).
-
-Files. Only the chief (the ``chief`` task if the cluster has one, otherwise
-worker 0) writes the run directory, and holds its lock. Every other worker
-runs every callback and save too (a save may read values that every worker
-must take part in), into a temporary directory of its own
-(:func:`scratch_dir`, under ``TMPDIR``), deleted when training ends, as
-tf.distribute's fault-tolerance guide prescribes. At the end every worker
-waits for the others, so that none leaves the cluster while another is still
-saving.
-
-Resume. ``workdir`` must be one directory that every worker reads (a shared
-filesystem: NFS, a mounted bucket): the chief's ``backup/`` is the one that
-counts, and every worker restores the same epoch from it before the first
-step. A worker that does not see the chief's backup would start from another
-epoch: the workers compare the restored epoch and refuse to start
-(UserError) rather than train out of step. After a worker is lost (killed,
-machine gone) the others are blocked in a collective until TensorFlow's
-coordination service misses the lost worker's heartbeats and aborts the
-collectives (13 seconds, measured on a local cluster): they then stop with
-:class:`WorkerLost` (the command line prints one line and exits with status
-1). Restart every worker with the same command (a cluster manager does it;
-stop any worker that still waits): the run continues from the start of the interrupted
-epoch and ends as an uninterrupted run would (every step after the backup is
-the same computation on the same data; tests/test_multiworker.py checks that
-the weights are exactly equal under op determinism). A worker killed by
-``kill -9`` leaves its temporary directory behind until the same task starts
-again in the same temporary folder, which removes it.
-
-Each worker uses all of its GPUs (or its CPU when it has none) as local
-replicas; ``runtime.devices`` is not used. A worker that fails alone (say,
-its data directory is missing) leaves the others waiting until the cluster's
-health check notices it is gone. No XLA is used (``runtime.jit_compile`` is
-ignored), as Keras does not use it under a distribution strategy either.
-With ``data.extra_data`` every worker reads the pool (the same path on every
-machine, or one shared file that the first worker to start converts; workers
-converting it at once write the same bytes under names of their own).
+Use: start the same command on every worker, each with its own ``TF_CONFIG``,
+with ``--set runtime.strategy=multi_worker`` and one ``--workdir`` on a
+filesystem every worker shares; :func:`tfrobust.experiment.train` must run
+first thing in a fresh process. How the loop, the batches, the files and
+resuming work: docs/architecture.md, "Training on several machines".
 """
 
 from __future__ import annotations
