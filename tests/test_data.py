@@ -72,11 +72,11 @@ def test_idx_round_trip_split_and_values(tmp_path):
 
     assert ds.info == data.dataset_info("fashion_mnist")
     assert (ds.train_size, ds.validation_size, ds.test_size) == (40, 10, 20)
-    first_batch = next(iter(ds.train))
+    first_batch = next(iter(ds.train_epochs(0, 1)))
     assert first_batch[0].shape == (8, 28, 28, 1)
     assert first_batch[0].dtype == tf.float32 and first_batch[1].dtype == tf.int32
 
-    x_tr, y_tr = _collect(ds.train)
+    x_tr, y_tr = _collect(ds.train_epochs(0, 1))
     x_val, y_val = _collect(ds.validation)
     x_te, y_te = _collect(ds.test)
     assert x_tr.shape == (40, 28, 28, 1) and x_val.shape == (10, 28, 28, 1) and x_te.shape == (20, 28, 28, 1)
@@ -119,7 +119,7 @@ def test_limits_and_seeds(tmp_path):
     np.testing.assert_array_equal(_collect(full.validation)[0], _collect(limited.validation)[0])
     # The limited training set is the first 15 of the non-validation permutation.
     train_idx, val_idx = data.split_indices(N_TRAIN, 10, seed=1)
-    limited_idx = _match_rows(_collect(limited.train)[0], originals)
+    limited_idx = _match_rows(_collect(limited.train_epochs(0, 1))[0], originals)
     assert sorted(limited_idx.tolist()) == sorted(train_idx[:15].tolist())
     assert set(limited_idx).isdisjoint(val_idx)
     # Another seed holds out other examples.
@@ -137,7 +137,7 @@ def test_training_arrays_are_the_training_set(tmp_path):
     np.testing.assert_array_equal(x, arrays["train"][0][train_idx[:15], ..., None].astype(np.float32) / np.float32(255))
     np.testing.assert_array_equal(y, arrays["train"][1][train_idx[:15]].astype(np.int32))
     # The same examples as one pass of the training pipeline, in another order.
-    x_pipe, y_pipe = _collect(data.load_datasets(cfg, seed=1).train)
+    x_pipe, y_pipe = _collect(data.load_datasets(cfg, seed=1).train_epochs(0, 1))
     order = _match_rows(x_pipe, x)
     assert sorted(order.tolist()) == list(range(15))
     np.testing.assert_array_equal(y_pipe, y[order])
@@ -145,16 +145,17 @@ def test_training_arrays_are_the_training_set(tmp_path):
 
 def test_train_reshuffles_each_epoch_and_is_one_pass(tmp_path):
     _write_idx_set(str(tmp_path))
-    cfg = DataConfig(name="fashion_mnist", data_dir=str(tmp_path), validation_examples=5, batch_size=45, shuffle_buffer=100)
+    cfg = DataConfig(name="fashion_mnist", data_dir=str(tmp_path), validation_examples=5, batch_size=45)
     ds = data.load_datasets(cfg, seed=0)
-    epoch1 = _collect(ds.train)[0]
-    epoch2 = _collect(ds.train)[0]
+    epoch1 = _collect(ds.train_epochs(0, 1))[0]
+    epoch2 = _collect(ds.train_epochs(1, 2))[0]
     assert len(epoch1) == len(epoch2) == 45
     assert not np.array_equal(epoch1, epoch2)
     assert set(map(bytes, epoch1.reshape(45, -1))) == set(map(bytes, epoch2.reshape(45, -1)))
-    # Deterministic for a seed: a new pipeline repeats the same first epoch.
+    # Deterministic for a seed: a new pipeline repeats the same first epoch, and two epochs are the two in turn.
     again = data.load_datasets(cfg, seed=0)
-    np.testing.assert_array_equal(_collect(again.train)[0], epoch1)
+    np.testing.assert_array_equal(_collect(again.train_epochs(0, 1))[0], epoch1)
+    np.testing.assert_array_equal(_collect(again.train_epochs(0, 2))[0], np.concatenate([epoch1, epoch2]))
 
 
 def test_no_validation(tmp_path):
@@ -271,7 +272,7 @@ def test_debian_fashion_mnist():
     assert abs(x_train.mean() / 255.0 - data.dataset_info("fashion_mnist").mean[0]) < 1e-3
     ds = data.load_datasets(DataConfig(train_examples=64, test_examples=32, validation_examples=100, batch_size=32), seed=0)
     assert (ds.train_size, ds.validation_size, ds.test_size) == (64, 100, 32)
-    x, y = next(iter(ds.train))
+    x, y = next(iter(ds.train_epochs(0, 1)))
     assert x.shape == (32, 28, 28, 1) and 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
 
 
@@ -309,7 +310,7 @@ def test_tfds_pipeline_and_augmentation(name):
         cfg = DataConfig(name=name, validation_examples=8, batch_size=8, eval_batch_size=5, augment=True)
         ds = data.load_datasets(cfg, seed=0)
         assert (ds.train_size, ds.validation_size, ds.test_size) == (16, 8, 24)
-        for split in (ds.train, ds.validation, ds.test):
+        for split in (ds.train_epochs(0, 1), ds.validation, ds.test):
             for x, y in split:
                 assert x.shape[1:] == (32, 32, 3) and x.shape[0] <= 8
                 assert x.dtype == tf.float32 and y.dtype == tf.int32
@@ -320,8 +321,8 @@ def test_tfds_pipeline_and_augmentation(name):
         assert (_match_rows(_collect(ds.validation)[0], originals) >= 0).all()
         # Augmented training images are crops of the padded originals, mirrored only off SVHN.
         plain, mirrored = np.zeros(0, bool), np.zeros(0, bool)
-        for _ in range(3):
-            p, m = _augmented_sources(_collect(ds.train)[0], originals)
+        for epoch in range(3):
+            p, m = _augmented_sources(_collect(ds.train_epochs(epoch, epoch + 1))[0], originals)
             plain, mirrored = np.concatenate([plain, p]), np.concatenate([mirrored, m])
         assert (plain | mirrored).all()
         if name == "svhn_cropped":
@@ -335,7 +336,7 @@ def test_tfds_cifar100_labels():
     with tfds.testing.mock_data(num_examples=12):
         cfg = DataConfig(name="cifar100", validation_examples=2, augment=False, batch_size=16)
         ds = data.load_datasets(cfg)
-        x, y = next(iter(ds.train))
+        x, y = next(iter(ds.train_epochs(0, 1)))
         assert x.shape == (10, 32, 32, 3)
         assert ds.info.num_classes == 100 and int(tf.reduce_max(y)) < 100
 

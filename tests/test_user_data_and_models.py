@@ -68,7 +68,7 @@ def test_npz_shape_classes_and_normalisation_come_from_the_data(tmp_path):
     x, y = data.load_test_arrays(path)
     np.testing.assert_array_equal(x, arrays["x_test"].astype(np.float32) / 255)
     np.testing.assert_array_equal(y, arrays["y_test"])
-    xb, _ = next(iter(ds.train))
+    xb, _ = next(iter(ds.train_epochs(0, 1)))
     assert xb.shape[1:] == (12, 10, 3) and float(tf.reduce_max(xb)) <= 1.0
 
 

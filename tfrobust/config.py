@@ -50,7 +50,6 @@ class DataConfig:
     # 4-pixel pad and random crop (plus horizontal flip except on SVHN) for the
     # 32x32 data sets; ignored for 28x28 ones.
     augment: bool = True
-    shuffle_buffer: int = 10000
     # Per-channel normalisation of the built-in networks; None: measured on the
     # training images (the user's data) or the data set's known constants.
     mean: Optional[list] = None

@@ -66,17 +66,16 @@ class DatasetInfo:
 class Datasets:
     """The three splits of a data set, batched and ready for training."""
 
-    train: tf.data.Dataset
     validation: tf.data.Dataset
     test: tf.data.Dataset
     info: DatasetInfo
     train_size: int
     validation_size: int
     test_size: int
-    # train_epochs(start, end): epochs start..end-1 back to back, each shuffled
-    # and augmented as a function of (seed, epoch) only, so that a resumed run
-    # sees exactly the batches an uninterrupted run would.
-    train_epochs: Optional[Callable] = None
+    # train_epochs(start, end): the training set's epochs start..end-1 back to
+    # back, each shuffled and augmented as a function of (seed, epoch) only, so
+    # that a resumed run sees exactly the batches an uninterrupted run would.
+    train_epochs: Callable
     # True when data.extra_data has no labels: its examples carry the label -1
     # (only TRADES's KL term uses them, RobustModel(allow_unlabelled=True)).
     unlabelled_extra: bool = False
@@ -673,26 +672,6 @@ def _eval_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dat
     return ds.batch(batch_size).map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def _train_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
-    buffer = max(1, min(int(cfg.shuffle_buffer), len(x)))
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
-    options = augment_options(cfg.name, cfg.augment)
-    if options is None:
-        ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip((ds, draws))
-
-        def augment(batch, random):
-            images, labels = _to_float(*batch)
-            stateless_seed = tf.stack([random, tf.constant(0, tf.int64)])
-            return augment_batch(images, stateless_seed, **options), labels
-
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
 def _epochs_pipeline(x: np.ndarray, y: np.ndarray, cfg: DataConfig, seed: int, start: int, end: int) -> tf.data.Dataset:
     """Epochs ``start`` .. ``end - 1``; epoch e is permuted and augmented from (seed, e) alone."""
     images = tf.constant(x)
@@ -772,8 +751,8 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
     ``cfg.validation_examples`` examples become the validation set and the
     first ``cfg.train_examples`` of the rest the training set. The test set
     is the first ``cfg.test_examples`` of the test split, in file order.
-    ``train`` is shuffled anew (and augmented) on each pass; one pass is
-    one epoch.
+    ``train_epochs(start, end)`` gives the training epochs, each shuffled
+    (and augmented) from ``(seed, epoch)``.
     """
     info = source_info(cfg.name, cfg.data_dir)
     if cfg.mean is not None or cfg.std is not None:
@@ -806,7 +785,6 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
             return _mixed_epochs_pipeline(x_tr, y_tr, cfg, seed, start, end, pool, labelled, extra)
 
     return Datasets(
-        train=_train_pipeline(x_tr, y_tr, cfg, seed),
         validation=_eval_pipeline(x_val, y_val, cfg.eval_batch_size),
         test=_eval_pipeline(x_test, y_test, cfg.eval_batch_size),
         info=info,
