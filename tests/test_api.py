@@ -23,7 +23,7 @@ def test_every_exported_name_resolves():
         assert getattr(tr, name) is not None, name
     assert tr.RobustModel.__module__ == "tfrobust.trainer"
     assert tr.Defense is tr.defenses.Defense
-    assert callable(tr.evaluate) and callable(tr.run_autoattack) and callable(tr.average_case_flatness)
+    assert callable(tr.evaluate) and callable(tr.run_autoattack) and callable(tr.flatness.average_case_flatness)
     with pytest.raises(AttributeError):
         tr.no_such_name
 
@@ -82,3 +82,22 @@ def test_docstrings_cite_sections_that_exist_in_algorithms_md():
             for item in re.findall(r"\d+", match.group(1)):
                 assert item in items, f"{path}: deviation item {item} not in docs/algorithms.md"
     assert cited >= 12
+
+
+def test_the_top_level_keeps_the_main_names_and_finds_moved_ones_with_a_warning():
+    import types
+    import warnings
+
+    from tfrobust import attacks, flatness, landscape
+
+    main = {"RobustModel", "StepSettings", "Defense", "WeightSpaceTerm", "register_term", "Hyperparameter",
+            "register_base", "ExperimentConfig", "load_config", "train", "train_and_evaluate", "build_model",
+            "evaluate", "run_autoattack", "flatness_report", "UserError"}
+    names = {n for n in tr.__all__ if n != "__version__" and not isinstance(getattr(tr, n), types.ModuleType)}
+    assert names == main
+    for name, where in (("pgd", attacks), ("average_case_flatness", flatness), ("landscape_1d", landscape)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert getattr(tr, name) is getattr(where, name)
+        assert [str(w.message) for w in caught] == [
+            f"tfrobust.{name} is {where.__name__}.{name}; the top level keeps the main classes and functions"]

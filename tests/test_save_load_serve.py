@@ -339,8 +339,8 @@ def test_flatness_of_an_averaging_model_must_name_the_network_it_measures():
     x, y = data(16)
     model = trained("at", ema=0.9)
     with pytest.raises(UserError, match="pass model.network"):
-        tr.robust_loss(model, x, y, eps=0.1, steps=1)
-    assert np.isfinite(tr.robust_loss(model.network, x, y, eps=0.1, steps=1))
+        tr.flatness.robust_loss(model, x, y, eps=0.1, steps=1)
+    assert np.isfinite(tr.flatness.robust_loss(model.network, x, y, eps=0.1, steps=1))
 
 
 # --- settings passed whole -------------------------------------------------------------------------
