@@ -50,7 +50,7 @@ documented at the function that has them:
   from sorted breakpoints (the reference bisects in float32).
 * :func:`run_autoattack` projects every returned point onto the ball and
   [0, 1] and classifies it again. The reference's automatic checks are
-  computed by :func:`tfrobust.integrity.autoattack_flags` and returned as
+  computed by :func:`tfrobust.autoattack.checks.autoattack_flags` and returned as
   ``flags`` (Square's check counts the examples Square itself broke).
 * With EOT (version "rand"), APGD keeps the reference's mean-gradient step
   but picks its best point and tests misclassification on the mean loss and

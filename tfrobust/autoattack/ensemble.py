@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust.autoattack.apgd import apgd, apgd_targeted
+from tfrobust.autoattack.checks import autoattack_flags, check_result, square_check
 from tfrobust.autoattack.core import (
     BALL_TOLERANCE, as_inputs, check_ball, check_eps, check_norm, check_positive_int, check_seed, n_classes,
     perturbation_norms, predict_logits, predicted, project_numpy,
@@ -185,7 +186,7 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         example is classified correctly (clean and after each attack). None:
         20 for version "rand" and for the EOT attacks, else 1.
       flags: compute the reference's automatic checks
-        (:func:`tfrobust.integrity.autoattack_flags`) on the first batch and
+        (:func:`tfrobust.autoattack.checks.autoattack_flags`) on the first batch and
         warn about each one raised.
       partial_path: a JSON-lines file recording every decided batch (which
         attack broke which example, and the perturbation norm of its
@@ -229,7 +230,7 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         "x_adv": np.ndarray like x, an adversarial point for every broken
           example (x itself elsewhere);
         "flags": the reference's checks (a list of dicts, see
-          :func:`tfrobust.integrity.autoattack_flags`) or None;
+          :func:`tfrobust.autoattack.checks.autoattack_flags`) or None;
         "version", "verdict_passes", "resumed" (broken examples read back
         from ``partial_path``), "seconds": wall-clock time; plus "attacks", "eps",
         "norm", "n_examples".
@@ -263,8 +264,6 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
                 )
     flag_list = None
     if flags:
-        from tfrobust.integrity import autoattack_flags
-
         flag_list = autoattack_flags(model_fn, x_np[:batch_size], y_np[:batch_size], eps, norm=norm,
                                      randomised_expected=passes > 1, seed=seed)
         for flag in flag_list:
@@ -360,11 +359,8 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
             say(f"  robust accuracy of {name.upper()} alone: {indiv[name]:.2%}")
 
     if flag_list is not None and "square" not in [a for a, _ in plan]:
-        flag_list[-1] = {"name": "square_not_better", "passed": True, "detail": "Square is not in the ensemble",
-                         "skipped": True}
+        flag_list[-1] = check_result("square_not_better", True, "Square is not in the ensemble", skipped=True)
     elif flag_list is not None:
-        from tfrobust.integrity import square_check
-
         flag_list[-1] = square_check(broken_by, n)
         if not flag_list[-1]["passed"]:
             warnings.warn(f"AutoAttack check square_not_better: {flag_list[-1]['detail']}", RuntimeWarning,
