@@ -11,21 +11,22 @@ JSON-lines file (``partial_path``) from which an interrupted run resumes.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import Callable, Dict, Mapping, Sequence, Union
 
 import numpy as np
-import tensorflow as tf
 
 from tfrobust.autoattack.apgd import apgd, apgd_targeted
+from tfrobust.autoattack.batches import BatchAttacker
 from tfrobust.autoattack.checks import autoattack_flags, check_result, square_check
 from tfrobust.autoattack.core import (
     BALL_TOLERANCE, as_inputs, check_ball, check_eps, check_norm, check_positive_int, check_seed, n_classes,
-    perturbation_norms, predict_logits, predicted, project_numpy,
+    predict_logits, predicted,
 )
 from tfrobust.autoattack.fab import fab, fab_targeted
+from tfrobust.autoattack.resume import PartialLog, fingerprint
+from tfrobust.autoattack.sharding import replica_devices
 from tfrobust.autoattack.square import square
 from tfrobust.errors import UserError, unknown_choice
 
@@ -249,139 +250,50 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
     n = len(x_np)
     if n == 0:
         raise UserError("x is empty")
-
-    from tqdm.auto import tqdm
-
     logits = predict_logits(model_fn, x_t, batch_size, passes=passes)
     classes = n_classes(logits, y_t)
-    for name, _ in plan:
-        need = _MIN_CLASSES.get(name, 2)
-        if attacks is None or not isinstance(attacks, Mapping):
-            if classes < need:
-                raise UserError(
-                    f"attack {name!r} needs at least {need} classes, the model has {classes}; "
-                    f"choose attacks from {sorted(a for a, k in _MIN_CLASSES.items() if k <= classes)}"
-                )
+    if not isinstance(attacks, Mapping):
+        _check_classes([name for name, _ in plan], classes)
     flag_list = None
     if flags:
         flag_list = autoattack_flags(model_fn, x_np[:batch_size], y_np[:batch_size], eps, norm=norm,
                                      randomised_expected=passes > 1, seed=seed)
-        for flag in flag_list:
-            if not flag["passed"]:
-                warnings.warn(f"AutoAttack check {flag['name']}: {flag['detail']}", RuntimeWarning, stacklevel=2)
+        _warn_failed(flag_list)
     clean_mask = (predicted(logits).numpy() == y_np)
-    robust = clean_mask.copy()
-    broken_by = np.where(clean_mask, "", "clean").astype(object)
-    pert_norm = np.full(n, np.nan)
-    x_adv = x_np.copy()
-    clean = float(clean_mask.mean())
-    say = tqdm.write if verbose else (lambda *_: None)
-    say(f"AutoAttack ({norm}, eps={eps:g}): clean accuracy {clean:.2%} on {n} examples")
-    log = _PartialLog(partial_path, _fingerprint(x_np, y_np, eps, norm, [a for a, _ in plan], version if attacks
-                                                 is None else None, seed, batch_size, passes, individual))
-    replayed = np.zeros(n, bool)
-    devices = _replica_devices(strategy)
-
-    def attack_examples(name, fn, idx, bar_desc):
-        """Runs ``fn`` on x[idx] in batches; returns (fooled mask over idx, adversarial points, norms)."""
-        fooled = np.zeros(len(idx), bool)
-        points = x_np[idx].copy()
-        norms = np.full(len(idx), np.nan)
-        n_batches = max(1, math.ceil(len(idx) / batch_size))
-        split = len(devices) > 1 and n_batches < len(devices) and _splits_batches(devices)
-        group = len(devices) if len(devices) > 1 and not split else 1
-
-        def finish(b, sl, xb, yb, out):
-            out = project_numpy(np.asarray(out, np.float32).reshape(xb.shape), xb, eps, norm)
-            pred = predicted(predict_logits(model_fn, tf.constant(out), batch_size, passes=passes)).numpy()
-            fooled[sl] = pred != yb
-            points[sl] = out
-            norms[sl] = np.where(fooled[sl], perturbation_norms(out, xb, norm), np.nan)
-            log.record(bar_desc, b, idx[sl], idx[sl][fooled[sl]], norms[sl][fooled[sl]])
-
-        with tqdm(total=len(idx), desc=bar_desc, disable=not verbose, leave=False) as bar:
-            pending = []
-            for b in range(n_batches):
-                sl = slice(b * batch_size, min((b + 1) * batch_size, len(idx)))
-                xb, yb = x_np[idx[sl]], y_np[idx[sl]]
-                if len(xb) == 0:
-                    continue
-                done = log.lookup(bar_desc, b, idx[sl])
-                if done is not None:
-                    fooled_idx, fooled_norms = done
-                    where = np.searchsorted(idx[sl], fooled_idx)
-                    fooled[sl][where] = True
-                    norms[sl][where] = fooled_norms
-                    replayed[fooled_idx] = True
-                    bar.update(len(xb))
-                    continue
-                pending.append((b, sl, xb, yb))
-                if len(pending) < group and b < n_batches - 1:
-                    continue
-                if split and len(xb) >= len(devices):
-                    outs = [_run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices)]
-                elif len(pending) > 1:
-                    outs = _run_on_devices(fn, model_fn, [(xb, yb) for _, _, xb, yb in pending], eps, norm, seed,
-                                           devices)
-                else:
-                    outs = [fn(model_fn, xb, yb, eps, norm=norm, seed=seed)]
-                for (b_, sl_, xb_, yb_), out in zip(pending, outs):
-                    finish(b_, sl_, xb_, yb_, out)
-                    bar.update(len(xb_))
-                pending = []
-        return fooled, points, norms
-
-    per_attack = {}
-    for name, fn in plan:
-        idx = np.flatnonzero(robust)
-        if idx.size:
-            fooled, points, norms = attack_examples(name, fn, idx, name)
-            robust[idx[fooled]] = False
-            x_adv[idx[fooled]] = points[fooled]
-            broken_by[idx[fooled]] = name
-            pert_norm[idx[fooled]] = norms[fooled]
-        per_attack[name] = float(robust.mean())
-        say(f"  robust accuracy after {name.upper()}: {per_attack[name]:.2%} ({time.time() - start:.1f} s)")
-
-    indiv = None
-    if individual:
-        indiv = {}
-        idx = np.flatnonzero(clean_mask)
-        for name, fn in plan:
-            alone = clean_mask.copy()
-            if idx.size:
-                fooled, points, _ = attack_examples(name, fn, idx, f"{name} (alone)")
-                alone[idx[fooled]] = False
-                newly = idx[fooled & robust[idx]]
-                x_adv[newly] = points[fooled & robust[idx]]
-                robust[idx[fooled]] = False
-            indiv[name] = float(alone.mean())
-            say(f"  robust accuracy of {name.upper()} alone: {indiv[name]:.2%}")
-
+    verdicts = _Verdicts(x_np, clean_mask)
+    say = _printer(verbose)
+    say(f"AutoAttack ({norm}, eps={eps:g}): clean accuracy {verdicts.clean:.2%} on {n} examples")
+    log = PartialLog(partial_path, fingerprint(x_np, y_np, eps, norm, [a for a, _ in plan], version if attacks
+                                               is None else None, seed, batch_size, passes, individual))
+    devices = replica_devices(strategy)
+    runner = BatchAttacker(model_fn, x_np, y_np, eps, norm, seed, batch_size, passes, log, devices, verbose)
+    per_attack = verdicts.run_ensemble(plan, runner, lambda name, acc: say(
+        f"  robust accuracy after {name.upper()}: {acc:.2%} ({time.time() - start:.1f} s)"))
+    indiv = verdicts.run_alone(plan, runner, lambda name, acc: say(
+        f"  robust accuracy of {name.upper()} alone: {acc:.2%}")) if individual else None
     if flag_list is not None and "square" not in [a for a, _ in plan]:
         flag_list[-1] = check_result("square_not_better", True, "Square is not in the ensemble", skipped=True)
     elif flag_list is not None:
-        flag_list[-1] = square_check(broken_by, n)
-        if not flag_list[-1]["passed"]:
-            warnings.warn(f"AutoAttack check square_not_better: {flag_list[-1]['detail']}", RuntimeWarning,
-                          stacklevel=2)
+        flag_list[-1] = square_check(verdicts.broken_by, n)
+        _warn_failed(flag_list[-1:])
+    replayed = runner.replayed
     fresh = ~replayed
-    check_ball(x_adv[fresh], x_np[fresh], eps, norm)
-    if np.any(pert_norm[replayed] > eps + BALL_TOLERANCE):
+    check_ball(verdicts.x_adv[fresh], x_np[fresh], eps, norm)
+    if np.any(verdicts.pert_norm[replayed] > eps + BALL_TOLERANCE):
         raise RuntimeError(f"{partial_path} records perturbations outside the {norm} ball of radius {eps}")
     log.close()
-    worst = float(robust.mean())
+    worst = float(verdicts.robust.mean())
     say(f"  worst case over all attacks: {worst:.2%} ({time.time() - start:.1f} s)")
     return {
-        "clean": clean,
+        "clean": verdicts.clean,
         "per_attack": per_attack,
         "individual": indiv,
         "worst_case": worst,
-        "robust_mask": robust,
+        "robust_mask": verdicts.robust,
         "clean_mask": clean_mask,
-        "broken_by": broken_by.astype(str),
-        "perturbation_norm": pert_norm,
-        "x_adv": x_adv,
+        "broken_by": verdicts.broken_by.astype(str),
+        "perturbation_norm": verdicts.pert_norm,
+        "x_adv": verdicts.x_adv,
         "flags": flag_list,
         "seconds": time.time() - start,
         "attacks": [name for name, _ in plan],
@@ -395,140 +307,70 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
     }
 
 
-def _replica_devices(strategy) -> list:
-    """The local replica devices of ``strategy`` (empty for None or the default strategy)."""
-    if strategy is None:
-        return []
-    try:
-        return list(strategy.extended.worker_devices)
-    except (AttributeError, NotImplementedError):
-        return []
+def _check_classes(names, classes):
+    """A UserError if an attack of ``names`` needs more classes than the model's ``classes``."""
+    for name in names:
+        need = _MIN_CLASSES.get(name, 2)
+        if classes < need:
+            raise UserError(
+                f"attack {name!r} needs at least {need} classes, the model has {classes}; "
+                f"choose attacks from {sorted(a for a, k in _MIN_CLASSES.items() if k <= classes)}"
+            )
 
 
-def _splits_batches(devices) -> bool:
-    """Whether a batch is worth splitting across ``devices``: only across accelerators.
-
-    Logical devices of one CPU share its cores, so a split batch only adds
-    per-call overhead (measured 20-30% slower on two logical CPUs,
-    benchmarks/bench_autoattack_sharding.py).
-    """
-    return any((tf.DeviceSpec.from_string(str(d)).device_type or "CPU").upper() != "CPU" for d in devices)
+def _warn_failed(flag_list):
+    for flag in flag_list:
+        if not flag["passed"]:
+            warnings.warn(f"AutoAttack check {flag['name']}: {flag['detail']}", RuntimeWarning, stacklevel=3)
 
 
-def _run_on_devices(fn, model_fn, batches, eps, norm, seed, devices):
-    """``fn`` on whole batches, batch k on device k, concurrently; each batch exactly as on one device."""
-    from concurrent.futures import ThreadPoolExecutor
+def _printer(verbose):
+    from tqdm.auto import tqdm
 
-    def run(device, batch):
-        xb, yb = batch
-        with tf.device(device):
-            return np.asarray(fn(model_fn, xb, yb, eps, norm=norm, seed=seed), np.float32)
-
-    with ThreadPoolExecutor(len(batches)) as pool:
-        return list(pool.map(run, devices[:len(batches)], batches))
+    return tqdm.write if verbose else (lambda *_: None)
 
 
-def _run_sharded(fn, model_fn, xb, yb, eps, norm, seed, devices):
-    """``fn`` on one shard of the batch per device, concurrently; the points in the batch's order."""
-    shards = [s for s in np.array_split(np.arange(len(xb)), len(devices)) if len(s)]
-    parts = _run_on_devices(fn, model_fn, [(xb[s], yb[s]) for s in shards], eps, norm, seed, devices)
-    return np.concatenate(parts, axis=0)
+class _Verdicts:
+    """Per-example verdicts of an ensemble: who broke each example, with which point and at what norm."""
 
+    def __init__(self, x, clean_mask):
+        self.clean_mask = clean_mask
+        self.clean = float(clean_mask.mean())
+        self.robust = clean_mask.copy()
+        self.broken_by = np.where(clean_mask, "", "clean").astype(object)
+        self.pert_norm = np.full(len(x), np.nan)
+        self.x_adv = x.copy()
 
-# --------------------------------------------------------------------------
-# Per-example results on disk (resumable evaluation)
-# --------------------------------------------------------------------------
+    def run_ensemble(self, plan, runner, report) -> dict:
+        """Each attack of ``plan`` in turn on the examples still robust; the accuracy after each."""
+        per_attack = {}
+        for name, fn in plan:
+            idx = np.flatnonzero(self.robust)
+            if idx.size:
+                fooled, points, norms = runner.attack(fn, idx, name)
+                self.robust[idx[fooled]] = False
+                self.x_adv[idx[fooled]] = points[fooled]
+                self.broken_by[idx[fooled]] = name
+                self.pert_norm[idx[fooled]] = norms[fooled]
+            per_attack[name] = float(self.robust.mean())
+            report(name, per_attack[name])
+        return per_attack
 
-
-def _fingerprint(x, y, eps, norm, names, version, seed, batch_size, passes, individual) -> dict:
-    """What a partial-results file must match to be replayed: the data and every setting."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(x).tobytes())
-    digest.update(np.ascontiguousarray(y).astype(np.int64).tobytes())
-    return {"data_sha256": digest.hexdigest(), "n_examples": int(len(x)), "eps": float(eps), "norm": norm,
-            "attacks": list(names), "version": version, "seed": int(seed), "batch_size": int(batch_size),
-            "verdict_passes": int(passes), "individual": bool(individual)}
-
-
-class _PartialLog:
-    """Append-only JSON-lines record of decided batches; replays a file from an interrupted run.
-
-    Line 1 is the fingerprint of the run; each further line is one batch:
-    ``{"attack", "batch", "examples": [...], "fooled": [...], "norms": [...]}``,
-    written with one ``write`` call and flushed to disk (fsync) before the next
-    batch starts. A torn last line (the process was killed while writing) is
-    ignored and its batch runs again.
-    """
-
-    def __init__(self, path, fingerprint):
-        import json
-        import os
-
-        self.path = path
-        self.done = {}
-        self.file = None
-        if path is None:
-            return
-        if os.path.exists(path):
-            with open(path) as f:
-                lines = f.read().split("\n")
-            try:
-                header = json.loads(lines[0])
-            except ValueError:
-                raise UserError(f"{path} is not a partial-results file of this evaluation; remove it or "
-                                "choose another output") from None
-            if header != fingerprint:
-                changed = sorted(k for k in set(header) | set(fingerprint) if header.get(k) != fingerprint.get(k))
-                raise UserError(f"{path} was written by an evaluation with different {', '.join(changed)}; "
-                                "remove it to start over or rerun the same command")
-            complete = []
-            for line in lines[1:]:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    break  # torn last line
-                self.done[(entry["attack"], entry["batch"])] = entry
-                complete.append(line)
-            # rewrite without a torn tail, atomically
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write("\n".join([lines[0]] + complete) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            self.file = open(path, "a")
-        else:
-            self.file = open(path, "w")
-            self._write(fingerprint)
-
-    def _write(self, obj):
-        import json
-        import os
-
-        self.file.write(json.dumps(obj) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def lookup(self, attack, batch, examples):
-        entry = self.done.get((attack, batch))
-        if entry is None:
-            return None
-        if list(entry["examples"]) != [int(i) for i in examples]:
-            raise UserError(f"{self.path} does not match this evaluation (batch {batch} of {attack} holds other "
-                            "examples); remove it to start over")
-        return np.asarray(entry["fooled"], np.int64), np.asarray(entry["norms"], np.float64)
-
-    def record(self, attack, batch, examples, fooled, norms):
-        if self.file is not None:
-            self._write({"attack": attack, "batch": int(batch), "examples": [int(i) for i in examples],
-                         "fooled": [int(i) for i in fooled], "norms": [float(v) for v in norms]})
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+    def run_alone(self, plan, runner, report) -> dict:
+        """Each attack of ``plan`` alone on every clean-correct example; its accuracy alone."""
+        indiv = {}
+        idx = np.flatnonzero(self.clean_mask)
+        for name, fn in plan:
+            alone = self.clean_mask.copy()
+            if idx.size:
+                fooled, points, _ = runner.attack(fn, idx, f"{name} (alone)")
+                alone[idx[fooled]] = False
+                newly = idx[fooled & self.robust[idx]]
+                self.x_adv[newly] = points[fooled & self.robust[idx]]
+                self.robust[idx[fooled]] = False
+            indiv[name] = float(alone.mean())
+            report(name, indiv[name])
+        return indiv
 
 
 __all__ = ["ATTACKS", "ALL_ATTACKS", "VERSIONS", "VERSION_ATTACKS", "VERSION_VERDICT_PASSES", "RAND_EOT_ITER",
