@@ -3,7 +3,7 @@
 :data:`VERSIONS` names the attacks of "standard", "fast", "plus" and "rand";
 :data:`VERSION_ATTACKS` holds each version's budgets (the reference's
 ``set_version``) and :data:`ALL_ATTACKS` every attack that can be named
-alone. :func:`run_autoattack` runs an ensemble in batches on the examples
+alone, all built from the rows of :mod:`tfrobust.attack_names`. :func:`run_autoattack` runs an ensemble in batches on the examples
 every earlier attack failed to break, optionally sharded over the replica
 devices of a ``tf.distribute`` strategy, and records each decided batch in a
 JSON-lines file (``partial_path``) from which an interrupted run resumes.
@@ -11,40 +11,24 @@ JSON-lines file (``partial_path``) from which an interrupted run resumes.
 
 from __future__ import annotations
 
+import importlib
 import time
 import warnings
 from typing import Callable, Dict, Mapping, Sequence, Union
 
 import numpy as np
 
-from tfrobust.autoattack.apgd import apgd, apgd_targeted
+from tfrobust import attack_names
+from tfrobust.attack_names import RAND_EOT_ITER  # noqa: F401 - a public name of the package
 from tfrobust.autoattack.batches import BatchAttacker
 from tfrobust.autoattack.checks import autoattack_flags, check_result, square_check
 from tfrobust.autoattack.core import (
     BALL_TOLERANCE, as_inputs, check_ball, check_eps, check_norm, check_positive_int, check_seed, n_classes,
     predict_logits, predicted,
 )
-from tfrobust.autoattack.fab import fab, fab_targeted
 from tfrobust.autoattack.resume import PartialLog, fingerprint
 from tfrobust.autoattack.sharding import replica_devices
-from tfrobust.autoattack.square import square
 from tfrobust.errors import UserError, unknown_choice
-
-
-def _standard_apgd_ce(model_fn, x, y, eps, norm, seed):
-    return apgd(model_fn, x, y, eps, norm=norm, loss="ce", n_iter=100, n_restarts=1, seed=seed)
-
-
-def _standard_apgd_t(model_fn, x, y, eps, norm, seed):
-    return apgd_targeted(model_fn, x, y, eps, norm=norm, n_iter=100, n_target_classes=9, seed=seed)
-
-
-def _standard_fab_t(model_fn, x, y, eps, norm, seed):
-    return fab_targeted(model_fn, x, y, eps, norm=norm, n_iter=100, n_target_classes=9, n_restarts=1, seed=seed)
-
-
-def _standard_square(model_fn, x, y, eps, norm, seed):
-    return square(model_fn, x, y, eps, norm=norm, n_queries=5000, p_init=0.8, seed=seed)
 
 
 def _budget(attack, **settings):
@@ -57,61 +41,32 @@ def _budget(attack, **settings):
     return run
 
 
-# name -> fn(model_fn, x, y, eps, norm, seed) -> x_adv, with AutoAttack's "standard" settings
-ATTACKS: Dict[str, Callable] = {
-    "apgd-ce": _standard_apgd_ce,
-    "apgd-t": _standard_apgd_t,
-    "fab-t": _standard_fab_t,
-    "square": _standard_square,
-}
+def attack_of(component: attack_names.Component, budget=None) -> Callable:
+    """``fn(model_fn, x, y, eps, norm, seed)`` running a row of the attack table with its budget (or ``budget``)."""
+    function = component.function
+    if isinstance(function, str):
+        module, _, name = function.partition(":")
+        function = getattr(importlib.import_module(module), name)
+    return _budget(function, **(component.budget if budget is None else budget))
 
-# Forward passes averaged by the EOT attacks (the reference's eot_iter of version "rand").
-RAND_EOT_ITER = 20
 
-# Every attack that can be named alone: standard's four with its budgets, then APGD on the DLR
-# loss and untargeted FAB with one restart (the reference's set_version("standard") sets both
-# objects to one restart, autoattack.py lines 309 and 316), then APGD-CE and APGD-DLR with
-# "rand"'s EOT over 20 passes.
-ALL_ATTACKS: Dict[str, Callable] = {
-    **ATTACKS,
-    "apgd-dlr": _budget(apgd, loss="dlr", n_iter=100, n_restarts=1),
-    "fab": _budget(fab, n_iter=100, n_restarts=1),
-    "apgd-ce-eot": _budget(apgd, loss="ce", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
-    "apgd-dlr-eot": _budget(apgd, loss="dlr", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
-}
+# Every attack that can be named alone (the rows of tfrobust.attack_names.COMPONENTS), standard's
+# four first: name -> fn(model_fn, x, y, eps, norm, seed) -> x_adv.
+ALL_ATTACKS: Dict[str, Callable] = {c.name: attack_of(c) for c in attack_names.standard_first()}
 
-VERSIONS: Dict[str, list] = {
-    "standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
-    "fast": ["apgd-ce", "apgd-t"],
-    "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
-    "rand": ["apgd-ce", "apgd-dlr"],
-}
+# The attacks of "standard", with its budgets.
+ATTACKS: Dict[str, Callable] = {name: ALL_ATTACKS[name] for name in attack_names.version("standard").components}
 
-# The budgets of each version (reference autoattack.py, set_version, lines 302-337, for L-inf
-# and L2): "plus" gives APGD and untargeted FAB 5 restarts, "rand" runs APGD with 20 EOT passes.
+# The attacks of each version, in order (the rows of tfrobust.attack_names.AUTOATTACK_VERSIONS).
+VERSIONS: Dict[str, list] = {v.name: list(v.components) for v in attack_names.versions()}
+
+# The budgets of each version: the components' own, or the version's.
 VERSION_ATTACKS: Dict[str, Dict[str, Callable]] = {
-    "standard": {name: ATTACKS[name] for name in VERSIONS["standard"]},
-    "fast": {name: ATTACKS[name] for name in VERSIONS["fast"]},
-    "plus": {
-        "apgd-ce": _budget(apgd, loss="ce", n_iter=100, n_restarts=5),
-        "apgd-dlr": _budget(apgd, loss="dlr", n_iter=100, n_restarts=5),
-        "fab": _budget(fab, n_iter=100, n_restarts=5),
-        "square": _budget(square, n_queries=5000, p_init=0.8, n_restarts=1),
-        "apgd-t": _budget(apgd_targeted, n_iter=100, n_target_classes=9, n_restarts=1),
-        "fab-t": _budget(fab_targeted, n_iter=100, n_target_classes=9, n_restarts=1),
-    },
-    "rand": {
-        "apgd-ce": _budget(apgd, loss="ce", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
-        "apgd-dlr": _budget(apgd, loss="dlr", n_iter=100, n_restarts=1, eot_iter=RAND_EOT_ITER),
-    },
-}
+    v.name: {name: attack_of(attack_names.component(name), v.budgets[name]) if v.own_budgets else ALL_ATTACKS[name]
+             for name in v.components} for v in attack_names.versions()}
 
 # Forward passes whose mean logits decide each verdict (clean and adversarial) of a version.
-VERSION_VERDICT_PASSES = {"rand": RAND_EOT_ITER}
-
-# Smallest number of classes each attack supports.
-_MIN_CLASSES = {"apgd-ce": 2, "apgd-t": 4, "fab-t": 2, "square": 2, "apgd-dlr": 3, "fab": 2,
-                "apgd-ce-eot": 2, "apgd-dlr-eot": 3}
+VERSION_VERDICT_PASSES = {v.name: v.verdict_passes for v in attack_names.versions() if v.verdict_passes > 1}
 
 AttackSpec = Union[None, Sequence[str], Mapping[str, Callable]]
 
@@ -134,13 +89,14 @@ def _resolve_attacks(version, attacks):
     names = list(attacks)
     if not names:
         raise UserError("attacks is empty")
+    rows = {c.name: c for c in attack_names.components()}
     for name in names:
-        if name not in ALL_ATTACKS:
-            # standard's attacks first, then the others in the order of ALL_ATTACKS
-            raise UserError(f"unknown attack {name!r}; allowed: {', '.join(ALL_ATTACKS)}")
+        if name not in rows:
+            allowed = ", ".join(c.name for c in attack_names.standard_first())
+            raise UserError(f"unknown attack {name!r}; allowed: {allowed}")
     if len(set(names)) != len(names):
         raise UserError(f"attacks lists a name twice: {names}")
-    return [(name, ALL_ATTACKS[name]) for name in names]
+    return [(name, ALL_ATTACKS[name] if name in ALL_ATTACKS else attack_of(rows[name])) for name in names]
 
 
 def _verdict_passes(version, attacks, plan) -> int:
@@ -310,11 +266,11 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
 def _check_classes(names, classes):
     """A UserError if an attack of ``names`` needs more classes than the model's ``classes``."""
     for name in names:
-        need = _MIN_CLASSES.get(name, 2)
+        need = attack_names.component(name).min_classes
         if classes < need:
             raise UserError(
                 f"attack {name!r} needs at least {need} classes, the model has {classes}; "
-                f"choose attacks from {sorted(a for a, k in _MIN_CLASSES.items() if k <= classes)}"
+                f"choose attacks from {sorted(c.name for c in attack_names.components() if c.min_classes <= classes)}"
             )
 
 
