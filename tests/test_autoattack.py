@@ -260,8 +260,13 @@ def test_bad_arguments(bn_cnn):
         aa.apgd(model, x, y, 0.03, norm="L1")
     with pytest.raises(UserError, match="eps"):
         aa.run_autoattack(model, x, y, -0.1, verbose=False)
-    with pytest.raises(UserError, match="eps"):
+    with pytest.raises(UserError, match="eps must be >= 0"):
         aa.square(model, x, y, -1.0)
+    # the same words as every other eps check of tfrobust
+    with pytest.raises(UserError, match="eps must be finite"):
+        aa.run_autoattack(model, x, y, float("nan"), verbose=False)
+    with pytest.raises(UserError, match="eps must be a number"):
+        aa.apgd(model, x, y, "0.03")
     with pytest.raises(UserError, match="allowed: ce, dlr, dlr-targeted"):
         aa.apgd(model, x, y, 0.03, loss="hinge")
     with pytest.raises(UserError, match="target_class_rank"):
