@@ -266,19 +266,10 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     if large_eps is None:
         large_eps = 1.0 if norm == "linf" else math.sqrt(dims)
     large_eps = core.check_eps(large_eps)
-
     call = lambda t: core.call_model(model_fn, t)  # noqa: E731
 
-    def correct(_, x_adv, x, y):
-        return core.predicted(call(x_adv)) == y
-
     def correct_under(radius, k, purpose):
-        """Per-example correctness under PGD-k (step 2.5 radius / k) at ``radius``, one seed per batch."""
-        step = 2.5 * radius / k
-        return attack_batches(
-            call, x_np, y_np, lambda fn, xb, yb, sd: pgd(fn, xb, yb, radius, step, k, norm=norm, loss="ce", seed=sd),
-            batch_size=batch_size, measure=correct,
-            seeds=lambda b, _: seeds.batch_seed(seed % (2**31 - 1), b, purpose))
+        return _pgd_correct(call, x_np, y_np, radius, k, norm, batch_size, seed, purpose)
 
     from tqdm.auto import tqdm
 
@@ -302,25 +293,9 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     large = correct_under(large_eps, 20, seeds.PROBE_LARGE_EPS)
     bar.update(1)
 
-    def zero_gradient(_, x_adv, xb, yb):
-        _, _, g = core.input_gradient(call, xb, lambda logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=yb, logits=logits))
-        return tf.reduce_all(tf.equal(core.flatten_examples(g), 0.0), axis=1)
-
-    def fooled_by(attack, xs, ys):
-        """Per-example success of an AutoAttack component (eager, in batches of ``batch_size``)."""
-        def measure(_, x_adv, xb, yb):
-            return core.predicted(core.predict_logits(model_fn, x_adv)) != yb
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*zero input gradient", category=RuntimeWarning)
-            return attack_batches(model_fn, xs, ys, lambda fn, xb, yb, _: attack(fn, xb, yb),
-                                  batch_size=batch_size, measure=measure, jit=False, seeds=lambda b, r: None)
-
-    zero_grad = int(np.sum(attack_batches(call, x_np, y_np, lambda fn, xb, yb, _: xb, batch_size=batch_size,
-                                          measure=zero_gradient, seeds=lambda b, r: 0)))
-    apgd_ok = ~fooled_by(lambda fn, xb, yb: apgd(
-        fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed), x_np, y_np)
+    zero_grad = _zero_gradient_count(call, x_np, y_np, batch_size)
+    apgd_ok = ~_fooled_by(model_fn, lambda fn, xb, yb: apgd(
+        fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed), x_np, y_np, batch_size)
     accuracy["apgd-ce"] = float(apgd_ok.mean())
     gradient_robust &= apgd_ok
     bar.update(1)
@@ -328,8 +303,8 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     idx = np.flatnonzero(gradient_robust)
     square_fooled = 0
     if idx.size and eps > 0 and square_queries:
-        square_fooled = int(np.sum(fooled_by(lambda fn, xb, yb: square(
-            fn, xb, yb, eps, norm=norm, n_queries=square_queries, seed=seed), x_np[idx], y_np[idx])))
+        square_fooled = int(np.sum(_fooled_by(model_fn, lambda fn, xb, yb: square(
+            fn, xb, yb, eps, norm=norm, n_queries=square_queries, seed=seed), x_np[idx], y_np[idx], batch_size)))
     bar.update(1)
     bar.close()
 
@@ -350,6 +325,40 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
                    "large_eps_steps": 20, "apgd_iters": int(apgd_iters), "square_queries": int(square_queries)},
         "seconds": time.time() - start,
     }
+
+
+def _pgd_correct(call, x, y, radius, k, norm, batch_size, seed, purpose):
+    """Per-example correctness under PGD-k (step 2.5 radius / k) at ``radius``, one seed per batch."""
+    step = 2.5 * radius / k
+
+    def correct(_, x_adv, xb, yb):
+        return core.predicted(call(x_adv)) == yb
+
+    return attack_batches(
+        call, x, y, lambda fn, xb, yb, sd: pgd(fn, xb, yb, radius, step, k, norm=norm, loss="ce", seed=sd),
+        batch_size=batch_size, measure=correct, seeds=lambda b, _: seeds.batch_seed(seed % (2**31 - 1), b, purpose))
+
+
+def _zero_gradient_count(call, x, y, batch_size) -> int:
+    """Examples whose cross-entropy input gradient at the clean point is exactly zero."""
+    def zero_gradient(_, x_adv, xb, yb):
+        _, _, g = core.input_gradient(call, xb, lambda logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=yb, logits=logits))
+        return tf.reduce_all(tf.equal(core.flatten_examples(g), 0.0), axis=1)
+
+    return int(np.sum(attack_batches(call, x, y, lambda fn, xb, yb, _: xb, batch_size=batch_size,
+                                     measure=zero_gradient, seeds=lambda b, r: 0)))
+
+
+def _fooled_by(model_fn, attack, xs, ys, batch_size):
+    """Per-example success of an AutoAttack component (eager, in batches of ``batch_size``)."""
+    def measure(_, x_adv, xb, yb):
+        return core.predicted(core.predict_logits(model_fn, x_adv)) != yb
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*zero input gradient", category=RuntimeWarning)
+        return attack_batches(model_fn, xs, ys, lambda fn, xb, yb, _: attack(fn, xb, yb),
+                              batch_size=batch_size, measure=measure, jit=False, seeds=lambda b, r: None)
 
 
 __all__ = [
