@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 import time
 import warnings
-from typing import Callable, Dict, Mapping, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -125,11 +126,9 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
       x, y: images (N, H, W, C) in [0, 1] and integer labels (N,) (or one-hot).
       eps: radius of the threat model (>= 0).
       norm: "linf" or "l2".
-      version: a key of :data:`VERSIONS` ("standard": APGD-CE, APGD-T, FAB-T,
-        Square; "plus": APGD-CE and APGD-DLR with 5 restarts, FAB with 5
-        restarts, Square, APGD-T, FAB-T; "rand": APGD-CE and APGD-DLR with
-        EOT over 20 passes; "fast": APGD-CE, APGD-T), each with the budgets of
-        :data:`VERSION_ATTACKS`; ignored when ``attacks`` is given.
+      version: a key of :data:`VERSIONS` (the package's docstring lists their
+        attacks), with the budgets of :data:`VERSION_ATTACKS`; ignored when
+        ``attacks`` is given.
       attacks: names from :data:`ALL_ATTACKS` to run in this order, or a mapping
         name -> fn for custom attacks or budgets, called as
         ``fn(model_fn, x, y, eps, norm=norm, seed=seed)`` and returning x_adv
@@ -193,13 +192,35 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         "norm", "n_examples".
     """
     start = time.time()
-    norm = check_norm(norm)
-    eps = check_eps(eps)
-    batch_size = check_positive_int("batch_size", batch_size)
-    seed = check_seed(seed)
+    norm, eps = check_norm(norm), check_eps(eps)
+    batch_size, seed = check_positive_int("batch_size", batch_size), check_seed(seed)
     plan = _resolve_attacks(version, attacks)
     passes = _verdict_passes(version, attacks, plan) if verdict_passes is None else check_positive_int(
         "verdict_passes", verdict_passes)
+    run = _Settings(eps, norm, seed, batch_size, passes, version if attacks is None else None, bool(individual),
+                    verbose, start)
+    return _attack_all(model_fn, x, y, plan, run, check_classes=not isinstance(attacks, Mapping), flags=flags,
+                       partial_path=partial_path, strategy=strategy)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked settings of one :func:`run_autoattack` call."""
+
+    eps: float
+    norm: str
+    seed: int
+    batch_size: int
+    passes: int
+    version: Optional[str]  # None for named or custom attacks
+    individual: bool
+    verbose: bool
+    start: float
+
+
+def _attack_all(model_fn, x, y, plan, run: _Settings, *, check_classes, flags, partial_path, strategy) -> dict:
+    """The body of :func:`run_autoattack`: clean verdicts, flags, the ensemble, the individual runs, the result."""
+    eps, norm, batch_size, passes = run.eps, run.norm, run.batch_size, run.passes
     x_t, y_t = as_inputs(x, y)
     x_np = x_t.numpy()
     y_np = y_t.numpy()
@@ -208,25 +229,25 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         raise UserError("x is empty")
     logits = predict_logits(model_fn, x_t, batch_size, passes=passes)
     classes = n_classes(logits, y_t)
-    if not isinstance(attacks, Mapping):
+    if check_classes:
         _check_classes([name for name, _ in plan], classes)
     flag_list = None
     if flags:
         flag_list = autoattack_flags(model_fn, x_np[:batch_size], y_np[:batch_size], eps, norm=norm,
-                                     randomised_expected=passes > 1, seed=seed)
+                                     randomised_expected=passes > 1, seed=run.seed)
         _warn_failed(flag_list)
     clean_mask = (predicted(logits).numpy() == y_np)
     verdicts = _Verdicts(x_np, clean_mask)
-    say = _printer(verbose)
+    say = _printer(run.verbose)
     say(f"AutoAttack ({norm}, eps={eps:g}): clean accuracy {verdicts.clean:.2%} on {n} examples")
-    log = PartialLog(partial_path, fingerprint(x_np, y_np, eps, norm, [a for a, _ in plan], version if attacks
-                                               is None else None, seed, batch_size, passes, individual))
+    log = PartialLog(partial_path, fingerprint(x_np, y_np, eps, norm, [a for a, _ in plan], run.version, run.seed,
+                                               batch_size, passes, run.individual))
     devices = replica_devices(strategy)
-    runner = BatchAttacker(model_fn, x_np, y_np, eps, norm, seed, batch_size, passes, log, devices, verbose)
+    runner = BatchAttacker(model_fn, x_np, y_np, eps, norm, run.seed, batch_size, passes, log, devices, run.verbose)
     per_attack = verdicts.run_ensemble(plan, runner, lambda name, acc: say(
-        f"  robust accuracy after {name.upper()}: {acc:.2%} ({time.time() - start:.1f} s)"))
+        f"  robust accuracy after {name.upper()}: {acc:.2%} ({time.time() - run.start:.1f} s)"))
     indiv = verdicts.run_alone(plan, runner, lambda name, acc: say(
-        f"  robust accuracy of {name.upper()} alone: {acc:.2%}")) if individual else None
+        f"  robust accuracy of {name.upper()} alone: {acc:.2%}")) if run.individual else None
     if flag_list is not None and "square" not in [a for a, _ in plan]:
         flag_list[-1] = check_result("square_not_better", True, "Square is not in the ensemble", skipped=True)
     elif flag_list is not None:
@@ -239,7 +260,7 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         raise RuntimeError(f"{partial_path} records perturbations outside the {norm} ball of radius {eps}")
     log.close()
     worst = float(verdicts.robust.mean())
-    say(f"  worst case over all attacks: {worst:.2%} ({time.time() - start:.1f} s)")
+    say(f"  worst case over all attacks: {worst:.2%} ({time.time() - run.start:.1f} s)")
     return {
         "clean": verdicts.clean,
         "per_attack": per_attack,
@@ -251,9 +272,9 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         "perturbation_norm": verdicts.pert_norm,
         "x_adv": verdicts.x_adv,
         "flags": flag_list,
-        "seconds": time.time() - start,
+        "seconds": time.time() - run.start,
         "attacks": [name for name, _ in plan],
-        "version": version if attacks is None else "custom",
+        "version": run.version if run.version is not None else "custom",
         "verdict_passes": int(passes),
         "resumed": int(replayed.sum()),
         "devices": list(devices) if len(devices) > 1 else [],
@@ -277,7 +298,7 @@ def _check_classes(names, classes):
 def _warn_failed(flag_list):
     for flag in flag_list:
         if not flag["passed"]:
-            warnings.warn(f"AutoAttack check {flag['name']}: {flag['detail']}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"AutoAttack check {flag['name']}: {flag['detail']}", RuntimeWarning, stacklevel=4)
 
 
 def _printer(verbose):
