@@ -252,24 +252,9 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
       the clean point is exactly zero), "budget", "seconds"}``.
     """
     start = time.time()
-    norm = core.check_norm(norm)
-    eps = core.check_eps(eps)
-    seed = core.check_seed(seed)
-    batch_size = core.check_positive_int("batch_size", batch_size)
-    steps = sorted({core.check_positive_int("steps", int(k)) for k in steps})
-    x_t, y_t = core.as_inputs(x, y)
-    x_np, y_np = x_t.numpy(), y_t.numpy()
-    n = len(x_np)
-    if n == 0:
-        raise UserError("x is empty")
-    dims = int(np.prod(x_np.shape[1:]))
-    if large_eps is None:
-        large_eps = 1.0 if norm == "linf" else math.sqrt(dims)
-    large_eps = core.check_eps(large_eps)
+    x_t, x_np, y_np, eps, norm, seed, batch_size, steps, large_eps = _probe_arguments(
+        x, y, eps, norm, seed, batch_size, steps, large_eps)
     call = lambda t: core.call_model(model_fn, t)  # noqa: E731
-
-    def correct_under(radius, k, purpose):
-        return _pgd_correct(call, x_np, y_np, radius, k, norm, batch_size, seed, purpose)
 
     from tqdm.auto import tqdm
 
@@ -278,20 +263,19 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     clean_correct = core.predicted(logits).numpy() == y_np
     bar.update(1)
 
-    accuracy = {"clean": float(clean_correct.mean())}
-    pgd_steps = {}
+    def correct_under(radius, k, purpose):
+        ok = _pgd_correct(call, x_np, y_np, radius, k, norm, batch_size, seed, purpose)
+        bar.update(1)
+        return ok
+
+    accuracy, pgd_steps = {"clean": float(clean_correct.mean())}, {}
     gradient_robust = clean_correct.copy()
     for j, k in enumerate(steps):
         ok = correct_under(eps, k, seeds.PROBE_STEPS + j)
-        pgd_steps[k] = float(ok.mean())
-        accuracy[f"pgd-{k}"] = pgd_steps[k]
+        pgd_steps[k] = accuracy[f"pgd-{k}"] = float(ok.mean())
         gradient_robust &= ok
-        bar.update(1)
-
     eps0 = correct_under(0.0, 10, seeds.PROBE_EPS0)
-    bar.update(1)
     large = correct_under(large_eps, 20, seeds.PROBE_LARGE_EPS)
-    bar.update(1)
 
     zero_grad = _zero_gradient_count(call, x_np, y_np, batch_size)
     apgd_ok = ~_fooled_by(model_fn, lambda fn, xb, yb: apgd(
@@ -309,7 +293,7 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     bar.close()
 
     return {
-        "n_examples": n,
+        "n_examples": len(x_np),
         "eps": eps,
         "norm": norm,
         "accuracy": accuracy,
@@ -325,6 +309,23 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
                    "large_eps_steps": 20, "apgd_iters": int(apgd_iters), "square_queries": int(square_queries)},
         "seconds": time.time() - start,
     }
+
+
+def _probe_arguments(x, y, eps, norm, seed, batch_size, steps, large_eps) -> tuple:
+    """The arguments of :func:`run_integrity_probes`, checked: ``(x_t, x_np, y_np, eps, norm, seed,
+    batch_size, steps, large_eps)``."""
+    norm = core.check_norm(norm)
+    eps = core.check_eps(eps)
+    seed = core.check_seed(seed)
+    batch_size = core.check_positive_int("batch_size", batch_size)
+    steps = sorted({core.check_positive_int("steps", int(k)) for k in steps})
+    x_t, y_t = core.as_inputs(x, y)
+    x_np, y_np = x_t.numpy(), y_t.numpy()
+    if len(x_np) == 0:
+        raise UserError("x is empty")
+    if large_eps is None:
+        large_eps = 1.0 if norm == "linf" else math.sqrt(int(np.prod(x_np.shape[1:])))
+    return x_t, x_np, y_np, eps, norm, seed, batch_size, steps, core.check_eps(large_eps)
 
 
 def _pgd_correct(call, x, y, radius, k, norm, batch_size, seed, purpose):
