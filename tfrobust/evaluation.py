@@ -68,7 +68,8 @@ from tfrobust import attacks as attack_lib
 from tfrobust import network_checks
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
     AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
-    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, autoattack_plan, is_autoattack, parse_attacks,
+    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, autoattack_plan, component, is_autoattack,
+    parse_attacks,
 )
 from tfrobust.errors import UserError, check_number
 from tfrobust.seeds import EVALUATION, batch_seed
@@ -253,14 +254,14 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     from tfrobust import autoattack
 
     start = time.time()
-    attacks = None if version else [c.replace("_", "-") for c in components]
+    attacks = None if version else [component(c).name for c in components]
     result = autoattack.run_autoattack(
         model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
         batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path, strategy=strategy,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
-        report["accuracy"][name] = float(result["per_attack"][name.replace("_", "-")])
+        report["accuracy"][name] = float(result["per_attack"][component(name).name])
     mask = np.asarray(result["robust_mask"], bool)
     report["correct"]["autoattack"] = mask
     label = "autoattack_" + ensemble[0] if len(ensemble) == 1 else "autoattack"
