@@ -8,6 +8,9 @@ evaluation's report and the ensemble's per-example verdicts are checked
 against that.
 """
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -100,3 +103,11 @@ def test_the_ensemble_reads_the_rows_budget_and_classes(toy):
     # scale 0.5 at eps 0.04 moves every pixel as far as scale 1 at eps 0.02: the same verdicts
     np.testing.assert_array_equal(scaled["robust_mask"], half["robust_mask"])
     assert half["worst_case"] < half["clean"]
+
+
+def test_the_table_is_read_without_tensorflow():
+    code = ("import sys\nfrom tfrobust import attack_names\n"
+            "attack_names.autoattack_plan(attack_names.parse_attacks('clean,standard,apgd_dlr'))\n"
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
