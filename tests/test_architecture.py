@@ -1,5 +1,6 @@
 """The layout's rules, read from the source: no import circles between tfrobust's
-modules, no module reaching into another module's private names, and the
+modules nor between its packages, no module importing one of a layer above its
+own, no module reaching into another module's private names, and the
 AutoAttack package keeps its public names.
 
 Imports are read from the syntax tree (also those inside functions), so the
@@ -140,5 +141,68 @@ def test_the_circle_check_reads_imports_and_finds_circles():
 
 
 def test_no_import_circles():
-    edges = {name: imported_modules(name, path.read_text()) for name, path in MODULES.items()}
+    assert import_circles(MODULE_EDGES) == []
+
+
+def package_of(module: str) -> str:
+    """The node of ``module`` in the package graph: a subpackage (``tfrobust.autoattack``) stands for all its modules."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def package_edges(edges: dict) -> dict:
+    """The module graph ``edges`` with every subpackage merged into one node (imports inside a package dropped)."""
+    merged = {}
+    for module, imported in edges.items():
+        node = package_of(module)
+        merged.setdefault(node, set()).update(package_of(m) for m in imported if package_of(m) != node)
+    return merged
+
+
+MODULE_EDGES = {name: imported_modules(name, path.read_text()) for name, path in MODULES.items()}
+
+
+def test_the_package_check_sees_a_circle_through_a_subpackage():
+    # integrity imports autoattack.core and autoattack.ensemble imports integrity: no circle between
+    # modules, one between the package tfrobust.autoattack and the module tfrobust.integrity.
+    edges = {"tfrobust.integrity": {"tfrobust.autoattack.core"}, "tfrobust.autoattack.core": set(),
+             "tfrobust.autoattack.ensemble": {"tfrobust.integrity", "tfrobust.autoattack.core"}}
     assert import_circles(edges) == []
+    assert import_circles(package_edges(edges)) == [["tfrobust.autoattack", "tfrobust.integrity"]]
+
+
+def test_no_import_circles_between_packages():
+    assert import_circles(package_edges(MODULE_EDGES)) == []
+
+
+# tfrobust's modules and packages from the bottom up: each may import only from its own layer or below.
+LAYERS = (
+    ("errors", "seeds", "registration"),
+    ("attack_names", "defense_names"),
+    ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks"),
+    ("data", "models", "loading", "weight_space"),
+    ("attacks",),
+    ("autoattack", "defenses", "flatness", "callbacks"),
+    ("integrity", "step", "trainer", "landscape"),
+    ("evaluation",),
+    ("experiment",),
+    ("cli", "commands", "__main__", ""),
+)
+
+
+def layer_violations(edges: dict, layers=LAYERS) -> list:
+    """``(importer, imported)`` for every import of a node from a layer above the importer's."""
+    level = {("tfrobust." + name if name else "tfrobust"): i for i, names in enumerate(layers) for name in names}
+    return sorted((a, b) for a, imported in edges.items() for b in imported if level[b] > level[a])
+
+
+def test_the_layer_check_finds_an_import_from_above():
+    edges = {"tfrobust.attacks": {"tfrobust.errors"}, "tfrobust.errors": {"tfrobust.attacks"}}
+    assert layer_violations(edges) == [("tfrobust.errors", "tfrobust.attacks")]
+
+
+def test_every_module_has_a_layer_and_imports_only_from_its_layer_or_below():
+    edges = package_edges(MODULE_EDGES)
+    placed = {("tfrobust." + name if name else "tfrobust") for names in LAYERS for name in names}
+    assert set(edges) == placed, "put a new module or package into LAYERS"
+    assert layer_violations(edges) == []

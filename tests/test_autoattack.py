@@ -260,8 +260,13 @@ def test_bad_arguments(bn_cnn):
         aa.apgd(model, x, y, 0.03, norm="L1")
     with pytest.raises(UserError, match="eps"):
         aa.run_autoattack(model, x, y, -0.1, verbose=False)
-    with pytest.raises(UserError, match="eps"):
+    with pytest.raises(UserError, match="eps must be >= 0"):
         aa.square(model, x, y, -1.0)
+    # the same words as every other eps check of tfrobust
+    with pytest.raises(UserError, match="eps must be finite"):
+        aa.run_autoattack(model, x, y, float("nan"), verbose=False)
+    with pytest.raises(UserError, match="eps must be a number"):
+        aa.apgd(model, x, y, "0.03")
     with pytest.raises(UserError, match="allowed: ce, dlr, dlr-targeted"):
         aa.apgd(model, x, y, 0.03, loss="hinge")
     with pytest.raises(UserError, match="target_class_rank"):
@@ -481,12 +486,12 @@ def test_accelerators_split_a_lone_batch_and_verdicts_stay(linear_cases, monkeyp
     The examples are at least 20% away from the boundary, so the changed random draws of the split
     (they depend on an example's position) cannot flip a verdict.
     """
-    from tfrobust.autoattack import ensemble
+    from tfrobust.autoattack import sharding
 
     model, x, y, r, eps = _clear_linear_examples(linear_cases)
-    assert not ensemble._splits_batches(["/job:localhost/replica:0/task:0/device:CPU:0"] * 2)
-    assert ensemble._splits_batches(["/job:localhost/replica:0/task:0/device:GPU:0"] * 2)
-    monkeypatch.setattr(ensemble, "_splits_batches", lambda devices: True)
+    assert not sharding.splits_batches(["/job:localhost/replica:0/task:0/device:CPU:0"] * 2)
+    assert sharding.splits_batches(["/job:localhost/replica:0/task:0/device:GPU:0"] * 2)
+    monkeypatch.setattr(sharding, "splits_batches", lambda devices: True)
     seen = []
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
     two = aa.run_autoattack(model, x, y, eps, attacks=_recording_budget(seen), batch_size=len(x), verbose=False,

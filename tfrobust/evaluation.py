@@ -68,7 +68,8 @@ from tfrobust import attacks as attack_lib
 from tfrobust import network_checks
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
     AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
-    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, parse_attacks,
+    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, autoattack_plan, component, is_autoattack,
+    parse_attacks,
 )
 from tfrobust.errors import UserError, check_number
 from tfrobust.seeds import EVALUATION, batch_seed
@@ -212,7 +213,7 @@ def evaluate(
     check_model_and_data(model_fn, x, y, batch_size)
     report = {"accuracy": {}, "seconds": {}, "correct": {}, "examples": int(n), "eps": float(eps), "norm": norm,
               "non_finite_outputs": {}}
-    simple = [a for a in names if a not in AUTOATTACK + AUTOATTACK_EXTRA and a not in ENSEMBLES]
+    simple = [a for a in names if not is_autoattack(a)]
     for name in simple:
         start = time.time()
         correct, finite = attack_lib.attack_batches(
@@ -224,11 +225,10 @@ def evaluate(
         report["correct"][name] = correct
         report["accuracy"][name] = float(correct.mean())
         report["seconds"][name] = round(time.time() - start, 3)
-    ensemble = [a for a in names if a in ENSEMBLES]
-    components = [a for a in COMPONENT_ORDER if a in names or any(a in ENSEMBLES[e] for e in ensemble)]
-    if ensemble and ensemble[0] in OWN_BUDGET_VERSIONS:
-        _run_autoattack(report, model_fn, x, y, eps, norm, list(ENSEMBLES[ensemble[0]]), ensemble, batch_size,
-                        seed, verbose, version=ensemble[0], partial_path=partial_path, strategy=strategy)
+    own_version, ensemble, components = autoattack_plan(names)
+    if own_version:
+        _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size,
+                        seed, verbose, version=own_version, partial_path=partial_path, strategy=strategy)
     elif components:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
                         partial_path=partial_path, strategy=strategy)
@@ -254,14 +254,14 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     from tfrobust import autoattack
 
     start = time.time()
-    attacks = None if version else [c.replace("_", "-") for c in components]
+    attacks = None if version else [component(c).name for c in components]
     result = autoattack.run_autoattack(
         model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
         batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path, strategy=strategy,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
-        report["accuracy"][name] = float(result["per_attack"][name.replace("_", "-")])
+        report["accuracy"][name] = float(result["per_attack"][component(name).name])
     mask = np.asarray(result["robust_mask"], bool)
     report["correct"]["autoattack"] = mask
     label = "autoattack_" + ensemble[0] if len(ensemble) == 1 else "autoattack"

@@ -25,6 +25,9 @@ robustness", 2019) list the symptoms tested here, and Croce and Hein (ICML
 :func:`integrity_checks` turns them into pass/fail results::
 
     checks = integrity_checks(run_integrity_probes(model_fn, x, y, eps))
+
+AutoAttack's own flags (:func:`~tfrobust.autoattack.checks.autoattack_flags`)
+live in :mod:`tfrobust.autoattack.checks`; their names are importable from here too.
 """
 
 from __future__ import annotations
@@ -41,27 +44,22 @@ from tfrobust import seeds
 from tfrobust.attacks import attack_batches, pgd
 from tfrobust.autoattack import core
 from tfrobust.autoattack.apgd import apgd
+from tfrobust.autoattack.checks import (  # noqa: F401 - AutoAttack's flags are also read from here
+    FLAG_NAMES, GRADIENT_FREE_ALLOWED_EXAMPLES, GRADIENT_FREE_MAX_FRACTION, autoattack_flags, check_result,
+    dlr_zero_gradients, looks_like_probabilities, randomised_forward, rounded_k_over_255, square_check,
+)
 from tfrobust.autoattack.square import square
 from tfrobust.errors import UserError
 
 LARGE_EPS_MAX_ACCURACY = 0.1
 STEPS_TOLERANCE_EXAMPLES = 1
-GRADIENT_FREE_MAX_FRACTION = 0.002
-# A single example is always allowed: on probe sets of a few hundred examples
-# 0.2% is less than one, and one example is within the noise of Square's random
-# search against finite-step gradient attacks.
-GRADIENT_FREE_ALLOWED_EXAMPLES = 1
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "apgd", "fab", "cw")
 GRADIENT_FREE_ATTACKS = ("square",)
 
 
-def _check(name, passed, detail, skipped=False):
-    return {"name": name, "passed": bool(passed), "detail": detail, "skipped": bool(skipped)}
-
-
 def _skip(name, what):
-    return _check(name, True, f"skipped: no {what} in the results", skipped=True)
+    return check_result(name, True, f"skipped: no {what} in the results", skipped=True)
 
 
 def _steps_key(k) -> int:
@@ -121,10 +119,10 @@ def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS
         bad = {k: v for k, v in attacked.items() if v > clean + 1e-9}
         if bad:
             detail = "; ".join(f"{k}: {v:.2%} > clean {clean:.2%}" for k, v in bad.items())
-            out.append(_check(name, False, f"attacked accuracy above clean accuracy ({detail}): "
+            out.append(check_result(name, False, f"attacked accuracy above clean accuracy ({detail}): "
                                            "the attack or the model's output is unreliable"))
         else:
-            out.append(_check(name, True, f"all {len(attacked)} attacks <= clean {clean:.2%}"))
+            out.append(check_result(name, True, f"all {len(attacked)} attacks <= clean {clean:.2%}"))
 
     # 2. eps = 0 gives the clean accuracy
     name = "eps0_equals_clean"
@@ -134,9 +132,9 @@ def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS
     else:
         diff = abs(eps0 - clean)
         if diff <= 0.5 * one + 1e-9:
-            out.append(_check(name, True, f"accuracy at eps=0 {eps0:.2%} equals clean {clean:.2%}"))
+            out.append(check_result(name, True, f"accuracy at eps=0 {eps0:.2%} equals clean {clean:.2%}"))
         else:
-            out.append(_check(name, False, f"accuracy at eps=0 {eps0:.2%} differs from clean {clean:.2%}: "
+            out.append(check_result(name, False, f"accuracy at eps=0 {eps0:.2%} differs from clean {clean:.2%}: "
                                            "randomised model or broken attack"))
 
     # 3. a very large eps breaks (almost) everything
@@ -148,9 +146,9 @@ def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS
         at = results.get("large_eps")
         at = f" at eps={at:g}" if isinstance(at, (int, float)) else ""
         if large <= large_eps_max_accuracy:
-            out.append(_check(name, True, f"accuracy{at} is {large:.2%} <= {large_eps_max_accuracy:.0%}"))
+            out.append(check_result(name, True, f"accuracy{at} is {large:.2%} <= {large_eps_max_accuracy:.0%}"))
         else:
-            out.append(_check(name, False, f"accuracy{at} is {large:.2%} > {large_eps_max_accuracy:.0%}: "
+            out.append(check_result(name, False, f"accuracy{at} is {large:.2%} > {large_eps_max_accuracy:.0%}: "
                                            "the attack cannot reach points that are certainly reachable "
                                            "(possible gradient masking)"))
 
@@ -167,11 +165,12 @@ def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS
         listing = ", ".join(f"{k}: {v:.2%}" for k, v in series)
         if bad:
             a, va, b, vb = bad[0]
-            out.append(_check(name, False, f"PGD with {b} steps ({vb:.2%}) is above {a} steps ({va:.2%}) by "
+            out.append(check_result(name, False, f"PGD with {b} steps ({vb:.2%}) is above {a} steps ({va:.2%}) by "
                                            f"more than {steps_tolerance_examples} example(s) ({listing}): "
                                            "the attack does not converge (possible gradient masking)"))
         else:
-            out.append(_check(name, True, f"non-increasing within {steps_tolerance_examples} example(s): {listing}"))
+            out.append(check_result(name, True,
+                                    f"non-increasing within {steps_tolerance_examples} example(s): {listing}"))
 
     # 5. gradient-free attack does not beat the gradient attacks
     name = "gradient_free_not_better"
@@ -182,192 +181,14 @@ def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS
         frac = (only / n) if n else (1.0 if only > 0 else 0.0)
         who = results.get("gradient_free_attack", "the gradient-free attack")
         if frac <= gradient_free_max_fraction + 1e-12 or only <= GRADIENT_FREE_ALLOWED_EXAMPLES:
-            out.append(_check(name, True, f"{who} broke {int(only)} example(s) that all gradient attacks missed "
+            out.append(check_result(name, True, f"{who} broke {int(only)} example(s) that all gradient attacks missed "
                                           f"(allowed: {gradient_free_max_fraction:.1%} or "
                                           f"{GRADIENT_FREE_ALLOWED_EXAMPLES} example)"))
         else:
-            out.append(_check(name, False, f"possible gradient masking: {who} broke {int(only)} example(s) "
+            out.append(check_result(name, False, f"possible gradient masking: {who} broke {int(only)} example(s) "
                                            f"({frac:.2%}) that every gradient attack missed "
                                            f"(threshold {gradient_free_max_fraction:.1%})"))
     return out
-
-
-# ---------------------------------------------------------------------------
-# The reference AutoAttack's automatic flags (fra31/auto-attack, autoattack/checks.py)
-# ---------------------------------------------------------------------------
-
-FLAG_NAMES = ("deterministic_forward", "logits_not_probabilities", "dlr_gradient_nonzero", "eps_not_rounded",
-              "square_not_better")
-RANDOMISED_PASSES = 5
-RANDOMISED_TOLERANCE = 1e-4
-PROBABILITY_TOLERANCE = 1e-5
-EPS_ROUNDING_DECIMALS = (3, 4, 5, 6)
-
-
-def randomised_forward(model_fn, x, y, passes=RANDOMISED_PASSES, tolerance=RANDOMISED_TOLERANCE) -> dict:
-    """Flags a forward pass that is not deterministic (checks.py ``check_randomized``, lines 18-41).
-
-    Runs ``passes`` forward passes on ``x``; the flag is raised when the number
-    of correct predictions differs between passes, or when two passes' outputs,
-    each scaled to unit L2 norm per example, differ by more than ``tolerance``
-    in L2 norm for some example (the reference's n = 5 and alpha = 1e-4).
-    """
-    x_t, y_t = core.as_inputs(x, y)
-    outputs = [core.call_model(model_fn, x_t).numpy().astype(np.float64) for _ in range(passes)]
-    correct = {int((o.argmax(1) == y_t.numpy()).sum()) for o in outputs}
-    unit = [o / (np.sqrt((o * o).sum(1, keepdims=True)) + 1e-10) for o in outputs]
-    spread = max((float(np.sqrt(((a - b) ** 2).sum(1)).max()) for i, a in enumerate(unit) for b in unit[i + 1:]),
-                 default=0.0)
-    return {"randomised": len(correct) > 1 or spread > tolerance, "max_difference": spread,
-            "correct_counts": sorted(correct), "passes": passes}
-
-
-def looks_like_probabilities(outputs, tolerance=PROBABILITY_TOLERANCE) -> bool:
-    """True when every output row is non-negative and sums to 1 (checks.py ``check_range_output``, lines 44-57)."""
-    out = np.asarray(outputs, np.float64)
-    return bool(out.size and out.max() < 1 + tolerance and out.min() > -tolerance
-                and np.all(np.abs(out.sum(-1) - 1.0) < tolerance))
-
-
-def dlr_zero_gradients(model_fn, x, y, eps, norm="linf", seed=0) -> Optional[int]:
-    """Examples whose DLR-loss input gradient is all zero at APGD's random start.
-
-    The reference checks the gradient at APGD's starting point when it runs
-    the DLR or targeted DLR loss (autopgd_base.py lines 285-287, checks.py
-    ``check_zero_gradients``). As there, only the correctly classified
-    examples count (APGD attacks no other): the DLR loss is constant, with a
-    zero gradient, wherever the true class has the third largest logit.
-    The start is drawn as APGD draws it (uniform in the L-inf ball, or a
-    Gaussian direction scaled to eps for L2). None when the model has fewer
-    than 3 classes (no DLR loss).
-    """
-    norm = core.check_norm(norm)
-    x_t, y_t = core.as_inputs(x, y)
-    call = lambda t: core.call_model(model_fn, t)  # noqa: E731
-    logits = call(x_t)
-    if int(logits.shape[-1]) < 3:
-        return None
-    correct = np.flatnonzero(core.predicted(logits).numpy() == y_t.numpy())
-    if correct.size == 0:
-        return 0
-    x_t, y_t = tf.gather(x_t, correct), tf.gather(y_t, correct)
-    start = core.sphere_start(x_t, float(eps), norm, seeds.attack_seed(core.check_seed(seed), seeds.APGD, 0, 0))
-    _, _, grad = core.input_gradient(call, start, lambda logits: core.dlr_loss(logits, y_t))
-    return int(np.sum(np.all(core.flatten_examples(grad).numpy() == 0.0, axis=1)))
-
-
-def rounded_k_over_255(eps) -> Optional[int]:
-    """k when ``eps`` looks like k/255 rounded (0.031 or 0.0314 for 8/255), else None.
-
-    That is: ``eps`` equals k/255 (k = 1..255) rounded to 3-6 decimals, is not
-    k/255 itself (float32 k/255 counts as exact), and its last decimal is not
-    5 (0.075 or 0.125 are common choices of their own; values with at most 2
-    decimals, such as 0.03 or 0.1, are not flagged either).
-    """
-    eps = float(eps)
-    if not math.isfinite(eps) or eps <= 0:
-        return None
-    for k in range(1, 256):
-        if abs(eps - k / 255.0) <= 1e-7 * k / 255.0:
-            return None  # k/255 itself (also in float32)
-    for d in EPS_ROUNDING_DECIMALS:
-        digits = round(eps * 10 ** d)
-        if abs(eps * 10 ** d - digits) > 1e-6:
-            continue  # eps has more than d decimals
-        if digits % 10 in (0, 5):
-            return None  # d decimals were not needed, or a round value such as 0.075
-        for k in range(1, 256):
-            if round(k / 255.0, d) * 10 ** d == digits or round(k / 255.0 * 10 ** d) == digits:
-                return k
-        return None
-    return None
-
-
-def autoattack_flags(model_fn, x, y, eps, norm="linf", *, randomised_expected=False, seed=0,
-                     robust_by_attack=None, n_examples=None) -> list:
-    """The reference AutoAttack's automatic checks, as pass/fail results (flags_doc.md).
-
-    1. ``deterministic_forward``: two forward passes agree (:func:`randomised_forward`);
-       a randomised model needs version "rand" (with ``randomised_expected``,
-       i.e. under EOT, randomness is reported but does not fail, as the
-       reference skips the check for "rand").
-    2. ``logits_not_probabilities``: the outputs are not rows of probabilities
-       (:func:`looks_like_probabilities`): attacks need logits.
-    3. ``dlr_gradient_nonzero``: no correctly classified example has an
-       all-zero DLR gradient at APGD's start (:func:`dlr_zero_gradients`):
-       else use black-box attacks or BPDA.
-    4. ``eps_not_rounded``: eps is not a rounded k/255 such as 0.031 for
-       8/255 (an error of 1.2% in the threat model, frequent in published
-       numbers; :func:`rounded_k_over_255`); not in the reference.
-    5. ``square_not_better``: given ``robust_by_attack`` (the ensemble's
-       ``broken_by`` array), Square broke at most 0.2% of the examples (or one
-       example) that the gradient attacks before it missed (checks.py
-       ``check_square_sr``, lines 73-86, threshold alpha = 0.002); skipped
-       without it.
-
-    Checks 1-3 run on (x, y) (AutoAttack uses its first batch).
-
-    Returns:
-      A list of ``{"name", "passed", "detail", "skipped"}`` dicts in this order.
-    """
-    out = []
-    probe = randomised_forward(model_fn, x, y)
-    if not probe["randomised"]:
-        out.append(_check("deterministic_forward", True,
-                          f"{probe['passes']} forward passes agree (max difference {probe['max_difference']:.1e})"))
-    elif randomised_expected:
-        out.append(_check("deterministic_forward", True,
-                          f"the forward pass is randomised (max difference {probe['max_difference']:.2g} between "
-                          f"{probe['passes']} passes), evaluated with EOT"))
-    else:
-        out.append(_check("deterministic_forward", False,
-                          f"the forward pass is randomised (correct predictions per pass {probe['correct_counts']}, "
-                          f"max difference {probe['max_difference']:.2g} between {probe['passes']} passes): "
-                          "use --attacks rand (APGD with EOT)"))
-    x_t, _ = core.as_inputs(x, y)
-    outputs = core.call_model(model_fn, x_t).numpy()
-    if looks_like_probabilities(outputs):
-        out.append(_check("logits_not_probabilities", False,
-                          "the model outputs probabilities (rows non-negative, summing to 1): attack the logits "
-                          "(remove the final softmax)"))
-    else:
-        out.append(_check("logits_not_probabilities", True, "the outputs are not probability rows"))
-    zero = dlr_zero_gradients(model_fn, x, y, eps, norm=norm, seed=seed)
-    if zero is None:
-        out.append(_check("dlr_gradient_nonzero", True, "no DLR loss with fewer than 3 classes", skipped=True))
-    elif zero:
-        out.append(_check("dlr_gradient_nonzero", False,
-                          f"{zero} of {len(x)} example(s) have an all-zero DLR-loss gradient at APGD's start: "
-                          "gradient attacks are unreliable there (use Square, or BPDA for non-differentiable "
-                          "layers)"))
-    else:
-        out.append(_check("dlr_gradient_nonzero", True, f"no zero DLR-loss gradient on {len(x)} examples"))
-    k = rounded_k_over_255(eps)
-    if k is None:
-        out.append(_check("eps_not_rounded", True, f"eps={float(eps):g} is not a rounded k/255"))
-    else:
-        out.append(_check("eps_not_rounded", False,
-                          f"eps={float(eps):g} looks like {k}/255 = {k / 255:.7f} rounded "
-                          f"({abs(float(eps) - k / 255) / (k / 255):.1%} off): pass eps={k}/255 exactly if that "
-                          "is the threat model"))
-    out.append(square_check(robust_by_attack, n_examples))
-    return out
-
-
-def square_check(broken_by=None, n_examples=None) -> dict:
-    """Check 5 of :func:`autoattack_flags` from an ensemble's ``broken_by`` array."""
-    if broken_by is None:
-        return _check("square_not_better", True, "needs the ensemble's result", skipped=True)
-    broken_by = np.asarray(broken_by)
-    n = int(n_examples or len(broken_by))
-    only = int(np.sum(broken_by == "square"))
-    allowed = max(GRADIENT_FREE_MAX_FRACTION * n, GRADIENT_FREE_ALLOWED_EXAMPLES)
-    if only <= allowed + 1e-12:
-        return _check("square_not_better", True, f"Square broke {only} example(s) the gradient attacks before it "
-                                                 f"missed (allowed: {GRADIENT_FREE_MAX_FRACTION:.1%} or 1 example)")
-    return _check("square_not_better", False,
-                  f"Square broke {only} example(s) ({only / n:.2%}) that the gradient attacks before it missed: "
-                  "possible gradient masking; run Square with more queries or an adaptive attack")
 
 
 def from_autoattack(result: dict) -> dict:
@@ -431,33 +252,9 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
       the clean point is exactly zero), "budget", "seconds"}``.
     """
     start = time.time()
-    norm = core.check_norm(norm)
-    eps = core.check_eps(eps)
-    seed = core.check_seed(seed)
-    batch_size = core.check_positive_int("batch_size", batch_size)
-    steps = sorted({core.check_positive_int("steps", int(k)) for k in steps})
-    x_t, y_t = core.as_inputs(x, y)
-    x_np, y_np = x_t.numpy(), y_t.numpy()
-    n = len(x_np)
-    if n == 0:
-        raise UserError("x is empty")
-    dims = int(np.prod(x_np.shape[1:]))
-    if large_eps is None:
-        large_eps = 1.0 if norm == "linf" else math.sqrt(dims)
-    large_eps = core.check_eps(large_eps)
-
+    x_t, x_np, y_np, eps, norm, seed, batch_size, steps, large_eps = _probe_arguments(
+        x, y, eps, norm, seed, batch_size, steps, large_eps)
     call = lambda t: core.call_model(model_fn, t)  # noqa: E731
-
-    def correct(_, x_adv, x, y):
-        return core.predicted(call(x_adv)) == y
-
-    def correct_under(radius, k, purpose):
-        """Per-example correctness under PGD-k (step 2.5 radius / k) at ``radius``, one seed per batch."""
-        step = 2.5 * radius / k
-        return attack_batches(
-            call, x_np, y_np, lambda fn, xb, yb, sd: pgd(fn, xb, yb, radius, step, k, norm=norm, loss="ce", seed=sd),
-            batch_size=batch_size, measure=correct,
-            seeds=lambda b, _: seeds.batch_seed(seed % (2**31 - 1), b, purpose))
 
     from tqdm.auto import tqdm
 
@@ -466,40 +263,23 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     clean_correct = core.predicted(logits).numpy() == y_np
     bar.update(1)
 
-    accuracy = {"clean": float(clean_correct.mean())}
-    pgd_steps = {}
+    def correct_under(radius, k, purpose):
+        ok = _pgd_correct(call, x_np, y_np, radius, k, norm, batch_size, seed, purpose)
+        bar.update(1)
+        return ok
+
+    accuracy, pgd_steps = {"clean": float(clean_correct.mean())}, {}
     gradient_robust = clean_correct.copy()
     for j, k in enumerate(steps):
         ok = correct_under(eps, k, seeds.PROBE_STEPS + j)
-        pgd_steps[k] = float(ok.mean())
-        accuracy[f"pgd-{k}"] = pgd_steps[k]
+        pgd_steps[k] = accuracy[f"pgd-{k}"] = float(ok.mean())
         gradient_robust &= ok
-        bar.update(1)
-
     eps0 = correct_under(0.0, 10, seeds.PROBE_EPS0)
-    bar.update(1)
     large = correct_under(large_eps, 20, seeds.PROBE_LARGE_EPS)
-    bar.update(1)
 
-    def zero_gradient(_, x_adv, xb, yb):
-        _, _, g = core.input_gradient(call, xb, lambda logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=yb, logits=logits))
-        return tf.reduce_all(tf.equal(core.flatten_examples(g), 0.0), axis=1)
-
-    def fooled_by(attack, xs, ys):
-        """Per-example success of an AutoAttack component (eager, in batches of ``batch_size``)."""
-        def measure(_, x_adv, xb, yb):
-            return core.predicted(core.predict_logits(model_fn, x_adv)) != yb
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*zero input gradient", category=RuntimeWarning)
-            return attack_batches(model_fn, xs, ys, lambda fn, xb, yb, _: attack(fn, xb, yb),
-                                  batch_size=batch_size, measure=measure, jit=False, seeds=lambda b, r: None)
-
-    zero_grad = int(np.sum(attack_batches(call, x_np, y_np, lambda fn, xb, yb, _: xb, batch_size=batch_size,
-                                          measure=zero_gradient, seeds=lambda b, r: 0)))
-    apgd_ok = ~fooled_by(lambda fn, xb, yb: apgd(
-        fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed), x_np, y_np)
+    zero_grad = _zero_gradient_count(call, x_np, y_np, batch_size)
+    apgd_ok = ~_fooled_by(model_fn, lambda fn, xb, yb: apgd(
+        fn, xb, yb, eps, norm=norm, loss="ce", n_iter=apgd_iters, seed=seed), x_np, y_np, batch_size)
     accuracy["apgd-ce"] = float(apgd_ok.mean())
     gradient_robust &= apgd_ok
     bar.update(1)
@@ -507,13 +287,13 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
     idx = np.flatnonzero(gradient_robust)
     square_fooled = 0
     if idx.size and eps > 0 and square_queries:
-        square_fooled = int(np.sum(fooled_by(lambda fn, xb, yb: square(
-            fn, xb, yb, eps, norm=norm, n_queries=square_queries, seed=seed), x_np[idx], y_np[idx])))
+        square_fooled = int(np.sum(_fooled_by(model_fn, lambda fn, xb, yb: square(
+            fn, xb, yb, eps, norm=norm, n_queries=square_queries, seed=seed), x_np[idx], y_np[idx], batch_size)))
     bar.update(1)
     bar.close()
 
     return {
-        "n_examples": n,
+        "n_examples": len(x_np),
         "eps": eps,
         "norm": norm,
         "accuracy": accuracy,
@@ -529,6 +309,57 @@ def run_integrity_probes(model_fn, x, y, eps, norm="linf", seed=0, *, batch_size
                    "large_eps_steps": 20, "apgd_iters": int(apgd_iters), "square_queries": int(square_queries)},
         "seconds": time.time() - start,
     }
+
+
+def _probe_arguments(x, y, eps, norm, seed, batch_size, steps, large_eps) -> tuple:
+    """The arguments of :func:`run_integrity_probes`, checked: ``(x_t, x_np, y_np, eps, norm, seed,
+    batch_size, steps, large_eps)``."""
+    norm = core.check_norm(norm)
+    eps = core.check_eps(eps)
+    seed = core.check_seed(seed)
+    batch_size = core.check_positive_int("batch_size", batch_size)
+    steps = sorted({core.check_positive_int("steps", int(k)) for k in steps})
+    x_t, y_t = core.as_inputs(x, y)
+    x_np, y_np = x_t.numpy(), y_t.numpy()
+    if len(x_np) == 0:
+        raise UserError("x is empty")
+    if large_eps is None:
+        large_eps = 1.0 if norm == "linf" else math.sqrt(int(np.prod(x_np.shape[1:])))
+    return x_t, x_np, y_np, eps, norm, seed, batch_size, steps, core.check_eps(large_eps)
+
+
+def _pgd_correct(call, x, y, radius, k, norm, batch_size, seed, purpose):
+    """Per-example correctness under PGD-k (step 2.5 radius / k) at ``radius``, one seed per batch."""
+    step = 2.5 * radius / k
+
+    def correct(_, x_adv, xb, yb):
+        return core.predicted(call(x_adv)) == yb
+
+    return attack_batches(
+        call, x, y, lambda fn, xb, yb, sd: pgd(fn, xb, yb, radius, step, k, norm=norm, loss="ce", seed=sd),
+        batch_size=batch_size, measure=correct, seeds=lambda b, _: seeds.batch_seed(seed % (2**31 - 1), b, purpose))
+
+
+def _zero_gradient_count(call, x, y, batch_size) -> int:
+    """Examples whose cross-entropy input gradient at the clean point is exactly zero."""
+    def zero_gradient(_, x_adv, xb, yb):
+        _, _, g = core.input_gradient(call, xb, lambda logits: tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=yb, logits=logits))
+        return tf.reduce_all(tf.equal(core.flatten_examples(g), 0.0), axis=1)
+
+    return int(np.sum(attack_batches(call, x, y, lambda fn, xb, yb, _: xb, batch_size=batch_size,
+                                     measure=zero_gradient, seeds=lambda b, r: 0)))
+
+
+def _fooled_by(model_fn, attack, xs, ys, batch_size):
+    """Per-example success of an AutoAttack component (eager, in batches of ``batch_size``)."""
+    def measure(_, x_adv, xb, yb):
+        return core.predicted(core.predict_logits(model_fn, x_adv)) != yb
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*zero input gradient", category=RuntimeWarning)
+        return attack_batches(model_fn, xs, ys, lambda fn, xb, yb, _: attack(fn, xb, yb),
+                              batch_size=batch_size, measure=measure, jit=False, seeds=lambda b, r: None)
 
 
 __all__ = [

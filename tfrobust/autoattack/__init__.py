@@ -50,7 +50,7 @@ documented at the function that has them:
   from sorted breakpoints (the reference bisects in float32).
 * :func:`run_autoattack` projects every returned point onto the ball and
   [0, 1] and classifies it again. The reference's automatic checks are
-  computed by :func:`tfrobust.integrity.autoattack_flags` and returned as
+  computed by :func:`tfrobust.autoattack.checks.autoattack_flags` and returned as
   ``flags`` (Square's check counts the examples Square itself broke).
 * With EOT (version "rand"), APGD keeps the reference's mean-gradient step
   but picks its best point and tests misclassification on the mean loss and
@@ -74,10 +74,13 @@ points (the early stops of the second change no accuracy).
 Layout: one module per attack over a shared core --
 :mod:`~tfrobust.autoattack.apgd` (APGD-CE, APGD-DLR, APGD-T, EOT),
 :mod:`~tfrobust.autoattack.fab` (FAB, FAB-T), :mod:`~tfrobust.autoattack.square`,
-:mod:`~tfrobust.autoattack.ensemble` (versions, budgets, :func:`run_autoattack`,
-resumable partial results) and :mod:`~tfrobust.autoattack.core` (argument
-checks, model calls and the cache of compiled functions, DLR losses, EOT
-gradients, the restart loop). The projection onto the ball, per-example
+:mod:`~tfrobust.autoattack.ensemble` (versions, budgets, :func:`run_autoattack`),
+:mod:`~tfrobust.autoattack.batches` (one attack over the examples in batches),
+:mod:`~tfrobust.autoattack.sharding` (batches on the replica devices),
+:mod:`~tfrobust.autoattack.resume` (the resumable partial results),
+:mod:`~tfrobust.autoattack.checks` (the reference's automatic flags) and
+:mod:`~tfrobust.autoattack.core` (argument checks, model calls and the cache
+of compiled functions, DLR losses, EOT gradients, the restart loop). The projection onto the ball, per-example
 norms, cross-entropy and margin are those of :mod:`tfrobust.attacks`; seeds
 come from :mod:`tfrobust.seeds`. Every public name is importable from
 ``tfrobust.autoattack``. The package attributes ``apgd``, ``fab`` and ``square``

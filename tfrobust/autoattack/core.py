@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from tfrobust import attacks
 from tfrobust.attacks import margin, per_example, per_example_norm
-from tfrobust.errors import UserError, unknown_choice
+from tfrobust.errors import UserError, check_number, unknown_choice
 
 NORMS = ("linf", "l2")
 
@@ -57,14 +57,8 @@ def check_norm(norm) -> str:
 
 
 def check_eps(eps) -> float:
-    """``eps`` as a float, or a UserError unless it is a finite number >= 0."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise UserError(f"eps must be a number >= 0, got {eps!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise UserError(f"eps must be a finite number >= 0, got {eps!r}")
-    return value
+    """``eps`` as a float, or a UserError unless it is a single finite number >= 0 (as everywhere in tfrobust)."""
+    return check_number("eps", eps)
 
 
 def check_positive_int(name, value, minimum=1) -> int:
