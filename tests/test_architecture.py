@@ -180,7 +180,7 @@ LAYERS = (
     ("errors", "seeds", "registration"),
     ("attack_names", "defense_names"),
     ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks"),
-    ("data", "models", "loading", "weight_space"),
+    ("data", "data_sources", "models", "loading", "weight_space"),
     ("attacks",),
     ("autoattack", "defenses", "flatness", "callbacks"),
     ("integrity", "step", "trainer", "landscape"),
