@@ -157,7 +157,8 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     :func:`tfrobust.multiworker.fit_distributed` does (call ``train`` first
     thing in the process on every worker, with the same config and workdir;
     the chief writes ``workdir``, which must be on a filesystem every worker
-    reads for a resume, see :mod:`tfrobust.multiworker`).
+    reads for a resume, see :mod:`tfrobust.multiworker`); :mod:`tfrobust.placement`
+    holds what differs.
     """
     if defense is None:
         defense = parse_defense(config.defense.name, config.defense)

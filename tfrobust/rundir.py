@@ -290,11 +290,29 @@ def holds_config(workdir: str, config: dict) -> bool:
         return yaml.safe_load(f) == config
 
 
+def check_new_file(path: str, flag: str) -> None:
+    """Refuses (UserError naming ``flag``) an output file that exists or cannot be written: nothing is overwritten."""
+    import tempfile
+
+    if not path.strip():
+        raise UserError(f"{flag} must not be empty")
+    if os.path.exists(path):
+        raise UserError(f"output file {path} exists; choose another {flag}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{flag} {path}: directory {directory} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tfrobust-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write in {directory} ({e.strerror or e})") from None
+
+
 def write_config(workdir: str, config: dict) -> None:
     """Writes ``config`` (a dict) to ``workdir/config.yaml``, atomically."""
     atomic_write(os.path.join(workdir, CONFIG), yaml.safe_dump(config, sort_keys=False))
 
 
 __all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
-           "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
+           "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
            "atomic_replace_dir", "mark_finished"]
