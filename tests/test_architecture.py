@@ -179,8 +179,8 @@ def test_no_import_circles_between_packages():
 LAYERS = (
     ("errors", "seeds", "registration"),
     ("attack_names", "defense_names"),
-    ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks"),
-    ("data", "data_sources", "models", "loading", "weight_space"),
+    ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks", "runtime"),
+    ("data", "data_sources", "models", "loading", "weight_space", "placement"),
     ("attacks",),
     ("autoattack", "defenses", "flatness", "callbacks"),
     ("integrity", "step", "trainer", "landscape"),

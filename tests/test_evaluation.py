@@ -1,5 +1,7 @@
 """evaluate(): named attacks, the worst case, and cleverhans cross-checks."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,28 @@ def test_cleverhans_agrees_with_our_pgd(trained_tiny, fashion_subset, norm, eps,
     assert abs(acc["pgd10_ce"] - acc["cleverhans_pgd10"]) <= 0.05
     assert abs(acc["fgsm"] - acc["cleverhans_fgsm"]) <= 0.02
     assert acc["cleverhans_mim10"] < acc["clean"]
+
+
+def test_evaluate_run_draws_evaluates_and_writes_without_overwriting(trained_tiny, tmp_path, capsys):
+    from tfrobust.data import load_test_arrays, stratified_subset
+
+    path, out = str(tmp_path / "tiny.keras"), tmp_path / "r.json"
+    trained_tiny.save(path)
+    report = evaluation.evaluate_run(path, ("clean", "fgsm"), examples=40, seed=3, integrity_examples=0,
+                                     output=str(out), verbose=False)
+    assert capsys.readouterr().out == ""
+    x, y = load_test_arrays("fashion_mnist")
+    chosen = stratified_subset(y, 40, 3)
+    clean = (trained_tiny(x[chosen], training=False).numpy().argmax(1) == y[chosen]).mean()
+    assert report["accuracy"]["clean"] == pytest.approx(clean)
+    assert report["examples"] == 40 and report["data"] == "fashion_mnist" and report["model"] == path
+    written = json.loads(out.read_text())
+    assert written["accuracy"] == report["accuracy"] and written["test_examples"] == report["test_examples"]
+    summary = json.loads((tmp_path / "r.robustbench.json").read_text())
+    assert summary["clean_acc"] == round(100 * report["accuracy"]["clean"], 2)
+    with pytest.raises(UserError, match="exists; choose another --output"):
+        evaluation.evaluate_run(path, ("clean",), output=str(out), verbose=False)
+    assert json.loads(out.read_text()) == written
 
 
 def test_unknown_attack_names_the_allowed_ones():

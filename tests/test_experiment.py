@@ -116,6 +116,13 @@ def test_foreign_directory_is_refused(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_cluster_run_takes_no_preloaded_datasets(tmp_path):
+    cfg = tiny_config(**{"runtime.strategy": "multi_worker"})
+    with pytest.raises(UserError, match="no preloaded datasets"):
+        experiment.train(cfg, str(tmp_path / "run"), datasets=object())
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_learning_rate_schedule_is_piecewise():
     cfg = tiny_config(**{"optim.epochs": 4, "optim.lr": 0.1})
     schedule = experiment.learning_rate_schedule(cfg.optim, steps_per_epoch=10)

@@ -31,7 +31,7 @@ COMMAND = ["--defense", "at+awp", "--epochs", "4", "--seed", "3",
 # Runs train.py's entry point; KILL_AT names a moment at which the process SIGKILLs itself.
 DRIVER = r"""
 import os, signal, sys
-from tfrobust import callbacks as cb, evaluation, experiment
+from tfrobust import callbacks as cb, evaluation, export
 
 at = os.environ.get("KILL_AT", "")
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -52,12 +52,12 @@ elif at.endswith("_write"):  # a complete temporary file, not yet renamed into p
         replace(src, dst)
     os.replace = on_replace
 elif at == "final_save":  # last network saved, best one not yet
-    save = experiment._save_network
+    save = export.save_network
     def on_save(network, workdir, keras_name, export_name):
         if keras_name == "best.keras":
             die()
         save(network, workdir, keras_name, export_name)
-    experiment._save_network = on_save
+    export.save_network = on_save
 elif at == "final_evaluation":  # while evaluating the best network
     evaluate = evaluation.evaluate
     calls = []

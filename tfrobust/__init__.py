@@ -63,7 +63,7 @@ _MOVED_TO = {name: module for module, names in _MOVED.items() for name in names}
 _SUBMODULES = (
     "attacks", "autoattack", "callbacks", "cli", "config", "data", "defenses", "errors", "evaluation", "extra_data",
     "experiment", "export", "flatness", "integrity", "landscape", "loading", "models", "multiworker", "network_checks",
-    "step", "trainer", "weight_space",
+    "placement", "runtime", "step", "trainer", "weight_space",
 )
 
 # The names above, then the submodules (so that documentation generators list them too).

@@ -12,7 +12,6 @@ import datetime
 import os
 import shlex
 import sys
-import time
 
 from tfrobust.errors import UserError
 
@@ -275,64 +274,15 @@ def evaluate_main(argv=None) -> int:
         names = parse_attacks(args.attacks)
         _quiet_tensorflow()
         _quiet_device_start()
-        from tfrobust import evaluation, loading
-        from tfrobust.config import import_plugins
+        from tfrobust import evaluation
 
-        import_plugins(args.plugin or ())
-        loaded = loading.load(args.model, args.which)
-        landscape_dir = _landscape_dir(args, loaded) if args.landscape is not None else None
-        if (args.flatness or landscape_dir) and loaded.network is None:
-            raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
-        settings = loading.evaluation_settings(loaded, args.data, args.eps, args.norm, args.data_dir)
-        from tfrobust import data as data_lib
-
-        x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"])
-        drawn = f"the whole test set ({len(x)})"
-        if args.examples is not None and args.examples < len(x):
-            chosen = data_lib.stratified_subset(y, args.examples, args.seed)
-            drawn = f"{len(chosen)} of {len(x)} test examples, stratified by label, drawn with seed {args.seed}"
-            x, y = x[chosen], y[chosen]
-        print(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
-              f"({settings['eps_source']})")
-        loading.check_compatible(loaded, x, y)
-        start = time.time()
-        report = evaluation.evaluate(
-            loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=names,
-            batch_size=args.batch_size, seed=args.seed, integrity_examples=args.integrity_examples,
-            partial_path=_partial_path(args.output), strategy=_evaluation_strategy(args.strategy, loaded),
+        evaluation.evaluate_run(
+            args.model, names, which=args.which, data=args.data, data_dir=args.data_dir, eps=args.eps,
+            norm=args.norm, examples=args.examples, seed=args.seed, batch_size=args.batch_size,
+            integrity_examples=args.integrity_examples, strategy=args.strategy, output=args.output,
+            flatness={"examples": args.flatness_examples, "restarts": args.flatness_restarts} if args.flatness else None,
+            landscape=args.landscape, plugins=args.plugin or (),
         )
-        report["total_seconds"] = round(time.time() - start, 3)
-        report["model"] = args.model
-        report["data"] = settings["data"]
-        report["eps_source"] = settings["eps_source"]
-        report["test_examples"] = drawn
-        print(evaluation.format_table(report))
-        if args.flatness:
-            from tfrobust.flatness import flatness_report
-
-            report["flatness"] = flatness_report(
-                loaded.network, x, y, eps=settings["eps"], norm=settings["norm"], seed=args.seed,
-                settings={"examples": args.flatness_examples, "restarts": args.flatness_restarts},
-            )
-            print(format_flatness(report["flatness"]))
-        if landscape_dir:
-            from tfrobust.landscape import write_landscapes
-
-            report["landscapes"] = write_landscapes(
-                loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
-                kind=("random", "adversarial"), seed=args.seed,
-            )
-            print(f"landscapes: {landscape_dir}")
-        if args.output:
-            from tfrobust.rundir import atomic_write
-
-            try:
-                atomic_write(args.output, evaluation.to_json(report))
-            except OSError as e:
-                raise UserError(f"cannot write --output {args.output} ({e.strerror or e}); "
-                                "the table above holds the accuracies") from None
-            print(f"report: {args.output}")
-            _write_summary(args.output, report, loaded.run_config)
     return 0
 
 
@@ -341,14 +291,9 @@ def _check_evaluate_args(args) -> None:
     import math
 
     if args.output is not None:
-        if not args.output.strip():
-            raise UserError("--output must not be empty")
-        if os.path.exists(args.output):
-            raise UserError(f"output file {args.output} exists; choose another --output")
-        directory = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(directory):
-            raise UserError(f"--output {args.output}: directory {directory} does not exist")
-        _check_writable(directory, "--output")
+        from tfrobust.rundir import check_new_file
+
+        check_new_file(args.output, "--output")
     if args.examples is not None and args.examples <= 0:
         raise UserError("--examples must be > 0")
     if args.eps is not None and not math.isfinite(args.eps):
@@ -363,76 +308,6 @@ def _check_evaluate_args(args) -> None:
         raise UserError("--flatness-examples must be > 0")
     if args.flatness_restarts <= 0:
         raise UserError("--flatness-restarts must be > 0")
-
-
-def _check_writable(directory: str, flag: str) -> None:
-    import tempfile
-
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tfrobust-write-check-"):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag}: cannot write in {directory} ({e.strerror or e})") from None
-
-
-def _evaluation_strategy(name, loaded):
-    """The strategy that shares the AutoAttack batches: ``--strategy``, else the run's runtime.strategy."""
-    import types
-
-    runtime = ((loaded.run_config or {}).get("runtime") or {})
-    if name is None:
-        name = "mirrored" if runtime.get("strategy") in ("mirrored", "multi_worker") else "default"
-    if name == "default":
-        return None
-    from tfrobust.experiment import build_strategy
-
-    devices = runtime.get("devices") if runtime.get("strategy") == "mirrored" else None
-    return build_strategy(types.SimpleNamespace(strategy="mirrored", devices=devices or None))
-
-
-def _partial_path(output):
-    """``<output>.partial.jsonl``: the AutoAttack verdicts of an evaluation written to ``output``, batch by batch."""
-    return None if not output else output + ".partial.jsonl"
-
-
-def _summary_path(output) -> str:
-    root, ext = os.path.splitext(output)
-    return (root if ext == ".json" else output) + ".robustbench.json"
-
-
-def _write_summary(output, report, run_config):
-    """Writes the RobustBench-style summary next to the report (atomically, never over an existing file)."""
-    import json
-
-    from tfrobust import evaluation
-    from tfrobust.rundir import atomic_write
-
-    path = _summary_path(output)
-    if os.path.exists(path):
-        print(f"summary not written: {path} exists", file=sys.stderr)
-        return
-    atomic_write(path, json.dumps(evaluation.robustbench_summary(report, run_config), indent=2, default=str))
-    print(f"summary: {path}")
-
-
-def _landscape_dir(args, loaded) -> str:
-    directory = args.landscape
-    if not directory:
-        base = args.model if loaded.run_config is not None else os.path.dirname(os.path.abspath(args.model))
-        directory = os.path.join(base, "landscape")
-    if os.path.exists(directory) and os.listdir(directory):
-        raise UserError(f"landscape directory {directory} exists and is not empty; pass --landscape DIR")
-    return directory
-
-
-def format_flatness(result: dict) -> str:
-    """One line per flatness measure that was computed."""
-    lines = [f"flatness on {result['examples']} examples:"]
-    for name in ("average", "worst", "average_clean", "worst_clean"):
-        if name in result:
-            m = result[name]
-            lines.append(f"  {name:<14} xi={m['xi']:<8g} flatness={m['flatness']:.4f}")
-    return "\n".join(lines)
 
 
 def pseudo_label_parser() -> argparse.ArgumentParser:

@@ -53,11 +53,19 @@ finite on every clean image -- otherwise :class:`ModelIntegrityError`, and no
 accuracy). An adversarial image whose outputs are not finite counts as wrong;
 ``non_finite_outputs`` counts them per attack and a failing ``finite outputs``
 integrity check is added.
+
+:func:`evaluate_run` is ``tfrobust evaluate`` as a function: it loads a run
+directory, SavedModel or .keras file, takes the data and threat model from
+the run, draws the test examples, runs :func:`evaluate`, adds flatness and
+loss landscapes on request, and writes the report and its RobustBench-style
+summary.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -66,6 +74,7 @@ import tensorflow as tf
 
 from tfrobust import attacks as attack_lib
 from tfrobust import network_checks
+from tfrobust import rundir
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
     AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
     OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, autoattack_plan, component, is_autoattack,
@@ -308,6 +317,137 @@ def integrity(report, model_fn, x, y, eps, norm, seed, verbose, images=True) -> 
             "passed": all(c["passed"] for c in merged)}
 
 
+def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which: str = "last", data=None,
+                 data_dir=None, eps=None, norm=None, examples=None, seed: int = 0, batch_size: int = 256,
+                 integrity_examples: int = 200, strategy=None, output=None, flatness=None, landscape=None,
+                 plugins=(), verbose: bool = True) -> dict:
+    """Evaluates a run directory, a SavedModel or a .keras file end to end; returns the report.
+
+    ``model`` is loaded (``which``: a run directory's last or best network,
+    after importing ``plugins``), the data, eps and norm default to the run's
+    (:func:`tfrobust.loading.evaluation_settings`), ``examples`` test
+    examples are drawn stratified by label with ``seed`` (default: all), and
+    :func:`evaluate` runs ``attacks``; ``strategy`` ("default" or "mirrored";
+    default: mirrored for a run trained on several devices) shares the
+    AutoAttack batches. ``flatness`` (``{"examples": n, "restarts": r}``) adds
+    :func:`tfrobust.flatness.flatness_report`; ``landscape`` (a directory, or
+    "" for ``<run>/landscape``) writes the 1-D loss landscapes. With
+    ``output`` the report is written there (never over an existing file),
+    the RobustBench-style summary next to it, and the AutoAttack verdicts to
+    ``<output>.partial.jsonl`` as they are decided (a rerun resumes there).
+    With ``verbose`` the tables and the files written are printed.
+    """
+    from tfrobust import loading
+    from tfrobust.config import import_plugins
+
+    say = print if verbose else (lambda *a, **k: None)
+    if output is not None:
+        rundir.check_new_file(output, "--output")
+    import_plugins(plugins or ())
+    loaded = loading.load(model, which)
+    landscape_dir = _landscape_dir(landscape, model, loaded) if landscape is not None else None
+    if (flatness or landscape_dir) and loaded.network is None:
+        raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
+    settings = loading.evaluation_settings(loaded, data, eps, norm, data_dir)
+    x, y, drawn = _test_examples(settings, examples, seed)
+    say(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
+        f"({settings['eps_source']})")
+    loading.check_compatible(loaded, x, y)
+    start = time.time()
+    report = evaluate(
+        loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
+        batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
+        partial_path=None if not output else output + ".partial.jsonl",
+        strategy=_evaluation_strategy(strategy, loaded),
+    )
+    report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
+                  eps_source=settings["eps_source"], test_examples=drawn)
+    say(format_table(report))
+    if flatness:
+        from tfrobust.flatness import flatness_report
+
+        report["flatness"] = flatness_report(loaded.network, x, y, eps=settings["eps"], norm=settings["norm"],
+                                             seed=seed, settings=flatness)
+        say(format_flatness(report["flatness"]))
+    if landscape_dir:
+        from tfrobust.landscape import write_landscapes
+
+        report["landscapes"] = write_landscapes(
+            loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
+            kind=("random", "adversarial"), seed=seed,
+        )
+        say(f"landscapes: {landscape_dir}")
+    if output:
+        _write_report(output, report, loaded.run_config, say)
+    return report
+
+
+def _landscape_dir(landscape: str, model: str, loaded) -> str:
+    """``landscape``, or ``<run>/landscape`` (next to a model file) when empty; refuses a non-empty directory."""
+    directory = landscape
+    if not directory:
+        base = model if loaded.run_config is not None else os.path.dirname(os.path.abspath(model))
+        directory = os.path.join(base, "landscape")
+    if os.path.exists(directory) and os.listdir(directory):
+        raise UserError(f"landscape directory {directory} exists and is not empty; pass --landscape DIR")
+    return directory
+
+
+def _test_examples(settings: dict, examples, seed: int):
+    """The test images and labels, all or ``examples`` drawn stratified with ``seed``, and how they were drawn."""
+    from tfrobust import data as data_lib
+
+    x, y = data_lib.load_test_arrays(settings["data"], settings["data_dir"])
+    drawn = f"the whole test set ({len(x)})"
+    if examples is not None and examples < len(x):
+        chosen = data_lib.stratified_subset(y, examples, seed)
+        drawn = f"{len(chosen)} of {len(x)} test examples, stratified by label, drawn with seed {seed}"
+        x, y = x[chosen], y[chosen]
+    return x, y, drawn
+
+
+def _evaluation_strategy(name, loaded):
+    """The strategy that shares the AutoAttack batches: ``name``, else the run's runtime.strategy."""
+    import types
+
+    from tfrobust.runtime import build_strategy
+
+    run_runtime = ((loaded.run_config or {}).get("runtime") or {})
+    if name is None:
+        name = "mirrored" if run_runtime.get("strategy") in ("mirrored", "multi_worker") else "default"
+    if name == "default":
+        return None
+    devices = run_runtime.get("devices") if run_runtime.get("strategy") == "mirrored" else None
+    return build_strategy(types.SimpleNamespace(strategy="mirrored", devices=devices or None))
+
+
+def _write_report(output: str, report: dict, run_config, say) -> None:
+    """Writes the report to ``output`` and the RobustBench-style summary next to it (never over a file)."""
+    try:
+        rundir.atomic_write(output, to_json(report))
+    except OSError as e:
+        raise UserError(f"cannot write --output {output} ({e.strerror or e}); "
+                        "the table above holds the accuracies") from None
+    say(f"report: {output}")
+    root, ext = os.path.splitext(output)
+    path = (root if ext == ".json" else output) + ".robustbench.json"
+    if os.path.exists(path):
+        say(f"summary not written: {path} exists", file=sys.stderr)
+        return
+    rundir.atomic_write(path, json.dumps(robustbench_summary(report, run_config), indent=2, default=str))
+    say(f"summary: {path}")
+
+
+def format_flatness(result: dict) -> str:
+    """One line per flatness measure that was computed."""
+    lines = [f"flatness on {result['examples']} examples:"]
+    for name in ("average", "worst", "average_clean", "worst_clean"):
+        if name in result:
+            m = result[name]
+            lines.append(f"  {name:<14} xi={m['xi']:<8g} flatness={m['flatness']:.4f}")
+    return "\n".join(lines)
+
+
 def format_table(report: dict) -> str:
     """A plain-text table of the accuracies in a report."""
     rows = [("attack", "accuracy", "seconds")]
@@ -388,8 +528,10 @@ __all__ = [
     "attack_names_help",
     "parse_attacks",
     "evaluate",
+    "evaluate_run",
     "integrity",
     "format_table",
+    "format_flatness",
     "to_json",
     "robustbench_summary",
 ]

@@ -9,7 +9,8 @@ learning-rate log, flatness monitor, last and best checkpoints, early
 stopping, TensorBoard images and scalars, history, epoch backup. Keras'
 ``fit`` drives them on one device, under ``mirrored`` and on TPUs; under
 ``multi_worker``, where ``fit`` cannot run, :func:`tfrobust.multiworker.fit_distributed`
-drives the same list with the same calls and logs. On a cluster the chief
+drives the same list with the same calls and logs (:mod:`tfrobust.placement`
+decides which, and who writes where). On a cluster the chief
 writes the run directory below (and holds its lock) and every other worker
 writes the same files into a temporary directory of its own; every worker
 restores from the chief's ``backup/``, so ``workdir`` must be on a filesystem
@@ -45,74 +46,27 @@ into place, so a kill or a failed write never tears a good file):
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 
 import keras
 import numpy as np
-import tensorflow as tf
-import yaml
 
 from tfrobust import callbacks as callbacks_lib
 from tfrobust import data as data_lib
 from tfrobust import evaluation
 from tfrobust import models
-from tfrobust import multiworker
+from tfrobust import placement
 from tfrobust import rundir
+from tfrobust import runtime
 from tfrobust import user_code
 from tfrobust.config import ExperimentConfig, resolve_attack, to_dict
 from tfrobust.defenses import Defense, parse_defense
 from tfrobust.errors import UserError
-from tfrobust.export import export_network
+from tfrobust.export import save_networks
+from tfrobust.rundir import REPORT, prepare_workdir, workdir_status
+from tfrobust.runtime import build_strategy, check_devices, jit_setting
 from tfrobust.trainer import RobustModel, StepSettings
-
-REPORT = rundir.REPORT
-
-
-_STRATEGIES = {}
-
-
-def build_strategy(runtime) -> tf.distribute.Strategy:
-    """The tf.distribute strategy named by ``runtime.strategy`` (one per process and devices)."""
-    if runtime.strategy == "default":
-        return tf.distribute.get_strategy()
-    key = (runtime.strategy, tuple(runtime.devices or ()))
-    if key not in _STRATEGIES:
-        if runtime.strategy == "mirrored":
-            check_devices(runtime.devices or ())
-            _STRATEGIES[key] = tf.distribute.MirroredStrategy(runtime.devices or None)
-        elif runtime.strategy == "multi_worker":
-            _STRATEGIES[key] = multiworker.multi_worker_strategy()
-        else:
-            try:
-                resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-                tf.config.experimental_connect_to_cluster(resolver)
-                tf.tpu.experimental.initialize_tpu_system(resolver)
-            except (ValueError, tf.errors.OpError) as e:
-                raise UserError(f"runtime.strategy=tpu but no TPU was found ({str(e).splitlines()[0]})") from None
-            _STRATEGIES[key] = tf.distribute.TPUStrategy(resolver)
-    return _STRATEGIES[key]
-
-
-def check_devices(names) -> None:
-    """Refuses a device name that this machine does not have (MirroredStrategy would fail later, obscurely)."""
-    logical = tf.config.list_logical_devices()
-    available = {(d.device_type.upper(), int(d.name.rsplit(":", 1)[1])) for d in logical}
-    listing = ", ".join(d.name.replace("/device:", "") for d in logical)
-    for name in names:
-        try:
-            spec = tf.DeviceSpec.from_string(name if name.startswith("/") else "/device:" + name)
-        except (ValueError, TypeError):
-            spec = None
-        if spec is None or spec.device_type is None or (spec.device_type.upper(), spec.device_index or 0) not in available:
-            raise UserError(f"runtime.devices: no device {name!r} on this machine; available: {listing}")
-
-
-def jit_setting(runtime):
-    """Keras' jit_compile value: "auto" leaves the choice to Keras (no XLA on CPU)."""
-    return {"auto": "auto", "on": True, "off": False}[runtime.jit_compile]
 
 
 def learning_rate_schedule(optim, steps_per_epoch: int):
@@ -139,46 +93,6 @@ def learning_rate_schedule(optim, steps_per_epoch: int):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def prepare_workdir(workdir: str) -> bool:
-    """Creates ``workdir``; returns True when an unfinished run is there to resume.
-
-    A finished run or a non-empty directory that is not a run of ours is
-    never overwritten (UserError).
-    """
-    status = workdir_status(workdir)
-    if status == "finished":
-        raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
-    if status == "trained":
-        raise UserError(f"workdir {workdir} holds a finished training run (--no-eval); choose another --workdir, "
-                        "or run the same command without --no-eval to evaluate it")
-    os.makedirs(workdir, exist_ok=True)
-    return status == "unfinished"
-
-
-def workdir_status(workdir: str) -> str:
-    """"new" (absent or empty), "unfinished", "trained" (finished train-only run) or "finished" (evaluated).
-
-    Raises UserError for a path that is not a directory or a directory that
-    holds something else than a tfrobust run.
-    """
-    if not workdir:
-        raise UserError("--workdir must not be empty")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"workdir {workdir} exists and is not a directory")
-    try:
-        entries = set(os.listdir(workdir)) if os.path.isdir(workdir) else set()
-    except OSError as e:
-        raise UserError(f"workdir {workdir} cannot be read: {e.strerror or e}") from None
-    if not entries - {rundir.LOCK}:
-        return "new"
-    marker = rundir.finished(workdir)
-    if marker:
-        return "finished" if marker.get("evaluated") else "trained"
-    if "config.yaml" not in entries:
-        raise UserError(f"workdir {workdir} is not empty and holds no tfrobust run; choose another --workdir")
-    return "unfinished"
-
-
 def build(config: ExperimentConfig, datasets=None, defense: Defense | None = None):
     """Data, network and compiled RobustModel for a config (inside the strategy scope).
 
@@ -195,16 +109,10 @@ def build(config: ExperimentConfig, datasets=None, defense: Defense | None = Non
         from tfrobust import extra_data
 
         extra_data.check_labels_for(defense, config.data.extra_data, labelled=False)
-    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
+    steps_per_epoch = placement.steps_per_epoch(config, datasets)
     strategy = build_strategy(config.runtime)
-    previous_policy = keras.config.dtype_policy()
-    policy = "float32" if config.runtime.mixed_precision == "none" else config.runtime.mixed_precision
-    keras.config.set_dtype_policy(policy)
-    try:
-        with strategy.scope():
-            model = _compiled_model(config, defense, info, steps_per_epoch, datasets.unlabelled_extra)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    with runtime.dtype_policy(config.runtime), strategy.scope():
+        model = _compiled_model(config, defense, info, steps_per_epoch, datasets.unlabelled_extra)
     return model, datasets, strategy
 
 
@@ -238,72 +146,21 @@ def train(config: ExperimentConfig, workdir: str, extra_callbacks=(), datasets=N
     :func:`tfrobust.multiworker.fit_distributed` does (call ``train`` first
     thing in the process on every worker, with the same config and workdir;
     the chief writes ``workdir``, which must be on a filesystem every worker
-    reads for a resume, see :mod:`tfrobust.multiworker`).
+    reads for a resume, see :mod:`tfrobust.multiworker`); :mod:`tfrobust.placement`
+    holds what differs.
     """
     if defense is None:
         defense = parse_defense(config.defense.name, config.defense)
     resolve_attack(config)  # the budget written into config.yaml is the one trained with
-    if config.runtime.strategy == "multi_worker":
-        if datasets is not None:
-            raise UserError("runtime.strategy=multi_worker takes no preloaded datasets (every worker loads its own)")
-        return _train_on_cluster(config, workdir, extra_callbacks, keep_backup, defense)
-    with _owned(workdir):
-        _check_start(config, workdir)
-        return _train(config, workdir, workdir, extra_callbacks, datasets, keep_backup, defense)
-
-
-def _train_on_cluster(config, workdir, extra_callbacks, keep_backup, defense):
-    """The chief checks and locks ``workdir``; the others write to a scratch directory; all train together."""
-    task = multiworker.parse_tf_config(os.environ.get(multiworker.TF_CONFIG))
-    strategy = build_strategy(config.runtime)  # before any other TensorFlow operation in the process
-    with contextlib.ExitStack() as stack:
-        refusal = None
-        if task.is_chief:
-            try:
-                stack.enter_context(_owned(workdir))
-                _check_start(config, workdir)
-            except UserError as e:
-                refusal = str(e)
-        if multiworker.any_worker(strategy, refusal is not None):
-            raise UserError(refusal or f"the chief refused workdir {workdir}; see the chief's output")
-        write_dir = workdir if task.is_chief else stack.enter_context(multiworker.scratch_dir(task))
-        try:
-            result = _train(config, workdir, write_dir, extra_callbacks, None, keep_backup, defense)
-            # A last collective as a barrier: no worker leaves (and stops answering
-            # the cluster's health checks) while another is still saving.
-            multiworker.any_worker(strategy, False)
-        except tf.errors.UnavailableError:
-            raise multiworker.WorkerLost(
-                "a worker of the cluster stopped; start every worker again with the same command "
-                "to resume from the last finished epoch"
-            ) from None
-    return result
-
-
-@contextlib.contextmanager
-def _owned(workdir: str):
-    """Creates ``workdir`` if needed and holds its lock; a start refused before anything was written
-    removes the directory it created."""
-    workdir_status(workdir)  # refuses a foreign directory before anything is created
-    created = not os.path.exists(workdir)
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
-    try:
-        with rundir.lock(workdir):
-            yield
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(workdir)  # only if empty
-        raise
+    place = placement.place(config, workdir, datasets)
+    with place.claim(lambda: _check_start(config, workdir)) as run_dir:
+        return _train(config, place, run_dir, extra_callbacks, datasets, keep_backup, defense)
 
 
 def _check_start(config, workdir) -> None:
     """Refuses a workdir that cannot take this run (finished, foreign, or unfinished with another config)."""
     if prepare_workdir(workdir) and callbacks_lib.EpochBackup.read_state(os.path.join(workdir, "backup")):
-        if not _same_config(config, workdir):
+        if not rundir.holds_config(workdir, to_dict(config)):
             raise UserError(f"workdir {workdir} holds an unfinished run with a different config; resume with the same command or choose another --workdir")
 
 
@@ -374,59 +231,30 @@ def training_callbacks(config: ExperimentConfig, model: RobustModel, datasets, r
     return callbacks, history_log, backup, resumed
 
 
-def _train(config, workdir, run_dir, extra_callbacks, datasets, keep_backup, defense):
-    """Builds, restores and trains; ``run_dir`` is ``workdir`` except on a non-chief worker (its scratch)."""
-    keras.utils.set_random_seed(config.runtime.seed)
-    if config.runtime.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    cluster = config.runtime.strategy == "multi_worker"
-    if cluster:
-        # Checked before the network is built: every worker refuses alike, none waits in a collective.
-        datasets = data_lib.load_datasets(config.data, seed=config.runtime.seed)
-        replicas = build_strategy(config.runtime).num_replicas_in_sync
-        multiworker.check_batches(datasets.train_size, config.data.batch_size, replicas, "training")
-        multiworker.check_batches(datasets.validation_size, config.data.eval_batch_size, replicas, "validation")
-    model, datasets, strategy = build(config, datasets, defense)
-    if cluster:
-        multiworker.build_optimizer(model, strategy)
+def _train(config, place, run_dir, extra_callbacks, datasets, keep_backup, defense):
+    """Builds, restores and trains; ``run_dir`` is the run directory except on a non-chief worker (its scratch)."""
+    runtime.seed_process(config.runtime)
+    model, datasets, strategy = build(config, place.datasets(config, datasets), defense)
+    place.prepare(model, strategy)
     # The config is committed only once the data and network are built: a
     # refused start (bad data, bad device) leaves nothing that would refuse
     # the corrected command. Before the first backup a different config
     # simply replaces it.
-    callbacks_lib.atomic_write(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(config), sort_keys=False))
+    rundir.write_config(run_dir, to_dict(config))
     user_code.record(config, run_dir, callbacks_lib.atomic_write)
     callbacks, history_log, backup, resumed = training_callbacks(
-        config, model, datasets, run_dir, os.path.join(workdir, "backup"), extra_callbacks,
+        config, model, datasets, run_dir, os.path.join(place.workdir, "backup"), extra_callbacks,
     )
-    if cluster and not multiworker.all_equal(strategy, resumed.epoch):
-        raise UserError(f"the workers found different backups in {os.path.join(workdir, 'backup')}; "
-                        "put --workdir on a filesystem that every worker shares")
-    epochs = config.optim.epochs
-    has_validation = datasets.validation_size > 0
-    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
-    write_start_summary(run_dir, config, datasets, defense, model, resumed.epoch, loud=run_dir == workdir)
-    if resumed.epoch < epochs and not resumed.stopped:
-        if cluster:
-            multiworker.fit_distributed(
-                model, strategy, datasets.train_epochs(resumed.epoch, epochs), epochs=epochs,
-                steps_per_epoch=steps_per_epoch, initial_epoch=resumed.epoch,
-                validation=datasets.validation if has_validation else None,
-                validation_steps=math.ceil(datasets.validation_size / config.data.eval_batch_size),
-                callbacks=callbacks, verbose=config.runtime.verbose if run_dir == workdir else 0,
-            )
-        else:
-            model.fit(
-                datasets.train_epochs(resumed.epoch, epochs), epochs=epochs, initial_epoch=resumed.epoch,
-                steps_per_epoch=steps_per_epoch,
-                validation_data=datasets.validation if has_validation else None,
-                callbacks=callbacks, verbose=config.runtime.verbose,
-            )
+    place.check_resumed(strategy, resumed.epoch)
+    write_start_summary(run_dir, config, datasets, defense, model, resumed.epoch, loud=place.chief)
+    if resumed.epoch < config.optim.epochs and not resumed.stopped:
+        place.fit(model, strategy, config, datasets, resumed.epoch, callbacks)
     # The final phase: everything below is redone from the backup after a kill.
     history = history_log.history()
     history["train_seconds"] = backup.train_seconds()
     callbacks_lib.atomic_write(os.path.join(run_dir, "history.json"), json.dumps(history, indent=1))
     history_log.write()
-    save_networks(model, run_dir, has_validation)
+    save_networks(model, run_dir, datasets.validation_size > 0)
     rundir.mark_finished(run_dir, evaluated=False)
     if not keep_backup:
         callbacks_lib.EpochBackup.discard(os.path.join(run_dir, "backup"))
@@ -453,7 +281,7 @@ def start_summary(config: ExperimentConfig, datasets, defense: Defense, model, r
     """``(lines, warnings)``: what this start of a run trains on and with, and what looks unintended."""
     info = datasets.info
     epochs = config.optim.epochs
-    steps_per_epoch = max(1, math.ceil(datasets.train_size / config.data.batch_size))
+    steps_per_epoch = placement.steps_per_epoch(config, datasets)
     split = datasets.split_size if datasets.split_size is not None else datasets.train_size + datasets.validation_size
     shape = "x".join(str(d) for d in info.image_shape)
     warmups = [f"{t.name} warm-up {t.warmup_epochs()} of {epochs} epochs" for t in defense.weight_space_terms()
@@ -495,12 +323,6 @@ def write_start_summary(run_dir, config, datasets, defense, model, resumed_epoch
             print(f"warning: {w}", file=sys.stderr, flush=True)
 
 
-def _same_config(config, workdir) -> bool:
-    """Whether ``workdir/config.yaml`` is ``config``."""
-    with open(os.path.join(workdir, "config.yaml"), encoding="utf-8") as f:
-        return yaml.safe_load(f) == to_dict(config)
-
-
 def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:
     """The optional FlatnessMonitor on a validation subset (``eval.flatness_every`` > 0)."""
     if not config.eval.flatness_every or datasets.validation_size == 0:
@@ -523,39 +345,6 @@ def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:
     )]
 
 
-def save_networks(model: RobustModel, workdir: str, has_best: bool) -> None:
-    """Saves the last (and best) network as .keras and as SavedModel.
-
-    Each file is written under a temporary name and renamed into place, so a
-    failed or killed save leaves the previous complete file (or none). With
-    weight averaging these are the averaged networks; the live (not averaged)
-    last network is also saved, as ``model_live.keras``.
-    """
-    network = model.evaluated_network()
-    _save_network(network, workdir, "model.keras", "saved_model")
-    if network is not model.network:
-        with callbacks_lib.atomic_path(os.path.join(workdir, "model_live.keras")) as partial:
-            model.network.save(partial)
-    best = os.path.join(workdir, "checkpoints", "best.weights.h5")
-    if has_best and os.path.exists(best):
-        last = [v.numpy() for v in model.weights]
-        model.load_weights(best)
-        try:
-            _save_network(model.evaluated_network(), workdir, "best.keras", "saved_model_best")
-        finally:
-            for v, value in zip(model.weights, last):
-                v.assign(value)
-
-
-def _save_network(network, workdir, keras_name, export_name):
-    with callbacks_lib.atomic_path(os.path.join(workdir, keras_name)) as partial:
-        network.save(partial)
-    rundir.atomic_replace_dir(
-        os.path.join(workdir, export_name),
-        lambda path: export_network(network, path),
-    )
-
-
 def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = True,
                        defense: Defense | None = None) -> dict:
     """Trains, then evaluates the last and best networks on the test split.
@@ -567,44 +356,33 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, verbose: bool = T
     workers return a report without models.
     """
     resolve_attack(config)
-    if config.runtime.strategy == "multi_worker":
-        return _train_and_evaluate_on_cluster(config, workdir, verbose, defense)
-    with _owned(workdir):
-        status = workdir_status(workdir)
-        if status == "finished":
-            raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
-        if status == "trained":
-            seconds = _trained_seconds(config, workdir)
-        else:
-            _, _, history = train(config, workdir, keep_backup=True, defense=defense)
-            seconds = history["train_seconds"]
-        return _finish_with_report(config, workdir, seconds, verbose)
+    place = placement.place(config, workdir)
+    with place.hold():
+        # A run killed during its evaluation is not retrained: every worker learns that from the chief.
+        trained = place.decide(lambda: _trained_before(config, workdir))
+        seconds = None if trained else train(config, workdir, keep_backup=True, defense=defense)[2]["train_seconds"]
+        if not place.chief:
+            return {"models": {}, "train_seconds": seconds}
+        with rundir.owned(workdir):
+            if seconds is None:
+                seconds = _trained_seconds(workdir)
+            return _finish_with_report(config, workdir, seconds, verbose)
 
 
-def _train_and_evaluate_on_cluster(config, workdir, verbose, defense):
-    strategy = build_strategy(config.runtime)  # before any other TensorFlow operation in the process
-    chief = multiworker.is_chief()
-    trained = False
-    if chief:
-        with contextlib.suppress(UserError):  # a refusal is reported by train()
-            trained = workdir_status(workdir) == "trained" and _same_config(config, workdir)
-    # A run killed during its evaluation is not retrained: every worker learns that from the chief.
-    if multiworker.any_worker(strategy, trained):
-        seconds = None
-    else:
-        seconds = train(config, workdir, keep_backup=True, defense=defense)[2]["train_seconds"]
-    if not chief:
-        return {"models": {}, "train_seconds": seconds}
-    with _owned(workdir):
-        return _finish_with_report(config, workdir, _trained_seconds(config, workdir) if seconds is None else seconds,
-                                   verbose)
-
-
-def _trained_seconds(config, workdir) -> float:
-    """The training time of the finished train-only run in ``workdir``; refuses another config."""
-    if not _same_config(config, workdir):
+def _trained_before(config, workdir) -> bool:
+    """Whether ``workdir`` holds this config's finished train-only run; refuses a finished run and a
+    train-only run of another config."""
+    status = workdir_status(workdir)
+    if status == "finished":
+        raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
+    if status == "trained" and not rundir.holds_config(workdir, to_dict(config)):
         raise UserError(f"workdir {workdir} holds a finished training run with a different config; "
                         "evaluate it with the same config or choose another --workdir")
+    return status == "trained"
+
+
+def _trained_seconds(workdir) -> float:
+    """The training time of the finished train-only run in ``workdir``."""
     with open(os.path.join(workdir, "history.json"), encoding="utf-8") as f:
         return json.load(f)["train_seconds"]
 
@@ -640,9 +418,11 @@ def _evaluate_run(config, workdir, train_seconds, verbose):
 __all__ = [
     "REPORT",
     "build_strategy",
+    "check_devices",
     "jit_setting",
     "learning_rate_schedule",
     "prepare_workdir",
+    "workdir_status",
     "build",
     "train",
     "training_callbacks",

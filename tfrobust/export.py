@@ -4,13 +4,19 @@ The endpoint takes a float32 batch of images in [0, 1] (named ``images``,
 any batch size) and returns ``{"logits": float32 (batch, classes)}``; it is
 also the SavedModel's ``serving_default``. TensorFlow Serving, ``tf.saved_model.load``
 and ``tfrobust evaluate --model DIR`` read it.
+
+At the end of a training run :func:`save_networks` writes the last and best
+networks of a run directory both as ``.keras`` files and as such SavedModels.
 """
 
 from __future__ import annotations
 
+import os
+
 import keras
 import tensorflow as tf
 
+from tfrobust import rundir
 from tfrobust.errors import UserError
 
 INPUT_NAME = "images"
@@ -55,4 +61,38 @@ def export_network(network, path: str, input_shape=None) -> None:
     archive.write_out(path, verbose=False)
 
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "input_shape_of", "export_network"]
+def save_networks(model, workdir: str, has_best: bool) -> None:
+    """Saves the last (and best) network of a RobustModel into ``workdir`` as .keras and as SavedModel.
+
+    Each file is written under a temporary name and renamed into place, so a
+    failed or killed save leaves the previous complete file (or none). With
+    weight averaging these are the averaged networks; the live (not averaged)
+    last network is also saved, as ``model_live.keras``.
+    """
+    network = model.evaluated_network()
+    save_network(network, workdir, "model.keras", "saved_model")
+    if network is not model.network:
+        with rundir.atomic_path(os.path.join(workdir, "model_live.keras")) as partial:
+            model.network.save(partial)
+    best = os.path.join(workdir, "checkpoints", "best.weights.h5")
+    if has_best and os.path.exists(best):
+        last = [v.numpy() for v in model.weights]
+        model.load_weights(best)
+        try:
+            save_network(model.evaluated_network(), workdir, "best.keras", "saved_model_best")
+        finally:
+            for v, value in zip(model.weights, last):
+                v.assign(value)
+
+
+def save_network(network, workdir: str, keras_name: str, export_name: str) -> None:
+    """Writes ``network`` to ``workdir/keras_name`` and exports it to the directory ``workdir/export_name``."""
+    with rundir.atomic_path(os.path.join(workdir, keras_name)) as partial:
+        network.save(partial)
+    rundir.atomic_replace_dir(
+        os.path.join(workdir, export_name),
+        lambda path: export_network(network, path),
+    )
+
+
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "input_shape_of", "export_network", "save_networks", "save_network"]

@@ -10,6 +10,10 @@
   ``{"trained": true, "evaluated": false}`` after a train-only (``--no-eval``)
   run, ``"evaluated": true`` once ``report.json`` is also on disk. A run
   directory without it is unfinished, whatever other files it holds.
+
+:func:`workdir_status` reads what a directory holds ("new", "unfinished",
+"trained", "finished"), :func:`prepare_workdir` refuses one that cannot take a
+new start, and :func:`owned` creates a directory and holds its lock for a block.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import shutil
 import socket
 import threading
 
+import yaml
+
 from tfrobust.errors import UserError
 
 LOCK = "run.lock"
 FINISHED = "finished.json"
 REPORT = "report.json"
+CONFIG = "config.yaml"
 
 _held: dict = {}
 _held_guard = threading.Lock()
@@ -217,5 +224,95 @@ def mark_finished(workdir: str, evaluated: bool) -> None:
     atomic_write(os.path.join(workdir, FINISHED), json.dumps({"trained": True, "evaluated": bool(evaluated)}) + "\n")
 
 
-__all__ = ["LOCK", "FINISHED", "REPORT", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
+def workdir_status(workdir: str) -> str:
+    """"new" (absent or empty), "unfinished", "trained" (finished train-only run) or "finished" (evaluated).
+
+    Raises UserError for a path that is not a directory or a directory that
+    holds something else than a tfrobust run.
+    """
+    if not workdir:
+        raise UserError("--workdir must not be empty")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} exists and is not a directory")
+    try:
+        entries = set(os.listdir(workdir)) if os.path.isdir(workdir) else set()
+    except OSError as e:
+        raise UserError(f"workdir {workdir} cannot be read: {e.strerror or e}") from None
+    if not entries - {LOCK}:
+        return "new"
+    marker = finished(workdir)
+    if marker:
+        return "finished" if marker.get("evaluated") else "trained"
+    if CONFIG not in entries:
+        raise UserError(f"workdir {workdir} is not empty and holds no tfrobust run; choose another --workdir")
+    return "unfinished"
+
+
+def prepare_workdir(workdir: str) -> bool:
+    """Creates ``workdir``; returns True when an unfinished run is there to resume.
+
+    A finished run or a non-empty directory that is not a run of ours is
+    never overwritten (UserError).
+    """
+    status = workdir_status(workdir)
+    if status == "finished":
+        raise UserError(f"workdir {workdir} holds a finished run; choose another --workdir")
+    if status == "trained":
+        raise UserError(f"workdir {workdir} holds a finished training run (--no-eval); choose another --workdir, "
+                        "or run the same command without --no-eval to evaluate it")
+    os.makedirs(workdir, exist_ok=True)
+    return status == "unfinished"
+
+
+@contextlib.contextmanager
+def owned(workdir: str):
+    """Creates ``workdir`` if needed and holds its lock; a start refused before anything was written
+    removes the directory it created."""
+    workdir_status(workdir)  # refuses a foreign directory before anything is created
+    created = not os.path.exists(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+    try:
+        with lock(workdir):
+            yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)  # only if empty
+        raise
+
+
+def holds_config(workdir: str, config: dict) -> bool:
+    """Whether ``workdir/config.yaml`` is ``config`` (a config as a dict, ``config.to_dict``)."""
+    with open(os.path.join(workdir, CONFIG), encoding="utf-8") as f:
+        return yaml.safe_load(f) == config
+
+
+def check_new_file(path: str, flag: str) -> None:
+    """Refuses (UserError naming ``flag``) an output file that exists or cannot be written: nothing is overwritten."""
+    import tempfile
+
+    if not path.strip():
+        raise UserError(f"{flag} must not be empty")
+    if os.path.exists(path):
+        raise UserError(f"output file {path} exists; choose another {flag}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{flag} {path}: directory {directory} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tfrobust-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write in {directory} ({e.strerror or e})") from None
+
+
+def write_config(workdir: str, config: dict) -> None:
+    """Writes ``config`` (a dict) to ``workdir/config.yaml``, atomically."""
+    atomic_write(os.path.join(workdir, CONFIG), yaml.safe_dump(config, sort_keys=False))
+
+
+__all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
+           "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
            "atomic_replace_dir", "mark_finished"]
