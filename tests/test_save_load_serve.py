@@ -165,6 +165,11 @@ def test_evaluate_command_takes_a_saved_robust_model_and_uses_its_averaged_netwo
     top2 = np.sort(expected["trades_awp_ema"], axis=1)[:, -2:]
     near_ties = int(np.sum(top2[:, 1] - top2[:, 0] < 1e-4))
     assert abs(report["accuracy"]["clean"] * 8 - 5) <= near_ties
+    # What evaluate loads from the file is the averaged network (the live one differs by > 1e-3 in the logits).
+    from tfrobust import loading
+
+    loaded = loading.load(str(folder / "trades_awp_ema.keras"))
+    np.testing.assert_allclose(loaded.model_fn(tf.constant(x)).numpy(), expected["trades_awp_ema"], rtol=1e-6, atol=1e-6)
 
 
 def test_a_subclassed_network_saved_in_a_keras_file_is_evaluated_with_plugin(tmp_path):
