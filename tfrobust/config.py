@@ -7,7 +7,8 @@ Unknown keys and values of the wrong type are refused with a
 :class:`~tfrobust.errors.UserError` that names the key.
 
 ``plugins`` (``--plugin`` on the command line) lists Python modules, or
-``.py`` files, imported before the rest of the config is read: a plug-in that
+``.py`` files, imported (:func:`tfrobust.user_code.import_plugins`) before
+the rest of the config is read: a plug-in that
 registers a weight-space term (:func:`tfrobust.defense_names.register_term`)
 makes its name a defense and its hyperparameters a ``defense.<term>``
 section, as for the built-in terms.
@@ -16,11 +17,7 @@ section, as for the built-in terms.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
-import importlib.util
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,7 +26,8 @@ import yaml
 
 from tfrobust.attack_names import MAX_STEPS
 from tfrobust.defense_names import registered_terms, term_declaration
-from tfrobust.errors import UserError, parse_number, unknown_choice
+from tfrobust.errors import UserError, parse_number
+from tfrobust.user_code import import_plugins
 
 
 @dataclass
@@ -278,43 +276,6 @@ def to_dict(config) -> dict:
     if "plugins" in values and not values["plugins"]:
         del values["plugins"]
     return values
-
-
-def import_plugins(names) -> None:
-    """Imports each plug-in: a module name (found from the current directory too) or a ``.py`` file.
-
-    Importing twice does nothing more (a module runs once per process). A
-    plug-in that cannot be imported is a one-line UserError.
-    """
-    for name in names:
-        name = str(name).strip()
-        if not name:
-            continue
-        try:
-            if name.endswith(".py"):
-                path = os.path.abspath(name)
-                if not os.path.isfile(path):
-                    raise UserError(f"plugin file not found: {name}")
-                module_name = "tfrobust_plugin_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-                if module_name in sys.modules:
-                    continue
-                spec = importlib.util.spec_from_file_location(module_name, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[module_name] = module
-                try:
-                    spec.loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[module_name]
-                    raise
-            else:
-                if os.getcwd() not in sys.path and "" not in sys.path:
-                    sys.path.insert(0, os.getcwd())  # a module next to where the command runs
-                importlib.import_module(name)
-        except UserError:
-            raise
-        except Exception as e:  # ImportError, or any error the plug-in's own code raises
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise UserError(f"plugin {name!r} could not be imported: {type(e).__name__}: {first}") from None
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

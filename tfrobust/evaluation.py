@@ -338,7 +338,7 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
     With ``verbose`` the tables and the files written are printed.
     """
     from tfrobust import loading
-    from tfrobust.config import import_plugins
+    from tfrobust.user_code import import_plugins
 
     say = print if verbose else (lambda *a, **k: None)
     if output is not None:

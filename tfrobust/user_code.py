@@ -11,15 +11,53 @@ directory, before the run's ``.keras`` files are read.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
 
-from tfrobust.config import import_plugins
 from tfrobust.errors import UserError
 
 FILE = "imports.json"
+
+
+def import_plugins(names) -> None:
+    """Imports each plug-in: a module name (found from the current directory too) or a ``.py`` file.
+
+    Importing twice does nothing more (a module runs once per process). A
+    plug-in that cannot be imported is a one-line UserError.
+    """
+    for name in names:
+        name = str(name).strip()
+        if not name:
+            continue
+        try:
+            if name.endswith(".py"):
+                path = os.path.abspath(name)
+                if not os.path.isfile(path):
+                    raise UserError(f"plugin file not found: {name}")
+                module_name = "tfrobust_plugin_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+                if module_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
+            else:
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())  # a module next to where the command runs
+                importlib.import_module(name)
+        except UserError:
+            raise
+        except Exception as e:  # ImportError, or any error the plug-in's own code raises
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"plugin {name!r} could not be imported: {type(e).__name__}: {first}") from None
 
 
 def _import_root(module_name: str):
@@ -84,4 +122,4 @@ def import_recorded(run_dir: str) -> None:
             ) from None
 
 
-__all__ = ["FILE", "run_imports", "record", "import_recorded"]
+__all__ = ["FILE", "import_plugins", "run_imports", "record", "import_recorded"]
