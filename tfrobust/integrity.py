@@ -71,6 +71,83 @@ def _steps_key(k) -> int:
     return int(k)
 
 
+def _robust_le_clean(acc, clean) -> dict:
+    """1. robust accuracy <= clean accuracy."""
+    name = "robust_le_clean"
+    attacked = {k: v for k, v in acc.items() if k != "clean"}
+    if clean is None or not attacked:
+        return _skip(name, "clean and attacked accuracies")
+    bad = {k: v for k, v in attacked.items() if v > clean + 1e-9}
+    if bad:
+        detail = "; ".join(f"{k}: {v:.2%} > clean {clean:.2%}" for k, v in bad.items())
+        return check_result(name, False, f"attacked accuracy above clean accuracy ({detail}): "
+                                         "the attack or the model's output is unreliable")
+    return check_result(name, True, f"all {len(attacked)} attacks <= clean {clean:.2%}")
+
+
+def _eps0_equals_clean(results, clean, one) -> dict:
+    """2. eps = 0 gives the clean accuracy."""
+    name = "eps0_equals_clean"
+    eps0 = results.get("eps0_accuracy")
+    if clean is None or eps0 is None:
+        return _skip(name, "eps0_accuracy or clean accuracy")
+    if abs(eps0 - clean) <= 0.5 * one + 1e-9:
+        return check_result(name, True, f"accuracy at eps=0 {eps0:.2%} equals clean {clean:.2%}")
+    return check_result(name, False, f"accuracy at eps=0 {eps0:.2%} differs from clean {clean:.2%}: "
+                                     "randomised model or broken attack")
+
+
+def _large_eps_near_zero(results, large_eps_max_accuracy) -> dict:
+    """3. a very large eps breaks (almost) everything."""
+    name = "large_eps_near_zero"
+    large = results.get("large_eps_accuracy")
+    if large is None:
+        return _skip(name, "large_eps_accuracy")
+    at = results.get("large_eps")
+    at = f" at eps={at:g}" if isinstance(at, (int, float)) else ""
+    if large <= large_eps_max_accuracy:
+        return check_result(name, True, f"accuracy{at} is {large:.2%} <= {large_eps_max_accuracy:.0%}")
+    return check_result(name, False, f"accuracy{at} is {large:.2%} > {large_eps_max_accuracy:.0%}: "
+                                     "the attack cannot reach points that are certainly reachable "
+                                     "(possible gradient masking)")
+
+
+def _more_steps_not_better(results, one, steps_tolerance_examples) -> dict:
+    """4. more PGD steps never raise accuracy."""
+    name = "more_steps_not_better"
+    steps = results.get("pgd_steps") or {}
+    if len(steps) < 2:
+        return _skip(name, "pgd_steps with at least two step counts")
+    series = sorted((_steps_key(k), float(v)) for k, v in steps.items())
+    tol = steps_tolerance_examples * one
+    bad = [(a, va, b, vb) for i, (a, va) in enumerate(series) for (b, vb) in series[i + 1:]
+           if b > a and vb > va + tol + 1e-9]
+    listing = ", ".join(f"{k}: {v:.2%}" for k, v in series)
+    if bad:
+        a, va, b, vb = bad[0]
+        return check_result(name, False, f"PGD with {b} steps ({vb:.2%}) is above {a} steps ({va:.2%}) by "
+                                         f"more than {steps_tolerance_examples} example(s) ({listing}): "
+                                         "the attack does not converge (possible gradient masking)")
+    return check_result(name, True, f"non-increasing within {steps_tolerance_examples} example(s): {listing}")
+
+
+def _gradient_free_not_better(results, n, gradient_free_max_fraction) -> dict:
+    """5. the gradient-free attack does not beat the gradient attacks."""
+    name = "gradient_free_not_better"
+    only = results.get("gradient_free_only")
+    if only is None:
+        return _skip(name, "gradient_free_only")
+    frac = (only / n) if n else (1.0 if only > 0 else 0.0)
+    who = results.get("gradient_free_attack", "the gradient-free attack")
+    if frac <= gradient_free_max_fraction + 1e-12 or only <= GRADIENT_FREE_ALLOWED_EXAMPLES:
+        return check_result(name, True, f"{who} broke {int(only)} example(s) that all gradient attacks missed "
+                                        f"(allowed: {gradient_free_max_fraction:.1%} or "
+                                        f"{GRADIENT_FREE_ALLOWED_EXAMPLES} example)")
+    return check_result(name, False, f"possible gradient masking: {who} broke {int(only)} example(s) "
+                                     f"({frac:.2%}) that every gradient attack missed "
+                                     f"(threshold {gradient_free_max_fraction:.1%})")
+
+
 def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS_MAX_ACCURACY,
                      steps_tolerance_examples: int = STEPS_TOLERANCE_EXAMPLES,
                      gradient_free_max_fraction: float = GRADIENT_FREE_MAX_FRACTION) -> list:
@@ -108,87 +185,13 @@ def integrity_checks(results: dict, *, large_eps_max_accuracy: float = LARGE_EPS
     one = (1.0 / n) if n else 0.0
     acc = dict(results.get("accuracy") or {})
     clean = acc.get("clean")
-    out = []
-
-    # 1. robust accuracy <= clean accuracy
-    name = "robust_le_clean"
-    attacked = {k: v for k, v in acc.items() if k != "clean"}
-    if clean is None or not attacked:
-        out.append(_skip(name, "clean and attacked accuracies"))
-    else:
-        bad = {k: v for k, v in attacked.items() if v > clean + 1e-9}
-        if bad:
-            detail = "; ".join(f"{k}: {v:.2%} > clean {clean:.2%}" for k, v in bad.items())
-            out.append(check_result(name, False, f"attacked accuracy above clean accuracy ({detail}): "
-                                           "the attack or the model's output is unreliable"))
-        else:
-            out.append(check_result(name, True, f"all {len(attacked)} attacks <= clean {clean:.2%}"))
-
-    # 2. eps = 0 gives the clean accuracy
-    name = "eps0_equals_clean"
-    eps0 = results.get("eps0_accuracy")
-    if clean is None or eps0 is None:
-        out.append(_skip(name, "eps0_accuracy or clean accuracy"))
-    else:
-        diff = abs(eps0 - clean)
-        if diff <= 0.5 * one + 1e-9:
-            out.append(check_result(name, True, f"accuracy at eps=0 {eps0:.2%} equals clean {clean:.2%}"))
-        else:
-            out.append(check_result(name, False, f"accuracy at eps=0 {eps0:.2%} differs from clean {clean:.2%}: "
-                                           "randomised model or broken attack"))
-
-    # 3. a very large eps breaks (almost) everything
-    name = "large_eps_near_zero"
-    large = results.get("large_eps_accuracy")
-    if large is None:
-        out.append(_skip(name, "large_eps_accuracy"))
-    else:
-        at = results.get("large_eps")
-        at = f" at eps={at:g}" if isinstance(at, (int, float)) else ""
-        if large <= large_eps_max_accuracy:
-            out.append(check_result(name, True, f"accuracy{at} is {large:.2%} <= {large_eps_max_accuracy:.0%}"))
-        else:
-            out.append(check_result(name, False, f"accuracy{at} is {large:.2%} > {large_eps_max_accuracy:.0%}: "
-                                           "the attack cannot reach points that are certainly reachable "
-                                           "(possible gradient masking)"))
-
-    # 4. more PGD steps never raise accuracy
-    name = "more_steps_not_better"
-    steps = results.get("pgd_steps") or {}
-    if len(steps) < 2:
-        out.append(_skip(name, "pgd_steps with at least two step counts"))
-    else:
-        series = sorted((_steps_key(k), float(v)) for k, v in steps.items())
-        tol = steps_tolerance_examples * one
-        bad = [(a, va, b, vb) for i, (a, va) in enumerate(series) for (b, vb) in series[i + 1:]
-               if b > a and vb > va + tol + 1e-9]
-        listing = ", ".join(f"{k}: {v:.2%}" for k, v in series)
-        if bad:
-            a, va, b, vb = bad[0]
-            out.append(check_result(name, False, f"PGD with {b} steps ({vb:.2%}) is above {a} steps ({va:.2%}) by "
-                                           f"more than {steps_tolerance_examples} example(s) ({listing}): "
-                                           "the attack does not converge (possible gradient masking)"))
-        else:
-            out.append(check_result(name, True,
-                                    f"non-increasing within {steps_tolerance_examples} example(s): {listing}"))
-
-    # 5. gradient-free attack does not beat the gradient attacks
-    name = "gradient_free_not_better"
-    only = results.get("gradient_free_only")
-    if only is None:
-        out.append(_skip(name, "gradient_free_only"))
-    else:
-        frac = (only / n) if n else (1.0 if only > 0 else 0.0)
-        who = results.get("gradient_free_attack", "the gradient-free attack")
-        if frac <= gradient_free_max_fraction + 1e-12 or only <= GRADIENT_FREE_ALLOWED_EXAMPLES:
-            out.append(check_result(name, True, f"{who} broke {int(only)} example(s) that all gradient attacks missed "
-                                          f"(allowed: {gradient_free_max_fraction:.1%} or "
-                                          f"{GRADIENT_FREE_ALLOWED_EXAMPLES} example)"))
-        else:
-            out.append(check_result(name, False, f"possible gradient masking: {who} broke {int(only)} example(s) "
-                                           f"({frac:.2%}) that every gradient attack missed "
-                                           f"(threshold {gradient_free_max_fraction:.1%})"))
-    return out
+    return [
+        _robust_le_clean(acc, clean),
+        _eps0_equals_clean(results, clean, one),
+        _large_eps_near_zero(results, large_eps_max_accuracy),
+        _more_steps_not_better(results, one, steps_tolerance_examples),
+        _gradient_free_not_better(results, n, gradient_free_max_fraction),
+    ]
 
 
 def from_autoattack(result: dict) -> dict:

@@ -246,6 +246,31 @@ class JointWeightInputAttack:
         return float(tf.reduce_sum(tf.cast(self._final_compiled(x_adv, y, base, list(nus)), tf.float64)).numpy())
 
 
+def _unperturbed_loss(model, x, y, reference_loss, loss_fn, eps, step_size, steps, restarts, norm, batch_size, seed,
+                      robust, jit) -> float:
+    """``RLoss(w)``, the term worst-case flatness subtracts: given, the custom loss, or PGD's (clean CE)."""
+    if reference_loss is not None:
+        return float(reference_loss)
+    if loss_fn is not None:
+        return batch_mean_of(loss_fn, model, x, y, batch_size)
+    evaluator = RobustLossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, robust, jit)
+    return evaluator.mean(x, y)
+
+
+def _attempt_starts(x, batches, eps, norm, seed, attempt, robust) -> list:
+    """Each batch's start of ``delta`` for one worst-case attempt: uniform in the eps-ball, or ``x`` (clean)."""
+    starts = []
+    for b, (lo, hi) in enumerate(batches):
+        xb = x[lo:hi]
+        if robust:
+            start_seed = seeds.flatness_seed(seed, seeds.STREAM_WORST_DELTA, attempt, b)
+            start = random_start(xb, float(eps), norm, "uniform", start_seed)
+            starts.append(project(start, xb, float(eps), norm))
+        else:
+            starts.append(xb)
+    return starts
+
+
 def worst_case_flatness(
     model,
     x,
@@ -311,27 +336,14 @@ def worst_case_flatness(
         base = ws.snapshot(variables)
         norms = [ws.l2_norm(w) for w in base]
         radii = [tf.cast(xi, tf.float32) * w_norm for w_norm in norms]
-        if reference_loss is not None:
-            loss = float(reference_loss)
-        elif loss_fn is not None:
-            loss = batch_mean_of(loss_fn, model, x, y, batch_size)
-        else:
-            evaluator = RobustLossEvaluator(model, eps, step_size, steps, restarts, norm, batch_size, seed, robust, jit)
-            loss = evaluator.mean(x, y)
+        loss = _unperturbed_loss(model, x, y, reference_loss, loss_fn, eps, step_size, steps, restarts, norm,
+                                 batch_size, seed, robust, jit)
         attack = JointWeightInputAttack(model, variables, eps, step_size, weight_step, norm, robust, jit, loss_fn)
         bar = progress_bar(int(attempts) * int(passes), "worst-case flatness", progress)
         try:
             for a in range(int(attempts)):
                 nus = ws.sample_ball_perturbation(base, xi, seed, a)
-                x_adv = []
-                for b, (lo, hi) in enumerate(batches):
-                    xb = x[lo:hi]
-                    if robust:
-                        start_seed = seeds.flatness_seed(seed, seeds.STREAM_WORST_DELTA, a, b)
-                        start = random_start(xb, float(eps), norm, "uniform", start_seed)
-                        x_adv.append(project(start, xb, float(eps), norm))
-                    else:
-                        x_adv.append(xb)
+                x_adv = _attempt_starts(x, batches, eps, norm, seed, a, robust)
                 for _ in range(int(passes)):
                     for b, (lo, hi) in enumerate(batches):
                         x_adv[b], nus, _ = attack.step(x[lo:hi], y[lo:hi], x_adv[b], base, nus, radii, norms)
