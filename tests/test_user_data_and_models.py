@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrobust import data, models
+from tfrobust import data, data_sources, models
 from tfrobust.cli import evaluate_main, train_main
 from tfrobust.config import DataConfig, ModelConfig
 from tfrobust.errors import UserError
@@ -17,9 +17,9 @@ from tfrobust.errors import UserError
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    data._CUSTOM_CACHE.clear()
+    data_sources._CUSTOM_CACHE.clear()
     yield
-    data._CUSTOM_CACHE.clear()
+    data_sources._CUSTOM_CACHE.clear()
 
 
 def images(rng, n, shape, classes):
@@ -137,7 +137,7 @@ def test_image_folder_without_splits_holds_out_a_fixed_test_part(tmp_path):
     train_keys = {im.tobytes() for im in x_train}
     assert not train_keys & {im.tobytes() for im in x_test}
     assert train_keys | {im.tobytes() for im in x_test} == set(written)
-    data._CUSTOM_CACHE.clear()
+    data_sources._CUSTOM_CACHE.clear()
     again, _ = data.load_arrays(str(tmp_path / "imgs"), "test")
     np.testing.assert_array_equal(again, x_test)  # the same split every time (evaluation relies on it)
 
