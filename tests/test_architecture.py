@@ -178,7 +178,7 @@ def test_no_import_circles_between_packages():
 # tfrobust's modules and packages from the bottom up: each may import only from its own layer or below.
 LAYERS = (
     ("errors", "seeds", "registration"),
-    ("attack_names", "defense_names"),
+    ("attack_names", "defense_names", "config_files"),
     ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks", "runtime"),
     ("data", "data_sources", "models", "loading", "weight_space", "placement"),
     ("attacks",),
