@@ -179,8 +179,8 @@ def test_no_import_circles_between_packages():
 LAYERS = (
     ("errors", "seeds", "registration"),
     ("attack_names", "defense_names", "config_files"),
-    ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks", "runtime"),
-    ("data", "data_sources", "models", "loading", "weight_space", "placement"),
+    ("config", "rundir", "user_code", "export", "multiworker", "network_checks", "runtime"),
+    ("data", "data_sources", "extra_data", "models", "loading", "weight_space", "placement"),
     ("attacks",),
     ("autoattack", "defenses", "flatness", "callbacks"),
     ("integrity", "step", "trainer", "landscape"),

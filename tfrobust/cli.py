@@ -173,6 +173,8 @@ def train_main(argv=None) -> int:
         if cfg.data.extra_data:
             from tfrobust import extra_data
 
+            # The pool is converted and checked (as --data arrays are) before a run directory is made.
+            extra_data.prepare_pool(cfg.data.extra_data, cfg.data.extra_cache_dir)
             labelled = extra_data.has_labels(cfg.data.extra_data, cfg.data.extra_cache_dir)
             extra_data.check_labels_for(defense, cfg.data.extra_data, labelled)
         if models.model_kind(cfg.model.name) != "builtin":
@@ -323,6 +325,7 @@ def pseudo_label_parser() -> argparse.ArgumentParser:
 def pseudo_label_main(argv=None) -> int:
     args = pseudo_label_parser().parse_args(argv)
     _quiet_tensorflow()
+    _quiet_device_start()  # before the user's network is loaded: no cuInit line on a machine without a GPU
     with _user_errors():
         if args.batch_size <= 0:
             raise UserError("--batch-size must be > 0")

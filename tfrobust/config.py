@@ -17,6 +17,7 @@ section, as for the built-in terms.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -435,7 +436,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.model.cnn_width >= 1, "model.cnn_width must be >= 1"),
         (config.optim.epochs > 0, "optim.epochs must be > 0"),
         (config.optim.lr >= 0, "optim.lr must be >= 0"),
-        (config.eval.pgd_steps >= 0, "eval.pgd_steps must be >= 0"),
+        (config.eval.pgd_steps >= 1, "eval.pgd_steps must be >= 1 (validation and the final evaluation run PGD with it)"),
         (config.eval.flatness_every >= 0, "eval.flatness_every must be >= 0"),
         (config.eval.flatness_examples > 0, "eval.flatness_examples must be > 0"),
         (config.eval.flatness_samples > 0, "eval.flatness_samples must be > 0"),
@@ -477,6 +478,9 @@ def validate(config: ExperimentConfig) -> None:
         (config.eval.step_size is None or config.eval.step_size > 0, "eval.step_size must be > 0"),
         (config.attack.steps <= MAX_STEPS, f"attack.steps must be <= {MAX_STEPS} (the PGD loop is unrolled when traced)"),
         (config.eval.pgd_steps <= MAX_STEPS, f"eval.pgd_steps must be <= {MAX_STEPS} (the PGD loop is unrolled when traced)"),
+        (all(_number_list(getattr(config.data, k)) for k in ("mean", "std")),
+         f"data.mean and data.std need a list of numbers (one per channel), got {config.data.mean!r} and "
+         f"{config.data.std!r}"),
         (config.runtime.devices is None or all(isinstance(d, str) and d for d in config.runtime.devices),
          f"runtime.devices needs device names such as GPU:0, got {config.runtime.devices!r}"),
     ]
@@ -489,6 +493,14 @@ def validate(config: ExperimentConfig) -> None:
 
 
 MAX_INT = 2**31 - 1
+
+
+def _number_list(value) -> bool:
+    """None, or a list of finite numbers (no strings, no booleans)."""
+    if value is None:
+        return True
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
 
 
 def _check_data_name(name: str) -> None:

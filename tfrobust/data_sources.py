@@ -27,6 +27,7 @@ import dataclasses
 import gzip
 import logging
 import os
+import zipfile
 import zlib
 from typing import Optional
 
@@ -289,8 +290,9 @@ def unit_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _check_images(x, y, where: str) -> tuple:
-    """Validates one split of user data: NHWC images (uint8, or floats in [0, 1]) and integer labels."""
+def check_images(x, y, where: str) -> tuple:
+    """Validates one split of user data (or a chunk of an extra-data pool): NHWC images (uint8, or floats in
+    [0, 1]) and integer labels; returns them as NHWC images and int64 labels, or raises a one-line UserError."""
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 3:
         x = x[..., np.newaxis]
@@ -303,6 +305,8 @@ def _check_images(x, y, where: str) -> tuple:
                         "(y.argmax(axis=-1))")
     if y.ndim != 1 or len(y) != len(x):
         raise UserError(f"{where} has {len(x)} images but labels of shape {y.shape}; need one integer label per image")
+    if y.dtype.kind not in "iuf":
+        raise UserError(f"{where} has labels of type {y.dtype}; need integer class labels 0..K-1")
     if y.size and (y.dtype.kind not in "iu" and not np.all(np.mod(y, 1) == 0)):
         raise UserError(f"{where} has non-integer labels")
     if y.size and y.min() < 0:
@@ -320,16 +324,20 @@ def _check_images(x, y, where: str) -> tuple:
 
 
 def _load_npz(path: str) -> dict:
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty (0 bytes); a .npz data set needs x_train, y_train, x_test, y_test")
+    if not zipfile.is_zipfile(path):  # numpy would read it as a pickle and speak of allow_pickle
+        raise UserError(f"{path} is not a .npz file (not a zip archive of .npy arrays; save it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zlib.error) as e:
+    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise UserError(f"{path} could not be read as a .npz file: {str(e).splitlines()[0]}") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; a .npz data set needs x_train, y_train, x_test, y_test")
-    train = _check_images(arrays["x_train"], arrays["y_train"], f"{path} x_train/y_train")
-    test = _check_images(arrays["x_test"], arrays["y_test"], f"{path} x_test/y_test")
+    train = check_images(arrays["x_train"], arrays["y_train"], f"{path} x_train/y_train")
+    test = check_images(arrays["x_test"], arrays["y_test"], f"{path} x_test/y_test")
     return {"train": train, "test": test, "classes": None}
 
 
@@ -410,7 +418,7 @@ def _load_tfds_any(name: str, data_dir: Optional[str]) -> dict:
             for x, y in tfds.as_numpy(ds.batch(4096)):
                 xs.append(x)
                 ys.append(y)
-            splits[split] = _check_images(np.concatenate(xs), np.concatenate(ys), f"data set {name!r} {split} split")
+            splits[split] = check_images(np.concatenate(xs), np.concatenate(ys), f"data set {name!r} {split} split")
     except UserError:
         raise
     except Exception as e:  # tfds raises many kinds when it cannot find, download or batch the data.
@@ -433,11 +441,15 @@ def _custom(name: str, data_dir: Optional[str]) -> dict:
             raise UserError(f"data {name}: training images have shape {x_train.shape[1:]} but test images {x_test.shape[1:]}")
         if len(x_train) == 0:
             raise UserError(f"data {name} has no training images")
+        if len(x_test) == 0:  # refused before training: the run ends with an evaluation on them
+            raise UserError(f"data {name} has no test images")
         classes = loaded["classes"] or int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
         if max(y_train.max(initial=0), y_test.max(initial=0)) >= classes:
             raise UserError(f"data {name} has labels outside 0..{classes - 1}")
         if classes < 2:
             raise UserError(f"data {name} has only one class")
+        if loaded["classes"] is None:  # a .npz: the classes are its labels, numbered 0..K-1
+            _check_dense_labels(name, y_train, classes)
         unit = unit_float(x_train)
         axes = tuple(range(unit.ndim - 1))
         std = np.maximum(unit.std(axis=axes), 1e-3)
@@ -445,6 +457,18 @@ def _custom(name: str, data_dir: Optional[str]) -> dict:
                            tuple(float(m) for m in unit.mean(axis=axes)), tuple(float(s) for s in std))
         _CUSTOM_CACHE[key] = {"info": info, "train": (x_train, y_train), "test": (x_test, y_test)}
     return _CUSTOM_CACHE[key]
+
+
+def _check_dense_labels(name: str, y_train, classes: int) -> None:
+    """Refuses labels that are not 0..K-1 with every class in the training split (a stray label of 10**8
+    would otherwise build a network with 10**8 outputs)."""
+    missing = classes - len(np.unique(y_train))
+    if missing:
+        absent = np.setdiff1d(np.arange(min(classes, len(y_train) + 6)), y_train)[:5]
+        raise UserError(
+            f"data {name} has labels up to {classes - 1} but {missing} of the classes 0..{classes - 1} have no "
+            f"training example (e.g. {', '.join(str(int(c)) for c in absent)}); number the classes 0..K-1"
+        )
 
 
 def source_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
@@ -522,5 +546,5 @@ def load_test_arrays(name: str, data_dir: Optional[str] = None, limit: Optional[
 
 __all__ = [
     "SUPPORTED", "DEBIAN_FASHION_MNIST_DIR", "FOLDER_TEST_FRACTION", "DatasetInfo", "dataset_info", "read_idx",
-    "source_kind", "check_source", "unit_float", "source_info", "check_data_dir", "load_arrays", "load_test_arrays",
+    "source_kind", "check_source", "check_images", "unit_float", "source_info", "check_data_dir", "load_arrays", "load_test_arrays",
 ]

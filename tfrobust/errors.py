@@ -5,6 +5,7 @@ budget, a missing file). The command-line entry points catch it, print its
 one-line message and exit with status 2, without a traceback.
 """
 
+import contextlib
 import math
 
 
@@ -70,4 +71,23 @@ def check_steps(name: str, value, minimum: int = 0, maximum: int = 1000) -> int:
     return number
 
 
-__all__ = ["UserError", "unknown_choice", "check_number", "check_steps", "parse_number"]
+def first_line(error: BaseException) -> str:
+    """An exception's own message, first line only (empty when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+@contextlib.contextmanager
+def user_code(what: str):
+    """Runs the user's code (a model factory, a plug-in): any exception it raises becomes a one-line UserError
+    ``"<what> raised <Type>: <its message>"``; the original stays as the error's cause."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # whatever the user's code raises
+        message = first_line(e)
+        raise UserError(f"{what} raised {type(e).__name__}" + (f": {message}" if message else "")) from e
+
+
+__all__ = ["UserError", "unknown_choice", "check_number", "check_steps", "parse_number", "first_line", "user_code"]

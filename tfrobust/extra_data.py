@@ -28,19 +28,25 @@ images with labels or pseudo-labels (docs/algorithms.md, section 14):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import socket
 import zipfile
 from typing import Optional
 
 import numpy as np
 
+from tfrobust.data_sources import check_images
 from tfrobust.errors import UserError
 
 IMAGE_KEYS = ("image", "images", "x")
 LABEL_KEYS = ("label", "labels", "y")
 UNLABELLED = "unlabelled"  # the marker file of a prepared pool without labels
+SOURCE = "source.json"  # the sha256 of the .npz a prepared pool was made from
 _CHUNK = 4096
+_DIGESTS: dict = {}
 
 
 def _npy_header(f):
@@ -54,12 +60,14 @@ def _npy_header(f):
     return shape, dtype
 
 
-def _copy_member(archive: zipfile.ZipFile, member: str, out_path: str) -> tuple:
+def _copy_member(archive: zipfile.ZipFile, member: str, out_path: str, where: str = "extra data") -> tuple:
     """Streams one ``.npy`` member of a ``.npz`` into an uncompressed ``.npy`` file, chunk by chunk."""
     with archive.open(member) as f:
         shape, dtype = _npy_header(f)
         if dtype.hasobject:
-            raise UserError(f"extra data: {member} holds Python objects; need numeric arrays")
+            raise UserError(f"{where}: {member} holds Python objects; need numeric arrays")
+        if not shape or 0 in shape:
+            raise UserError(f"{where}: {member} is empty (shape {tuple(shape)}); need at least one image")
         # A name of this process's own: workers of a cluster may prepare one pool on a shared filesystem at
         # once; each writes the same bytes, and the last rename wins.
         partial = f"{out_path}.{socket.gethostname()}-{os.getpid()}.partial"
@@ -70,7 +78,7 @@ def _copy_member(archive: zipfile.ZipFile, member: str, out_path: str) -> tuple:
             count = min(_CHUNK, shape[0] - start)
             data = f.read(count * row)
             if len(data) != count * row:
-                raise UserError(f"extra data: {member} is truncated")
+                raise UserError(f"{where}: {member} is truncated")
             flat[start:start + count] = np.frombuffer(data, dtype=dtype).reshape(count, -1)
         out.flush()
         del out, flat
@@ -78,23 +86,61 @@ def _copy_member(archive: zipfile.ZipFile, member: str, out_path: str) -> tuple:
     return tuple(shape)
 
 
+def _file_digest(path: str) -> str:
+    """The sha256 of a file's bytes, read in chunks (once per process for an unchanged file)."""
+    status = os.stat(path)
+    key = (os.path.abspath(path), status.st_size, status.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256(path)
+    return _DIGESTS[key]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_pool_images(images, labels, where: str) -> None:
+    """Checks a pool chunk by chunk as ``--data`` arrays are checked (shape, type, finite, in [0, 1], integer
+    labels); ``labels`` may be None. A one-line UserError names ``where`` and what is wrong."""
+    if len(images) == 0:
+        raise UserError(f"{where} holds no images")
+    for start in range(0, len(images), _CHUNK):
+        x = images[start:start + _CHUNK]
+        y = np.zeros(len(x), np.int64) if labels is None else labels[start:start + _CHUNK]
+        check_images(x, y, where)
+
+
 def prepare_pool(path: str, cache_dir: Optional[str] = None) -> str:
     """Converts a pool ``.npz`` once to ``images.npy``/``labels.npy`` in ``cache_dir``; returns that directory.
 
-    ``cache_dir`` defaults to ``<path>.cache``. A directory that already
-    holds both files is used as it is; ``path`` may also be such a directory.
-    A pool without labels gets ``images.npy`` and an empty ``unlabelled``
-    marker file instead of ``labels.npy``.
+    ``cache_dir`` defaults to ``<path>.cache``. The cache records the sha256
+    of the ``.npz`` it was made from (``source.json``) and is made again when
+    the file's content differs (a replaced pool or new pseudo-labels); it is
+    used as it is when the ``.npz`` is gone. ``path`` may also be a prepared
+    directory. A pool without labels gets ``images.npy`` and an empty
+    ``unlabelled`` marker file instead of ``labels.npy``. The images and
+    labels are checked as ``--data`` arrays are (a one-line UserError).
     """
     if os.path.isdir(path):
         cache_dir = path
     cache_dir = cache_dir or path + ".cache"
     images, labels = os.path.join(cache_dir, "images.npy"), os.path.join(cache_dir, "labels.npy")
-    marker = os.path.join(cache_dir, UNLABELLED)
-    if os.path.exists(images) and (os.path.exists(labels) or os.path.exists(marker)):
+    marker, source = os.path.join(cache_dir, UNLABELLED), os.path.join(cache_dir, SOURCE)
+    prepared = os.path.exists(images) and (os.path.exists(labels) or os.path.exists(marker))
+    if prepared and not os.path.isfile(path):
         return cache_dir
     if not os.path.isfile(path):
         raise UserError(f"extra data file not found: {path}")
+    digest = _file_digest(path)
+    if prepared and _recorded_digest(source) == digest:
+        return cache_dir
+    for stale in (source, marker, labels, images):
+        if os.path.exists(stale):
+            os.remove(stale)
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -105,19 +151,41 @@ def prepare_pool(path: str, cache_dir: Optional[str] = None) -> str:
         label_key = next((k for k in LABEL_KEYS if k in members), None)
         if image_key is None:
             raise UserError(f"extra data {path} has no images: need one of the keys {', '.join(IMAGE_KEYS)}")
+        created = not os.path.isdir(cache_dir)
         os.makedirs(cache_dir, exist_ok=True)
-        if label_key is None:
-            _copy_member(archive, members[image_key], images)
-            open(marker, "w").close()
-            return cache_dir
-        shape = _copy_member(archive, members[image_key], images)
-        unchecked = f"{labels}.{socket.gethostname()}-{os.getpid()}.npy"
-        label_shape = _copy_member(archive, members[label_key], unchecked)
-    if label_shape[0] != shape[0] or len(label_shape) != 1:
-        os.remove(unchecked)
-        raise UserError(f"extra data {path}: {shape[0]} images but labels of shape {label_shape}")
-    os.replace(unchecked, labels)
+        suffix = f".{socket.gethostname()}-{os.getpid()}.npy"
+        try:
+            shape = _copy_member(archive, members[image_key], images + suffix, f"extra data {path}")
+            label_shape = None if label_key is None else _copy_member(
+                archive, members[label_key], labels + suffix, f"extra data {path}")
+            if label_shape is not None and (len(label_shape) != 1 or label_shape[0] != shape[0]):
+                raise UserError(f"extra data {path}: {shape[0]} images but labels of shape {label_shape}")
+            check_pool_images(np.load(images + suffix, mmap_mode="r"), None if label_shape is None else
+                              np.load(labels + suffix, mmap_mode="r"), f"extra data {path}")
+        except UserError:
+            for partial in (images + suffix, labels + suffix):
+                if os.path.exists(partial):
+                    os.remove(partial)
+            if created:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+            raise
+    os.replace(images + suffix, images)
+    if label_shape is None:
+        open(marker, "w").close()
+    else:
+        os.replace(labels + suffix, labels)
+    with open(source + suffix, "w", encoding="utf-8") as f:
+        json.dump({"sha256": digest, "file": os.path.abspath(path)}, f)
+    os.replace(source + suffix, source)
     return cache_dir
+
+
+def _recorded_digest(source: str):
+    try:
+        with open(source, encoding="utf-8") as f:
+            return json.load(f).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def open_pool(cache_dir: str, image_shape: tuple, num_classes: int) -> tuple:
@@ -148,7 +216,7 @@ def open_pool(cache_dir: str, image_shape: tuple, num_classes: int) -> tuple:
 def has_labels(path: str, cache_dir: Optional[str] = None) -> bool:
     """Whether a pool (a ``.npz``, or a prepared directory) has labels; reads only the archive's member names."""
     prepared = path if os.path.isdir(path) else (cache_dir or path + ".cache")
-    if os.path.exists(os.path.join(prepared, "images.npy")):
+    if not os.path.isfile(path) and os.path.exists(os.path.join(prepared, "images.npy")):
         if os.path.exists(os.path.join(prepared, "labels.npy")):
             return True
         if os.path.exists(os.path.join(prepared, UNLABELLED)):
@@ -210,10 +278,14 @@ def pseudo_label(model_fn, source: str, output: str, batch_size: int = 512) -> i
             if key is None:
                 raise UserError(f"{source} has no images: need one of the keys {', '.join(IMAGE_KEYS)}")
             images_path = os.path.join(work, "image.npy")
-            _copy_member(archive, members[key], images_path)
-    except zipfile.BadZipFile as e:
+            _copy_member(archive, members[key], images_path, source)
+        images = np.load(images_path, mmap_mode="r")
+        check_pool_images(images, None, source)
+    except (zipfile.BadZipFile, UserError) as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"{source} could not be read as a .npz file: {e}") from None
-    images = np.load(images_path, mmap_mode="r")
     labels = np.lib.format.open_memmap(os.path.join(work, "label.npy"), mode="w+", dtype=np.int64, shape=(len(images),))
     for start in range(0, len(images), batch_size):
         x = np.asarray(images[start:start + batch_size])
@@ -229,13 +301,11 @@ def pseudo_label(model_fn, source: str, output: str, batch_size: int = 512) -> i
         out.write(images_path, "image.npy")
         out.write(os.path.join(work, "label.npy"), "label.npy")
     os.replace(output + ".partial", output)
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     return count
 
 
 __all__ = [
-    "IMAGE_KEYS", "LABEL_KEYS", "UNLABELLED", "prepare_pool", "open_pool", "has_labels", "check_labels_for",
+    "IMAGE_KEYS", "LABEL_KEYS", "UNLABELLED", "SOURCE", "check_pool_images", "prepare_pool", "open_pool", "has_labels", "check_labels_for",
     "split_batch", "pseudo_label",
 ]

@@ -31,6 +31,7 @@ Either must map float32 images in [0, 1] to logits.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Optional
@@ -39,7 +40,7 @@ import keras
 import numpy as np
 
 from tfrobust.config import MODEL_NAMES
-from tfrobust.errors import UserError, unknown_choice
+from tfrobust.errors import UserError, first_line, unknown_choice, user_code
 from tfrobust.network_checks import SUPPORTED_IO, check_network_io
 
 MODELS = MODEL_NAMES
@@ -319,10 +320,20 @@ def _factory(name: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"model factory {name!r}: cannot import {module_name!r} ({e})") from None
+        raise UserError(f"model factory {name!r}: cannot import {module_name!r} ({first_line(e)})") from None
+    except Exception as e:  # any error the module's own code raises while it is imported
+        raise UserError(f"model factory {name!r}: importing {module_name!r} raised {type(e).__name__}: "
+                        f"{first_line(e)}") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"model factory {name!r}: {module_name} has no function {attr!r}")
+    try:
+        inspect.signature(fn).bind(input_shape=(1, 1, 1), num_classes=2)
+    except TypeError as e:
+        raise UserError(f"model factory {name!r}: {module_name}.{attr} must take the keyword arguments input_shape= "
+                        f"and num_classes= ({first_line(e)})") from None
+    except ValueError:  # a callable without a signature (a builtin): found out when it is called
+        pass
     return fn
 
 
@@ -343,10 +354,15 @@ def user_network(name: str, input_shape: tuple, num_classes: int) -> keras.Model
         except Exception as e:  # Keras raises many kinds for an unreadable file or an unknown class.
             raise UserError(f"model file {name} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     else:
-        network = _factory(name)(input_shape=input_shape, num_classes=int(num_classes))
+        factory = _factory(name)
+        with user_code(f"model factory {name!r}"):
+            network = factory(input_shape=input_shape, num_classes=int(num_classes))
     if not isinstance(network, keras.Model):
         raise UserError(f"model {name!r} gave a {type(network).__name__}, not a keras.Model")
-    check_network_io(network)  # before the first call: several inputs or outputs fail there obscurely
+    try:
+        check_network_io(network)  # before the first call: several inputs or outputs fail there obscurely
+    except UserError as e:
+        raise UserError(f"model {name!r}: {e}") from None
     probe = np.zeros((1,) + input_shape, np.float32)
     try:
         out = network(probe, training=False)

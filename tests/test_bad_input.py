@@ -1,0 +1,111 @@
+"""Bad input from a hostile user: one line naming the file or value, exit status 2, nothing left behind.
+
+Each case is refused before any training; the run directory it named does
+not exist afterwards, so the corrected command starts cleanly.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tfrobust import extra_data
+from tfrobust.cli import train_main
+from tfrobust.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--epochs", "1", "--set", "data.validation_examples=20", "--set", "data.batch_size=50"]
+
+
+def run_main(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def run_cli(script, argv, cwd, **kwargs):
+    """Runs ``python <script> argv`` in a fresh interpreter; returns (exit status, stderr)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the command sets its own
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script)] + argv, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+    return done.returncode, done.stderr
+
+
+def images(n, seed=0, shape=(28, 28)):
+    return np.random.default_rng(seed).integers(0, 256, (n,) + shape, dtype=np.uint8)
+
+
+def data_npz(path, n_train=150, n_test=50, y_train=None, y_test=None):
+    x = images(n_train + n_test)
+    y = np.arange(n_train + n_test) % 10
+    np.savez(path, x_train=x[:n_train], y_train=y[:n_train] if y_train is None else y_train,
+             x_test=x[n_train:], y_test=y[n_train:] if y_test is None else y_test)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# Extra-data pools: checked as --data arrays are, cached by content
+
+BAD_POOLS = {
+    "float pool in 0..255": (dict(image=images(50).astype(np.float32)),
+                             "holds non-uint8 images with values in [0, 255], outside [0, 1]; divide 0..255 images by 255"),
+    "all-NaN pool": (dict(image=np.full((50, 28, 28), np.nan, np.float32)), "holds NaN pixels"),
+    "empty pool": (dict(image=np.zeros((0, 28, 28), np.uint8), label=np.zeros(0, np.int64)),
+                   "image.npy is empty (shape (0, 28, 28)); need at least one image"),
+    "mis-shaped pool": (dict(image=np.zeros((5, 28), np.uint8), label=np.zeros(5, np.int64)),
+                        "must hold images of shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got (5, 28)"),
+    "string labels": (dict(image=images(30), label=np.array(["cat"] * 30)), "has labels of type <U3; need integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_POOLS))
+def test_a_bad_pool_is_refused_and_leaves_no_cache(case, tmp_path):
+    arrays, message = BAD_POOLS[case]
+    path = str(tmp_path / "pool.npz")
+    np.savez(path, **arrays)
+    with pytest.raises(UserError) as refused:
+        extra_data.prepare_pool(path)
+    assert str(refused.value).startswith(f"extra data {path}") and message in str(refused.value)
+    assert os.listdir(tmp_path) == ["pool.npz"]  # no <pool>.cache to be trusted on the next run
+
+
+def test_a_replaced_pool_or_new_labels_are_never_read_from_a_stale_cache(tmp_path):
+    path = str(tmp_path / "pool.npz")
+    np.savez(path, image=images(300, seed=1), label=np.arange(300) % 10)
+    cache = extra_data.prepare_pool(path)
+    first = extra_data.open_pool(cache, (28, 28, 1), 10)
+    assert len(first[0]) == 300
+    new_images, new_labels = images(500, seed=2), (np.arange(500) * 7) % 10
+    np.savez(path, image=new_images, label=new_labels)  # a new pool at the same path
+    images_now, labels_now = extra_data.open_pool(extra_data.prepare_pool(path), (28, 28, 1), 10)
+    np.testing.assert_array_equal(images_now, new_images)
+    np.testing.assert_array_equal(labels_now, new_labels)
+    relabelled = (new_labels + 1) % 10
+    np.savez(path, image=new_images, label=relabelled)  # new pseudo-labels, the same images
+    np.testing.assert_array_equal(extra_data.open_pool(extra_data.prepare_pool(path), (28, 28, 1), 10)[1], relabelled)
+    np.savez(path, image=new_images)  # the labels dropped: the pool is unlabelled now
+    assert not extra_data.has_labels(path)
+    assert extra_data.open_pool(extra_data.prepare_pool(path), (28, 28, 1), 10)[1] is None
+    os.remove(path)  # the .npz gone: its prepared cache is used as it is
+    assert extra_data.prepare_pool(path) == cache
+
+
+def test_pseudo_label_and_train_refuse_a_bad_pool_in_one_line(tmp_path):
+    from conftest import tiny_cnn
+
+    tiny_cnn().save(str(tmp_path / "m.keras"))
+    np.savez(tmp_path / "f255.npz", image=images(40).astype(np.float32))
+    np.savez(tmp_path / "nan.npz", image=np.full((40, 28, 28), np.nan, np.float32), label=np.zeros(40, np.int64))
+    data_npz(tmp_path / "d.npz")
+    code, err = run_cli("pseudo_label.py", ["--model", "m.keras", "--data", "f255.npz", "--output", "out.npz"], tmp_path)
+    assert code == 2 and err.splitlines() == [
+        "error: f255.npz holds non-uint8 images with values in [0, 255], outside [0, 1]; divide 0..255 images by "
+        "255 (or store them as uint8), or scale them to [0, 1]"], err
+    code, err = run_cli("train.py", SMALL + ["--data", "d.npz", "--set", "data.extra_data=nan.npz", "--workdir", "w"],
+                        tmp_path)
+    assert code == 2 and err.splitlines() == [
+        "error: extra data nan.npz holds NaN pixels; need uint8 images or floats in [0, 1]"], err
+    assert sorted(os.listdir(tmp_path)) == ["d.npz", "f255.npz", "m.keras", "nan.npz"]  # nothing written
