@@ -109,3 +109,88 @@ def test_pseudo_label_and_train_refuse_a_bad_pool_in_one_line(tmp_path):
     assert code == 2 and err.splitlines() == [
         "error: extra data nan.npz holds NaN pixels; need uint8 images or floats in [0, 1]"], err
     assert sorted(os.listdir(tmp_path)) == ["d.npz", "f255.npz", "m.keras", "nan.npz"]  # nothing written
+
+
+# ---------------------------------------------------------------------------
+# The user's data and network, refused before training
+
+NETS = '''
+import keras
+
+
+def net(input_shape, num_classes):
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(keras.layers.Flatten()(inputs)))
+
+
+def raises(input_shape, num_classes):
+    raise RuntimeError("my network is not ready")
+
+
+def other_names(shape, classes):
+    return net(shape, classes)
+
+
+def two_outputs(input_shape, num_classes):
+    inputs = keras.Input(input_shape)
+    h = keras.layers.Flatten()(inputs)
+    return keras.Model(inputs, [keras.layers.Dense(num_classes)(h), keras.layers.Dense(num_classes)(h)])
+'''
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """A working directory with a data set d.npz and the user's module nets_<n>.py (a fresh name per test)."""
+    name = f"nets_{os.path.basename(tmp_path)}".replace("-", "_")
+    (tmp_path / f"{name}.py").write_text(NETS)
+    (tmp_path / "broken_at_import.py").write_text("1 / 0\n")
+    data_npz(tmp_path / "d.npz")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+CASES = [
+    (["--model", "{nets}:raises"], "model factory '{nets}:raises' raised RuntimeError: my network is not ready"),
+    (["--model", "{nets}:other_names"], "model factory '{nets}:other_names': {nets}.other_names must take the "
+     "keyword arguments input_shape= and num_classes= (missing a required argument: 'shape')"),
+    (["--model", "{nets}:two_outputs"], "model '{nets}:two_outputs': network 'functional' has 1 input and 2 outputs"),
+    (["--model", "broken_at_import:net"],
+     "model factory 'broken_at_import:net': importing 'broken_at_import' raised ZeroDivisionError: division by zero"),
+    (["--set", "data.mean=[a]"], "data.mean and data.std need a list of numbers (one per channel), got ['a'] and None"),
+    (["--set", "eval.pgd_steps=0"], "eval.pgd_steps must be >= 1"),
+    (["--data", "empty.npz"], "empty.npz is empty (0 bytes)"),
+    (["--data", "text.npz"], "text.npz is not a .npz file (not a zip archive of .npy arrays; save it with numpy.savez)"),
+    (["--data", "no_test.npz"], "data no_test.npz has no test images"),
+    (["--data", "words.npz"], "words.npz x_train/y_train has labels of type <U4; need integer class labels 0..K-1"),
+    (["--data", "sparse.npz"], "data sparse.npz has labels up to 100000000 but 99999990 of the classes 0..100000000 "
+     "have no training example (e.g. 10, 11, 12, 13, 14); number the classes 0..K-1"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[c[1][:40] for c in CASES])
+def test_train_refuses_bad_data_and_user_code_before_training(argv, message, user_dir, capsys):
+    open("empty.npz", "wb").close()
+    with open("text.npz", "w") as f:
+        f.write("x_train,y_train\n")
+    data_npz("no_test.npz", n_test=0)
+    data_npz("words.npz", y_train=np.array(["boot"] * 150), y_test=np.array(["boot"] * 50))
+    data_npz("sparse.npz", y_train=np.where(np.arange(150) == 3, 10**8, np.arange(150) % 10))
+    argv = [a.format(nets=user_dir) for a in argv]
+    if "--data" not in argv:
+        argv += ["--data", "d.npz"]
+    code, err = run_main(train_main, SMALL + argv + ["--workdir", "w"], capsys)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message.format(nets=user_dir)}"), err
+    assert not os.path.exists("w")
+
+
+def test_an_internal_error_still_shows_its_traceback(user_dir, monkeypatch):
+    from tfrobust import models
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug in tfrobust")
+
+    monkeypatch.setattr(models, "check_model_name", bug)
+    with pytest.raises(RuntimeError, match="a bug in tfrobust"):  # not turned into a one-line user error
+        train_main(SMALL + ["--data", "d.npz", "--workdir", "w"])
