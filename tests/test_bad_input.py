@@ -4,9 +4,12 @@ Each case is refused before any training; the run directory it named does
 not exist afterwards, so the corrected command starts cleanly.
 """
 
+import json
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +162,7 @@ CASES = [
      "model factory 'broken_at_import:net': importing 'broken_at_import' raised ZeroDivisionError: division by zero"),
     (["--set", "data.mean=[a]"], "data.mean and data.std need a list of numbers (one per channel), got ['a'] and None"),
     (["--set", "eval.pgd_steps=0"], "eval.pgd_steps must be >= 1"),
+    (["--workdir", "w\udcff"], "--workdir b'w\\xff' is not a UTF-8 name; TensorFlow writes only UTF-8 paths, rename it"),
     (["--data", "empty.npz"], "empty.npz is empty (0 bytes)"),
     (["--data", "text.npz"], "text.npz is not a .npz file (not a zip archive of .npy arrays; save it with numpy.savez)"),
     (["--data", "no_test.npz"], "data no_test.npz has no test images"),
@@ -179,7 +183,9 @@ def test_train_refuses_bad_data_and_user_code_before_training(argv, message, use
     argv = [a.format(nets=user_dir) for a in argv]
     if "--data" not in argv:
         argv += ["--data", "d.npz"]
-    code, err = run_main(train_main, SMALL + argv + ["--workdir", "w"], capsys)
+    if "--workdir" not in argv:
+        argv += ["--workdir", "w"]
+    code, err = run_main(train_main, SMALL + argv, capsys)
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message.format(nets=user_dir)}"), err
     assert not os.path.exists("w")
@@ -194,3 +200,68 @@ def test_an_internal_error_still_shows_its_traceback(user_dir, monkeypatch):
     monkeypatch.setattr(models, "check_model_name", bug)
     with pytest.raises(RuntimeError, match="a bug in tfrobust"):  # not turned into a one-line user error
         train_main(SMALL + ["--data", "d.npz", "--workdir", "w"])
+
+
+# ---------------------------------------------------------------------------
+# A damaged run directory: one line, every file left as it was
+
+def _damage(kind, run):
+    lock, state = run / "run.lock", run / "backup" / "state.json"
+    if kind == "config.yaml not YAML":
+        (run / "config.yaml").write_text("optim: [0.1\n")
+    elif kind == "config.yaml not UTF-8":
+        (run / "config.yaml").write_bytes("optim:\n  lr: 0.1  # r\xe9glage\n".encode("latin-1"))
+    elif kind == "config.yaml a list":
+        (run / "config.yaml").write_text("- 1\n- 2\n")
+    elif kind == "config.yaml deleted":
+        (run / "config.yaml").unlink()
+    elif kind == "state.json a list":
+        state.write_text("[1, 2]")
+    elif kind == "state.json of wrong types":
+        state.write_text('{"epoch": "x", "weights": 3}')
+    elif kind == "lock pid 2**40":
+        lock.write_text(f"{2**40} {socket.gethostname()}\n")
+
+
+RUN_DAMAGE = {
+    "config.yaml not YAML": "w/config.yaml is damaged (not valid YAML); it records the run's config: restore it "
+                            "(the same command with --print-config prints it) or choose another --workdir",
+    "config.yaml not UTF-8": "w/config.yaml is damaged (not UTF-8 text);",
+    "config.yaml a list": "w/config.yaml is damaged (a YAML list, not a mapping of config keys);",
+    "config.yaml deleted": "workdir w holds an unfinished run whose config.yaml is missing (its backup is there); to "
+                           "resume it write the command's config there (the same command with --print-config > "
+                           "w/config.yaml) or choose another --workdir",
+    "state.json a list": "the backup w/backup/state.json is damaged (not a state with an epoch number and weight "
+                         "file names); move the run directory aside and start again",
+    "state.json of wrong types": "the backup w/backup/state.json is damaged",
+    "lock pid 2**40": "workdir w has an unreadable run.lock; if no run is using it, remove that file",
+}
+
+
+def _files(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(root) for f in names}
+
+
+@pytest.mark.parametrize("kind", sorted(RUN_DAMAGE))
+def test_a_damaged_run_directory_is_refused_in_one_line_and_left_as_it_was(kind, user_dir, capsys):
+    argv = SMALL + ["--data", "d.npz", "--workdir", "w"]
+    assert train_main(argv + ["--print-config"]) == 0
+    config = capsys.readouterr().out
+    os.makedirs("w/backup")
+    with open("w/config.yaml", "w") as f:
+        f.write(config)  # an unfinished run of this very command, one epoch backed up
+    with open("w/backup/state.json", "w") as f:
+        json.dump({"epoch": 1, "weights": "epoch-00001.weights.h5", "best_weights": None, "callbacks": {}}, f)
+    open("w/backup/epoch-00001.weights.h5", "wb").close()
+    _damage(kind, Path("w"))
+    before = _files("w")
+    code, err = run_main(train_main, argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {RUN_DAMAGE[kind]}"), err
+    assert _files("w") == before
+    if kind == "config.yaml deleted":  # the advice works: the run then resumes (and stops at its first step here)
+        assert train_main(argv + ["--print-config"]) == 0
+        with open("w/config.yaml", "w") as f:
+            f.write(capsys.readouterr().out)
+        code, err = run_main(train_main, argv, capsys)
+        assert "the backup in w/backup cannot be loaded" in err  # the empty weights file, reached at last

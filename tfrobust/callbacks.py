@@ -162,6 +162,13 @@ class ResumeState:
         self.callbacks = state.get("callbacks", {})
 
 
+def _state_is_valid(state) -> bool:
+    """Whether a parsed ``state.json`` has the types :class:`EpochBackup` writes."""
+    return (isinstance(state, dict) and type(state.get("epoch")) is int and state["epoch"] >= 0
+            and isinstance(state.get("weights"), str) and isinstance(state.get("best_weights"), (str, type(None)))
+            and isinstance(state.get("callbacks", {}), dict))
+
+
 class EpochBackup(keras.callbacks.Callback):
     """Saves the whole training state after every epoch, atomically.
 
@@ -229,13 +236,17 @@ class EpochBackup(keras.callbacks.Callback):
         state_path = os.path.join(backup_dir, cls.STATE)
         if not os.path.exists(state_path):
             return {}
+        from tfrobust.errors import UserError
+
         try:
             with open(state_path, encoding="utf-8") as f:
-                return json.load(f)
+                state = json.load(f)
         except (OSError, ValueError) as e:
-            from tfrobust.errors import UserError
-
             raise UserError(f"the backup {state_path} cannot be read ({e}); move the run directory aside and start again") from None
+        if not _state_is_valid(state):
+            raise UserError(f"the backup {state_path} is damaged (not a state with an epoch number and weight file "
+                            "names); move the run directory aside and start again")
+        return state
 
     @classmethod
     def restore(cls, model: keras.Model, backup_dir: str, stateful: dict | None = None,

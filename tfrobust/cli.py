@@ -157,6 +157,7 @@ def train_main(argv=None) -> int:
             return 0
         if args.workdir is not None and not args.workdir.strip():
             raise UserError("--workdir must not be empty")
+        _check_utf8_path(args.workdir, "--workdir")
         if cfg.runtime.strategy == "multi_worker" and not args.workdir:
             raise UserError("runtime.strategy=multi_worker needs --workdir (the same on every worker)")
         _quiet_tensorflow()
@@ -208,6 +209,15 @@ def train_main(argv=None) -> int:
         if report["train_seconds"] is not None:  # None on a non-chief worker of a run trained before
             print(f"\ntraining time: {report['train_seconds']:.0f} s; report: {os.path.join(workdir, experiment.REPORT)}")
     return 0
+
+
+def _check_utf8_path(path, flag: str) -> None:
+    """Refuses a path whose name is not UTF-8 (TensorFlow's file functions take UTF-8 names only)."""
+    try:
+        (path or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag} {path.encode('utf-8', 'surrogateescape')!r} is not a UTF-8 name; TensorFlow "
+                        "writes only UTF-8 paths, rename it") from None
 
 
 def _run_label(data_name: str) -> str:

@@ -448,7 +448,7 @@ def _custom(name: str, data_dir: Optional[str]) -> dict:
             raise UserError(f"data {name} has labels outside 0..{classes - 1}")
         if classes < 2:
             raise UserError(f"data {name} has only one class")
-        if loaded["classes"] is None:  # a .npz: the classes are its labels, numbered 0..K-1
+        if kind == "npz":  # the classes are its labels, numbered 0..K-1
             _check_dense_labels(name, y_train, classes)
         unit = unit_float(x_train)
         axes = tuple(range(unit.ndim - 1))

@@ -53,9 +53,10 @@ def _read_lock(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read().split()
-        return int(text[0]), text[1]
+        pid = int(text[0])
     except (OSError, ValueError, IndexError):
         return None
+    return (pid, text[1]) if 0 < pid < 2**31 else None  # no process has another pid
 
 
 @contextlib.contextmanager
@@ -243,6 +244,10 @@ def workdir_status(workdir: str) -> str:
     marker = finished(workdir)
     if marker:
         return "finished" if marker.get("evaluated") else "trained"
+    if CONFIG not in entries and os.path.exists(os.path.join(workdir, "backup", "state.json")):
+        raise UserError(f"workdir {workdir} holds an unfinished run whose {CONFIG} is missing (its backup is "
+                        f"there); to resume it write the command's config there (the same command with "
+                        f"--print-config > {os.path.join(workdir, CONFIG)}) or choose another --workdir")
     if CONFIG not in entries:
         raise UserError(f"workdir {workdir} is not empty and holds no tfrobust run; choose another --workdir")
     return "unfinished"
@@ -286,8 +291,21 @@ def owned(workdir: str):
 
 def holds_config(workdir: str, config: dict) -> bool:
     """Whether ``workdir/config.yaml`` is ``config`` (a config as a dict, ``config.to_dict``)."""
-    with open(os.path.join(workdir, CONFIG), encoding="utf-8") as f:
-        return yaml.safe_load(f) == config
+    path = os.path.join(workdir, CONFIG)
+    recorded, problem = None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    except yaml.YAMLError:
+        problem = "not valid YAML"
+    if problem is None and not isinstance(recorded, dict):
+        problem = f"a YAML {type(recorded).__name__}, not a mapping of config keys"
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); it records the run's config: restore it (the same "
+                        "command with --print-config prints it) or choose another --workdir")
+    return recorded == config
 
 
 def check_new_file(path: str, flag: str) -> None:
