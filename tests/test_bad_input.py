@@ -265,3 +265,36 @@ def test_a_damaged_run_directory_is_refused_in_one_line_and_left_as_it_was(kind,
             f.write(capsys.readouterr().out)
         code, err = run_main(train_main, argv, capsys)
         assert "the backup in w/backup cannot be loaded" in err  # the empty weights file, reached at last
+
+
+# ---------------------------------------------------------------------------
+# Stopping: Ctrl-C and SIGTERM print the command that resumes, as the user typed it
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("via", ["tfrobust train", "train.py"])
+def test_a_stopped_run_prints_the_command_the_user_ran(how, via, monkeypatch, capsys, tmp_path):
+    import shlex
+    import signal
+    import time
+
+    from tfrobust import commands, experiment
+
+    def stopped(*args, **kwargs):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled as Python handles Ctrl-C
+        time.sleep(30)
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", stopped)
+    flags = ["--epochs", "1", "--workdir", str(tmp_path / "w")]
+    monkeypatch.setattr(sys, "argv", ["/opt/tfrobust/train.py"] + flags)
+    with pytest.raises(SystemExit) as exit_info:
+        commands.main(["train"] + flags) if via == "tfrobust train" else train_main()
+    err = capsys.readouterr().err
+    what, _, command = err.strip().partition("; resume with: ")
+    assert err.count("\n") == 1 and what == ("terminated" if how == "sigterm" else "interrupted"), err
+    assert exit_info.value.code == (143 if how == "sigterm" else 130)
+    expected = ["tfrobust", "train"] if via == "tfrobust train" else [sys.executable, "/opt/tfrobust/train.py"]
+    assert shlex.split(command) == expected + flags
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives as long as the command

@@ -78,16 +78,49 @@ def _resume_command(argv, workdir: str) -> str:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--workdir" or a.startswith("--workdir=") for a in args):
         args += ["--workdir", workdir]
-    program = sys.argv[0] if argv is None and sys.argv and sys.argv[0] else "train.py"
-    prefix = [sys.executable, program] if program.endswith(".py") else [program]
+    program = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    main_module = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    if program.startswith("tfrobust "):  # the tfrobust command (tfrobust/commands.py) names its sub-command there
+        prefix = program.split()
+        if main_module == "tfrobust.__main__":
+            prefix = [sys.executable, "-m"] + prefix
+    elif argv is not None or not program:
+        prefix = [sys.executable, "train.py"]
+    else:
+        prefix = [sys.executable, program] if program.endswith(".py") else [program]
     return shlex.join(prefix + args)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster manager, ``kill``), raised where Python would raise KeyboardInterrupt for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within the block SIGTERM stops the command as Ctrl-C does (unless a handler of the caller's is set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def _user_errors(resume=None):
     """Maps errors to one line and an exit status; ``resume["command"]``, once set, is printed on Ctrl-C."""
     try:
-        yield
+        with _sigterm_as_interrupt():
+            yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -99,13 +132,11 @@ def _user_errors(resume=None):
         print(f"error: file system: {e.strerror or e}{where}; every file is written under a temporary name "
               "first, so the files already there are complete", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
         command = (resume or {}).get("command")
-        if command:
-            print(f"interrupted; resume with: {command}", file=sys.stderr)
-        else:
-            print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(f"{what}; resume with: {command}" if command else what, file=sys.stderr)
+        sys.exit(143 if isinstance(e, _Terminated) else 130)  # 128 + the signal's number, as the shell reports
 
 
 def train_parser() -> argparse.ArgumentParser:
