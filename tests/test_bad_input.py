@@ -298,3 +298,21 @@ def test_a_stopped_run_prints_the_command_the_user_ran(how, via, monkeypatch, ca
     expected = ["tfrobust", "train"] if via == "tfrobust train" else [sys.executable, "/opt/tfrobust/train.py"]
     assert shlex.split(command) == expected + flags
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives as long as the command
+
+
+# ---------------------------------------------------------------------------
+# Printing a config runs none of its code
+
+def test_print_config_never_imports_the_configs_plugins(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "side_effect.py").write_text("open('imported', 'w').close()\n")
+    (tmp_path / "c.yaml").write_text("plugins: [side_effect.py]\noptim:\n  epochs: 3\n")
+    assert train_main(["--config", "c.yaml", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "plugins:\n- side_effect.py\n" in printed and "epochs: 3" in printed
+    assert not os.path.exists("imported")
+    code, err = run_main(train_main, ["--config", "c.yaml", "--defense", "at+toy", "--print-config"], capsys)
+    assert code == 2 and err.splitlines() == [
+        "error: unknown weight-space term in defense 'at+toy': 'toy'; allowed: awp, rat, s2o (a plug-in's term: "
+        "load its module with --plugin MODULE); --print-config does not import the plug-ins (side_effect.py)"], err
+    assert not os.path.exists("imported")

@@ -180,7 +180,8 @@ def train_main(argv=None) -> int:
                 overrides[key] = getattr(args, flag)
         overrides.update(config_lib.parse_overrides(args.set))
         # Names and values are checked before TensorFlow is imported (seconds), so a typo is refused at once.
-        cfg = config_lib.load_config(args.config, overrides, plugins=args.plugin or ())
+        # Printing a config never runs code: its plug-ins are not imported.
+        cfg = config_lib.load_config(args.config, overrides, plugins=args.plugin or (), import_code=not args.print_config)
         if args.print_config:
             import yaml
 

@@ -369,7 +369,8 @@ def _merge(config, values: dict, prefix: str = "") -> None:
             setattr(config, key, _coerce(value, types[key], full))
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, plugins=()) -> ExperimentConfig:
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, plugins=(),
+                import_code: bool = True) -> ExperimentConfig:
     """Builds a config from defaults, an optional YAML file and dotted overrides.
 
     Args:
@@ -379,6 +380,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, pl
         ``"plugins"`` among them replaces the file's list.
       plugins: plug-ins added after those of the file (or of ``overrides``),
         each once: the command line's ``--plugin``.
+      import_code: False to read the config without importing its plug-ins
+        (``--print-config``); keys that only a plug-in defines are then refused.
     """
     values = {}
     if path is not None:
@@ -387,16 +390,22 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, pl
     named = overrides.get("plugins", values.get("plugins") if isinstance(values, dict) else None)
     named = _coerce(named, list, "plugins") if named is not None else []
     added = [p for p in dict.fromkeys(plugins) if p not in named]
-    import_plugins(named + added)
-    config = ExperimentConfig()  # after the plug-ins: their terms' sections are part of it
-    if path is not None:
-        _merge(config, values)
-    for key, value in overrides.items():
-        set_value(config, key, value)
-    if added:
-        config.plugins = list(config.plugins) + added
-    resolve_attack(config)
-    validate(config)
+    if import_code:
+        import_plugins(named + added)
+    try:
+        config = ExperimentConfig()  # after the plug-ins: their terms' sections are part of it
+        if path is not None:
+            _merge(config, values)
+        for key, value in overrides.items():
+            set_value(config, key, value)
+        if added:
+            config.plugins = list(config.plugins) + added
+        resolve_attack(config)
+        validate(config)
+    except UserError as e:
+        if import_code or not named + added:
+            raise
+        raise UserError(f"{e}; --print-config does not import the plug-ins ({', '.join(map(str, named + added))})") from None
     return config
 
 
