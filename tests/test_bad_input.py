@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfrobust import extra_data
 from tfrobust.cli import train_main
@@ -164,6 +165,9 @@ CASES = [
     (["--set", "eval.pgd_steps=0"], "eval.pgd_steps must be >= 1"),
     (["--workdir", "w\udcff"], "--workdir b'w\\xff' is not a UTF-8 name; TensorFlow writes only UTF-8 paths, rename it"),
     (["--data", "empty.npz"], "empty.npz is empty (0 bytes)"),
+    (["--data", "./images"], "./images/b/9.png is not a readable image; remove it or replace it"),
+    (["--model", "random.keras"], "random.keras cannot be loaded as a Keras model: it is not a .keras file (not a "
+     "zip archive; damaged, truncated or of another format)"),
     (["--data", "text.npz"], "text.npz is not a .npz file (not a zip archive of .npy arrays; save it with numpy.savez)"),
     (["--data", "no_test.npz"], "data no_test.npz has no test images"),
     (["--data", "words.npz"], "words.npz x_train/y_train has labels of type <U4; need integer class labels 0..K-1"),
@@ -180,6 +184,12 @@ def test_train_refuses_bad_data_and_user_code_before_training(argv, message, use
     data_npz("no_test.npz", n_test=0)
     data_npz("words.npz", y_train=np.array(["boot"] * 150), y_test=np.array(["boot"] * 50))
     data_npz("sparse.npz", y_train=np.where(np.arange(150) == 3, 10**8, np.arange(150) % 10))
+    with open("random.keras", "wb") as f:
+        f.write(np.random.default_rng(0).bytes(3000))
+    for i, name in enumerate(["a/0.png", "a/1.png", "b/2.png", "b/3.png", "b/9.png"]):
+        os.makedirs(os.path.dirname(f"images/{name}"), exist_ok=True)
+        with open(f"images/{name}", "wb") as f:  # the last one is no image
+            f.write(tf.io.encode_png(np.full((8, 8, 1), 40 * i, np.uint8)).numpy() if i < 4 else b"not an image")
     argv = [a.format(nets=user_dir) for a in argv]
     if "--data" not in argv:
         argv += ["--data", "d.npz"]
@@ -316,3 +326,58 @@ def test_print_config_never_imports_the_configs_plugins(tmp_path, monkeypatch, c
         "error: unknown weight-space term in defense 'at+toy': 'toy'; allowed: awp, rat, s2o (a plug-in's term: "
         "load its module with --plugin MODULE); --print-config does not import the plug-ins (side_effect.py)"], err
     assert not os.path.exists("imported")
+
+
+def test_evaluate_refuses_bad_files_and_seeds_in_one_line(tmp_path, capsys):
+    from tfrobust.cli import evaluate_main
+
+    random = tmp_path / "random.keras"
+    random.write_bytes(np.random.default_rng(0).bytes(3000))
+    cases = [
+        (["--model", str(random)], f"error: {random} cannot be loaded as a Keras model: it is not a .keras file"),
+        (["--model", str(random), "--seed", str(2**70)], f"error: --seed must be between 0 and 2147483647, got {2**70}"),
+    ]
+    for argv, message in cases:
+        code, err = run_main(evaluate_main, argv + ["--attacks", "clean"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+def test_a_saved_robust_model_as_model_trains_on_from_its_evaluated_network(tmp_path):
+    import keras
+
+    import tfrobust as tr
+    from conftest import tiny_cnn
+    from tfrobust import models
+
+    robust = tr.RobustModel(tiny_cnn(), "at", eps=0.1, step_size=0.05, steps=1)
+    robust.compile(optimizer="sgd")
+    robust.save(str(tmp_path / "robust.keras"))
+    network = models.user_network(str(tmp_path / "robust.keras"), (28, 28, 1), 10)
+    assert not isinstance(network, tr.RobustModel) and isinstance(network, keras.Model)
+    for mine, saved in zip(network.get_weights(), robust.evaluated_network().get_weights()):
+        np.testing.assert_array_equal(mine, saved)
+
+
+def test_a_tfds_name_not_prepared_is_refused_at_once_without_a_network(monkeypatch):
+    import errno
+
+    import tensorflow_datasets as tfds
+
+    from tfrobust import data
+
+    calls = []
+
+    def not_prepared(name, download=True, **kwargs):
+        calls.append(download)
+        raise AssertionError(f"Dataset {name}: could not find data")
+
+    def no_route(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tfds, "load", not_prepared)
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    with pytest.raises(UserError, match="'kmnist' is not prepared .* no network .*Network is unreachable"):
+        data.source_info("kmnist")  # any tfds name, read as the user's own data
+    assert calls == [False], "the downloader (minutes of retries) is never started"

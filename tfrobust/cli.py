@@ -346,6 +346,8 @@ def _check_evaluate_args(args) -> None:
         raise UserError(f"--eps must be >= 0, got {args.eps}")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be > 0")
+    if not 0 <= args.seed <= 2**31 - 1:  # the largest seed TensorFlow's random ops take everywhere
+        raise UserError(f"--seed must be between 0 and {2**31 - 1}, got {args.seed}")
     if args.integrity_examples < 0:
         raise UserError("--integrity-examples must be >= 0")
     if args.flatness_examples <= 0:

@@ -172,23 +172,30 @@ def _load_idx(name: str, images_path: str, labels_path: str, limit: Optional[int
 # tensorflow_datasets
 
 
+def _tfds_load(name: str, split: str, data_dir: Optional[str]):
+    """``tfds.load`` of a prepared data set; one not prepared is downloaded only when there is a network."""
+    import tensorflow_datasets as tfds
+
+    kwargs = dict(split=split, data_dir=data_dir, as_supervised=True, shuffle_files=False)
+    try:
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" while probing
+        try:
+            return tfds.load(name, download=False, **kwargs)
+        finally:
+            absl_logger.setLevel(level)
+    except AssertionError:  # tfds' way of saying "not prepared in data_dir"
+        _check_network(name)
+        return tfds.load(name, **kwargs)
+
+
 def _load_tfds(name: str, split: str, data_dir: Optional[str], limit: Optional[int]) -> tuple:
     import tensorflow_datasets as tfds
 
     split_arg = split if limit is None else f"{split}[:{int(limit)}]"
-    kwargs = dict(split=split_arg, data_dir=data_dir, as_supervised=True, shuffle_files=False)
     try:
-        try:
-            absl_logger = logging.getLogger("absl")
-            level = absl_logger.level
-            absl_logger.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json" while probing
-            try:
-                ds = tfds.load(name, download=False, **kwargs)
-            finally:
-                absl_logger.setLevel(level)
-        except AssertionError:  # tfds' way of saying "not prepared in data_dir"
-            _check_network(name)
-            ds = tfds.load(name, **kwargs)
+        ds = _tfds_load(name, split=split_arg, data_dir=data_dir)
         images, labels = [], []
         for x, y in tfds.as_numpy(ds.batch(4096)):
             images.append(x)
@@ -341,17 +348,34 @@ def _load_npz(path: str) -> dict:
     return {"train": train, "test": test, "classes": None}
 
 
-def _first_image_shape(directory: str) -> tuple:
+def _image_files(directory: str):
+    """The files with an image's name under ``directory``, in sorted order."""
     for root, _, files in sorted(os.walk(directory)):
         for f in sorted(files):
             if f.lower().endswith(_IMAGE_EXTENSIONS):
-                path = os.path.join(root, f)
-                try:
-                    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-                except tf.errors.OpError:
-                    raise UserError(f"{path} is not a readable image") from None
-                return tuple(int(d) for d in image.shape)
+                yield os.path.join(root, f)
+
+
+def _decoded(path: str):
+    """The image in ``path`` (a tensor), or None if it does not decode."""
+    try:
+        return tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    except tf.errors.OpError:
+        return None
+
+
+def _first_image_shape(directory: str) -> tuple:
+    for path in _image_files(directory):
+        image = _decoded(path)
+        if image is None:
+            raise UserError(f"{path} is not a readable image")
+        return tuple(int(d) for d in image.shape)
     raise UserError(f"data folder {directory} holds no images ({', '.join(_IMAGE_EXTENSIONS)}) in class sub-folders")
+
+
+def _unreadable_image(directory: str):
+    """The first file with an image's name under ``directory`` that does not decode (None if all do)."""
+    return next((path for path in _image_files(directory) if _decoded(path) is None), None)
 
 
 def _read_folder(directory: str, shape: tuple, class_names=None) -> tuple:
@@ -369,9 +393,13 @@ def _read_folder(directory: str, shape: tuple, class_names=None) -> tuple:
         raise UserError(f"data folder {directory}: {str(e).splitlines()[0]}") from None
     names = list(ds.class_names)
     xs, ys = [], []
-    for x, y in ds.batch(1024).as_numpy_iterator():
-        xs.append(np.round(x).clip(0, 255).astype(np.uint8))
-        ys.append(y)
+    try:
+        for x, y in ds.batch(1024).as_numpy_iterator():
+            xs.append(np.round(x).clip(0, 255).astype(np.uint8))
+            ys.append(y)
+    except tf.errors.OpError:  # a file with an image's name that does not decode
+        raise UserError(f"{_unreadable_image(directory) or directory} is not a readable image; remove it or "
+                        "replace it") from None
     if not xs:
         raise UserError(f"data folder {directory} holds no images in class sub-folders")
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64), names
@@ -413,7 +441,7 @@ def _load_tfds_any(name: str, data_dir: Optional[str]) -> dict:
         label = builder.info.features.get("label") if hasattr(builder.info.features, "get") else None
         classes = getattr(label, "num_classes", None)
         for split in ("train", "test"):
-            ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, shuffle_files=False)
+            ds = _tfds_load(name, split=split, data_dir=data_dir)
             xs, ys = [], []
             for x, y in tfds.as_numpy(ds.batch(4096)):
                 xs.append(x)

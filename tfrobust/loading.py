@@ -26,11 +26,17 @@ class LoadedModel:
     run_config: Optional[dict] = None  # the run's config.yaml, for run directories
 
 
-def _keras(path: str):
+def load_keras_file(path: str, compile: bool = True):
+    """``keras.saving.load_model(path)``, or a one-line UserError naming the file and what is wrong with it."""
+    import zipfile
+
     import keras
 
+    if not zipfile.is_zipfile(path):  # Keras would report such a file as "File not found"
+        raise UserError(f"{path} cannot be loaded as a Keras model: it is not a .keras file (not a zip archive; "
+                        "damaged, truncated or of another format)")
     try:
-        return keras.saving.load_model(path)
+        return keras.saving.load_model(path, compile=compile)
     except Exception as e:  # a corrupt or foreign file raises many kinds (ValueError, OSError, zipfile errors)
         reason = _first_line(e)
         if "Could not locate class" in reason:
@@ -39,7 +45,7 @@ def _keras(path: str):
         raise UserError(f"{path} cannot be loaded as a Keras model: {reason}") from None
 
 
-def _network(model):
+def evaluated_network(model):
     """The network a loaded model is evaluated as: a saved RobustModel's evaluated network (averaged, if any)."""
     evaluated = getattr(model, "evaluated_network", None)
     return evaluated() if callable(evaluated) else model
@@ -56,7 +62,7 @@ def load(path: str, which: str = "last") -> LoadedModel:
     if os.path.isfile(path):
         if not path.endswith(".keras"):
             raise UserError(f"{path} is a file but not a .keras model; pass a run directory, a SavedModel directory or a .keras file")
-        network = _network(_keras(path))
+        network = evaluated_network(load_keras_file(path))
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network)
     config_path = os.path.join(path, "config.yaml")
     if os.path.exists(config_path):
@@ -67,7 +73,7 @@ def load(path: str, which: str = "last") -> LoadedModel:
         if not os.path.exists(keras_path):
             raise UserError(f"run directory {path} has no {name}: the run has not finished; rerun its training command to resume it")
         user_code.import_recorded(path)
-        network = _network(_keras(keras_path))
+        network = evaluated_network(load_keras_file(keras_path))
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network, run_config)
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         try:
@@ -131,4 +137,4 @@ def evaluation_settings(loaded: LoadedModel, data=None, eps=None, norm=None, dat
     return {"data": data, "data_dir": data_dir, "eps": float(eps), "norm": norm, "eps_source": source}
 
 
-__all__ = ["LoadedModel", "load", "check_compatible", "evaluation_settings"]
+__all__ = ["LoadedModel", "load", "load_keras_file", "evaluated_network", "check_compatible", "evaluation_settings"]

@@ -41,6 +41,7 @@ import numpy as np
 
 from tfrobust.config import MODEL_NAMES
 from tfrobust.errors import UserError, first_line, unknown_choice, user_code
+from tfrobust.loading import evaluated_network, load_keras_file
 from tfrobust.network_checks import SUPPORTED_IO, check_network_io
 
 MODELS = MODEL_NAMES
@@ -349,10 +350,8 @@ def user_network(name: str, input_shape: tuple, num_classes: int) -> keras.Model
     input_shape = tuple(int(d) for d in input_shape)
     if kind == "keras_file":
         check_model_name(name)
-        try:
-            network = keras.saving.load_model(name, compile=False)
-        except Exception as e:  # Keras raises many kinds for an unreadable file or an unknown class.
-            raise UserError(f"model file {name} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        # A saved RobustModel trains on from its evaluated network (the weight average, if it has one).
+        network = evaluated_network(load_keras_file(name, compile=False))
     else:
         factory = _factory(name)
         with user_code(f"model factory {name!r}"):
