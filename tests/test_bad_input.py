@@ -381,3 +381,51 @@ def test_a_tfds_name_not_prepared_is_refused_at_once_without_a_network(monkeypat
     with pytest.raises(UserError, match="'kmnist' is not prepared .* no network .*Network is unreachable"):
         data.source_info("kmnist")  # any tfds name, read as the user's own data
     assert calls == [False], "the downloader (minutes of retries) is never started"
+
+
+# ---------------------------------------------------------------------------
+# The library refuses what it would otherwise ignore, truncate or clip
+
+def _net():
+    import keras
+
+    inputs = keras.Input((8, 8, 1))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+
+
+LIBRARY_CASES = {
+    "None network": (lambda tr: tr.RobustModel(None, "at", eps=0.1, step_size=0.02, steps=1),
+                     "RobustModel needs a keras.Model (images in [0, 1] -> logits) as its network, got NoneType"),
+    "beta nan": (lambda tr: tr.Defense("trades", beta=float("nan")), "defense.beta must be finite, got nan"),
+    "awp_gamma without AWP": (lambda tr: tr.Defense("at", awp_gamma=0.02),
+                              "defense 'at' has no awp term, so awp_gamma=0.02 would be ignored; use "
+                              "Defense('at+awp', awp_gamma=0.02) or leave awp_gamma out"),
+    "steps_per_epoch -5": (lambda tr: tr.RobustModel(_net(), "at", eps=0.1, step_size=0.02, steps=1, steps_per_epoch=-5),
+                           "steps_per_epoch must be between 1 and 2147483647, got -5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIBRARY_CASES))
+def test_library_calls_refuse_values_that_would_be_ignored_or_changed(case):
+    import tfrobust as tr
+
+    call, message = LIBRARY_CASES[case]
+    with pytest.raises(UserError) as refused:
+        call(tr)
+    assert str(refused.value) == message
+
+
+def test_fit_refuses_float_labels_and_0_255_images():
+    import tfrobust as tr
+
+    model = tr.RobustModel(_net(), "at", eps=0.1, step_size=0.02, steps=1)
+    model.compile(optimizer="sgd")
+    x = np.random.default_rng(0).random((12, 8, 8, 1)).astype(np.float32)
+    y = np.arange(12) % 3
+    with pytest.raises(UserError, match=r"labels must be integer class indices of shape \(N,\), got float64 values"):
+        model.fit(x, y + 0.5, epochs=1, verbose=0)  # would be truncated to y
+    with pytest.raises(UserError, match=r"x holds values in \[.*\], outside \[0, 1\].*divide images stored as 0..255 "
+                                        "by 255"):
+        model.fit(x * 255, y, epochs=1, verbose=0)
+    assert tr.Defense(**tr.Defense("at").hyperparameters()) == tr.Defense("at")  # defaults of absent terms pass
+    assert model.fit(x, y.astype(np.float32), epochs=1, verbose=0).history["loss"]  # whole-number floats train

@@ -33,7 +33,7 @@ from tfrobust.defense_names import (
     BASE_NAMES, DEFENSES, SHORT_NAMES, TERMS, Hyperparameter, base_declaration, canonical_name, check_defense_name,
     register_base, register_term, registered_terms, resolve_settings, term_declaration,
 )
-from tfrobust.errors import UserError
+from tfrobust.errors import UserError, check_number
 
 
 BASES = dict(zip(BASE_NAMES, (at, trades, mart)))  # the built-in base objectives' modules
@@ -62,6 +62,15 @@ def term_class(name: str):
         module, _, attribute = implementation.partition(":")
         implementation = getattr(importlib.import_module(module), attribute)
     return implementation
+
+
+def _check_term_is_there(name: str, base: str, term: str, key: str, value) -> None:
+    """Refuses a hyperparameter of a term the defense does not have (it would be ignored), unless it is the
+    default (what :meth:`Defense.hyperparameters` gives for every registered term)."""
+    if term in name.split("+")[1:] or value is None or value == resolve_settings(base, {})[key]:
+        return
+    raise UserError(f"defense {name!r} has no {term} term, so {key}={value!r} would be ignored; use "
+                    f"Defense('{name}+{term}', {key}={value!r}) or leave {key} out")
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -116,14 +125,13 @@ class Defense:
                 if value is not None and bool(value) != (term in terms):
                     raise UserError(f"defense {canonical!r} has {term}={term in terms!r}, not {value!r}; change the name instead")
             else:
+                _check_term_is_there(canonical, derived_base, term, key, value)
                 given[key] = value
         if base is not None and base != derived_base:
             raise UserError(f"defense {canonical!r} has base={derived_base!r}, not {base!r}; change the name instead")
         beta = beta if beta is not None else base_module(derived_base).DEFAULT_BETA
         if beta is not None:
-            beta = float(beta)
-            if beta < 0:
-                raise UserError("defense.beta must be >= 0")
+            beta = check_number("defense.beta", beta)
         resolved = resolve_settings(derived_base, given)
         object.__setattr__(self, "name", canonical)
         object.__setattr__(self, "base", derived_base)

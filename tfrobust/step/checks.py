@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust.errors import UserError
+from tfrobust.network_checks import check_labels, check_unit_range
 from tfrobust.export import input_shape_of
 
 
@@ -84,6 +85,22 @@ def check_label_shape(data, y=None) -> None:
     if shape is not None and len(shape) == 2 and shape[-1] not in (None, 1):
         raise UserError(f"labels of shape {shape} look one-hot; RobustModel takes integer class labels of shape (N,) "
                         "(use y.argmax(axis=-1))")
+
+
+def check_arrays(data, y=None, allow_unlabelled: bool = False) -> None:
+    """Refuses array inputs to ``fit`` that would train on something else than asked: images outside [0, 1]
+    (0..255 not divided by 255) and labels that are not whole numbers (a float label would be truncated).
+
+    A data set is not read here (its first batch is checked by the network's own checks).
+    """
+    if isinstance(data, tf.data.Dataset) or not hasattr(data, "shape"):
+        return
+    check_unit_range(data, "x")
+    if y is not None and hasattr(y, "shape"):
+        labels = np.asarray(y)
+        if allow_unlabelled and labels.size:
+            labels = labels[labels != -1]  # -1 marks an example without a label
+        check_labels(labels)
 
 
 def check_divisible(batch_size, accumulate_steps: int) -> None:

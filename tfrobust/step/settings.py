@@ -80,7 +80,7 @@ class StepSettings:
         _choice("eval_loss", self.eval_loss, EVAL_LOSSES)
         _choice("weight_decay_exclude", self.weight_decay_exclude, WEIGHT_DECAY_EXCLUDE)
         if self.steps_per_epoch is not None:
-            set_("steps_per_epoch", max(int(self.steps_per_epoch), 1))
+            set_("steps_per_epoch", check_steps("steps_per_epoch", self.steps_per_epoch, minimum=1, maximum=2**31 - 1))
         set_("weight_decay", float(self.weight_decay))
         if self.eval_step_size is not None:
             set_("eval_step_size", float(self.eval_step_size))
