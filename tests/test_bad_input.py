@@ -429,3 +429,32 @@ def test_fit_refuses_float_labels_and_0_255_images():
         model.fit(x * 255, y, epochs=1, verbose=0)
     assert tr.Defense(**tr.Defense("at").hyperparameters()) == tr.Defense("at")  # defaults of absent terms pass
     assert model.fit(x, y.astype(np.float32), epochs=1, verbose=0).history["loss"]  # whole-number floats train
+
+
+BRITTLE = '''
+from tfrobust.defense_names import register_term
+from tfrobust.defenses import WeightSpaceTerm
+
+
+class Brittle(WeightSpaceTerm):
+    def __init__(self, defense, name):
+        raise ValueError("brittle needs a GPU")
+
+
+register_term("brittle", Brittle, bases=("at",))
+'''
+
+
+def test_a_plugin_term_that_fails_is_one_line_naming_its_class_and_message(user_dir, capsys):
+    from tfrobust.defense_names import unregister_term
+
+    with open("brittle_term.py", "w") as f:
+        f.write(BRITTLE)
+    try:
+        code, err = run_main(train_main, SMALL + ["--data", "d.npz", "--plugin", "brittle_term.py", "--defense",
+                                                  "at+brittle", "--workdir", "w"], capsys)
+    finally:
+        unregister_term("brittle")
+    assert code == 2 and err.splitlines() == [
+        "error: weight-space term 'brittle' (brittle_term.py:Brittle) raised ValueError: brittle needs a GPU"], err
+    assert not os.path.exists("w")

@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 
-from tfrobust.errors import UserError
+from tfrobust.errors import UserError, plugin_code
 
 
 def _quiet_tensorflow():
@@ -221,7 +221,8 @@ def train_main(argv=None) -> int:
             network = models.user_network(cfg.model.name, info.image_shape, info.num_classes)
             classes = check_outputs_are_logits(network, info.image_shape)
             for term in defense.weight_space_terms():  # the defense's requirements on the network
-                term.check_network(network, classes)
+                with plugin_code(term, f"weight-space term {term.name!r}"):
+                    term.check_network(network, classes)
         workdir = args.workdir or os.path.join(
             "runs", f"{_run_label(cfg.data.name)}-{cfg.defense.name.replace('+', '_')}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         )

@@ -7,6 +7,8 @@ one-line message and exit with status 2, without a traceback.
 
 import contextlib
 import math
+import os
+import sys
 
 
 class UserError(ValueError):
@@ -90,4 +92,16 @@ def user_code(what: str):
         raise UserError(f"{what} raised {type(e).__name__}" + (f": {message}" if message else "")) from e
 
 
-__all__ = ["UserError", "unknown_choice", "check_number", "check_steps", "parse_number", "first_line", "user_code"]
+def plugin_code(obj, what: str):
+    """:func:`user_code` for a class (or an instance of one) defined outside tfrobust, naming its module;
+    for tfrobust's own classes a context that changes nothing (their errors keep their tracebacks)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    module = getattr(cls, "__module__", "") or ""
+    if module == "tfrobust" or module.startswith("tfrobust."):
+        return contextlib.nullcontext()
+    path = getattr(sys.modules.get(module), "__file__", None)
+    where = os.path.basename(path) if path and module.startswith("tfrobust_plugin_") else module  # a .py plug-in
+    return user_code(f"{what} ({where}:{cls.__qualname__})")
+
+
+__all__ = ["UserError", "unknown_choice", "check_number", "check_steps", "parse_number", "first_line", "user_code", "plugin_code"]

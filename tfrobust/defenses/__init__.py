@@ -33,7 +33,7 @@ from tfrobust.defense_names import (
     BASE_NAMES, DEFENSES, SHORT_NAMES, TERMS, Hyperparameter, base_declaration, canonical_name, check_defense_name,
     register_base, register_term, registered_terms, resolve_settings, term_declaration,
 )
-from tfrobust.errors import UserError, check_number
+from tfrobust.errors import UserError, check_number, plugin_code
 
 
 BASES = dict(zip(BASE_NAMES, (at, trades, mart)))  # the built-in base objectives' modules
@@ -165,7 +165,11 @@ class Defense:
 
     def weight_space_terms(self) -> list:
         """The :class:`WeightSpaceTerm` objects of the name's terms, in canonical order."""
-        return [term_class(t)(self, t) for t in self.terms]
+        terms = []
+        for t in self.terms:
+            with plugin_code(term_class(t), f"weight-space term {t!r}"):  # a plug-in's term: one line if it fails
+                terms.append(term_class(t)(self, t))
+        return terms
 
     @property
     def needs_clean_logits(self) -> bool:
