@@ -1,7 +1,12 @@
 """Command-line entry points behind train.py and evaluate.py.
 
-A user's mistake (unknown name, bad value, missing file, occupied workdir)
-prints one line ``error: ...`` and exits with status 2, without a traceback.
+A user's mistake (unknown name, bad value, missing file, occupied workdir,
+damaged run files, the user's code failing) raises a UserError wherever it is
+found; one boundary, :func:`_user_errors` around each command, prints its one
+line ``error: ...`` and exits with status 2, without a traceback. The user's
+code is called inside :func:`tfrobust.errors.user_code` (or ``plugin_code``),
+which turns what it raises into such a line naming the module, function and
+message. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
