@@ -358,31 +358,6 @@ def test_a_saved_robust_model_as_model_trains_on_from_its_evaluated_network(tmp_
         np.testing.assert_array_equal(mine, saved)
 
 
-def test_a_tfds_name_not_prepared_is_refused_at_once_without_a_network(monkeypatch):
-    import errno
-
-    import tensorflow_datasets as tfds
-
-    from tfrobust import data
-
-    calls = []
-
-    def not_prepared(name, download=True, **kwargs):
-        calls.append(download)
-        raise AssertionError(f"Dataset {name}: could not find data")
-
-    def no_route(*args, **kwargs):
-        raise OSError(errno.ENETUNREACH, "Network is unreachable")
-
-    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(tfds, "load", not_prepared)
-    monkeypatch.setattr(socket, "create_connection", no_route)
-    with pytest.raises(UserError, match="'kmnist' is not prepared .* no network .*Network is unreachable"):
-        data.source_info("kmnist")  # any tfds name, read as the user's own data
-    assert calls == [False], "the downloader (minutes of retries) is never started"
-
-
 # ---------------------------------------------------------------------------
 # The library refuses what it would otherwise ignore, truncate or clip
 

@@ -289,3 +289,6 @@ def test_tfds_without_network_is_refused_at_once(monkeypatch):
         data.load_arrays("cifar10", "train")
     assert "\n" not in str(info.value)
     assert calls == [False], "the downloader (minutes of retries) is never started"
+    with pytest.raises(UserError, match="'kmnist' is not prepared .* no network .*Network is unreachable"):
+        data.source_info("kmnist")  # any tfds name, read as the user's own data
+    assert calls == [False, False]
