@@ -242,11 +242,17 @@ def test_command_line_plugins_are_added_to_those_of_the_config_file(plugin_file,
     config = tmp_path / "with_plugin.yaml"
     config.write_text(yaml.safe_dump({"plugins": [plugin_file], "defense": {"name": "at+planted"}}))
     # The file's plug-in is kept (its term stays a defense); the flag's is added once, after it.
-    assert train_main(["--config", str(config), "--plugin", str(other), "--plugin", plugin_file,
-                       "--plugin", str(other), "--print-config"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["plugins"] == [plugin_file, str(other)] and printed["defense"]["name"] == "at+planted"
+    flags = ["--plugin", str(other), "--plugin", plugin_file, "--plugin", str(other)]
+    cfg = load_config(str(config), plugins=[str(other), plugin_file, str(other)])
+    assert cfg.plugins == [plugin_file, str(other)] and cfg.defense.name == "at+planted"
     assert any(getattr(m, "__file__", None) == str(other) for m in list(sys.modules.values()))
+    for name in [n for n, m in list(sys.modules.items()) if getattr(m, "__file__", None) == str(other)]:
+        del sys.modules[name]
+    # --print-config imports none of them: the list is printed as it would be imported.
+    assert train_main(["--config", str(config), "--defense", "at"] + flags + ["--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["plugins"] == [plugin_file, str(other)] and printed["defense"]["name"] == "at"
+    assert not any(getattr(m, "__file__", None) == str(other) for m in list(sys.modules.values()))
     # --set plugins=... replaces the file's list, as any --set does.
     assert load_config(str(config), {"plugins": str(other)}, plugins=[str(other)]).plugins == [str(other)]
     for name in [n for n, m in list(sys.modules.items()) if getattr(m, "__file__", None) == str(other)]:
