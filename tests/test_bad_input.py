@@ -158,7 +158,7 @@ CASES = [
     (["--model", "{nets}:raises"], "model factory '{nets}:raises' raised RuntimeError: my network is not ready"),
     (["--model", "{nets}:other_names"], "model factory '{nets}:other_names': {nets}.other_names must take the "
      "keyword arguments input_shape= and num_classes= (missing a required argument: 'shape')"),
-    (["--model", "{nets}:two_outputs"], "model '{nets}:two_outputs': network 'functional' has 1 input and 2 outputs"),
+    (["--model", "{nets}:two_outputs"], "model '{nets}:two_outputs': network 'functional"),
     (["--model", "broken_at_import:net"],
      "model factory 'broken_at_import:net': importing 'broken_at_import' raised ZeroDivisionError: division by zero"),
     (["--set", "data.mean=[a]"], "data.mean and data.std need a list of numbers (one per channel), got ['a'] and None"),
@@ -198,6 +198,8 @@ def test_train_refuses_bad_data_and_user_code_before_training(argv, message, use
     code, err = run_main(train_main, SMALL + argv, capsys)
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message.format(nets=user_dir)}"), err
+    if "two_outputs" in argv[1]:  # Keras numbers the network's name (functional_7) within one process
+        assert "' has 1 input and 2 outputs; tfrobust supports one input" in err
     assert not os.path.exists("w")
 
 
@@ -235,7 +237,7 @@ def _damage(kind, run):
 
 RUN_DAMAGE = {
     "config.yaml not YAML": "w/config.yaml is damaged (not valid YAML); it records the run's config: restore it "
-                            "(the same command with --print-config prints it) or choose another --workdir",
+                            "(the training command with --print-config prints it)",
     "config.yaml not UTF-8": "w/config.yaml is damaged (not UTF-8 text);",
     "config.yaml a list": "w/config.yaml is damaged (a YAML list, not a mapping of config keys);",
     "config.yaml deleted": "workdir w holds an unfinished run whose config.yaml is missing (its backup is there); to "
@@ -333,8 +335,12 @@ def test_evaluate_refuses_bad_files_and_seeds_in_one_line(tmp_path, capsys):
 
     random = tmp_path / "random.keras"
     random.write_bytes(np.random.default_rng(0).bytes(3000))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(b"data: {name: \xff}\n")
     cases = [
         (["--model", str(random)], f"error: {random} cannot be loaded as a Keras model: it is not a .keras file"),
+        (["--model", str(run)], f"error: {run}/config.yaml is damaged (not UTF-8 text); it records the run's config"),
         (["--model", str(random), "--seed", str(2**70)], f"error: --seed must be between 0 and 2147483647, got {2**70}"),
     ]
     for argv, message in cases:

@@ -12,9 +12,8 @@ import os
 from typing import Callable, Optional
 
 import tensorflow as tf
-import yaml
 
-from tfrobust import user_code
+from tfrobust import rundir, user_code
 from tfrobust.errors import UserError
 
 
@@ -66,8 +65,7 @@ def load(path: str, which: str = "last") -> LoadedModel:
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network)
     config_path = os.path.join(path, "config.yaml")
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            run_config = yaml.safe_load(f)
+        run_config = rundir.read_config(path)
         name = "best.keras" if which == "best" else "model.keras"
         keras_path = os.path.join(path, name)
         if not os.path.exists(keras_path):

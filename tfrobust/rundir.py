@@ -289,8 +289,8 @@ def owned(workdir: str):
         raise
 
 
-def holds_config(workdir: str, config: dict) -> bool:
-    """Whether ``workdir/config.yaml`` is ``config`` (a config as a dict, ``config.to_dict``)."""
+def read_config(workdir: str) -> dict:
+    """``workdir/config.yaml`` as a dict; a one-line UserError when it is not a YAML mapping in UTF-8."""
     path = os.path.join(workdir, CONFIG)
     recorded, problem = None, None
     try:
@@ -303,8 +303,14 @@ def holds_config(workdir: str, config: dict) -> bool:
     if problem is None and not isinstance(recorded, dict):
         problem = f"a YAML {type(recorded).__name__}, not a mapping of config keys"
     if problem:
-        raise UserError(f"{path} is damaged ({problem}); it records the run's config: restore it (the same "
-                        "command with --print-config prints it) or choose another --workdir")
+        raise UserError(f"{path} is damaged ({problem}); it records the run's config: restore it (the training "
+                        "command with --print-config prints it)")
+    return recorded
+
+
+def holds_config(workdir: str, config: dict) -> bool:
+    """Whether ``workdir/config.yaml`` is ``config`` (a config as a dict, ``config.to_dict``)."""
+    recorded = read_config(workdir)
     return recorded == config
 
 
@@ -331,6 +337,6 @@ def write_config(workdir: str, config: dict) -> None:
     atomic_write(os.path.join(workdir, CONFIG), yaml.safe_dump(config, sort_keys=False))
 
 
-__all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
+__all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "read_config", "holds_config",
            "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
            "atomic_replace_dir", "mark_finished"]

@@ -125,7 +125,8 @@ class Defense:
                 if value is not None and bool(value) != (term in terms):
                     raise UserError(f"defense {canonical!r} has {term}={term in terms!r}, not {value!r}; change the name instead")
             else:
-                _check_term_is_there(canonical, derived_base, term, key, value)
+                if not settings:  # Defense(name, key=value); a replace() carries every term's settings
+                    _check_term_is_there(canonical, derived_base, term, key, value)
                 given[key] = value
         if base is not None and base != derived_base:
             raise UserError(f"defense {canonical!r} has base={derived_base!r}, not {base!r}; change the name instead")
