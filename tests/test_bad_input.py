@@ -97,22 +97,16 @@ def test_a_replaced_pool_or_new_labels_are_never_read_from_a_stale_cache(tmp_pat
     assert extra_data.prepare_pool(path) == cache
 
 
-def test_pseudo_label_and_train_refuse_a_bad_pool_in_one_line(tmp_path):
+def test_pseudo_label_refuses_a_bad_pool_in_one_line(tmp_path):
     from conftest import tiny_cnn
 
     tiny_cnn().save(str(tmp_path / "m.keras"))
     np.savez(tmp_path / "f255.npz", image=images(40).astype(np.float32))
-    np.savez(tmp_path / "nan.npz", image=np.full((40, 28, 28), np.nan, np.float32), label=np.zeros(40, np.int64))
-    data_npz(tmp_path / "d.npz")
     code, err = run_cli("pseudo_label.py", ["--model", "m.keras", "--data", "f255.npz", "--output", "out.npz"], tmp_path)
     assert code == 2 and err.splitlines() == [
         "error: f255.npz holds non-uint8 images with values in [0, 255], outside [0, 1]; divide 0..255 images by "
         "255 (or store them as uint8), or scale them to [0, 1]"], err
-    code, err = run_cli("train.py", SMALL + ["--data", "d.npz", "--set", "data.extra_data=nan.npz", "--workdir", "w"],
-                        tmp_path)
-    assert code == 2 and err.splitlines() == [
-        "error: extra data nan.npz holds NaN pixels; need uint8 images or floats in [0, 1]"], err
-    assert sorted(os.listdir(tmp_path)) == ["d.npz", "f255.npz", "m.keras", "nan.npz"]  # nothing written
+    assert sorted(os.listdir(tmp_path)) == ["f255.npz", "m.keras"]  # nothing written, no partial output
 
 
 # ---------------------------------------------------------------------------
@@ -161,6 +155,8 @@ CASES = [
     (["--model", "{nets}:two_outputs"], "model '{nets}:two_outputs': network 'functional"),
     (["--model", "broken_at_import:net"],
      "model factory 'broken_at_import:net': importing 'broken_at_import' raised ZeroDivisionError: division by zero"),
+    (["--set", "data.extra_data=nan_pool.npz"], "extra data nan_pool.npz holds NaN pixels; need uint8 images or "
+     "floats in [0, 1]"),
     (["--set", "data.mean=[a]"], "data.mean and data.std need a list of numbers (one per channel), got ['a'] and None"),
     (["--set", "eval.pgd_steps=0"], "eval.pgd_steps must be >= 1"),
     (["--workdir", "w\udcff"], "--workdir b'w\\xff' is not a UTF-8 name; TensorFlow writes only UTF-8 paths, rename it"),
@@ -184,6 +180,7 @@ def test_train_refuses_bad_data_and_user_code_before_training(argv, message, use
     data_npz("no_test.npz", n_test=0)
     data_npz("words.npz", y_train=np.array(["boot"] * 150), y_test=np.array(["boot"] * 50))
     data_npz("sparse.npz", y_train=np.where(np.arange(150) == 3, 10**8, np.arange(150) % 10))
+    np.savez("nan_pool.npz", image=np.full((40, 28, 28), np.nan, np.float32), label=np.zeros(40, np.int64))
     with open("random.keras", "wb") as f:
         f.write(np.random.default_rng(0).bytes(3000))
     for i, name in enumerate(["a/0.png", "a/1.png", "b/2.png", "b/3.png", "b/9.png"]):
@@ -200,7 +197,7 @@ def test_train_refuses_bad_data_and_user_code_before_training(argv, message, use
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message.format(nets=user_dir)}"), err
     if "two_outputs" in argv[1]:  # Keras numbers the network's name (functional_7) within one process
         assert "' has 1 input and 2 outputs; tfrobust supports one input" in err
-    assert not os.path.exists("w")
+    assert not os.path.exists("w") and not os.path.exists("nan_pool.npz.cache")
 
 
 def test_an_internal_error_still_shows_its_traceback(user_dir, monkeypatch):
