@@ -181,7 +181,7 @@ LAYERS = (
     ("errors", "seeds", "registration"),
     ("attack_names", "defense_names", "config_files"),
     ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks", "runtime"),
-    ("data", "data_sources", "models", "loading", "weight_space", "placement"),
+    ("data", "data_sources", "models", "loading", "weight_space", "placement", "zoo"),
     ("attacks",),
     ("autoattack", "defenses", "flatness", "callbacks", "runner_attacks"),
     ("integrity", "step", "trainer", "landscape"),
