@@ -332,6 +332,13 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
     )
     report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
                   eps_source=settings["eps_source"], test_examples=drawn)
+    if os.path.isfile(model):  # a network imported with tfrobust import-model names its checkpoint
+        from tfrobust.zoo.convert import provenance
+
+        if provenance(model):
+            report["provenance"] = provenance(model)
+            say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
+                f"{report['provenance']['arch']})")
     say(format_table(report))
     if flatness:
         from tfrobust.flatness import flatness_report

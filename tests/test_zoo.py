@@ -1,0 +1,203 @@
+"""Published checkpoints in (tfrobust import-model) and out (export-model), against PyTorch's logits.
+
+tests/fixtures/zoo/ was written by scripts/write_zoo_fixtures.py with PyTorch: small DeepMind and
+Zagoruyko WideResNets (depth 10, width 2) in every checkpoint format, and PyTorch's logits of
+every family on fixed inputs. The full-size PreActResNet-18 weights are rebuilt here from the
+script's seeded generator, which needs no PyTorch.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tfrobust.commands import main
+from tfrobust.errors import UserError
+from tfrobust.models import build_model, wide_resnet_swish_parameters
+from tfrobust.zoo import checkpoints, convert, names, pickles
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "zoo")
+REFERENCE = np.load(os.path.join(FIXTURES, "logits.npz"))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("write_zoo_fixtures", os.path.join(ROOT, "scripts", "write_zoo_fixtures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_same_logits(network, arch):
+    got = np.asarray(network(REFERENCE["inputs"], training=False))
+    want = REFERENCE[arch]
+    # float32 convolutions summed in another order (oneDNN vs PyTorch, Intel vs AMD) differ by ~1e-6 of the
+    # largest logit; 1e-4 leaves room for that and still catches any wrong layout, padding or epsilon (>1e-2).
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.parametrize("arch, files", [("dm_wide_resnet-10-2", (".pt", ".safetensors", ".npy")),
+                                         ("wide_resnet-10-2", (".pt", ".legacy.pth", ".safetensors"))])
+def test_every_format_gives_pytorchs_logits(arch, files):
+    for ext in files:
+        assert_same_logits(convert.import_model(os.path.join(FIXTURES, arch + ext), arch, "cifar10"), arch)
+
+
+@pytest.mark.parametrize("arch", ["preact_resnet-18", "dm_preact_resnet-18"])
+def test_full_size_preact_resnets_give_pytorchs_logits(arch, tmp_path):
+    spec = names.parse_arch(arch)
+    state = _script().synthetic_state(names.state_dict_shapes(spec, 10))
+    path = str(tmp_path / "c.pt")
+    pickles.write_torch({"module." + k: v for k, v in state.items()}, path)  # DataParallel's prefix, taken off
+    network = convert.import_model(path, arch, "cifar10")
+    assert_same_logits(network, arch)
+    assert sum(int(np.prod(w.shape)) for w in network.trainable_weights) == names.parameter_count(spec, 10)
+
+
+def test_parameter_counts_of_full_size_networks_are_the_published_ones():
+    # Published: WRN-28-10 36.5M, WRN-34-10 46.2M (Zagoruyko & Komodakis; TRADES), PreActResNet-18 11.2M,
+    # WRN-70-16 266.8M (Gowal et al. 2020, Table 9: 267M).
+    counts = {a: names.parameter_count(names.parse_arch(a), 10) for a in (
+        "wide_resnet-28-10", "wide_resnet-34-10", "preact_resnet-18", "dm_wide_resnet-70-16", "dm_wide_resnet-28-10")}
+    assert {a: round(c / 1e6, 1) for a, c in counts.items()} == {
+        "wide_resnet-28-10": 36.5, "wide_resnet-34-10": 46.2, "preact_resnet-18": 11.2, "dm_wide_resnet-70-16": 266.8,
+        "dm_wide_resnet-28-10": 36.5}
+    assert counts["dm_wide_resnet-70-16"] == wide_resnet_swish_parameters(70, 16)  # models.py's own count
+    small = build_model("wide_resnet", (32, 32, 3), 10, depth=10, width=2)
+    assert sum(int(np.prod(w.shape)) for w in small.trainable_weights) == names.parameter_count(
+        names.parse_arch("wide_resnet-10-2"), 10)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_anything(tmp_path):
+    marker = tmp_path / "ran"
+    payload = pickle.dumps({"conv1.weight": _RunsCode(marker)}, protocol=2)
+    zipped = tmp_path / "evil.pt"
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+    legacy = tmp_path / "evil_legacy.pt"
+    legacy.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C) + pickle.dumps(1001) + pickle.dumps({}) + payload)
+    npy = tmp_path / "evil.npy"
+    np.save(npy, np.array([_RunsCode(marker), {}], dtype=object), allow_pickle=True)
+    for path in (zipped, legacy, npy):
+        with pytest.raises(UserError) as e:
+            checkpoints.read_state_dict(str(path))
+        assert str(e.value) == (f"{path}: refused to unpickle {os.system.__module__}.system: a checkpoint may hold only "
+                                "tensors, arrays and plain containers (nothing in it was run)")
+    assert not marker.exists()
+
+
+def _import(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err.strip()
+
+
+@pytest.fixture
+def dm_state():
+    return load_file(os.path.join(FIXTURES, "dm_wide_resnet-10-2.safetensors"))
+
+
+@pytest.mark.parametrize("change, data, message", [
+    (lambda s: s.pop("layer.0.block.0.conv_0.weight"), "cifar10",
+     "missing parameter layer.0.block.0.conv_0.weight (shape (32, 16, 3, 3))"),
+    (lambda s: s.update({"layer.3.block.0.conv_0.weight": np.zeros(1, np.float32)}), "cifar10",
+     "unexpected parameter layer.3.block.0.conv_0.weight"),
+    (lambda s: s.update({"batchnorm.running_var": np.ones(7, np.float32)}), "cifar10",
+     "parameter batchnorm.running_var has shape (7,), dm_wide_resnet-10-2 needs (128,)"),
+    (lambda s: [s.pop("init_conv.weight"), s.pop("batchnorm.bias")], "cifar10",
+     "missing parameter init_conv.weight (shape (16, 3, 3, 3)) (and 1 more problems)"),
+    (lambda s: None, "cifar100", "logits.weight has 10 classes, the data has 100"),
+])
+def test_each_mismatch_is_one_line_naming_the_parameter(change, data, message, dm_state, tmp_path, capsys):
+    change(dm_state)
+    path = str(tmp_path / "c.safetensors")
+    save_file(dm_state, path)
+    output = tmp_path / "m.keras"
+    code, err = _import(["import-model", path, "--arch", "dm_wide_resnet-10-2", "--data", data, "--output", str(output)],
+                        capsys)
+    prefix = f"error: {path}: " if data == "cifar100" else f"error: {path} does not fit dm_wide_resnet-10-2: "
+    assert (code, err) == (2, prefix + message)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "resnet-7"], "unknown --arch 'resnet-7'; allowed: " + names.ARCH_HELP),
+    (["--arch", "wide_resnet-30-10"], "--arch 'wide_resnet-30-10': depth must be 6n+4 (10, 16, 22, 28, 34, ...) and width >= 1"),
+    (["--arch", "dm_wide_resnet-10-2", "--data", "svhn"], "unknown --data 'svhn'; allowed: cifar10, cifar100, imagenet"),
+    (["--arch", "dm_wide_resnet-10-2", "--std", "0.2", "0", "0.2"], "--std must be > 0, got [0.2, 0.0, 0.2]"),
+])
+def test_bad_import_arguments_exit_2(argv, message, tmp_path, capsys):
+    checkpoint = os.path.join(FIXTURES, "dm_wide_resnet-10-2.safetensors")
+    code, err = _import(["import-model", checkpoint, "--output", str(tmp_path / "m.keras")] + argv, capsys)
+    assert (code, err) == (2, "error: " + message)
+
+
+def test_import_writes_a_keras_file_that_loads_elsewhere_evaluates_and_exports(tmp_path, capsys):
+    checkpoint = os.path.join(FIXTURES, "wide_resnet-10-2.pt")
+    output = tmp_path / "m.keras"
+    assert main(["import-model", checkpoint, "--arch", "wide_resnet-10-2", "--output", str(output)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {output}: wide_resnet-10-2, 304,634 weights, normalisation none")
+    code, err = _import(["import-model", checkpoint, "--arch", "wide_resnet-10-2", "--output", str(output)], capsys)
+    assert (code, err) == (2, f"error: output file {output} exists; choose another --output")
+    # A fresh process, tfrobust imported alone: the file loads and gives PyTorch's logits.
+    np.save(tmp_path / "x.npy", REFERENCE["inputs"])
+    script = ("import sys, numpy as np, tfrobust, keras; m = keras.models.load_model(sys.argv[1]); "
+              "np.save(sys.argv[2], np.asarray(m(np.load(sys.argv[3]), training=False)))")
+    subprocess.run([sys.executable, "-c", script, str(output), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
+                   check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    got, want = np.load(tmp_path / "y.npy"), REFERENCE["wide_resnet-10-2"]
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))  # as in assert_same_logits
+    # evaluate names where the network came from.
+    from tfrobust.evaluation import evaluate_run
+
+    data = tmp_path / "d.npz"
+    labels = want.argmax(1).astype(np.int64)
+    np.savez(data, x_train=REFERENCE["inputs"], y_train=labels, x_test=REFERENCE["inputs"], y_test=labels)
+    report = evaluate_run(str(output), ["clean"], data=str(data), integrity_examples=0, verbose=False,
+                          output=str(tmp_path / "r.json"))
+    assert report["accuracy"]["clean"] == 1.0  # the labels are the PyTorch network's own predictions
+    recorded = json.load(open(tmp_path / "r.json"))["provenance"]
+    assert recorded == {"source": checkpoint, "sha256": hashlib.sha256(open(checkpoint, "rb").read()).hexdigest(),
+                        "arch": "wide_resnet-10-2", "format": "pytorch", "data": "cifar10", "mean": None, "std": None}
+    # Exported back in the published names: the checkpoint's tensors exactly (TRADES' unused copy left out).
+    for fmt, name in (("pytorch", "e.pt"), ("safetensors", "e.safetensors")):
+        assert main(["export-model", str(output), "--format", fmt, "--output", str(tmp_path / name)]) == 0
+        exported = checkpoints.read_state_dict(str(tmp_path / name))
+        original = {k: v for k, v in checkpoints.read_state_dict(checkpoint).items() if not k.startswith("sub_block1")}
+        assert sorted(exported) == sorted(original)
+        for key, value in original.items():
+            assert np.array_equal(exported[key], value) or key.endswith("num_batches_tracked"), key
+
+
+def test_tfrobust_networks_export_and_others_are_refused(tmp_path, capsys):
+    network = build_model("wide_resnet_swish", (32, 32, 3), 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), depth=10, width=1,
+                          seed=0)
+    network.save(tmp_path / "swish.keras")
+    assert main(["export-model", str(tmp_path / "swish.keras"), "--output", str(tmp_path / "s.pt")]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote {tmp_path / 's.pt'}: dm_wide_resnet-10-1, 46 tensors; the network normalises with mean "
+        "[0.5, 0.5, 0.5] and std [0.25, 0.25, 0.25]: give the PyTorch class these")
+    back = convert.import_model(str(tmp_path / "s.pt"), "dm_wide_resnet-10-1", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = REFERENCE["inputs"][:2]
+    np.testing.assert_array_equal(np.asarray(back(x, training=False)), np.asarray(network(x, training=False)))
+    build_model("small_cnn", (32, 32, 3), 10).save(tmp_path / "cnn.keras")
+    code, err = _import(["export-model", str(tmp_path / "cnn.keras"), "--output", str(tmp_path / "c.pt")], capsys)
+    assert (code, err) == (2, "error: network 'small_cnn' is none of tfrobust's wide_resnet, wide_resnet_swish, "
+                              "preact_resnet18: it has no published names to export to")
