@@ -74,20 +74,25 @@ def _torch_networks():
             out = self.conv_1(F.silu(self.batchnorm_1(self.conv_0(F.pad(a, pad)))))
             return out + (self.shortcut(a) if self.shortcut is not None else x)
 
-    class DMGroup(nn.Module):
-        def __init__(self, n, c_in, c_out, stride):
+    class Group(nn.Module):
+        """``n`` blocks held as ``attribute`` (DeepMind's ``block``, TRADES' ``layer``)."""
+
+        def __init__(self, block, attribute, n, c_in, c_out, stride):
             super().__init__()
-            self.block = nn.Sequential(*[DMBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)])
+            self.attribute = attribute
+            setattr(self, attribute, nn.Sequential(*[block(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                                     for i in range(n)]))
 
         def forward(self, x):
-            return self.block(x)
+            return getattr(self, self.attribute)(x)
 
     class DMWideResNet(nn.Module):
         def __init__(self, depth, width, classes=10):
             super().__init__()
             n, w = (depth - 4) // 6, width
             self.init_conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-            self.layer = nn.Sequential(DMGroup(n, 16, 16 * w, 1), DMGroup(n, 16 * w, 32 * w, 2), DMGroup(n, 32 * w, 64 * w, 2))
+            self.layer = nn.Sequential(*[Group(DMBlock, "block", n, c_in, c_out, stride) for c_in, c_out, stride in
+                                          ((16, 16 * w, 1), (16 * w, 32 * w, 2), (32 * w, 64 * w, 2))])
             self.batchnorm, self.logits = bn(64 * w), nn.Linear(64 * w, classes)
             self.mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
             self.std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
@@ -108,23 +113,16 @@ def _torch_networks():
             out = self.conv2(F.relu(self.bn2(self.conv1(a))))
             return out + (self.convShortcut(a) if self.convShortcut is not None else x)
 
-    class Group(nn.Module):
-        def __init__(self, n, c_in, c_out, stride):
-            super().__init__()
-            self.layer = nn.Sequential(*[Block(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)])
-
-        def forward(self, x):
-            return self.layer(x)
-
     class WideResNet(nn.Module):
         def __init__(self, depth, width, classes=10, sub_block1=False):
             super().__init__()
             n, w = (depth - 4) // 6, width
             self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-            self.block1 = Group(n, 16, 16 * w, 1)
+            self.block1 = Group(Block, "layer", n, 16, 16 * w, 1)
             if sub_block1:  # TRADES' released state dicts hold this unused copy; RobustBench's class does not
-                self.sub_block1 = Group(n, 16, 16 * w, 1)
-            self.block2, self.block3 = Group(n, 16 * w, 32 * w, 2), Group(n, 32 * w, 64 * w, 2)
+                self.sub_block1 = Group(Block, "layer", n, 16, 16 * w, 1)
+            self.block2 = Group(Block, "layer", n, 16 * w, 32 * w, 2)
+            self.block3 = Group(Block, "layer", n, 32 * w, 64 * w, 2)
             self.bn1, self.fc = bn(64 * w), nn.Linear(64 * w, classes)
 
         def forward(self, x):
@@ -144,22 +142,28 @@ def _torch_networks():
             short = self.shortcut(a) if hasattr(self, "shortcut") else x
             return self.conv2(F.relu(self.bn2(self.conv1(a)))) + short
 
-    class PreActResNet18(nn.Module):
-        def __init__(self, classes=10):
+    class ResNet18(nn.Module):
+        """A pre-activation ResNet-18 whose names and activation differ between the two releases."""
+
+        def __init__(self, block, names, activation, classes=10):
             super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            self.names, self.activation = names, activation
+            setattr(self, names[0], nn.Conv2d(3, 64, 3, 1, 1, bias=False))
             c = 64
             for g in range(4):
-                setattr(self, f"layer{g + 1}", nn.Sequential(PreActBlock(c, 64 * 2**g, 1 if g == 0 else 2),
-                                                             PreActBlock(64 * 2**g, 64 * 2**g, 1)))
+                setattr(self, names[1].format(g=g, n=g + 1), nn.Sequential(block(c, 64 * 2**g, 1 if g == 0 else 2),
+                                                                  block(64 * 2**g, 64 * 2**g, 1)))
                 c = 64 * 2**g
-            self.bn, self.linear = bn(512), nn.Linear(512, classes)
+            setattr(self, names[2], bn(512))
+            setattr(self, names[3], nn.Linear(512, classes))
             self.mean, self.std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
 
         def forward(self, x):
-            out = self.conv1((x - self.mean) / self.std)
-            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-            return self.linear(F.avg_pool2d(F.relu(self.bn(out)), 4).flatten(1))
+            out = getattr(self, self.names[0])((x - self.mean) / self.std)
+            for g in range(4):
+                out = getattr(self, self.names[1].format(g=g, n=g + 1))(out)
+            out = self.activation(getattr(self, self.names[2])(out))
+            return getattr(self, self.names[3])(F.avg_pool2d(out, 4).flatten(1))
 
     class DMPreActBlock(nn.Module):
         def __init__(self, c_in, c_out, stride):
@@ -176,27 +180,11 @@ def _torch_networks():
             out = self.conv_2d_1(F.pad(F.silu(self.batchnorm_0(x)), pad))
             return self.conv_2d_2(F.silu(self.batchnorm_1(out))) + short
 
-    class DMPreActResNet18(nn.Module):
-        def __init__(self, classes=10):
-            super().__init__()
-            self.conv_2d = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            c = 64
-            for g in range(4):
-                setattr(self, f"layer_{g}", nn.Sequential(DMPreActBlock(c, 64 * 2**g, 1 if g == 0 else 2),
-                                                          DMPreActBlock(64 * 2**g, 64 * 2**g, 1)))
-                c = 64 * 2**g
-            self.batchnorm, self.logits = bn(512), nn.Linear(512, classes)
-            self.mean, self.std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
-
-        def forward(self, x):
-            out = self.conv_2d((x - self.mean) / self.std)
-            out = self.layer_3(self.layer_2(self.layer_1(self.layer_0(out))))
-            return self.logits(F.avg_pool2d(F.silu(self.batchnorm(out)), 4).flatten(1))
-
     return {"dm_wide_resnet-10-2": lambda: DMWideResNet(10, 2), "wide_resnet-10-2": lambda: WideResNet(10, 2),
             "wide_resnet-10-2-trades": lambda: WideResNet(10, 2, sub_block1=True),
             "dm_wide_resnet-70-16": lambda: DMWideResNet(70, 16),
-            "preact_resnet-18": PreActResNet18, "dm_preact_resnet-18": DMPreActResNet18}
+            "preact_resnet-18": lambda: ResNet18(PreActBlock, ("conv1", "layer{n}", "bn", "linear"), F.relu),
+            "dm_preact_resnet-18": lambda: ResNet18(DMPreActBlock, ("conv_2d", "layer_{g}", "batchnorm", "logits"), F.silu)}
 
 
 def _reference(arch: str):
