@@ -28,8 +28,9 @@ import zlib
 import numpy as np
 
 SMALL = {"dm_wide_resnet-10-2": "dm_wide_resnet", "wide_resnet-10-2": "wide_resnet"}
-FULL = {"preact_resnet-18": "preact_resnet", "dm_preact_resnet-18": "dm_preact_resnet"}
+FULL = {"preact_resnet-18": "preact_resnet", "dm_preact_resnet-18": "dm_preact_resnet", "resnet-50": "resnet"}
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def synthetic_state(shapes: dict) -> dict:
@@ -48,8 +49,9 @@ def synthetic_state(shapes: dict) -> dict:
     return out
 
 
-def inputs() -> np.ndarray:
-    return np.random.default_rng(0).uniform(0.0, 1.0, (8, 32, 32, 3)).astype(np.float32)
+def inputs(size: int = 32) -> np.ndarray:
+    """Fixed images in [0, 1]: 32x32 for the CIFAR networks, 64x64 for the ImageNet ResNet (any size fits it)."""
+    return np.random.default_rng(0 if size == 32 else size).uniform(0.0, 1.0, (8, size, size, 3)).astype(np.float32)
 
 
 def _torch_networks():
@@ -180,7 +182,40 @@ def _torch_networks():
             out = self.conv_2d_1(F.pad(F.silu(self.batchnorm_0(x)), pad))
             return self.conv_2d_2(F.silu(self.batchnorm_1(out))) + short
 
-    return {"dm_wide_resnet-10-2": lambda: DMWideResNet(10, 2), "wide_resnet-10-2": lambda: WideResNet(10, 2),
+    class Bottleneck(nn.Module):  # torchvision's, stride on the 3x3 convolution
+        def __init__(self, c_in, width, c_out, stride):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), bn(width)
+            self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), bn(width)
+            self.conv3, self.bn3 = nn.Conv2d(width, c_out, 1, bias=False), bn(c_out)
+            if stride != 1 or c_in != c_out:
+                self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), bn(c_out))
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+            return F.relu(out + (self.downsample(x) if hasattr(self, "downsample") else x))
+
+    class ResNet50(nn.Module):
+        def __init__(self, classes=1000):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), bn(64)
+            c = 64
+            for stage, count in enumerate((3, 4, 6, 3)):
+                planes = 64 * 2**stage
+                blocks = [Bottleneck(c if i == 0 else planes * 4, planes, planes * 4, 2 if stage and not i else 1)
+                          for i in range(count)]
+                setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+                c = planes * 4
+            self.fc = nn.Linear(2048, classes)
+            self.mean, self.std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+        def forward(self, x):
+            out = F.max_pool2d(F.relu(self.bn1(self.conv1((x - self.mean) / self.std))), 3, 2, 1)
+            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+            return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+    return {"resnet-50": ResNet50, "dm_wide_resnet-10-2": lambda: DMWideResNet(10, 2), "wide_resnet-10-2": lambda: WideResNet(10, 2),
             "wide_resnet-10-2-trades": lambda: WideResNet(10, 2, sub_block1=True),
             "dm_wide_resnet-70-16": lambda: DMWideResNet(70, 16),
             "preact_resnet-18": lambda: ResNet18(PreActBlock, ("conv1", "layer{n}", "bn", "linear"), F.relu),
@@ -199,11 +234,11 @@ def _reference(arch: str):
     return net.eval()
 
 
-def _logits(net) -> np.ndarray:
+def _logits(net, size: int = 32) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return net(torch.from_numpy(inputs()).permute(0, 3, 1, 2)).numpy()
+        return net(torch.from_numpy(inputs(size)).permute(0, 3, 1, 2)).numpy()
 
 
 def _haiku(state: dict) -> tuple:
@@ -234,10 +269,10 @@ def write_fixtures(out: str) -> None:
     from safetensors.numpy import save_file
 
     os.makedirs(out, exist_ok=True)
-    logits = {"inputs": inputs()}
+    logits = {"inputs": inputs(), "inputs_64": inputs(64)}
     for arch in list(SMALL) + list(FULL):
         net = _reference(arch + ("-trades" if arch == "wide_resnet-10-2" else ""))
-        logits[arch] = _logits(net)
+        logits[arch] = _logits(net, 64 if arch == "resnet-50" else 32)
         if arch not in SMALL:
             continue  # the tests rebuild these weights with synthetic_state
         state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -269,12 +304,13 @@ def check_export(out: str, tfrobust_python: str) -> None:
                 checkpoint = os.path.join(tmp, arch + ".safetensors")
                 save_file({k: v.numpy() for k, v in net.state_dict().items() if "num_batches" not in k}, checkpoint)
             keras_file, exported = os.path.join(tmp, arch + ".keras"), os.path.join(tmp, arch + ".pt")
-            for command in (["import-model", checkpoint, "--arch", arch, "--data", "cifar10", "--output", keras_file],
+            data = "imagenet" if arch == "resnet-50" else "cifar10"
+            for command in (["import-model", checkpoint, "--arch", arch, "--data", data, "--output", keras_file],
                             ["export-model", keras_file, "--format", "pytorch", "--output", exported]):
                 subprocess.run([tfrobust_python, "-m", "tfrobust"] + command, check=True)
             net = _torch_networks()[arch]()
             net.load_state_dict(torch.load(exported, weights_only=True), strict=True)
-            got, want = _logits(net.eval()), reference[arch]
+            got, want = _logits(net.eval(), 64 if arch == "resnet-50" else 32), reference[arch]
             error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
             assert error < 1e-5 and (got.argmax(1) == want.argmax(1)).all(), (arch, error)
             print(f"{arch}: exported state dict loads with strict=True; logits equal to {error:.1e} of the largest")

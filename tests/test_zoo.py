@@ -36,8 +36,8 @@ def _script():
     return module
 
 
-def assert_same_logits(network, arch):
-    got = np.asarray(network(REFERENCE["inputs"], training=False))
+def assert_same_logits(network, arch, inputs="inputs"):
+    got = np.asarray(network(REFERENCE[inputs], training=False))
     want = REFERENCE[arch]
     # float32 convolutions summed in another order (oneDNN vs PyTorch, Intel vs AMD) differ by ~1e-6 of the
     # largest logit; 1e-4 leaves room for that and still catches any wrong layout, padding or epsilon (>1e-2).
@@ -52,25 +52,30 @@ def test_every_format_gives_pytorchs_logits(arch, files):
         assert_same_logits(convert.import_model(os.path.join(FIXTURES, arch + ext), arch, "cifar10"), arch)
 
 
-@pytest.mark.parametrize("arch", ["preact_resnet-18", "dm_preact_resnet-18"])
-def test_full_size_preact_resnets_give_pytorchs_logits(arch, tmp_path):
+@pytest.mark.parametrize("arch, data, size", [("preact_resnet-18", "cifar10", 32), ("dm_preact_resnet-18", "cifar10", 32),
+                                              ("resnet-50", "imagenet", 64)])
+def test_full_size_networks_give_pytorchs_logits(arch, data, size, tmp_path):
     spec = names.parse_arch(arch)
-    state = _script().synthetic_state(names.state_dict_shapes(spec, 10))
+    classes = names.DATA[data][0]
+    state = _script().synthetic_state(names.state_dict_shapes(spec, classes))
     path = str(tmp_path / "c.pt")
     pickles.write_torch({"module." + k: v for k, v in state.items()}, path)  # DataParallel's prefix, taken off
-    network = convert.import_model(path, arch, "cifar10")
-    assert_same_logits(network, arch)
-    assert sum(int(np.prod(w.shape)) for w in network.trainable_weights) == names.parameter_count(spec, 10)
+    network = convert.import_model(path, arch, data, input_shape=(size, size, 3))
+    assert_same_logits(network, arch, "inputs" if size == 32 else f"inputs_{size}")
+    assert sum(int(np.prod(w.shape)) for w in network.trainable_weights) == names.parameter_count(spec, classes)
 
 
 def test_parameter_counts_of_full_size_networks_are_the_published_ones():
     # Published: WRN-28-10 36.5M, WRN-34-10 46.2M (Zagoruyko & Komodakis; TRADES), PreActResNet-18 11.2M,
-    # WRN-70-16 266.8M (Gowal et al. 2020, Table 9: 267M).
+    # WRN-70-16 266.8M (Gowal et al. 2020: 267M); torchvision's ImageNet ResNet-50 25,557,032 and
+    # WideResNet-50-2 68,883,240 (its model table).
     counts = {a: names.parameter_count(names.parse_arch(a), 10) for a in (
         "wide_resnet-28-10", "wide_resnet-34-10", "preact_resnet-18", "dm_wide_resnet-70-16", "dm_wide_resnet-28-10")}
     assert {a: round(c / 1e6, 1) for a, c in counts.items()} == {
         "wide_resnet-28-10": 36.5, "wide_resnet-34-10": 46.2, "preact_resnet-18": 11.2, "dm_wide_resnet-70-16": 266.8,
         "dm_wide_resnet-28-10": 36.5}
+    assert names.parameter_count(names.parse_arch("resnet-50"), 1000) == 25_557_032
+    assert names.parameter_count(names.parse_arch("wide_resnet-50-2"), 1000) == 68_883_240
     assert counts["dm_wide_resnet-70-16"] == wide_resnet_swish_parameters(70, 16)  # models.py's own count
     small = build_model("wide_resnet", (32, 32, 3), 10, depth=10, width=2)
     assert sum(int(np.prod(w.shape)) for w in small.trainable_weights) == names.parameter_count(
@@ -138,9 +143,13 @@ def test_each_mismatch_is_one_line_naming_the_parameter(change, data, message, d
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--arch", "resnet-7"], "unknown --arch 'resnet-7'; allowed: " + names.ARCH_HELP),
+    (["--arch", "densenet-121"], "unknown --arch 'densenet-121'; allowed: " + names.ARCH_HELP),
     (["--arch", "wide_resnet-30-10"], "--arch 'wide_resnet-30-10': depth must be 6n+4 (10, 16, 22, 28, 34, ...) and width >= 1"),
     (["--arch", "dm_wide_resnet-10-2", "--data", "svhn"], "unknown --data 'svhn'; allowed: cifar10, cifar100, imagenet"),
+    (["--arch", "dm_wide_resnet-10-2", "--data", "imagenet"],
+     "--data imagenet: dm_wide_resnet-10-2 is a CIFAR network; for ImageNet use resnet-50 or wide_resnet-50-2"),
+    (["--arch", "resnet-34"], "--arch 'resnet-34': torchvision's ResNets are resnet-50, resnet-101, resnet-152, "
+                              "wide_resnet-50-2 and wide_resnet-101-2"),
     (["--arch", "dm_wide_resnet-10-2", "--std", "0.2", "0", "0.2"], "--std must be > 0, got [0.2, 0.0, 0.2]"),
 ])
 def test_bad_import_arguments_exit_2(argv, message, tmp_path, capsys):
@@ -200,4 +209,4 @@ def test_tfrobust_networks_export_and_others_are_refused(tmp_path, capsys):
     build_model("small_cnn", (32, 32, 3), 10).save(tmp_path / "cnn.keras")
     code, err = _import(["export-model", str(tmp_path / "cnn.keras"), "--output", str(tmp_path / "c.pt")], capsys)
     assert (code, err) == (2, "error: network 'small_cnn' is none of tfrobust's wide_resnet, wide_resnet_swish, "
-                              "preact_resnet18: it has no published names to export to")
+                              "preact_resnet18 or an imported network: it has no published names to export to")

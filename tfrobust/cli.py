@@ -340,7 +340,7 @@ def import_model_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Build a published architecture in Keras and load a released checkpoint into it.")
     p.add_argument("checkpoint", help="a .pt/.pth (PyTorch state dict), .safetensors or DeepMind .npy checkpoint")
     p.add_argument("--arch", required=True, help=ARCH_HELP)
-    p.add_argument("--data", default="cifar10", help="cifar10 or cifar100: the class count and default normalisation")
+    p.add_argument("--data", default="cifar10", help="cifar10, cifar100 or imagenet: the class count, input size and default normalisation")
     p.add_argument("--output", required=True, help="the .keras file to write (an existing file is not overwritten)")
     p.add_argument("--mean", type=_number, nargs="+", help="per-channel mean inside the network (default: the architecture's)")
     p.add_argument("--std", type=_number, nargs="+", help="per-channel std inside the network (default: the architecture's)")

@@ -7,7 +7,8 @@ tfrobust networks, and tfrobust networks as state dicts in the published names.
   and without PyTorch, and ``torch.save``'s format written;
 * :mod:`tfrobust.zoo.checkpoints`: a checkpoint file as a flat state dict;
 * :mod:`tfrobust.zoo.convert`: building the Keras network, loading, saving with provenance, export;
-* :mod:`tfrobust.zoo.dm_preact`: DeepMind's PreActResNet-18 in Keras.
+* :mod:`tfrobust.zoo.dm_preact`, :mod:`tfrobust.zoo.resnet`: DeepMind's PreActResNet-18 and
+  torchvision's ImageNet ResNets in Keras (the others are :mod:`tfrobust.models`' builders).
 
 ``import_model(checkpoint, arch, data, output=None, mean=None, std=None)`` and
 ``export_model(source, output, fmt="pytorch")`` are the two entry points (also

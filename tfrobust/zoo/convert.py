@@ -2,7 +2,8 @@
 
 The Keras networks are tfrobust's own builders (:func:`tfrobust.models.build_model`:
 ``wide_resnet_swish`` is DeepMind's WideResNet, ``wide_resnet`` Zagoruyko's, ``preact_resnet18``
-Rice et al.'s; :mod:`tfrobust.zoo.dm_preact` DeepMind's PreActResNet-18), so an imported network
+Rice et al.'s; :mod:`tfrobust.zoo.dm_preact` DeepMind's PreActResNet-18, :mod:`tfrobust.zoo.resnet`
+torchvision's ResNets), so an imported network
 trains, evaluates and exports like one trained here, and a network trained here exports in the
 published names. Layers are paired with the published names in the order the builder created
 them (the numbers Keras appends to the layer names), convolutions, BatchNormalizations and the
@@ -38,6 +39,10 @@ def build_network(arch: "names.Arch", num_classes: int, mean=None, std=None, inp
         from tfrobust.zoo.dm_preact import dm_preact_resnet18
 
         return dm_preact_resnet18(input_shape, num_classes, mean, std)
+    if arch.family == "resnet":
+        from tfrobust.zoo.resnet import torchvision_resnet
+
+        return torchvision_resnet(arch.depth, arch.width, input_shape, num_classes, mean, std)
     from tfrobust.models import build_model
 
     return build_model(_BUILTIN[arch.family], input_shape, num_classes, mean, std,
@@ -125,8 +130,11 @@ def arch_of(network) -> "names.Arch":
             return names.Arch(family, int(match.group(1)), int(match.group(2)))
     if name in ("preact_resnet18", "dm_preact_resnet18"):
         return names.Arch(name[:-2], 18, 0)
-    raise UserError(f"network {name!r} is none of tfrobust's wide_resnet, wide_resnet_swish, preact_resnet18: "
-                    "it has no published names to export to")
+    match = re.match(r"(?:resnet(\d+)|wide_resnet(\d+)_(\d+))$", name)
+    if match:
+        return names.Arch("resnet", int(match.group(1) or match.group(2)), int(match.group(3) or 1))
+    raise UserError(f"network {name!r} is none of tfrobust's wide_resnet, wide_resnet_swish, preact_resnet18 or an "
+                    "imported network: it has no published names to export to")
 
 
 def normalisation(network):
@@ -140,16 +148,19 @@ def normalisation(network):
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]  # float32 as written
 
 
-def import_model(checkpoint: str, arch: str, data: str = "cifar10", output: str = None, mean=None, std=None):
+def import_model(checkpoint: str, arch: str, data: str = "cifar10", output: str = None, mean=None, std=None,
+                 input_shape=None):
     """Builds ``arch`` for ``data``, loads ``checkpoint`` into it and, with ``output``, saves it as a ``.keras`` file.
 
     ``mean``/``std`` replace the architecture's default normalisation (``std`` alone: mean 0);
-    ``mean=()`` turns normalisation off. Any mismatch is a one-line UserError.
+    ``mean=()`` turns normalisation off. ``input_shape`` defaults to the data's (32x32 or
+    224x224 RGB); torchvision's ResNets take any size. Any mismatch is a one-line UserError.
     """
     spec = names.parse_arch(arch)
     num_classes, default_mean, default_std = names.data_defaults(spec, data)
-    if data == "imagenet":
-        raise UserError(f"--data imagenet: {spec.name} is a 32x32 network; ImageNet architectures are not available yet")
+    if data == "imagenet" and spec.family != "resnet":
+        raise UserError(f"--data imagenet: {spec.name} is a CIFAR network; for ImageNet use resnet-50 or wide_resnet-50-2")
+    input_shape = tuple(input_shape or ((224, 224, 3) if data == "imagenet" else (32, 32, 3)))
     mean, std = _normalisation_args(mean, std, default_mean, default_std)
     if output is not None:
         from tfrobust.rundir import check_new_file
@@ -159,7 +170,7 @@ def import_model(checkpoint: str, arch: str, data: str = "cifar10", output: str 
         check_new_file(output, "--output")
     state = checkpoints.read_state_dict(checkpoint)
     check_state(state, spec, num_classes, checkpoint)
-    network = build_network(spec, num_classes, mean, std)
+    network = build_network(spec, num_classes, mean, std, input_shape)
     load_state(network, spec, state)
     if output is not None:
         record = {"source": os.path.abspath(checkpoint), "sha256": checkpoints.sha256(checkpoint), "arch": spec.name,

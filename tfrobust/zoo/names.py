@@ -30,8 +30,12 @@ FAMILIES = {
     "dm_preact_resnet": ("DeepMind's SiLU PreActResNet-18 (RobustBench DMPreActResNet)", True),
     "wide_resnet": ("Zagoruyko's ReLU WideResNet as released with TRADES, MART, AWP, e.g. wide_resnet-34-10", False),
     "preact_resnet": ("the ReLU PreActResNet-18 of Rice et al. and AWP", True),
+    "resnet": ("torchvision's ResNet-50/101/152 and WideResNet-50-2/101-2 (ImageNet)", True),
 }
-ARCH_HELP = "dm_wide_resnet-D-W, wide_resnet-D-W, preact_resnet-18, dm_preact_resnet-18"
+ARCH_HELP = ("dm_wide_resnet-D-W, wide_resnet-D-W, preact_resnet-18, dm_preact_resnet-18, resnet-50 (101, 152), "
+             "wide_resnet-50-2 (101-2)")
+# torchvision's bottleneck ResNets: depth -> blocks per stage
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 # Entries a released state dict may hold that no network uses (TRADES' WideResNet keeps an unused
 # copy of its first block group as sub_block1; BatchNorm counts its batches).
@@ -46,6 +50,8 @@ class Arch:
 
     @property
     def name(self) -> str:
+        if self.family == "resnet":
+            return f"resnet-{self.depth}" if self.width == 1 else f"wide_resnet-{self.depth}-{self.width}"
         if self.family in ("preact_resnet", "dm_preact_resnet"):
             return f"{self.family}-{self.depth}"
         return f"{self.family}-{self.depth}-{self.width}"
@@ -70,12 +76,23 @@ def parse_arch(name: str) -> Arch:
         if numbers != ["18"]:
             raise UserError(f"--arch {text!r}: {family} exists as {family}-18 only")
         return Arch(family, 18, 0)
+    if family == "resnet" or (family == "wide_resnet" and numbers[:1] in (["50"], ["101"])):
+        return _torchvision_resnet(text, family, numbers)
     if len(numbers) != 2:
         raise UserError(f"--arch {text!r}: give depth and width, e.g. {family}-28-10")
     depth, width = int(numbers[0]), int(numbers[1])
     if depth < 10 or (depth - 4) % 6 or width < 1:
         raise UserError(f"--arch {text!r}: depth must be 6n+4 (10, 16, 22, 28, 34, ...) and width >= 1")
     return Arch(family, depth, width)
+
+
+def _torchvision_resnet(text: str, family: str, numbers: list) -> Arch:
+    if family == "resnet" and len(numbers) == 1 and int(numbers[0]) in RESNET_BLOCKS:
+        return Arch("resnet", int(numbers[0]), 1)
+    if family == "wide_resnet" and numbers in (["50", "2"], ["101", "2"]):
+        return Arch("resnet", int(numbers[0]), 2)
+    raise UserError(f"--arch {text!r}: torchvision's ResNets are resnet-50, resnet-101, resnet-152, wide_resnet-50-2 "
+                    "and wide_resnet-101-2")
 
 
 def data_defaults(arch: Arch, data: str):
@@ -96,6 +113,8 @@ def entries(arch: Arch, num_classes: int, channels: int = 3) -> list:
         return _wide_resnet(arch, num_classes, channels)
     if arch.family == "preact_resnet":
         return _preact_resnet(num_classes, channels)
+    if arch.family == "resnet":
+        return _torchvision_resnet_entries(arch, num_classes, channels)
     return _dm_preact_resnet(num_classes, channels)
 
 
@@ -158,6 +177,22 @@ def _dm_preact_resnet(num_classes, channels):
     return out + [Entry("bn", "batchnorm", (c_in,)), Entry("dense", "logits", (num_classes, c_in))]
 
 
+def _torchvision_resnet_entries(arch, num_classes, channels):
+    out, c_in = [_conv("conv1", channels, 64, 7), Entry("bn", "bn1", (64,))], 64
+    for stage, count in enumerate(RESNET_BLOCKS[arch.depth]):
+        planes = 64 * 2**stage
+        width, c_out = planes * arch.width, planes * 4
+        for i in range(count):
+            p = f"layer{stage + 1}.{i}."
+            out += [_conv(p + "conv1", c_in, width, 1), Entry("bn", p + "bn1", (width,)),
+                    _conv(p + "conv2", width, width, 3), Entry("bn", p + "bn2", (width,)),
+                    _conv(p + "conv3", width, c_out, 1), Entry("bn", p + "bn3", (c_out,))]
+            if i == 0:
+                out += [_conv(p + "downsample.0", c_in, c_out, 1), Entry("bn", p + "downsample.1", (c_out,))]
+            c_in = c_out
+    return out + [Entry("dense", "fc", (num_classes, c_in))]
+
+
 def state_dict_shapes(arch: Arch, num_classes: int, channels: int = 3) -> "collections.OrderedDict":
     """Published parameter and buffer name -> shape (PyTorch layout), ``num_batches_tracked`` left out."""
     shapes = collections.OrderedDict()
@@ -189,6 +224,6 @@ def ignored(name: str) -> bool:
     return any(p.search(name) for p in IGNORED)
 
 
-__all__ = ["Arch", "Entry", "FAMILIES", "ARCH_HELP", "DATA", "parse_arch", "data_defaults", "entries",
+__all__ = ["Arch", "Entry", "FAMILIES", "ARCH_HELP", "DATA", "RESNET_BLOCKS", "parse_arch", "data_defaults", "entries",
            "state_dict_shapes", "parameter_count", "ignored", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN",
            "CIFAR100_STD"]
