@@ -172,6 +172,7 @@ def import_model(checkpoint: str, arch: str, data: str = "cifar10", output: str 
     check_state(state, spec, num_classes, checkpoint)
     network = build_network(spec, num_classes, mean, std, input_shape)
     load_state(network, spec, state)
+    del state  # a WRN-70-16's arrays are 1 GB: not held while the file is written
     if output is not None:
         record = {"source": os.path.abspath(checkpoint), "sha256": checkpoints.sha256(checkpoint), "arch": spec.name,
                   "format": checkpoints.checkpoint_format(checkpoint), "data": data,
