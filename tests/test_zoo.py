@@ -108,6 +108,39 @@ def test_a_crafted_checkpoint_is_refused_without_running_anything(tmp_path):
     assert not marker.exists()
 
 
+def test_files_that_are_no_checkpoint_are_named(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"a": 1}))
+    empty_zip = tmp_path / "other.pth"
+    with zipfile.ZipFile(empty_zip, "w") as z:
+        z.writestr("readme.txt", "hello")
+    listed = tmp_path / "list.pt"
+    pickles.write_torch({"w": np.zeros(2, np.float32)}, str(listed))
+    with zipfile.ZipFile(listed, "a") as z:  # a second pickle: which one is the checkpoint?
+        z.writestr("other/data.pkl", pickle.dumps(1))
+    for path, message in ((text, "is not a PyTorch checkpoint (neither a zip file nor a pickle)"),
+                          (plain, "is not a PyTorch checkpoint (a pickle without PyTorch's magic number)"),
+                          (empty_zip, "is a zip file but not a PyTorch checkpoint (no data.pkl)"),
+                          (listed, "is a zip file but not a PyTorch checkpoint (no data.pkl)"),
+                          (tmp_path / "gone.pt", None)):
+        with pytest.raises(UserError) as e:
+            checkpoints.read_state_dict(str(path))
+        assert str(e.value) == (f"{path} {message}" if message else f"checkpoint not found: {path}")
+
+
+def test_normalisation_can_be_replaced_or_dropped():
+    checkpoint = os.path.join(FIXTURES, "dm_wide_resnet-10-2.safetensors")
+    network = convert.import_model(checkpoint, "dm_wide_resnet-10-2", "cifar10", mean=(0.5, 0.5, 0.5), std=(0.25,) * 3)
+    assert convert.normalisation(network) == ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert convert.normalisation(convert.import_model(checkpoint, "dm_wide_resnet-10-2", mean=())) is None
+    # CIFAR-100's statistics are the default for --data cifar100 (a 100-class checkpoint would be needed to load).
+    assert names.data_defaults(names.parse_arch("dm_wide_resnet-10-2"), "cifar100") == (
+        100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    assert names.data_defaults(names.parse_arch("wide_resnet-34-10"), "cifar10") == (10, None, None)
+
+
 def _import(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -7,7 +7,9 @@ may hold and refuse everything else before anything is called, with one line nam
   it): ``collections.OrderedDict``, tensors (``torch._utils._rebuild_tensor_v2``, also through
   ``_rebuild_parameter``) and their storage types, read straight into numpy arrays;
 * numpy ``.npy`` files holding a pickled object (DeepMind's ``(params, state)``): numpy arrays,
-  dtypes and scalars, inside plain dicts, lists and tuples.
+  dtypes and scalars, inside plain dicts, lists and tuples (older Haiku's ``frozendict`` is read
+  as a dict; its later ``FlatMapping`` holds a JAX tree structure and is refused: convert such a
+  file with ``haiku.data_structures.to_mutable_dict`` first).
 """
 
 from __future__ import annotations
@@ -177,6 +179,8 @@ class _NumpyUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
+        if (module, name) == ("haiku._src.data_structures", "frozendict"):
+            return dict  # older Haiku's immutable dict, pickled as frozendict(a_dict)
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise _refuse(self.path, module, name)
