@@ -120,14 +120,20 @@ def test_files_that_are_no_checkpoint_are_named(tmp_path):
     pickles.write_torch({"w": np.zeros(2, np.float32)}, str(listed))
     with zipfile.ZipFile(listed, "a") as z:  # a second pickle: which one is the checkpoint?
         z.writestr("other/data.pkl", pickle.dumps(1))
+    bad_call = tmp_path / "bad_call.pt"  # a tensor rebuilt from one argument instead of six
+    with zipfile.ZipFile(bad_call, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nX\x01\x00\x00\x00x\x85R.")
     for path, message in ((text, "is not a PyTorch checkpoint (neither a zip file nor a pickle)"),
                           (plain, "is not a PyTorch checkpoint (a pickle without PyTorch's magic number)"),
                           (empty_zip, "is a zip file but not a PyTorch checkpoint (no data.pkl)"),
                           (listed, "is a zip file but not a PyTorch checkpoint (no data.pkl)"),
+                          (bad_call, ": damaged or unsupported PyTorch checkpoint (TypeError: _rebuild_tensor() missing 3 "
+                                     "required positional arguments: 'offset', 'size', and 'stride')"),
                           (tmp_path / "gone.pt", None)):
         with pytest.raises(UserError) as e:
             checkpoints.read_state_dict(str(path))
-        assert str(e.value) == (f"{path} {message}" if message else f"checkpoint not found: {path}")
+        assert str(e.value) == ((f"{path}{message}" if message[0] == ":" else f"{path} {message}") if message
+                                else f"checkpoint not found: {path}")
 
 
 def test_normalisation_can_be_replaced_or_dropped():

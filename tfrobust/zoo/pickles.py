@@ -111,11 +111,21 @@ def _resolve(obj, arrays: dict, path: str):
     return obj
 
 
+_DAMAGE = (pickle.UnpicklingError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError, AttributeError,
+           EOFError, OverflowError, struct.error)
+
+
 def read_torch(path: str):
     """The object ``torch.save`` wrote to ``path`` (zip or legacy format), tensors as numpy arrays."""
-    if zipfile.is_zipfile(path):
-        return _read_torch_zip(path)
-    return _read_torch_legacy(path)
+    try:
+        if zipfile.is_zipfile(path):
+            return _read_torch_zip(path)
+        return _read_torch_legacy(path)
+    except UserError:
+        raise
+    except _DAMAGE as e:  # a damaged or hand-made file fails in the unpickler or the zip reader in many ways
+        reason = (str(e).splitlines() or [""])[0][:150]
+        raise UserError(f"{path}: damaged or unsupported PyTorch checkpoint ({type(e).__name__}: {reason})") from None
 
 
 def _read_torch_zip(path: str):
