@@ -388,6 +388,61 @@ def pseudo_label_main(argv=None) -> int:
     return 0
 
 
+def import_model_parser() -> argparse.ArgumentParser:
+    from tfrobust.zoo.names import ARCH_HELP
+
+    p = _Parser(description="Build a published architecture in Keras and load a released checkpoint into it.")
+    p.add_argument("checkpoint", help="a .pt/.pth (PyTorch state dict), .safetensors or DeepMind .npy checkpoint")
+    p.add_argument("--arch", required=True, help=ARCH_HELP)
+    p.add_argument("--data", default="cifar10", help="cifar10, cifar100 or imagenet: the class count, input size and default normalisation")
+    p.add_argument("--output", required=True, help="the .keras file to write (an existing file is not overwritten)")
+    p.add_argument("--mean", type=_number, nargs="+", help="per-channel mean inside the network (default: the architecture's)")
+    p.add_argument("--std", type=_number, nargs="+", help="per-channel std inside the network (default: the architecture's)")
+    p.add_argument("--no-normalisation", action="store_true", help="the network takes [0, 1] images as they are")
+    return p
+
+
+def import_model_main(argv=None) -> int:
+    args = import_model_parser().parse_args(argv)
+    with _user_errors():
+        if args.no_normalisation and (args.mean or args.std):
+            raise UserError("--no-normalisation contradicts --mean/--std")
+        _quiet_tensorflow()
+        _quiet_device_start()
+        from tfrobust.zoo import convert
+
+        network = convert.import_model(args.checkpoint, args.arch, args.data, args.output,
+                                       mean=() if args.no_normalisation else args.mean, std=args.std)
+        print(f"wrote {args.output}: {args.arch}, {network.count_params():,} weights, normalisation "
+              f"{convert.normalisation(network) or 'none'}")
+    return 0
+
+
+def export_model_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Write a tfrobust network as a state dict in its architecture's published names.")
+    p.add_argument("model", help="a run directory or a .keras file")
+    p.add_argument("--format", choices=("pytorch", "safetensors"), default="pytorch")
+    p.add_argument("--output", required=True, help="the file to write (an existing file is not overwritten)")
+    p.add_argument("--which", choices=("last", "best"), default="last", help="for a run directory: which network")
+    p.add_argument("--arch", help="the published architecture (default: read from the network's name)")
+    return p
+
+
+def export_model_main(argv=None) -> int:
+    args = export_model_parser().parse_args(argv)
+    with _user_errors():
+        _quiet_tensorflow()
+        _quiet_device_start()
+        from tfrobust.zoo import convert
+
+        done = convert.export_model(args.model, args.output, args.format, args.which, args.arch)
+        norm = done["normalisation"]
+        print(f"wrote {args.output}: {done['arch']}, {done['tensors']} tensors; "
+              + (f"the network normalises with mean {norm[0]} and std {norm[1]}: give the PyTorch class these"
+                 if norm else "no normalisation inside the network"))
+    return 0
+
+
 def list_configs() -> int:
     """Prints every packaged config with its one-line description."""
     from tfrobust.config import packaged_configs
@@ -404,4 +459,4 @@ def main_guard(fn):
     sys.exit(fn())
 
 
-__all__ = ["train_main", "evaluate_main", "pseudo_label_main", "list_configs"]
+__all__ = ["train_main", "evaluate_main", "pseudo_label_main", "import_model_main", "export_model_main", "list_configs"]

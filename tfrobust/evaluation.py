@@ -76,11 +76,10 @@ from tfrobust import attacks as attack_lib
 from tfrobust import network_checks
 from tfrobust import rundir
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
-    AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
-    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, autoattack_plan, component, is_autoattack,
-    parse_attacks,
+    AUTOATTACK, AUTOATTACK_EXTRA, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS, OWN_BUDGET_VERSIONS,
+    attack_names_help, autoattack_plan, component, is_autoattack, parse_attacks, resolve, runner_attack,
 )
-from tfrobust.errors import UserError, check_number
+from tfrobust.errors import UserError, check_int, check_number
 from tfrobust.seeds import EVALUATION, batch_seed
 
 
@@ -122,41 +121,14 @@ def check_model_and_data(model_fn: Callable, x, y, batch_size: int) -> int:
 
 
 def _attack(name: str, eps: float, norm: str, step_size):
-    """``attack(model_fn, x, y, seed) -> x_adv`` for the named attack (not an AutoAttack one)."""
-    match = PGD_NAME.match(name)
+    """``attack(model_fn, x, y, seed) -> x_adv`` for the named runner attack (its row in ``attack_names``)."""
+    row, match = runner_attack(name)
+    function = resolve(row.function)
 
     def attack(model_fn, x, y, seed):
-        if name == "clean":
-            return x
-        if name == "fgsm":
-            return attack_lib.fgsm(model_fn, x, y, eps, norm=norm)
-        if name.startswith("cleverhans_"):
-            return _cleverhans(name, model_fn, x, y, eps, norm, step_size)
-        steps, loss = int(match.group(1)), match.group(2)
-        return attack_lib.pgd(model_fn, x, y, eps, step_size, steps, norm=norm, loss=loss,
-                              random_start_kind="uniform", seed=seed)
+        return function(match, model_fn, x, y, eps, norm=norm, step_size=step_size, seed=seed)
 
     return attack
-
-
-def _cleverhans(name, model_fn, x, y, eps, norm, step_size):
-    """A cleverhans 4.0.0 attack (sanity_checks off: they fail inside tf.function)."""
-    import numpy as np_
-
-    from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
-    from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
-    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
-
-    order = np_.inf if norm == "linf" else 2
-    match = CLEVERHANS_NAME.match(name)
-    fn = lambda t: tf.cast(model_fn(t), tf.float32)  # noqa: E731
-    if match.group(1) == "fgsm":
-        return fast_gradient_method(fn, x, eps, order, clip_min=0.0, clip_max=1.0, y=y, sanity_checks=False)
-    if match.group(2):
-        return projected_gradient_descent(fn, x, eps, step_size, int(match.group(2)), order, clip_min=0.0,
-                                          clip_max=1.0, y=y, rand_init=True, sanity_checks=False)
-    return momentum_iterative_method(fn, x, eps, step_size, int(match.group(3)), order, clip_min=0.0, clip_max=1.0,
-                                     y=y, sanity_checks=False)
 
 
 def evaluate(
@@ -202,10 +174,8 @@ def evaluate(
         raise UserError(f"unknown norm {norm!r}; allowed: l2, linf")
     names = parse_attacks(attacks)
     step = eps / 4.0 if step_size is None else check_number("step_size", step_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(integrity_examples, bool) or not isinstance(integrity_examples, (int, np.integer)) or integrity_examples < 0:
-        raise UserError(f"integrity_examples must be an integer >= 0, got {integrity_examples!r}")
+    check_int("batch_size", batch_size)
+    check_int("integrity_examples", integrity_examples, 0)
     x, y = np.asarray(x), np.asarray(y)
     n = len(x)
     if n == 0:
@@ -362,6 +332,13 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
     )
     report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
                   eps_source=settings["eps_source"], test_examples=drawn)
+    if os.path.isfile(model):  # a network imported with tfrobust import-model names its checkpoint
+        from tfrobust.zoo.convert import provenance
+
+        if provenance(model):
+            report["provenance"] = provenance(model)
+            say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
+                f"{report['provenance']['arch']})")
     say(format_table(report))
     if flatness:
         from tfrobust.flatness import flatness_report

@@ -28,11 +28,10 @@ from tfrobust.attacks import random_start as start_point  # the attack's random 
 from tfrobust.defenses import Defense
 from tfrobust.errors import UserError
 from tfrobust.export import export_network
-from tfrobust.network_checks import check_network_io
 from tfrobust.step import metrics as metrics_lib
 from tfrobust.step.averaging import WeightAverage, average_of
 from tfrobust.step.checks import (
-    WarmupLengthCheck, check_arrays, check_divisible, check_label_shape, check_network, check_outputs_are_logits, input_shape_of_data,
+    WarmupLengthCheck, check_arrays, check_divisible, check_network, check_wrapped_network, check_outputs_are_logits, input_shape_of_data,
 )
 from tfrobust.step.hooks import WeightSpaceHooks
 from tfrobust.step.metrics import EVALUATION_METRICS
@@ -89,13 +88,10 @@ class RobustModel(keras.Model):
             settings = StepSettings(**given)
         elif given:
             raise UserError(f"pass either settings or its fields, not both ({', '.join(given)})")
-        if not isinstance(network, keras.Model):
-            raise UserError(f"RobustModel needs a keras.Model (images in [0, 1] -> logits) as its network, got "
-                            f"{type(network).__name__}")
         super().__init__(**keywords)
         terms = tuple(defense.weight_space_terms())
         settings.check_for(defense, terms)
-        check_network_io(network)
+        check_wrapped_network(network)
         self.network = network
         self.defense = defense
         self.settings = settings
@@ -166,9 +162,7 @@ class RobustModel(keras.Model):
         data = args[0] if args else kwargs.get("x")
         if isinstance(data, tf.data.Dataset):  # a batch size fixed in the data set's shapes
             check_divisible(tf.nest.flatten(data.element_spec)[0].shape[0], n)
-        labels = args[1] if len(args) > 1 else kwargs.get("y")
-        check_label_shape(data, labels)
-        check_arrays(data, labels, self.settings.allow_unlabelled)
+        check_arrays(data, args[1] if len(args) > 1 else kwargs.get("y"), self.settings.allow_unlabelled)
         self._check_network(input_shape_of_data(data))  # before anything is traced
         callbacks = list(callbacks or [])
         term = self.hooks.warmup_term()

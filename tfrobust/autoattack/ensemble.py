@@ -11,7 +11,6 @@ JSON-lines file (``partial_path``) from which an interrupted run resumes.
 
 from __future__ import annotations
 
-import importlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,10 +43,7 @@ def _budget(attack, **settings):
 
 def attack_of(component: attack_names.Component, budget=None) -> Callable:
     """``fn(model_fn, x, y, eps, norm, seed)`` running a row of the attack table with its budget (or ``budget``)."""
-    function = component.function
-    if isinstance(function, str):
-        module, _, name = function.partition(":")
-        function = getattr(importlib.import_module(module), name)
+    function = attack_names.resolve(component.function)
     return _budget(function, **(component.budget if budget is None else budget))
 
 

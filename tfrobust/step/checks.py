@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust.errors import UserError
-from tfrobust.network_checks import check_labels, check_unit_range
+from tfrobust.network_checks import check_labels, check_network_io, check_unit_range
 from tfrobust.export import input_shape_of
 
 
@@ -87,12 +87,22 @@ def check_label_shape(data, y=None) -> None:
                         "(use y.argmax(axis=-1))")
 
 
+def check_wrapped_network(network) -> None:
+    """Refuses what a RobustModel cannot wrap: anything but a keras.Model, or a network of several inputs or
+    outputs (:func:`tfrobust.network_checks.check_network_io`)."""
+    if not isinstance(network, keras.Model):
+        raise UserError(f"RobustModel needs a keras.Model (images in [0, 1] -> logits) as its network, got "
+                        f"{type(network).__name__}")
+    check_network_io(network)
+
+
 def check_arrays(data, y=None, allow_unlabelled: bool = False) -> None:
     """Refuses array inputs to ``fit`` that would train on something else than asked: images outside [0, 1]
     (0..255 not divided by 255) and labels that are not whole numbers (a float label would be truncated).
 
     A data set is not read here (its first batch is checked by the network's own checks).
     """
+    check_label_shape(data, y)
     if isinstance(data, tf.data.Dataset) or not hasattr(data, "shape"):
         return
     check_unit_range(data, "x")
@@ -129,5 +139,6 @@ class WarmupLengthCheck(keras.callbacks.Callback):
             )
 
 
-__all__ = ["check_outputs_are_logits", "check_network", "input_shape_of_data", "check_label_shape", "check_divisible",
+__all__ = ["check_outputs_are_logits", "check_network", "input_shape_of_data", "check_label_shape", "check_arrays",
+           "check_wrapped_network", "check_divisible",
            "WarmupLengthCheck"]
