@@ -159,6 +159,7 @@ CASES = [
      "floats in [0, 1]"),
     (["--set", "data.mean=[a]"], "data.mean and data.std need a list of numbers (one per channel), got ['a'] and None"),
     (["--set", "eval.pgd_steps=0"], "eval.pgd_steps must be >= 1"),
+    (["--seed", str(2**70)], f"config key 'runtime.seed' is too large: {2**70}"),
     (["--workdir", "w\udcff"], "--workdir b'w\\xff' is not a UTF-8 name; TensorFlow writes only UTF-8 paths, rename it"),
     (["--data", "empty.npz"], "empty.npz is empty (0 bytes)"),
     (["--data", "./images"], "./images/b/9.png is not a readable image; remove it or replace it"),
