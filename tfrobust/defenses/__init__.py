@@ -125,7 +125,9 @@ class Defense:
                 if value is not None and bool(value) != (term in terms):
                     raise UserError(f"defense {canonical!r} has {term}={term in terms!r}, not {value!r}; change the name instead")
             else:
-                if not settings:  # Defense(name, key=value); a replace() carries every term's settings
+                # Checked for Defense(name, key=value); replace() and hyperparameters() (a saved model) carry
+                # every registered term's settings, with settings= or base=, and are taken as they are.
+                if not settings and base is None:
                     _check_term_is_there(canonical, derived_base, term, key, value)
                 given[key] = value
         if base is not None and base != derived_base:
