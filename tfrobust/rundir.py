@@ -8,8 +8,11 @@
   process is gone).
 - ``finished.json`` is written last, atomically, and says what is complete:
   ``{"trained": true, "evaluated": false}`` after a train-only (``--no-eval``)
-  run, ``"evaluated": true`` once ``report.json`` is also on disk. A run
-  directory without it is unfinished, whatever other files it holds.
+  run, ``"evaluated": true`` once ``report.json`` is also on disk, and the
+  sha256 of every network file (``"networks"``). A run directory without it
+  is unfinished, whatever other files it holds -- unless it holds the final
+  networks and no backup: then the run finished and its marker was lost, and
+  the directory is refused (:func:`marker_problem`) rather than trained again.
 
 :func:`workdir_status` reads what a directory holds ("new", "unfinished",
 "trained", "finished"), :func:`prepare_workdir` refuses one that cannot take a
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +38,8 @@ LOCK = "run.lock"
 FINISHED = "finished.json"
 REPORT = "report.json"
 CONFIG = "config.yaml"
+# The network files of a finished run, whose checksums the finished marker holds.
+NETWORKS = ("model.keras", "best.keras", "model_live.keras")
 
 _held: dict = {}
 _held_guard = threading.Lock()
@@ -155,6 +161,55 @@ def finished(workdir: str) -> dict:
     return {}
 
 
+def sha256_of(path: str) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def network_checksums(workdir: str) -> dict:
+    """``{file name: sha256}`` of the network files (:data:`NETWORKS`) in ``workdir``."""
+    return {name: sha256_of(os.path.join(workdir, name)) for name in NETWORKS
+            if os.path.isfile(os.path.join(workdir, name))}
+
+
+def marker_problem(workdir: str):
+    """What is wrong with the finished marker of a run whose networks are on disk, or None.
+
+    A marker that cannot be read, does not say ``"trained": true``, or lists
+    a network whose checksum differs (or that is missing), and a missing
+    marker next to final networks without a backup (the backup is removed
+    only after the marker is written) are problems: such a directory holds a
+    finished run, which must not be trained again.
+    """
+    path = os.path.join(workdir, FINISHED)
+    present = [name for name in NETWORKS if os.path.isfile(os.path.join(workdir, name))]
+    if not os.path.exists(path):
+        if present and not os.path.exists(os.path.join(workdir, "backup", "state.json")) and not finished(workdir):
+            return f"{FINISHED} is missing but the final networks are there and the backup is gone"
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{FINISHED} cannot be read ({type(e).__name__})"
+    if not isinstance(marker, dict) or marker.get("trained") is not True:
+        return f"{FINISHED} does not say the run is trained ({json.dumps(marker)[:60]})"
+    recorded = marker.get("networks")
+    if not isinstance(recorded, dict):
+        return None  # written before checksums were recorded
+    for name, checksum in recorded.items():
+        file = os.path.join(workdir, str(name))
+        if not os.path.isfile(file):
+            return f"{name}, listed in {FINISHED}, is missing"
+        if sha256_of(file) != checksum:
+            return f"{name} differs from the network recorded in {FINISHED} (its sha256 changed)"
+    return None
+
+
 def partial_name(path: str) -> str:
     """``dir/partial-<name>`` for ``dir/<name>``: where a file is written before it is renamed into place."""
     directory, name = os.path.split(path)
@@ -220,8 +275,9 @@ def atomic_replace_dir(path: str, write) -> None:
 
 
 def mark_finished(workdir: str, evaluated: bool) -> None:
-    """Writes the finished marker atomically (the last write of a run)."""
-    atomic_write(os.path.join(workdir, FINISHED), json.dumps({"trained": True, "evaluated": bool(evaluated)}) + "\n")
+    """Writes the finished marker atomically (the last write of a run), with the networks' checksums."""
+    marker = {"trained": True, "evaluated": bool(evaluated), "networks": network_checksums(workdir)}
+    atomic_write(os.path.join(workdir, FINISHED), json.dumps(marker) + "\n")
 
 
 def workdir_status(workdir: str) -> str:
@@ -240,6 +296,11 @@ def workdir_status(workdir: str) -> str:
         raise UserError(f"workdir {workdir} cannot be read: {e.strerror or e}") from None
     if not entries - {LOCK}:
         return "new"
+    problem = marker_problem(workdir)
+    if problem:
+        raise UserError(f"workdir {workdir} holds a finished run whose marker is damaged: {problem}; nothing was "
+                        f"changed. Evaluate its networks with `evaluate.py --model {workdir}`, or train again in "
+                        "another --workdir")
     marker = finished(workdir)
     if marker:
         return "finished" if marker.get("evaluated") else "trained"
@@ -315,4 +376,4 @@ def write_config(workdir: str, config: dict) -> None:
 
 __all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
            "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
-           "atomic_replace_dir", "mark_finished"]
+           "atomic_replace_dir", "mark_finished", "NETWORKS", "sha256_of", "network_checksums", "marker_problem"]

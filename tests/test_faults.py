@@ -1,0 +1,92 @@
+"""Damaged run files: a finished run is identified by the checksums of its networks and never trained
+again; damaged backups are noticed before they are used."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tfrobust import experiment, rundir
+from tfrobust.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One epoch on 64 examples, 1-step PGD, 32 test examples: the smallest complete run.
+TINY = ["--epochs", "1", "--seed", "3", "--set", "data.train_examples=64", "--set", "data.validation_examples=32",
+        "--set", "data.batch_size=32", "--set", "data.test_examples=32", "--set", "attack.steps=1",
+        "--set", "eval.pgd_steps=1", "--set", "runtime.verbose=0", "--set", "eval.images_every=0",
+        "--set", "eval.integrity_examples=0"]
+
+
+def train(workdir, *extra, env=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    return subprocess.run([sys.executable, "train.py", *TINY, *extra, "--workdir", str(workdir)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def snapshot(directory):
+    """Every file under ``directory`` with the sha256 of its bytes."""
+    files = {}
+    for base, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    done = train(workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return workdir
+
+
+def test_finished_run_with_a_damaged_marker_is_refused_and_untouched(finished_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    marker = json.loads((workdir / rundir.FINISHED).read_text())
+    assert marker["networks"] == {name: rundir.sha256_of(str(workdir / name)) for name in ("model.keras", "best.keras")}
+    assert experiment.workdir_status(str(workdir)) == "finished"
+
+    (workdir / rundir.FINISHED).write_text('{"trained": tr')  # torn
+    before = snapshot(workdir)
+    done = train(workdir)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: workdir {workdir} holds a finished run whose marker is damaged: finished.json cannot be read "
+        f"(JSONDecodeError); nothing was changed. Evaluate its networks with `evaluate.py --model {workdir}`, "
+        "or train again in another --workdir")
+    assert snapshot(workdir) == before
+
+    # The other damages the library refuses the same way, before anything is written.
+    (workdir / rundir.FINISHED).write_text('{"trained": false}')
+    with pytest.raises(UserError, match=r'does not say the run is trained \({"trained": false}\)'):
+        experiment.prepare_workdir(str(workdir))
+    (workdir / rundir.FINISHED).unlink()
+    (workdir / "report.json").write_text('{"models": {"la')  # truncated
+    with pytest.raises(UserError, match="finished.json is missing but the final networks are there"):
+        experiment.prepare_workdir(str(workdir))
+    (workdir / rundir.FINISHED).write_text(json.dumps(marker))
+    (workdir / "model.keras").write_bytes((workdir / "best.keras").read_bytes()[:-1] + b"x")
+    with pytest.raises(UserError, match="model.keras differs from the network recorded in finished.json"):
+        experiment.prepare_workdir(str(workdir))
+    (workdir / "model.keras").unlink()
+    with pytest.raises(UserError, match="model.keras, listed in finished.json, is missing"):
+        experiment.prepare_workdir(str(workdir))
+    assert not os.path.exists(workdir / rundir.LOCK)
+
+
+def test_an_unfinished_run_killed_in_its_final_save_is_not_refused(tmp_path):
+    """Networks next to a backup are a final phase to redo, not a finished run."""
+    (tmp_path / "config.yaml").write_text("{}\n")
+    (tmp_path / "model.keras").write_bytes(b"half")
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "state.json").write_text('{"epoch": 1}')
+    assert rundir.marker_problem(str(tmp_path)) is None
+    assert experiment.workdir_status(str(tmp_path)) == "unfinished"
