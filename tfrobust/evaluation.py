@@ -145,6 +145,7 @@ def evaluate(
     integrity_examples: int = 0,
     partial_path=None,
     strategy=None,
+    model_checksum=None,
 ) -> dict:
     """Accuracy under each attack, and the per-example worst case.
 
@@ -157,7 +158,9 @@ def evaluate(
       partial_path: a JSON-lines file of the AutoAttack ensemble's decided
         batches; an interrupted evaluation with the same arguments resumes
         from it (see :func:`tfrobust.autoattack.run_autoattack`). The other
-        attacks and the integrity probes run again.
+        attacks and the integrity probes run again. ``model_checksum``
+        identifies the model in that file (default: the sha256 of a Keras
+        model's weights); a file of another model is not replayed.
       strategy: a ``tf.distribute`` strategy whose local replica devices
         share each AutoAttack batch (see
         :func:`tfrobust.autoattack.run_autoattack`).
@@ -207,10 +210,11 @@ def evaluate(
     own_version, ensemble, components = autoattack_plan(names)
     if own_version:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size,
-                        seed, verbose, version=own_version, partial_path=partial_path, strategy=strategy)
+                        seed, verbose, version=own_version, partial_path=partial_path, strategy=strategy,
+                        model_checksum=model_checksum)
     elif components:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                        partial_path=partial_path, strategy=strategy)
+                        partial_path=partial_path, strategy=strategy, model_checksum=model_checksum)
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
@@ -228,7 +232,7 @@ def evaluate(
 
 
 def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                    version=None, partial_path=None, strategy=None):
+                    version=None, partial_path=None, strategy=None, model_checksum=None):
     """Runs the AutoAttack components as one ensemble (or ``version`` with its budgets) into ``report``."""
     from tfrobust import autoattack
 
@@ -237,6 +241,7 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     result = autoattack.run_autoattack(
         model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
         batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path, strategy=strategy,
+        model_checksum=model_checksum,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
@@ -328,7 +333,7 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
         loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
         batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
         partial_path=None if not output else output + ".partial.jsonl",
-        strategy=_evaluation_strategy(strategy, loaded),
+        strategy=_evaluation_strategy(strategy, loaded), model_checksum=loaded.checksum() if output else None,
     )
     report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
                   eps_source=settings["eps_source"], test_examples=drawn)

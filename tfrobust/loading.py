@@ -8,13 +8,14 @@ network (needed where weights are perturbed, e.g. flatness).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Callable, Optional
 
 import tensorflow as tf
 import yaml
 
-from tfrobust import user_code
+from tfrobust import rundir, user_code
 from tfrobust.errors import UserError
 
 
@@ -24,6 +25,20 @@ class LoadedModel:
     model_fn: Callable
     network: Optional[object] = None  # a keras.Model when available
     run_config: Optional[dict] = None  # the run's config.yaml, for run directories
+
+    def checksum(self) -> str:
+        """The sha256 of the network's weights; for a SavedModel, of its files (graph and variables)."""
+        if self.network is not None:
+            return rundir.weights_checksum(self.network.weights)
+        digest = hashlib.sha256()
+        for base, dirs, names in sorted(os.walk(self.path)):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(base, name)
+                digest.update(os.path.relpath(path, self.path).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+        return digest.hexdigest()
 
 
 def _keras(path: str):

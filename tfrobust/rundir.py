@@ -170,6 +170,18 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def weights_checksum(weights) -> str:
+    """The sha256 of a network's weights (each variable's shape and bytes, in order)."""
+    import numpy
+
+    digest = hashlib.sha256()
+    for w in weights:
+        value = numpy.asarray(w.numpy() if hasattr(w, "numpy") else w)
+        digest.update(repr(tuple(value.shape)).encode())
+        digest.update(numpy.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
 def network_checksums(workdir: str) -> dict:
     """``{file name: sha256}`` of the network files (:data:`NETWORKS`) in ``workdir``."""
     return {name: sha256_of(os.path.join(workdir, name)) for name in NETWORKS
@@ -376,4 +388,4 @@ def write_config(workdir: str, config: dict) -> None:
 
 __all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
            "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
-           "atomic_replace_dir", "mark_finished", "NETWORKS", "sha256_of", "network_checksums", "marker_problem"]
+           "atomic_replace_dir", "mark_finished", "NETWORKS", "sha256_of", "network_checksums", "marker_problem", "weights_checksum"]
