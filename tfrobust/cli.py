@@ -245,7 +245,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten), a "
                    "RobustBench-style summary next to it (r.json: r.robustbench.json), and the AutoAttack verdicts "
-                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there")
+                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there; "
+                   "<output>.lock keeps a second evaluation from writing the same output")
     p.add_argument("--strategy", choices=("default", "mirrored"),
                    help="split each AutoAttack batch across the local devices with a MirroredStrategy (default: "
                         "mirrored when the run trained with runtime.strategy mirrored or multi_worker, else one "
@@ -272,17 +273,23 @@ def evaluate_main(argv=None) -> int:
 
         _check_evaluate_args(args)  # before TensorFlow is imported: a typo is refused at once
         names = parse_attacks(args.attacks)
-        _quiet_tensorflow()
-        _quiet_device_start()
-        from tfrobust import evaluation
+        with contextlib.ExitStack() as stack:
+            if args.output is not None:  # taken before TensorFlow is imported: a second writer is refused at once
+                from tfrobust.rundir import check_new_file, output_lock
 
-        evaluation.evaluate_run(
-            args.model, names, which=args.which, data=args.data, data_dir=args.data_dir, eps=args.eps,
-            norm=args.norm, examples=args.examples, seed=args.seed, batch_size=args.batch_size,
-            integrity_examples=args.integrity_examples, strategy=args.strategy, output=args.output,
-            flatness={"examples": args.flatness_examples, "restarts": args.flatness_restarts} if args.flatness else None,
-            landscape=args.landscape, plugins=args.plugin or (),
-        )
+                stack.enter_context(output_lock(args.output))
+                check_new_file(args.output, "--output")
+            _quiet_tensorflow()
+            _quiet_device_start()
+            from tfrobust import evaluation
+
+            evaluation.evaluate_run(
+                args.model, names, which=args.which, data=args.data, data_dir=args.data_dir, eps=args.eps,
+                norm=args.norm, examples=args.examples, seed=args.seed, batch_size=args.batch_size,
+                integrity_examples=args.integrity_examples, strategy=args.strategy, output=args.output,
+                flatness={"examples": args.flatness_examples, "restarts": args.flatness_restarts} if args.flatness else None,
+                landscape=args.landscape, plugins=args.plugin or (),
+            )
     return 0
 
 

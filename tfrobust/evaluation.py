@@ -63,6 +63,7 @@ summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -310,58 +311,62 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
     ``output`` the report is written there (never over an existing file),
     the RobustBench-style summary next to it, and the AutoAttack verdicts to
     ``<output>.partial.jsonl`` as they are decided (a rerun resumes there).
-    With ``verbose`` the tables and the files written are printed.
+    With ``verbose`` the tables and the files written are printed. The
+    output is locked (``<output>.lock``) while the evaluation runs: a second
+    process writing the same output is refused.
     """
     from tfrobust import loading
     from tfrobust.user_code import import_plugins
 
     say = print if verbose else (lambda *a, **k: None)
-    if output is not None:
-        rundir.check_new_file(output, "--output")
-    import_plugins(plugins or ())
-    loaded = loading.load(model, which)
-    landscape_dir = _landscape_dir(landscape, model, loaded) if landscape is not None else None
-    if (flatness or landscape_dir) and loaded.network is None:
-        raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
-    settings = loading.evaluation_settings(loaded, data, eps, norm, data_dir)
-    x, y, drawn = _test_examples(settings, examples, seed)
-    say(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
-        f"({settings['eps_source']})")
-    loading.check_compatible(loaded, x, y)
-    start = time.time()
-    report = evaluate(
-        loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
-        batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
-        partial_path=None if not output else output + ".partial.jsonl",
-        strategy=_evaluation_strategy(strategy, loaded), model_checksum=loaded.checksum() if output else None,
-    )
-    report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
-                  eps_source=settings["eps_source"], test_examples=drawn)
-    if os.path.isfile(model):  # a network imported with tfrobust import-model names its checkpoint
-        from tfrobust.zoo.convert import provenance
-
-        if provenance(model):
-            report["provenance"] = provenance(model)
-            say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
-                f"{report['provenance']['arch']})")
-    say(format_table(report))
-    if flatness:
-        from tfrobust.flatness import flatness_report
-
-        report["flatness"] = flatness_report(loaded.network, x, y, eps=settings["eps"], norm=settings["norm"],
-                                             seed=seed, settings=flatness)
-        say(format_flatness(report["flatness"]))
-    if landscape_dir:
-        from tfrobust.landscape import write_landscapes
-
-        report["landscapes"] = write_landscapes(
-            loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
-            kind=("random", "adversarial"), seed=seed,
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(rundir.output_lock(output))  # a second process on the same output is refused
+            rundir.check_new_file(output, "--output")
+        import_plugins(plugins or ())
+        loaded = loading.load(model, which)
+        landscape_dir = _landscape_dir(landscape, model, loaded) if landscape is not None else None
+        if (flatness or landscape_dir) and loaded.network is None:
+            raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
+        settings = loading.evaluation_settings(loaded, data, eps, norm, data_dir)
+        x, y, drawn = _test_examples(settings, examples, seed)
+        say(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
+            f"({settings['eps_source']})")
+        loading.check_compatible(loaded, x, y)
+        start = time.time()
+        report = evaluate(
+            loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
+            batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
+            partial_path=None if not output else output + ".partial.jsonl",
+            strategy=_evaluation_strategy(strategy, loaded), model_checksum=loaded.checksum() if output else None,
         )
-        say(f"landscapes: {landscape_dir}")
-    if output:
-        _write_report(output, report, loaded.run_config, say)
-    return report
+        report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
+                      eps_source=settings["eps_source"], test_examples=drawn)
+        if os.path.isfile(model):  # a network imported with tfrobust import-model names its checkpoint
+            from tfrobust.zoo.convert import provenance
+
+            if provenance(model):
+                report["provenance"] = provenance(model)
+                say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
+                    f"{report['provenance']['arch']})")
+        say(format_table(report))
+        if flatness:
+            from tfrobust.flatness import flatness_report
+
+            report["flatness"] = flatness_report(loaded.network, x, y, eps=settings["eps"], norm=settings["norm"],
+                                                 seed=seed, settings=flatness)
+            say(format_flatness(report["flatness"]))
+        if landscape_dir:
+            from tfrobust.landscape import write_landscapes
+
+            report["landscapes"] = write_landscapes(
+                loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
+                kind=("random", "adversarial"), seed=seed,
+            )
+            say(f"landscapes: {landscape_dir}")
+        if output:
+            _write_report(output, report, loaded.run_config, say)
+        return report
 
 
 def _landscape_dir(landscape: str, model: str, loaded) -> str:

@@ -65,12 +65,14 @@ def _read_lock(path: str):
 
 
 @contextlib.contextmanager
-def lock(workdir: str):
-    """Holds ``workdir/run.lock`` for the block; refuses with a UserError when another live process holds it.
+def lock(workdir: str, path: str | None = None, label: str | None = None):
+    """Holds ``workdir/run.lock`` (or the lock file ``path``) for the block; refuses with a UserError when
+    another live process holds it.
 
+    ``label`` names what the lock guards in the messages (default: ``workdir <workdir>``).
     Re-entrant within one process (a train inside a train-and-evaluate).
     """
-    path = os.path.abspath(os.path.join(workdir, LOCK))
+    path = os.path.abspath(path or os.path.join(workdir, LOCK))
     with _held_guard:
         if path in _held:
             _held[path] += 1
@@ -84,7 +86,7 @@ def lock(workdir: str):
             with _held_guard:
                 _held[path] -= 1
         return
-    _acquire(path, workdir)
+    _acquire(path, label or f"workdir {workdir}", os.path.dirname(path))
     with _held_guard:
         _held[path] = 1
     try:
@@ -98,14 +100,21 @@ def lock(workdir: str):
                 os.remove(path)
 
 
-def _acquire(path: str, workdir: str) -> None:
+def output_lock(output: str):
+    """Holds ``<output>.lock`` for the block: two processes never write the same output file."""
+    return lock(os.path.dirname(os.path.abspath(output)), path=output + ".lock", label=f"--output {output}")
+
+
+def _acquire(path: str, label: str, directory: str) -> None:
     me = f"{os.getpid()} {socket.gethostname()}\n"
     tmp = f"{path}.{os.getpid()}.tmp"
+    name = os.path.basename(path)
+    choose = "--workdir" if label.startswith("workdir") else label.split()[0]
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(me)
     except OSError as e:
-        raise UserError(f"cannot write in workdir {workdir}: {e.strerror or e}") from None
+        raise UserError(f"cannot write in {directory} ({label}): {e.strerror or e}") from None
     try:
         for _ in range(3):
             try:
@@ -115,20 +124,20 @@ def _acquire(path: str, workdir: str) -> None:
                 pass
             owner = _read_lock(path)
             if owner is None:
-                raise UserError(f"workdir {workdir} has an unreadable {LOCK}; if no run is using it, remove that file")
+                raise UserError(f"{label} has an unreadable lock {path}; if no process is using it, remove that file")
             pid, host = owner
             if host == socket.gethostname() and not _pid_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)  # stale: its owner died (kill -9, power loss)
                 continue
             where = "" if host == socket.gethostname() else f" on host {host}"
-            raise UserError(f"workdir {workdir} is in use by process {pid}{where} ({LOCK}); "
-                            "wait for it to finish or choose another --workdir")
-        raise UserError(f"workdir {workdir}: could not take {LOCK}; try again")
+            raise UserError(f"{label} is in use by process {pid}{where} ({name}); "
+                            f"wait for it to finish or choose another {choose}")
+        raise UserError(f"{label}: could not take {name}; try again")
     except OSError as e:
         if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise UserError(f"workdir {workdir} is on a file system without hard links; the run lock needs them") from None
-        raise UserError(f"cannot write in workdir {workdir}: {e.strerror or e}") from None
+            raise UserError(f"{label} is on a file system without hard links; the lock {name} needs them") from None
+        raise UserError(f"cannot write in {directory} ({label}): {e.strerror or e}") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -388,4 +397,4 @@ def write_config(workdir: str, config: dict) -> None:
 
 __all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
            "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
-           "atomic_replace_dir", "mark_finished", "NETWORKS", "sha256_of", "network_checksums", "marker_problem", "weights_checksum"]
+           "atomic_replace_dir", "mark_finished", "output_lock", "NETWORKS", "sha256_of", "network_checksums", "marker_problem", "weights_checksum"]
