@@ -1,7 +1,5 @@
-"""Damaged run files: a finished run is identified by the checksums of its networks and never trained
-again; damaged backups are noticed before they are used."""
+"""A finished run is identified by the checksums of its networks and never trained again."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -9,32 +7,17 @@ import sys
 
 import pytest
 
+from conftest import TINY, snapshot
 from tfrobust import experiment, rundir
 from tfrobust.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One epoch on 64 examples, 1-step PGD, 32 test examples: the smallest complete run.
-TINY = ["--epochs", "1", "--seed", "3", "--set", "data.train_examples=64", "--set", "data.validation_examples=32",
-        "--set", "data.batch_size=32", "--set", "data.test_examples=32", "--set", "attack.steps=1",
-        "--set", "eval.pgd_steps=1", "--set", "runtime.verbose=0", "--set", "eval.images_every=0",
-        "--set", "eval.integrity_examples=0"]
 
 
 def train(workdir, *extra, env=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
     return subprocess.run([sys.executable, "train.py", *TINY, *extra, "--workdir", str(workdir)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
-
-
-def snapshot(directory):
-    """Every file under ``directory`` with the sha256 of its bytes."""
-    files = {}
-    for base, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return files
 
 
 @pytest.fixture(scope="module")

@@ -254,7 +254,10 @@ def _train(config, place, run_dir, extra_callbacks, datasets, keep_backup, defen
     history["train_seconds"] = backup.train_seconds()
     callbacks_lib.atomic_write(os.path.join(run_dir, "history.json"), json.dumps(history, indent=1))
     history_log.write()
-    save_networks(model, run_dir, datasets.validation_size > 0)
+    best = next((cb for cb in callbacks if isinstance(cb, callbacks_lib.AtomicModelCheckpoint) and cb.save_best_only),
+                None)
+    save_networks(model, run_dir, datasets.validation_size > 0, check_best=None if best is None else (
+        lambda path: callbacks_lib.check_file(path, best.sha256, "the best checkpoint")))
     rundir.mark_finished(run_dir, evaluated=False)
     if not keep_backup:
         callbacks_lib.EpochBackup.discard(os.path.join(run_dir, "backup"))

@@ -61,13 +61,14 @@ def export_network(network, path: str, input_shape=None) -> None:
     archive.write_out(path, verbose=False)
 
 
-def save_networks(model, workdir: str, has_best: bool) -> None:
+def save_networks(model, workdir: str, has_best: bool, check_best=None) -> None:
     """Saves the last (and best) network of a RobustModel into ``workdir`` as .keras and as SavedModel.
 
     Each file is written under a temporary name and renamed into place, so a
     failed or killed save leaves the previous complete file (or none). With
     weight averaging these are the averaged networks; the live (not averaged)
-    last network is also saved, as ``model_live.keras``.
+    last network is also saved, as ``model_live.keras``. ``check_best(path)``
+    is called before the best checkpoint is read (it raises when the file is damaged).
     """
     network = model.evaluated_network()
     save_network(network, workdir, "model.keras", "saved_model")
@@ -76,6 +77,8 @@ def save_networks(model, workdir: str, has_best: bool) -> None:
             model.network.save(partial)
     best = os.path.join(workdir, "checkpoints", "best.weights.h5")
     if has_best and os.path.exists(best):
+        if check_best is not None:
+            check_best(best)
         last = [v.numpy() for v in model.weights]
         model.load_weights(best)
         try:
