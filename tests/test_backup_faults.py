@@ -56,3 +56,27 @@ def test_a_damaged_backup_is_refused_before_it_is_used(tmp_path):
         "written); nothing was loaded or changed; the checkpoints keep the last good weights, but the run cannot "
         "resume: move the run directory aside and start again")
     assert snapshot(workdir) == before  # the checkpoints are not rewritten from the damaged file
+
+
+def test_a_resumed_run_keeps_the_tensorboard_points_of_its_finished_epochs(tmp_path):
+    """Interrupted after epoch 1 (2 optimizer steps per epoch) and resumed: every series holds each epoch once,
+    the validation series indexed by iteration included (steps 2 and 4)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tfrobust.cli import train_parser
+    from tfrobust.config import load_config, parse_overrides
+
+    workdir = tmp_path / "run"
+    command = [*TINY, "--epochs", "2", "--no-eval", "--workdir", str(workdir)]
+    interrupted_run(workdir, command)
+    args = train_parser().parse_args(command)
+    experiment.train(load_config(None, dict(parse_overrides(args.set), **{"optim.epochs": 2, "runtime.seed": 3})),
+                     str(workdir))
+
+    def steps(sub, tag):
+        accumulator = EventAccumulator(str(workdir / "tensorboard" / sub), purge_orphaned_data=False).Reload()
+        return [e.step for e in accumulator.Tensors(tag)]
+
+    assert steps("validation", "evaluation_pgd_accuracy_vs_iterations") == [2, 4]
+    assert steps("validation", "epoch_pgd_accuracy") == [0, 1]
+    assert steps("train", "epoch_loss") == [0, 1]

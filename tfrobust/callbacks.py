@@ -420,18 +420,31 @@ class AdversarialExamplesImages(keras.callbacks.Callback):
             self._writer = None
 
 
-def drop_events_from(log_dir: str, epoch: int) -> int:
-    """Removes the TensorBoard summaries of epochs ``>= epoch`` from the event files under ``log_dir``.
+ITERATION_SERIES = "_vs_iterations"
 
-    A run resumed from the backup of ``epoch`` epochs repeats the epochs after
-    it; what an interrupted attempt logged for them (an epoch written to
-    TensorBoard before its backup was) would show twice. Each event file that
-    holds such summaries is rewritten without them under a temporary name and
-    renamed into place, which also leaves out bytes of a record cut short by a
-    kill (TensorBoard skips those anyway). Returns the number of summaries
-    removed.
+
+def drop_events_from(log_dir: str, epoch: int, iterations: int | None = None) -> int:
+    """Removes from the event files under ``log_dir`` what was logged after the backup of ``epoch`` epochs.
+
+    A run resumed from that backup repeats the epochs after it; what an
+    interrupted attempt logged for them (an epoch written to TensorBoard
+    before its backup was) would show twice. Each series is cut by its own
+    step: a series indexed by epoch (``epoch_*``, images, flatness) loses its
+    steps ``>= epoch``; a series indexed by optimizer iteration (Keras'
+    ``evaluation_*_vs_iterations``, logged at the optimizer's iteration count
+    after each epoch's validation) loses its steps ``> iterations``, the count
+    at the backup (None: the epoch rule for every series). Each event file
+    that holds such summaries is rewritten without them under a temporary
+    name and renamed into place, which also leaves out bytes of a record cut
+    short by a kill (TensorBoard skips those anyway). Returns the number of
+    summary values removed.
     """
     from tensorboard.compat.proto import event_pb2
+
+    def late(tag, step):
+        if iterations is not None and tag.endswith(ITERATION_SERIES):
+            return step > iterations
+        return step >= epoch
 
     removed = 0
     for path in sorted(glob.glob(os.path.join(log_dir, "**", "*tfevents*"), recursive=True)):
@@ -439,10 +452,15 @@ def drop_events_from(log_dir: str, epoch: int) -> int:
         try:
             for record in tf.data.TFRecordDataset(path):
                 event = event_pb2.Event.FromString(record.numpy())
-                if event.HasField("summary") and event.step >= epoch:
-                    dropped += 1
-                else:
+                values = list(event.summary.value) if event.HasField("summary") else []
+                keep = [v for v in values if not late(v.tag, event.step)]
+                dropped += len(values) - len(keep)
+                if len(keep) == len(values):
                     kept.append(record.numpy())
+                elif keep:
+                    del event.summary.value[:]
+                    event.summary.value.extend(keep)
+                    kept.append(event.SerializeToString())
         except tf.errors.DataLossError:
             dropped += 1  # a corrupt record: the file is rewritten without it
         if not dropped:

@@ -225,7 +225,8 @@ def training_callbacks(config: ExperimentConfig, model: RobustModel, datasets, r
         *extra_callbacks,
     ]
     # What an interrupted attempt logged after the backup's epoch is logged again: drop it first.
-    callbacks_lib.drop_events_from(log_dir, resumed.epoch)
+    iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations)) if model.optimizer is not None else None
+    callbacks_lib.drop_events_from(log_dir, resumed.epoch, iterations)
     if resumed.epoch == 0:
         callbacks_lib.write_hparams(log_dir, to_dict(config))
     return callbacks, history_log, backup, resumed
