@@ -27,7 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks
-from tfrobust.rundir import atomic_path, atomic_write, partial_name, remove, sha256_of
+from tfrobust.rundir import (FILE_OVERHEAD_BYTES, atomic_path, atomic_write, check_free_space, partial_name, remove,
+                             sha256_of, variables_nbytes)
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +65,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def on_epoch_end(self, epoch, logs=None):
         remove(self.filepath)
+        check_free_space(self.filepath, weights_file_nbytes(self.model))
         super().on_epoch_end(epoch, logs)
         if os.path.exists(self.filepath):
             checksum = sha256_of(self.filepath)
@@ -77,6 +79,14 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self.best = _from_json_number(state.get("best"))
         self.best_epoch = state.get("best_epoch")
         self.sha256 = state.get("sha256")
+
+
+def weights_file_nbytes(model) -> int:
+    """An upper estimate of the size of ``model.save_weights``' file: the weights, the optimizer's variables
+    and the file's structure."""
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.weights) + (list(optimizer.variables) if optimizer is not None else [])
+    return variables_nbytes(variables) + FILE_OVERHEAD_BYTES
 
 
 def check_file(path: str, checksum, what: str, hint: str = "") -> None:
@@ -234,6 +244,7 @@ class EpochBackup(keras.callbacks.Callback):
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"epoch-{epoch + 1:05d}.weights.h5"
         with atomic_path(os.path.join(self.backup_dir, name)) as partial:
+            check_free_space(partial, weights_file_nbytes(self.model))
             self.model.save_weights(partial, overwrite=True)
             checksum = sha256_of(partial)
         if self.best is not None and self.best.best_epoch == epoch + 1:

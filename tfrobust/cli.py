@@ -83,6 +83,19 @@ def _resume_command(argv, workdir: str) -> str:
     return shlex.join(prefix + args)
 
 
+def _os_error_text(e: OSError) -> str:
+    """``strerror (ENAME) (the file or directory)``; for a full disk, the directory and how to go on."""
+    import errno
+
+    name = errno.errorcode.get(e.errno, "")
+    text = f"{e.strerror or e}" + (f" ({name})" if name else "")
+    filename = getattr(e, "filename", None)
+    if e.errno == errno.ENOSPC and filename:
+        directory = filename if os.path.isdir(filename) else os.path.dirname(os.path.abspath(filename))
+        return f"{text} in {directory}; free some space and rerun the same command to resume"
+    return text + (f" ({filename})" if filename else "")
+
+
 @contextlib.contextmanager
 def _user_errors(resume=None):
     """Maps errors to one line and an exit status; ``resume["command"]``, once set, is printed on Ctrl-C."""
@@ -95,8 +108,7 @@ def _user_errors(resume=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, read-only or vanished directories
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: file system: {e.strerror or e}{where}; every file is written under a temporary name "
+        print(f"error: file system: {_os_error_text(e)}; every file is written under a temporary name "
               "first, so the files already there are complete", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ networks of a run directory both as ``.keras`` files and as such SavedModels.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import keras
@@ -89,13 +90,26 @@ def save_networks(model, workdir: str, has_best: bool, check_best=None) -> None:
 
 
 def save_network(network, workdir: str, keras_name: str, export_name: str) -> None:
-    """Writes ``network`` to ``workdir/keras_name`` and exports it to the directory ``workdir/export_name``."""
+    """Writes ``network`` to ``workdir/keras_name`` and exports it to the directory ``workdir/export_name``.
+
+    The free space is checked first (the .keras file and the SavedModel each
+    hold the weights): a full disk is an OSError(ENOSPC) naming the directory,
+    also when TensorFlow's SavedModel writer is the one that finds it.
+    """
+    rundir.check_free_space(os.path.join(workdir, keras_name),
+                            2 * (rundir.variables_nbytes(network.weights) + rundir.FILE_OVERHEAD_BYTES))
     with rundir.atomic_path(os.path.join(workdir, keras_name)) as partial:
         network.save(partial)
-    rundir.atomic_replace_dir(
-        os.path.join(workdir, export_name),
-        lambda path: export_network(network, path),
-    )
+    rundir.atomic_replace_dir(os.path.join(workdir, export_name), lambda path: _export_to(network, path))
+
+
+def _export_to(network, path: str) -> None:
+    try:
+        export_network(network, path)
+    except tf.errors.ResourceExhaustedError as e:  # SaveV2 on a full disk
+        if "No space left" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.dirname(os.path.abspath(path))) from None
 
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "input_shape_of", "export_network", "save_networks", "save_network"]

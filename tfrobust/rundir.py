@@ -231,6 +231,42 @@ def marker_problem(workdir: str):
     return None
 
 
+# What a weights file holds beyond the numbers (HDF5 or zip structure, names, config), at most.
+FILE_OVERHEAD_BYTES = 1 << 20
+
+
+def variables_nbytes(variables) -> int:
+    """The bytes of the numbers of ``variables`` (Keras or TensorFlow variables)."""
+    import numpy
+
+    total = 0
+    for v in variables:
+        size = getattr(v.dtype, "size", None)  # a TensorFlow dtype; Keras names its dtypes
+        if not isinstance(size, int):
+            try:
+                size = numpy.dtype(str(v.dtype)).itemsize
+            except TypeError:
+                size = 4
+        total += size * int(numpy.prod([int(d) for d in v.shape]))
+    return total
+
+
+def check_free_space(path: str, nbytes: int) -> None:
+    """Raises OSError(ENOSPC) naming the directory of ``path`` when it has less than ``nbytes`` free.
+
+    Checked before a weights file is written: the HDF5 writer does not fail
+    cleanly when the disk fills in the middle of a file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # the write itself reports what is wrong
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"No space left on device: {path} needs about {nbytes / 1e6:.1f} MB, "
+                      f"{free / 1e6:.1f} MB are free", directory)
+
+
 def partial_name(path: str) -> str:
     """``dir/partial-<name>`` for ``dir/<name>``: where a file is written before it is renamed into place."""
     directory, name = os.path.split(path)
@@ -397,4 +433,5 @@ def write_config(workdir: str, config: dict) -> None:
 
 __all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
            "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
-           "atomic_replace_dir", "mark_finished", "output_lock", "NETWORKS", "sha256_of", "network_checksums", "marker_problem", "weights_checksum"]
+           "atomic_replace_dir", "mark_finished", "output_lock", "NETWORKS", "sha256_of", "network_checksums", "marker_problem", "weights_checksum",
+           "check_free_space", "variables_nbytes", "FILE_OVERHEAD_BYTES"]
