@@ -10,6 +10,7 @@ import pytest
 from conftest import TINY, snapshot
 from tfrobust import experiment, rundir
 from tfrobust.errors import UserError
+from tfrobust.integrity import FLAG_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +37,9 @@ def test_finished_run_with_a_damaged_marker_is_refused_and_untouched(finished_ru
     marker = json.loads((workdir / rundir.FINISHED).read_text())
     assert marker["networks"] == {name: rundir.sha256_of(str(workdir / name)) for name in ("model.keras", "best.keras")}
     assert experiment.workdir_status(str(workdir)) == "finished"
+    # The final evaluation's report carries the reference's flags, as every evaluation does.
+    report = json.loads((workdir / "report.json").read_text())
+    assert [f["name"] for f in report["models"]["last"]["flags"]] == list(FLAG_NAMES)
 
     (workdir / rundir.FINISHED).write_text('{"trained": tr')  # torn
     before = snapshot(workdir)

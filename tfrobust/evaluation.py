@@ -168,10 +168,12 @@ def evaluate(
     Returns:
       ``{"accuracy": {name: fraction}, "worst_case": fraction, "examples": n,
       "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``,
-      and when an AutoAttack ensemble ran, ``"autoattack"`` (version, attacks,
-      verdict passes, seconds, per-example ``broken_by`` and
-      ``perturbation_norm``) and ``"flags"`` (the reference's automatic checks,
-      :func:`tfrobust.integrity.autoattack_flags`).
+      ``"flags"`` (the reference AutoAttack's automatic checks,
+      :func:`tfrobust.integrity.autoattack_flags`: probabilities instead of
+      logits, a random forward pass, zero gradients, a rounded eps; on the
+      first batch, whatever attacks ran), and when an AutoAttack ensemble
+      ran, ``"autoattack"`` (version, attacks, verdict passes, seconds,
+      per-example ``broken_by`` and ``perturbation_norm``).
     """
     eps = check_number("eps", eps)
     if norm not in attack_lib.NORMS:
@@ -229,6 +231,10 @@ def evaluate(
             report["integrity"]["passed"] = False
         else:
             report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
+    if report.get("flags") is None:  # AutoAttack did not run: its flags are computed here, on the first batch
+        from tfrobust.integrity import autoattack_flags
+
+        report["flags"] = autoattack_flags(model_fn, x[:batch_size], y[:batch_size], eps, norm=norm, seed=seed)
     return report
 
 
@@ -447,7 +453,7 @@ def format_table(report: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     header = f"{report['examples']} examples, {report['norm']} eps={report['eps']:.4g}"
     if report.get("flags"):
-        lines.append("AutoAttack checks:")
+        lines.append("automatic checks (AutoAttack's flags):")
         for check in report["flags"]:
             status = "skipped" if check["skipped"] else ("passed" if check["passed"] else "FLAGGED")
             lines.append(f"  {status:<7} {check['name']}: {check['detail']}")
