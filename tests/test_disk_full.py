@@ -70,3 +70,20 @@ def test_free_space_is_checked_before_a_weights_file_is_started(tmp_path, monkey
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path)
     assert "needs about 3.0 MB, 1.0 MB are free" in info.value.strerror
     rundir.check_free_space(str(tmp_path / "w.weights.h5"), 999_999)  # enough: no error
+
+
+def test_a_full_disk_found_by_tensorflow_is_one_line_too(monkeypatch, capsys, tmp_path):
+    import tensorflow as tf
+
+    from tfrobust import experiment
+    from tfrobust.cli import train_main
+
+    def disk_full(*args, **kwargs):  # what TensorFlow's writers raise (SaveV2, event files)
+        raise tf.errors.ResourceExhaustedError(None, None, f"{tmp_path}/w/x.tempstate; No space left on device")
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", disk_full)
+    with pytest.raises(SystemExit) as info:
+        train_main(["--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: file system: No space left on device (ENOSPC): {tmp_path}/w/x.tempstate; ")

@@ -21,19 +21,10 @@ def train(workdir, *extra, env=None):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("finished") / "run"
+def test_finished_run_with_a_damaged_marker_is_refused_and_untouched(tmp_path):
+    workdir = tmp_path / "run"
     done = train(workdir)
     assert done.returncode == 0, done.stderr[-2000:]
-    return workdir
-
-
-def test_finished_run_with_a_damaged_marker_is_refused_and_untouched(finished_run, tmp_path):
-    import shutil
-
-    workdir = tmp_path / "run"
-    shutil.copytree(finished_run, workdir)
     marker = json.loads((workdir / rundir.FINISHED).read_text())
     assert marker["networks"] == {name: rundir.sha256_of(str(workdir / name)) for name in ("model.keras", "best.keras")}
     assert experiment.workdir_status(str(workdir)) == "finished"

@@ -111,6 +111,14 @@ def _user_errors(resume=None):
         print(f"error: file system: {_os_error_text(e)}; every file is written under a temporary name "
               "first, so the files already there are complete", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # a full disk found by a writer that does not raise OSError (TensorFlow's, HDF5's)
+        if "No space left on device" not in str(e):
+            raise
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: file system: No space left on device (ENOSPC): {detail}; every file is written under a "
+              "temporary name first, so the files already there are complete; free some space and rerun the same "
+              "command to resume", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         command = (resume or {}).get("command")
         if command:
