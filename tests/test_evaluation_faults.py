@@ -1,15 +1,13 @@
-"""An evaluation's files under faults: a resume log of another model or with a damaged line is not replayed."""
+"""An evaluation's resume log of another model or with a damaged line is not replayed."""
 
 import json
 import os
 import re
 
 import keras
-import pytest
 
 from tfrobust.cli import evaluate_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _save(network, path):
@@ -76,81 +74,3 @@ def test_a_resume_log_of_another_model_or_with_a_damaged_line_is_not_replayed(tm
                                f"edited); moved to {partial}.discarded, evaluating from scratch")
         assert report["autoattack"]["resumed"] == 0 and report["accuracy"] == fresh["accuracy"]
 
-    # A line torn by a kill (no newline at the end) is still just dropped and its batch run again.
-    partial.write_text(partial.read_text()[:-30])
-    report, err = _evaluate(model, out, capsys)
-    assert "warning" not in err and report["accuracy"] == fresh["accuracy"]
-
-
-# Runs evaluate.py's entry point; the evaluation waits, once started, until the file GO exists.
-WAITING = r"""
-import os, sys, time
-from tfrobust import evaluation
-
-evaluate = evaluation.evaluate
-def waiting(*a, **k):
-    open(os.environ["STARTED"], "w").close()
-    while not os.path.exists(os.environ["GO"]):
-        time.sleep(0.05)
-    return evaluate(*a, **k)
-evaluation.evaluate = waiting
-from tfrobust.cli import evaluate_main
-sys.exit(evaluate_main(sys.argv[1:]))
-"""
-
-
-def test_two_evaluations_writing_one_output_cannot_both_succeed(tmp_path):
-    import subprocess
-    import sys
-    import time
-
-    from conftest import tiny_cnn
-
-    model = _save(tiny_cnn(), tmp_path / "m.keras")
-    out = tmp_path / "out.json"
-    command = ["--model", model, "--examples", "8", "--attacks", "clean,fgsm", "--integrity-examples", "0",
-               "--output", str(out)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", STARTED=str(tmp_path / "started"), GO=str(tmp_path / "go"))
-    first = subprocess.Popen([sys.executable, "-c", WAITING, *command], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (tmp_path / "started").exists() and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, first.stderr.read()
-        second = subprocess.run([sys.executable, "evaluate.py", *command], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=120)
-        assert second.returncode == 2
-        assert second.stderr.strip() == (f"error: --output {out} is in use by process {first.pid} (out.json.lock); "
-                                         "wait for it to finish or choose another --output")
-    finally:
-        (tmp_path / "go").touch()
-        assert first.wait(timeout=120) == 0, first.stderr.read()
-    assert json.loads(out.read_text())["examples"] == 8
-    assert sorted(os.listdir(tmp_path)) == ["go", "m.keras", "out.json", "out.robustbench.json", "started"]
-    # Once the first is done its output exists: the second is refused for that, and nothing is overwritten.
-    before = out.read_text()
-    again = subprocess.run([sys.executable, "evaluate.py", *command], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=120)
-    assert again.returncode == 2 and again.stderr.strip() == f"error: output file {out} exists; choose another --output"
-    assert out.read_text() == before
-
-
-def test_a_probability_network_is_flagged_by_the_default_attacks(tmp_path, capsys, trained_tiny):
-    """The reference's flags run on every report, not only under AutoAttack."""
-    softmax = keras.Sequential([trained_tiny, keras.layers.Softmax()])
-    model = _save(softmax, tmp_path / "softmax.keras")
-    out = tmp_path / "r.json"
-    assert evaluate_main(["--model", model, "--examples", "32", "--integrity-examples", "0", "--output", str(out)]) == 0
-    table = capsys.readouterr().out
-    assert ("FLAGGED logits_not_probabilities: the model outputs probabilities (rows non-negative, summing to 1): "
-            "attack the logits (remove the final softmax)") in table
-    flags = {f["name"]: f for f in json.loads(out.read_text())["flags"]}
-    assert not flags["logits_not_probabilities"]["passed"]
-    assert flags["deterministic_forward"]["passed"] and flags["square_not_better"]["skipped"]
-    summary = json.loads((tmp_path / "r.robustbench.json").read_text())
-    assert summary["flags"]["logits_not_probabilities"] is False
-    # The logits of the same network pass.
-    logits = _save(trained_tiny, tmp_path / "logits.keras")
-    assert evaluate_main(["--model", logits, "--examples", "32", "--integrity-examples", "0"]) == 0
-    assert "passed  logits_not_probabilities" in capsys.readouterr().out

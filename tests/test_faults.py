@@ -54,6 +54,11 @@ def test_finished_run_with_a_damaged_marker_is_refused_and_untouched(tmp_path):
     (workdir / "model.keras").write_bytes((workdir / "best.keras").read_bytes()[:-1] + b"x")
     with pytest.raises(UserError, match="model.keras differs from the network recorded in finished.json"):
         experiment.prepare_workdir(str(workdir))
+    from tfrobust import loading
+
+    with pytest.raises(UserError, match="model.keras differs from the network recorded in finished.json .* to "
+                                        "evaluate the file as it is, pass --model"):
+        loading.load(str(workdir), "last")
     (workdir / "model.keras").unlink()
     with pytest.raises(UserError, match="model.keras, listed in finished.json, is missing"):
         experiment.prepare_workdir(str(workdir))

@@ -81,6 +81,10 @@ def load(path: str, which: str = "last") -> LoadedModel:
         keras_path = os.path.join(path, name)
         if not os.path.exists(keras_path):
             raise UserError(f"run directory {path} has no {name}: the run has not finished; rerun its training command to resume it")
+        recorded = (rundir.finished(path).get("networks") or {}).get(name)
+        if recorded and rundir.sha256_of(keras_path) != recorded:
+            raise UserError(f"{keras_path} differs from the network recorded in {rundir.FINISHED} (its sha256 changed "
+                            f"since the run finished); to evaluate the file as it is, pass --model {keras_path}")
         user_code.import_recorded(path)
         network = _network(_keras(keras_path))
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network, run_config)

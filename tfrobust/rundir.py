@@ -114,7 +114,7 @@ def _acquire(path: str, label: str, directory: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(me)
     except OSError as e:
-        raise UserError(f"cannot write in {directory} ({label}): {e.strerror or e}") from None
+        raise UserError(f"{label}: cannot write in {directory} ({e.strerror or e})") from None
     try:
         for _ in range(3):
             try:
@@ -137,7 +137,7 @@ def _acquire(path: str, label: str, directory: str) -> None:
     except OSError as e:
         if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise UserError(f"{label} is on a file system without hard links; the lock {name} needs them") from None
-        raise UserError(f"cannot write in {directory} ({label}): {e.strerror or e}") from None
+        raise UserError(f"{label}: cannot write in {directory} ({e.strerror or e})") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
