@@ -222,20 +222,26 @@ def evaluate(
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
                                         eps, norm, seed, verbose, images=kind == "images")
-    if report["non_finite_outputs"]:
-        counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
-        check = {"name": "finite outputs", "passed": False, "skipped": False,
-                 "detail": f"NaN or infinite logits on adversarial examples (counted as wrong) -- {counts}"}
-        if "integrity" in report:
-            report["integrity"]["checks"].append(check)
-            report["integrity"]["passed"] = False
-        else:
-            report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
+    _finite_outputs_check(report)
     if report.get("flags") is None:  # AutoAttack did not run: its flags are computed here, on the first batch
         from tfrobust.integrity import autoattack_flags
 
         report["flags"] = autoattack_flags(model_fn, x[:batch_size], y[:batch_size], eps, norm=norm, seed=seed)
     return report
+
+
+def _finite_outputs_check(report) -> None:
+    """Adds the failed "finite outputs" integrity check when an attack met NaN or infinite logits."""
+    if not report["non_finite_outputs"]:
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
+    check = {"name": "finite outputs", "passed": False, "skipped": False,
+             "detail": f"NaN or infinite logits on adversarial examples (counted as wrong) -- {counts}"}
+    if "integrity" in report:
+        report["integrity"]["checks"].append(check)
+        report["integrity"]["passed"] = False
+    else:
+        report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
 
 
 def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,

@@ -146,13 +146,10 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         data, eps, norm, attacks, seed and batch size) is replayed and only
         the remaining batches run: a killed evaluation resumes where it
         stopped and ends with the same result. Adversarial points of replayed
-        examples are not stored: ``x_adv`` holds ``x`` for them. A file
-        written for another model (see ``model_checksum``) or with a line
-        that fails its checksum is set aside and the run starts afresh.
-      model_checksum: what identifies the model in ``partial_path``'s
-        fingerprint; default: the sha256 of ``model_fn.weights`` for a Keras
-        model (a plain function without it: None, so pass the checksum of
-        its weights when resuming with a function).
+        examples are not stored: ``x_adv`` holds ``x`` for them. A file of
+        another model or with a damaged line is set aside (see PartialLog).
+      model_checksum: the model in ``partial_path``'s fingerprint (default:
+        the sha256 of a Keras model's weights; pass one for a function).
       strategy: a ``tf.distribute`` strategy (e.g. the ``MirroredStrategy``
         of training). Whole batches go to the local replica devices in turn
         (batch k to device k mod N), attacked concurrently, each exactly as
