@@ -80,3 +80,26 @@ def test_a_resumed_run_keeps_the_tensorboard_points_of_its_finished_epochs(tmp_p
     assert steps("validation", "evaluation_pgd_accuracy_vs_iterations") == [2, 4]
     assert steps("validation", "epoch_pgd_accuracy") == [0, 1]
     assert steps("train", "epoch_loss") == [0, 1]
+
+
+def test_the_best_checkpoint_is_checked_against_its_recorded_checksum(tmp_path):
+    """What the final save reads back (checkpoints/best.weights.h5) is the file the checkpoint wrote."""
+    from tfrobust.callbacks import AtomicModelCheckpoint, check_file
+    from tfrobust.errors import UserError
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    model.fit(np.ones((8, 4)), np.ones((8, 2)), verbose=0)
+    path = tmp_path / "best.weights.h5"
+    checkpoint = AtomicModelCheckpoint(str(path), save_weights_only=True)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {})
+    assert checkpoint.get_state()["sha256"] == rundir.sha256_of(str(path))
+    restored = AtomicModelCheckpoint(str(path), save_weights_only=True)
+    restored.set_state(checkpoint.get_state())  # as a resume does, from the backup
+    check_file(str(path), restored.sha256, "the best checkpoint")  # intact: no error
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"^the best checkpoint .*best.weights.h5 is damaged \(its sha256 differs"):
+        check_file(str(path), restored.sha256, "the best checkpoint")
