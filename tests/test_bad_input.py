@@ -244,7 +244,7 @@ RUN_DAMAGE = {
     "state.json a list": "the backup w/backup/state.json is damaged (not a state with an epoch number and weight "
                          "file names); move the run directory aside and start again",
     "state.json of wrong types": "the backup w/backup/state.json is damaged",
-    "lock pid 2**40": "workdir w has an unreadable run.lock; if no run is using it, remove that file",
+    "lock pid 2**40": "workdir w has an unreadable lock ",  # then its path: "if no process is using it, remove ..."
 }
 
 

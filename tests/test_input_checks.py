@@ -233,7 +233,8 @@ def test_file_system_errors_are_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(experiment, "train_and_evaluate", disk_full)
     code, err = run_main(train_main, ["--workdir", str(tmp_path / "w")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("error: file system: No space left on device (") and "report.json" in err
+    assert err.startswith(f"error: file system: No space left on device (ENOSPC) in {tmp_path / 'w'}; free some "
+                          "space and rerun the same command to resume")
 
 
 @pytest.mark.slow

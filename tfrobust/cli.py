@@ -121,6 +121,19 @@ def _sigterm_as_interrupt():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _os_error_text(e: OSError) -> str:
+    """``strerror (ENAME) (the file or directory)``; for a full disk, the directory and how to go on."""
+    import errno
+
+    name = errno.errorcode.get(e.errno, "")
+    text = f"{e.strerror or e}" + (f" ({name})" if name else "")
+    filename = getattr(e, "filename", None)
+    if e.errno == errno.ENOSPC and filename:
+        directory = filename if os.path.isdir(filename) else os.path.dirname(os.path.abspath(filename))
+        return f"{text} in {directory}; free some space and rerun the same command to resume"
+    return text + (f" ({filename})" if filename else "")
+
+
 @contextlib.contextmanager
 def _user_errors(resume=None):
     """Maps errors to one line and an exit status; ``resume["command"]``, once set, is printed on Ctrl-C."""
@@ -134,9 +147,16 @@ def _user_errors(resume=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, read-only or vanished directories
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: file system: {e.strerror or e}{where}; every file is written under a temporary name "
+        print(f"error: file system: {_os_error_text(e)}; every file is written under a temporary name "
               "first, so the files already there are complete", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a full disk found by a writer that does not raise OSError (TensorFlow's, HDF5's)
+        if "No space left on device" not in str(e):
+            raise
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: file system: No space left on device (ENOSPC): {detail}; every file is written under a "
+              "temporary name first, so the files already there are complete; free some space and rerun the same "
+              "command to resume", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"
@@ -296,7 +316,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten), a "
                    "RobustBench-style summary next to it (r.json: r.robustbench.json), and the AutoAttack verdicts "
-                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there")
+                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there; "
+                   "<output>.lock keeps a second evaluation from writing the same output")
     p.add_argument("--strategy", choices=("default", "mirrored"),
                    help="split each AutoAttack batch across the local devices with a MirroredStrategy (default: "
                         "mirrored when the run trained with runtime.strategy mirrored or multi_worker, else one "
@@ -323,17 +344,23 @@ def evaluate_main(argv=None) -> int:
 
         _check_evaluate_args(args)  # before TensorFlow is imported: a typo is refused at once
         names = parse_attacks(args.attacks)
-        _quiet_tensorflow()
-        _quiet_device_start()
-        from tfrobust import evaluation
+        with contextlib.ExitStack() as stack:
+            if args.output is not None:  # taken before TensorFlow is imported: a second writer is refused at once
+                from tfrobust.rundir import check_new_file, output_lock
 
-        evaluation.evaluate_run(
-            args.model, names, which=args.which, data=args.data, data_dir=args.data_dir, eps=args.eps,
-            norm=args.norm, examples=args.examples, seed=args.seed, batch_size=args.batch_size,
-            integrity_examples=args.integrity_examples, strategy=args.strategy, output=args.output,
-            flatness={"examples": args.flatness_examples, "restarts": args.flatness_restarts} if args.flatness else None,
-            landscape=args.landscape, plugins=args.plugin or (),
-        )
+                stack.enter_context(output_lock(args.output))
+                check_new_file(args.output, "--output")
+            _quiet_tensorflow()
+            _quiet_device_start()
+            from tfrobust import evaluation
+
+            evaluation.evaluate_run(
+                args.model, names, which=args.which, data=args.data, data_dir=args.data_dir, eps=args.eps,
+                norm=args.norm, examples=args.examples, seed=args.seed, batch_size=args.batch_size,
+                integrity_examples=args.integrity_examples, strategy=args.strategy, output=args.output,
+                flatness={"examples": args.flatness_examples, "restarts": args.flatness_restarts} if args.flatness else None,
+                landscape=args.landscape, plugins=args.plugin or (),
+            )
     return 0
 
 

@@ -63,6 +63,7 @@ summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -145,6 +146,7 @@ def evaluate(
     integrity_examples: int = 0,
     partial_path=None,
     strategy=None,
+    model_checksum=None,
 ) -> dict:
     """Accuracy under each attack, and the per-example worst case.
 
@@ -157,17 +159,21 @@ def evaluate(
       partial_path: a JSON-lines file of the AutoAttack ensemble's decided
         batches; an interrupted evaluation with the same arguments resumes
         from it (see :func:`tfrobust.autoattack.run_autoattack`). The other
-        attacks and the integrity probes run again.
+        attacks and the integrity probes run again. ``model_checksum``
+        identifies the model in that file (default: the sha256 of a Keras
+        model's weights); a file of another model is not replayed.
       strategy: a ``tf.distribute`` strategy whose local replica devices
         share each AutoAttack batch (see
         :func:`tfrobust.autoattack.run_autoattack`).
     Returns:
       ``{"accuracy": {name: fraction}, "worst_case": fraction, "examples": n,
       "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``,
-      and when an AutoAttack ensemble ran, ``"autoattack"`` (version, attacks,
-      verdict passes, seconds, per-example ``broken_by`` and
-      ``perturbation_norm``) and ``"flags"`` (the reference's automatic checks,
-      :func:`tfrobust.integrity.autoattack_flags`).
+      ``"flags"`` (the reference AutoAttack's automatic checks,
+      :func:`tfrobust.integrity.autoattack_flags`: probabilities instead of
+      logits, a random forward pass, zero gradients, a rounded eps; on the
+      first batch, whatever attacks ran), and when an AutoAttack ensemble
+      ran, ``"autoattack"`` (version, attacks, verdict passes, seconds,
+      per-example ``broken_by`` and ``perturbation_norm``).
     """
     eps = check_number("eps", eps)
     if norm not in attack_lib.NORMS:
@@ -207,28 +213,39 @@ def evaluate(
     own_version, ensemble, components = autoattack_plan(names)
     if own_version:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size,
-                        seed, verbose, version=own_version, partial_path=partial_path, strategy=strategy)
+                        seed, verbose, version=own_version, partial_path=partial_path, strategy=strategy,
+                        model_checksum=model_checksum)
     elif components:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                        partial_path=partial_path, strategy=strategy)
+                        partial_path=partial_path, strategy=strategy, model_checksum=model_checksum)
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
                                         eps, norm, seed, verbose, images=kind == "images")
-    if report["non_finite_outputs"]:
-        counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
-        check = {"name": "finite outputs", "passed": False, "skipped": False,
-                 "detail": f"NaN or infinite logits on adversarial examples (counted as wrong) -- {counts}"}
-        if "integrity" in report:
-            report["integrity"]["checks"].append(check)
-            report["integrity"]["passed"] = False
-        else:
-            report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
+    _finite_outputs_check(report)
+    if report.get("flags") is None:  # AutoAttack did not run: its flags are computed here, on the first batch
+        from tfrobust.integrity import autoattack_flags
+
+        report["flags"] = autoattack_flags(model_fn, x[:batch_size], y[:batch_size], eps, norm=norm, seed=seed)
     return report
 
 
+def _finite_outputs_check(report) -> None:
+    """Adds the failed "finite outputs" integrity check when an attack met NaN or infinite logits."""
+    if not report["non_finite_outputs"]:
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
+    check = {"name": "finite outputs", "passed": False, "skipped": False,
+             "detail": f"NaN or infinite logits on adversarial examples (counted as wrong) -- {counts}"}
+    if "integrity" in report:
+        report["integrity"]["checks"].append(check)
+        report["integrity"]["passed"] = False
+    else:
+        report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
+
+
 def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                    version=None, partial_path=None, strategy=None):
+                    version=None, partial_path=None, strategy=None, model_checksum=None):
     """Runs the AutoAttack components as one ensemble (or ``version`` with its budgets) into ``report``."""
     from tfrobust import autoattack
 
@@ -237,6 +254,7 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     result = autoattack.run_autoattack(
         model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
         batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path, strategy=strategy,
+        model_checksum=model_checksum,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
@@ -305,58 +323,62 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
     ``output`` the report is written there (never over an existing file),
     the RobustBench-style summary next to it, and the AutoAttack verdicts to
     ``<output>.partial.jsonl`` as they are decided (a rerun resumes there).
-    With ``verbose`` the tables and the files written are printed.
+    With ``verbose`` the tables and the files written are printed. The
+    output is locked (``<output>.lock``) while the evaluation runs: a second
+    process writing the same output is refused.
     """
     from tfrobust import loading
     from tfrobust.user_code import import_plugins
 
     say = print if verbose else (lambda *a, **k: None)
-    if output is not None:
-        rundir.check_new_file(output, "--output")
-    import_plugins(plugins or ())
-    loaded = loading.load(model, which)
-    landscape_dir = _landscape_dir(landscape, model, loaded) if landscape is not None else None
-    if (flatness or landscape_dir) and loaded.network is None:
-        raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
-    settings = loading.evaluation_settings(loaded, data, eps, norm, data_dir)
-    x, y, drawn = _test_examples(settings, examples, seed)
-    say(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
-        f"({settings['eps_source']})")
-    loading.check_compatible(loaded, x, y)
-    start = time.time()
-    report = evaluate(
-        loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
-        batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
-        partial_path=None if not output else output + ".partial.jsonl",
-        strategy=_evaluation_strategy(strategy, loaded),
-    )
-    report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
-                  eps_source=settings["eps_source"], test_examples=drawn)
-    if os.path.isfile(model):  # a network imported with tfrobust import-model names its checkpoint
-        from tfrobust.zoo.convert import provenance
-
-        if provenance(model):
-            report["provenance"] = provenance(model)
-            say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
-                f"{report['provenance']['arch']})")
-    say(format_table(report))
-    if flatness:
-        from tfrobust.flatness import flatness_report
-
-        report["flatness"] = flatness_report(loaded.network, x, y, eps=settings["eps"], norm=settings["norm"],
-                                             seed=seed, settings=flatness)
-        say(format_flatness(report["flatness"]))
-    if landscape_dir:
-        from tfrobust.landscape import write_landscapes
-
-        report["landscapes"] = write_landscapes(
-            loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
-            kind=("random", "adversarial"), seed=seed,
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(rundir.output_lock(output))  # a second process on the same output is refused
+            rundir.check_new_file(output, "--output")
+        import_plugins(plugins or ())
+        loaded = loading.load(model, which)
+        landscape_dir = _landscape_dir(landscape, model, loaded) if landscape is not None else None
+        if (flatness or landscape_dir) and loaded.network is None:
+            raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
+        settings = loading.evaluation_settings(loaded, data, eps, norm, data_dir)
+        x, y, drawn = _test_examples(settings, examples, seed)
+        say(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
+            f"({settings['eps_source']})")
+        loading.check_compatible(loaded, x, y)
+        start = time.time()
+        report = evaluate(
+            loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
+            batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
+            partial_path=None if not output else output + ".partial.jsonl",
+            strategy=_evaluation_strategy(strategy, loaded), model_checksum=loaded.checksum() if output else None,
         )
-        say(f"landscapes: {landscape_dir}")
-    if output:
-        _write_report(output, report, loaded.run_config, say)
-    return report
+        report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
+                      eps_source=settings["eps_source"], test_examples=drawn)
+        if os.path.isfile(model):  # a network imported with tfrobust import-model names its checkpoint
+            from tfrobust.zoo.convert import provenance
+
+            if provenance(model):
+                report["provenance"] = provenance(model)
+                say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
+                    f"{report['provenance']['arch']})")
+        say(format_table(report))
+        if flatness:
+            from tfrobust.flatness import flatness_report
+
+            report["flatness"] = flatness_report(loaded.network, x, y, eps=settings["eps"], norm=settings["norm"],
+                                                 seed=seed, settings=flatness)
+            say(format_flatness(report["flatness"]))
+        if landscape_dir:
+            from tfrobust.landscape import write_landscapes
+
+            report["landscapes"] = write_landscapes(
+                loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
+                kind=("random", "adversarial"), seed=seed,
+            )
+            say(f"landscapes: {landscape_dir}")
+        if output:
+            _write_report(output, report, loaded.run_config, say)
+        return report
 
 
 def _landscape_dir(landscape: str, model: str, loaded) -> str:
@@ -437,7 +459,7 @@ def format_table(report: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     header = f"{report['examples']} examples, {report['norm']} eps={report['eps']:.4g}"
     if report.get("flags"):
-        lines.append("AutoAttack checks:")
+        lines.append("automatic checks (AutoAttack's flags):")
         for check in report["flags"]:
             status = "skipped" if check["skipped"] else ("passed" if check["passed"] else "FLAGGED")
             lines.append(f"  {status:<7} {check['name']}: {check['detail']}")

@@ -28,7 +28,6 @@ images with labels or pseudo-labels (docs/algorithms.md, section 14):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ import numpy as np
 
 from tfrobust.data_sources import check_images
 from tfrobust.errors import UserError
+from tfrobust.rundir import sha256_of
 
 IMAGE_KEYS = ("image", "images", "x")
 LABEL_KEYS = ("label", "labels", "y")
@@ -91,16 +91,8 @@ def _file_digest(path: str) -> str:
     status = os.stat(path)
     key = (os.path.abspath(path), status.st_size, status.st_mtime_ns)
     if key not in _DIGESTS:
-        _DIGESTS[key] = _sha256(path)
+        _DIGESTS[key] = sha256_of(path)
     return _DIGESTS[key]
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_pool_images(images, labels, where: str) -> None:

@@ -10,13 +10,13 @@ The wrappers releases use are taken off: a dict holding ``state_dict``, ``model_
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 
 import numpy as np
 
 from tfrobust.errors import UserError
+from tfrobust.rundir import sha256_of
 from tfrobust.zoo import pickles
 
 WRAPPERS = ("state_dict", "model_state_dict", "model")
@@ -24,11 +24,7 @@ PREFIXES = ("module.", "model.")
 
 
 def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path)
 
 
 def checkpoint_format(path: str) -> str:
