@@ -20,7 +20,8 @@ def run_main(main, argv, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--defense", "fgsm"], "unknown defense 'fgsm'"),
+    (["--defense", "madry"], "unknown defense 'madry'"),
+    (["--defense", "n_fgsm+gradalign"], "GRADALIGN builds on FGSM or FGSM_RS (use fgsm+gradalign)"),
     (["--defense", "at+rat"], "RAT builds on TRADES"),
     (["--model", "resnet9000"], "unknown model 'resnet9000'; allowed: preact_resnet18, small_cnn, wide_resnet"),
     (["--data", "imagenet"], "unknown data set 'imagenet'"),
