@@ -182,7 +182,7 @@ LAYERS = (
     ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks", "runtime"),
     ("data", "data_sources", "models", "loading", "weight_space", "placement"),
     ("attacks",),
-    ("autoattack", "defenses", "flatness", "callbacks"),
+    ("autoattack", "defenses", "flatness", "callbacks", "collapse"),
     ("integrity", "step", "trainer", "landscape"),
     ("evaluation",),
     ("experiment",),

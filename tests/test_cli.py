@@ -70,7 +70,7 @@ def test_real_process_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "allowed: awp, rat, s2o" in proc.stderr.strip().splitlines()[-1]
+    assert "allowed: awp, elle, elle_a, gradalign, rat, s2o" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_evaluate_any_saved_model(tmp_path, capsys):
