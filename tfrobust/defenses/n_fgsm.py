@@ -6,17 +6,12 @@ eps-ball and may lie up to 3 eps from ``x`` (docs/algorithms.md, section
 "Single-step adversarial training").
 """
 
-from tfrobust.defenses.at import (  # noqa: F401 - AT's objective and its declarations
-    CE_LOGITS, CE_TERM, DEFAULT_BETA, LABEL_FREE_TERM, NEEDS_CLEAN_LOGITS, TERM_NAMES, loss_terms,
+from tfrobust.defenses.fgsm import (  # noqa: F401 - AT's objective and the single-step attack's declarations
+    ATTACK_LOSS, CE_LOGITS, CE_TERM, DEFAULT_BETA, LABEL_FREE_TERM, NEEDS_CLEAN_LOGITS, TERM_NAMES, TRAINING_ATTACK,
+    loss_terms,
 )
+from tfrobust.defenses.fgsm import __all__  # noqa: F401 - the same names
 
 NAME = "n_fgsm"
-TRAINING_ATTACK = "single_step"  # one signed step (attacks.single_step), not PGD
-ATTACK_LOSS = "ce"
-ATTACK_START = "uniform"
-START_RADIUS = 2.0  # k = 2: U(-2 eps, 2 eps)
-STEP = 1.0  # alpha = eps
-PROJECT_TO_BALL = False
-
-__all__ = ["NAME", "TRAINING_ATTACK", "ATTACK_LOSS", "ATTACK_START", "START_RADIUS", "STEP", "PROJECT_TO_BALL",
-           "NEEDS_CLEAN_LOGITS", "LABEL_FREE_TERM", "DEFAULT_BETA", "TERM_NAMES", "CE_TERM", "CE_LOGITS", "loss_terms"]
+ATTACK_START, START_RADIUS = "uniform", 2.0  # the random start and its radius in units of eps
+STEP, PROJECT_TO_BALL = 1.0, False  # k = 2: U(-2 eps, 2 eps); alpha = eps
