@@ -178,6 +178,16 @@ def test_single_step_runs_are_reproducible_and_train(fashion_subset):
     assert "lin_err" in runs[0][0] and "elle_weight" in runs[0][0]
 
 
+def test_fgsm_rs_with_elle_lowers_its_objective_at_8_over_255(fashion_subset):
+    # lambda = 1000 is the paper's value for eps 8/255 (at eps 0.1 this BatchNorm network diverges with lr 0.05).
+    x, y = fashion_subset
+    model = RobustModel(tiny_cnn(batch_norm=True), Defense("fgsm_rs+elle"), eps=8 / 255, step_size=2 / 255, steps=1,
+                        seed=1)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    loss = model.fit(x[:256], y[:256], batch_size=64, epochs=3, verbose=0, shuffle=False).history["loss"]
+    assert np.isfinite(loss).all() and loss[-1] < loss[0], loss
+
+
 def test_elle_a_state_is_saved_with_the_weights(tmp_path, fashion_subset):
     x, y = fashion_subset
     model = make("n_fgsm+elle_a")

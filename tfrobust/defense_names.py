@@ -342,7 +342,7 @@ register_term(
     hyperparameters=(
         Hyperparameter("weight", 1000.0, float, _non_negative, "must be >= 0", "lambda: 1000 for eps 8/255"),
     ),
-    bases=("fgsm", "fgsm_rs", "n_fgsm"), defenses=("fgsm_rs+elle",),
+    bases=("fgsm", "fgsm_rs", "n_fgsm"),
 )
 register_term(
     "elle_a", "tfrobust.defenses.input_space:AdaptiveLocalLinearity",
