@@ -184,7 +184,7 @@ def test_fgsm_rs_with_elle_lowers_its_objective_at_8_over_255(fashion_subset):
     model = RobustModel(tiny_cnn(batch_norm=True), Defense("fgsm_rs+elle"), eps=8 / 255, step_size=2 / 255, steps=1,
                         seed=1)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
-    loss = model.fit(x[:256], y[:256], batch_size=64, epochs=3, verbose=0, shuffle=False).history["loss"]
+    loss = model.fit(x[:192], y[:192], batch_size=64, epochs=3, verbose=0, shuffle=False).history["loss"]
     assert np.isfinite(loss).all() and loss[-1] < loss[0], loss
 
 
@@ -248,11 +248,46 @@ def test_cli_trains_n_fgsm_with_awp_and_records_collapse(tmp_path):
     workdir = str(tmp_path / "run")
     code = train_main([
         "--defense", "n_fgsm+awp", "--workdir", workdir, "--epochs", "1", "--no-eval",
-        "--set", "data.train_examples=128", "--set", "data.validation_examples=32", "--set", "data.test_examples=32",
-        "--set", "data.batch_size=64", "--set", "eval.pgd_steps=2", "--set", "eval.collapse_examples=50",
+        "--set", "data.train_examples=64", "--set", "data.validation_examples=32", "--set", "data.test_examples=32",
+        "--set", "data.batch_size=32", "--set", "eval.pgd_steps=2", "--set", "eval.collapse_examples=50",
         "--set", "runtime.verbose=0", "--set", "eval.images_every=0"])
     assert code in (0, None)
     with open(os.path.join(workdir, "history.json")) as f:
         history = json.load(f)
     assert history["collapse"] == [0.0] and 0 <= history["train_subset_pgd_accuracy"][0] <= 1
+    assert history["train_subset_lin_err"][0] >= 0
     assert os.path.isdir(os.path.join(workdir, "tensorboard", "collapse"))
+
+
+class _InterruptAfter(keras.callbacks.Callback):
+    """Stops the run after the backup of epoch ``epoch`` (it comes after EpochBackup in the callback list)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_keeps_the_collapse_record(tmp_path):
+    from tfrobust import experiment
+    from tfrobust.callbacks import EpochBackup
+    from tfrobust.config import load_config
+
+    config = lambda: load_config("configs/fashion_mnist.yaml", {  # noqa: E731
+        "defense.name": "fgsm_rs", "data.train_examples": 64, "data.validation_examples": 32, "data.batch_size": 32,
+        "eval.pgd_steps": 1, "optim.epochs": 3, "runtime.verbose": 0, "eval.images_every": 0,
+        "eval.collapse_examples": 32, "eval.collapse_drop": 0.0, "eval.collapse_action": "rollback"})
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train(config(), workdir, extra_callbacks=[_InterruptAfter(1)])
+    saved = EpochBackup.read_state(os.path.join(workdir, "backup"))["callbacks"]["collapse"]
+    assert len(saved["accuracies"]) == 2
+    experiment.train(config(), workdir)
+    with open(os.path.join(workdir, "history.json")) as f:
+        history = json.load(f)
+    assert history["train_subset_pgd_accuracy"][:2] == saved["accuracies"]
+    assert len(history["collapse"]) == 3
+    assert os.path.exists(os.path.join(workdir, "checkpoints", "last_good.npz"))

@@ -33,10 +33,11 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks, seeds
+from tfrobust.defenses.input_space import linearity_error
 from tfrobust.errors import UserError
 
 ACTIONS = ("record", "stop", "rollback")
-COLLAPSE_PURPOSE = 20  # the batch_seed purpose of the subset's PGD starts
+COLLAPSE_PURPOSE = 20  # the batch_seed purpose of the subset's PGD starts (21-23: its linearity triplets)
 
 
 def is_collapse(earlier, accuracy: float, drop: float) -> bool:
@@ -100,15 +101,35 @@ class CollapseMonitor(keras.callbacks.Callback):
             seeds=lambda b, r: seeds.batch_seed(self.seed, b, COLLAPSE_PURPOSE))
         return float(np.mean(correct))
 
+    def linearity_error(self) -> float:
+        """ELLE's local linearity error of the live network (inference mode) on the subset, with the same
+        triplets every time (:func:`tfrobust.defenses.input_space.linearity_error`)."""
+        network = getattr(self.model, "network", self.model)
+        model_fn = lambda t: tf.cast(network(t, training=False), tf.float32)  # noqa: E731
+        errors = []
+        for b, i in enumerate(range(0, len(self.x), self.batch_size)):
+            x = tf.constant(self.x[i:i + self.batch_size])
+
+            def draw(k, shape, b=b):
+                return attacks.uniform_noise(shape, seeds.batch_seed(self.seed, b, COLLAPSE_PURPOSE + k))
+
+            alpha = (draw(3, tf.shape(x)[:1]) + 1.0) / 2.0
+            errors.append(linearity_error(model_fn, x, tf.constant(self.y[i:i + self.batch_size]), self.attack["eps"],
+                                          draw(1, tf.shape(x)), draw(2, tf.shape(x)), alpha).numpy())
+        return float(np.mean(np.concatenate(errors)))
+
     def on_epoch_end(self, epoch, logs=None):
         accuracy = self.measure()
         good = [a for e, a in enumerate(self.accuracies) if e not in self.collapses]
         collapse = is_collapse(good, accuracy, self.drop)
         self.accuracies.append(accuracy)
+        lin_err = self.linearity_error()
         if logs is not None:
             logs["train_subset_pgd_accuracy"] = accuracy
+            logs["train_subset_lin_err"] = lin_err
             logs["collapse"] = float(collapse)
-        self._write(epoch, accuracy, collapse)
+        self._write(epoch, {"train_subset_pgd_accuracy": accuracy, "train_subset_lin_err": lin_err,
+                            "collapse": float(collapse)})
         if not collapse:
             self.good_epoch = int(epoch)
             if self.action == "rollback":
@@ -154,14 +175,14 @@ class CollapseMonitor(keras.callbacks.Callback):
 
     # -- TensorBoard and state -------------------------------------------------
 
-    def _write(self, epoch, accuracy, collapse):
+    def _write(self, epoch, values):
         if not self.log_dir:
             return
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "collapse"))
         with self._writer.as_default():
-            tf.summary.scalar("epoch_train_subset_pgd_accuracy", accuracy, step=int(epoch))
-            tf.summary.scalar("epoch_collapse", float(collapse), step=int(epoch))
+            for key, value in values.items():
+                tf.summary.scalar(f"epoch_{key}", value, step=int(epoch))
         self._writer.flush()
 
     def on_train_end(self, logs=None):
