@@ -16,7 +16,8 @@ run, prints one line on a collapse, and, as ``action`` says:
 * ``rollback``: restores the weights (and the weight average) and the
   optimizer's slots (momentum) of the last epoch without a collapse, keeps
   the optimizer's step counter (so the learning-rate schedule and the
-  step's seeds go on), and continues.
+  step's seeds go on), makes the input-space regularisers stronger
+  (ELLE-A's weight jumps to its maximum) and continues.
 
 The measurements, the collapses and the last good epoch are its state
 (``get_state``/``set_state``), kept across a resume by the epoch backup; the
@@ -137,15 +138,22 @@ class CollapseMonitor(keras.callbacks.Callback):
             return
         self.collapses.append(int(epoch))
         best = max(good)
-        then = {"record": "recorded", "stop": "stopping", "rollback": f"rolling back to epoch {self.good_epoch + 1}"}
-        if self.verbose:
-            print(f"catastrophic overfitting at epoch {epoch + 1}: training-subset PGD accuracy {accuracy:.3f}, "
-                  f"{best - accuracy:.3f} below the best {best:.3f} (drop > {self.drop:g}); {then[self.action]}",
-                  flush=True)
+        then = {"record": "recorded", "stop": "stopping", "rollback": f"rolled back to epoch {self.good_epoch + 1}"}
+        done = then[self.action]
         if self.action == "stop":
             self.model.stop_training = True
         elif self.action == "rollback":
             self._roll_back()
+            done = "; ".join([done] + self._strengthen())
+        if self.verbose:
+            print(f"catastrophic overfitting at epoch {epoch + 1}: training-subset PGD accuracy {accuracy:.3f}, "
+                  f"{best - accuracy:.3f} below the best {best:.3f} (drop > {self.drop:g}); {done}", flush=True)
+
+    def _strengthen(self) -> list:
+        """Each input-space regulariser made stronger (ELLE-A's weight to its maximum); what was done."""
+        objective = getattr(self.model, "objective", None)
+        done = [term.strengthen() for term in getattr(objective, "input_terms", [])]
+        return [d for d in done if d]
 
     # -- the last good epoch ---------------------------------------------------
 

@@ -92,6 +92,10 @@ class InputSpaceTerm(WeightSpaceTerm):
         """Updates the term's state from the means of its terms over the (global) batch; returns scalar statistics."""
         return {}
 
+    def strengthen(self) -> str:
+        """Makes the regulariser stronger after a rollback from catastrophic overfitting; what it did, or ""."""
+        return ""
+
 
 class GradAlign(InputSpaceTerm):
     """GradAlign's ``lambda (1 - cos)``; reports the cosine (``grad_cosine``)."""
@@ -145,6 +149,11 @@ class AdaptiveLocalLinearity(LocalLinearity):
 
     def weight(self):
         return self._weight.value
+
+    def strengthen(self):
+        """The weight jumps to its maximum, as after a jump of the error."""
+        self._weight.assign(self.setting("weight"))
+        return f"{self.name} weight set to {self.setting('weight'):g}"
 
     def after_step(self, means):
         """The reference's rule on the batch's mean error."""
