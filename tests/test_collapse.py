@@ -115,3 +115,23 @@ def test_rollback_raises_elle_a_weight(fashion_subset):
     model.fit(x[:64], y[:64], batch_size=32, epochs=2, verbose=0, callbacks=[monitor])
     assert monitor.collapses == [1]
     assert float(model.objective.input_terms[0].weight()) == 4000.0  # the paper's maximum, after the rollback
+
+
+def test_the_subset_accuracy_is_pgd_accuracy_with_fixed_starts(fashion_subset):
+    from tfrobust import attacks, seeds
+    from tfrobust.collapse import COLLAPSE_PURPOSE
+
+    x, y = fashion_subset
+    model = make("fgsm_rs")
+    model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)
+    monitor = CollapseMonitor(x[:50], y[:50], eps=EPS, step_size=EPS / 4, steps=3, seed=4, batch_size=32)
+    monitor.set_model(model)
+    fn = lambda t: model.network(t, training=False)  # noqa: E731
+    correct = []
+    for b, i in enumerate(range(0, 50, 32)):  # the independent computation: PGD from the batch's seed
+        x_adv = attacks.pgd(fn, x[i:i + 32][:50 - i], y[i:i + 32][:50 - i], EPS, EPS / 4, 3,
+                            seed=seeds.batch_seed(4, b, COLLAPSE_PURPOSE))
+        correct.append(np.argmax(fn(x_adv).numpy(), 1) == y[i:i + 32][:50 - i])
+    expected = float(np.mean(np.concatenate(correct)))
+    assert monitor.measure() == pytest.approx(expected, abs=1e-9) and monitor.measure() == monitor.measure()
+    assert 0 < monitor.linearity_error() == monitor.linearity_error()  # fixed triplets

@@ -97,7 +97,7 @@ class CollapseMonitor(keras.callbacks.Callback):
         def attack(fn, x, y, seed):
             return attacks.pgd(fn, x, y, a["eps"], a["step_size"], a["steps"], norm=a["norm"], seed=seed)
 
-        correct = attacks.attack_batches(
+        correct, _ = attacks.attack_batches(  # correct predictions, and finite outputs
             model_fn, self.x, self.y, attack, batch_size=self.batch_size,
             seeds=lambda b, r: seeds.batch_seed(self.seed, b, COLLAPSE_PURPOSE))
         return float(np.mean(correct))
