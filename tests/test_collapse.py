@@ -71,16 +71,14 @@ def test_cli_trains_n_fgsm_with_awp_and_records_collapse(tmp_path):
     assert os.path.isdir(os.path.join(workdir, "tensorboard", "collapse"))
 
 
-class _InterruptAfter(keras.callbacks.Callback):
-    """Stops the run after the backup of epoch ``epoch`` (it comes after EpochBackup in the callback list)."""
+def interrupt_after(last):
+    """A callback that stops the run after the backup of epoch ``last`` (extra callbacks follow EpochBackup)."""
 
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
+    def stop(epoch, logs=None):
+        if epoch == last:
             raise KeyboardInterrupt
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=stop)
 
 
 def test_a_resumed_run_keeps_the_collapse_record(tmp_path):
@@ -94,7 +92,7 @@ def test_a_resumed_run_keeps_the_collapse_record(tmp_path):
         "eval.collapse_examples": 32, "eval.collapse_drop": 0.0, "eval.collapse_action": "rollback"})
     workdir = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        experiment.train(config(), workdir, extra_callbacks=[_InterruptAfter(1)])
+        experiment.train(config(), workdir, extra_callbacks=[interrupt_after(1)])
     saved = EpochBackup.read_state(os.path.join(workdir, "backup"))["callbacks"]["collapse"]
     assert len(saved["accuracies"]) == 2
     experiment.train(config(), workdir)
