@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,3 +54,21 @@ def trained_tiny(fashion_subset):
 
 def random_logits(rng, batch=16, classes=10, scale=3.0):
     return (rng.standard_normal((batch, classes)) * scale).astype("float32")
+
+
+# One epoch on 64 examples, 1-step PGD, 32 test examples: the smallest complete run.
+TINY = ["--epochs", "1", "--seed", "3", "--set", "data.train_examples=64", "--set", "data.validation_examples=32",
+        "--set", "data.batch_size=32", "--set", "data.test_examples=32", "--set", "attack.steps=1",
+        "--set", "eval.pgd_steps=1", "--set", "runtime.verbose=0", "--set", "eval.images_every=0",
+        "--set", "eval.integrity_examples=0"]
+
+
+def snapshot(directory):
+    """Every file under ``directory`` with the sha256 of its bytes."""
+    files = {}
+    for base, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return files

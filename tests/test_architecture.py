@@ -1,7 +1,8 @@
 """The layout's rules, read from the source: no import circles between tfrobust's
 modules nor between its packages, no module importing one of a layer above its
-own, no module reaching into another module's private names, and the
-AutoAttack package keeps its public names.
+own, no module reaching into another module's private names, no module,
+class or function past its size, and the AutoAttack package keeps its public
+names.
 
 Imports are read from the syntax tree (also those inside functions), so the
 checks need no TensorFlow and do not depend on import order.
@@ -180,9 +181,9 @@ LAYERS = (
     ("errors", "seeds", "registration"),
     ("attack_names", "defense_names", "config_files"),
     ("config", "rundir", "user_code", "export", "extra_data", "multiworker", "network_checks", "runtime"),
-    ("data", "data_sources", "models", "loading", "weight_space", "placement"),
+    ("data", "data_sources", "models", "loading", "weight_space", "placement", "zoo"),
     ("attacks",),
-    ("autoattack", "defenses", "flatness", "callbacks", "collapse"),
+    ("autoattack", "defenses", "flatness", "callbacks", "runner_attacks", "collapse"),
     ("integrity", "step", "trainer", "landscape"),
     ("evaluation",),
     ("experiment",),
@@ -206,3 +207,37 @@ def test_every_module_has_a_layer_and_imports_only_from_its_layer_or_below():
     placed = {("tfrobust." + name if name else "tfrobust") for names in LAYERS for name in names}
     assert set(edges) == placed, "put a new module or package into LAYERS"
     assert layer_violations(edges) == []
+
+
+# The most lines a module, a class and a function may have: past these a piece has more than one job.
+SIZE_LIMITS = {"module": 600, "class": 400, "function": 100}
+
+
+def oversized(source: str, name: str) -> list:
+    """``(kind, name, lines)`` for the module and each class or function of ``source`` past its limit."""
+    found = []
+    lines = len(source.splitlines())
+    if lines > SIZE_LIMITS["module"]:
+        found.append(("module", name, lines))
+    for node in ast.walk(ast.parse(source)):
+        kind = {ast.ClassDef: "class", ast.FunctionDef: "function", ast.AsyncFunctionDef: "function"}.get(type(node))
+        if kind:
+            length = node.end_lineno - node.lineno + 1
+            if length > SIZE_LIMITS[kind]:
+                found.append((kind, f"{name}:{node.name}", length))
+    return found
+
+
+def test_the_size_check_counts_the_lines_of_functions_classes_and_modules():
+    body = "\n".join(f"        x{i} = {i}" for i in range(100))
+    source = f"class A:\n    def f(self):\n{body}\n\n\ndef g():\n    return 1\n"
+    assert oversized(source, "m") == [("function", "m:f", 101)]
+    source = "class A:\n" + "\n".join(f"    x{i} = {i}" for i in range(400)) + "\n"
+    assert oversized(source, "m") == [("class", "m:A", 401)]
+    assert oversized("x = 1\n" * 601, "m") == [("module", "m", 601)]
+
+
+def test_no_module_class_or_function_is_past_its_size():
+    found = [hit for path in sorted(ROOT.rglob("*.py"))
+             for hit in oversized(path.read_text(), str(path.relative_to(ROOT)))]
+    assert found == []

@@ -3,6 +3,7 @@
 import os
 import re
 
+import numpy as np
 import pytest
 
 GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "guide.md")
@@ -19,7 +20,8 @@ def test_guide_has_the_promised_examples():
     code = "\n".join(blocks)
     for needle in ("keras.Sequential", "keras.Model(inputs", "class SubclassedNet", "BatchNormalization",
                    "tf.data.Dataset", "@tf.function", "tf.saved_model.load", "run_autoattack",
-                   "average_case_flatness", "worst_case_flatness", "landscape_1d", "restored.export(", "served.serve("):
+                   "average_case_flatness", "worst_case_flatness", "landscape_1d", "restored.export(", "served.serve(",
+                   "tr.zoo.export_model", "tr.zoo.import_model"):
         assert needle in code, needle
 
 
@@ -40,4 +42,8 @@ def test_guide_examples_run(tmp_path, monkeypatch, capsys):
     assert 0 <= result["worst_case"] <= min(result["per_attack"].values()) <= result["clean"] <= 1
     assert set(namespace["report"]["accuracy"]) == {"clean", "fgsm", "pgd5_ce"}
     assert namespace["datasets"].info.image_shape == (28, 28, 1)  # taken from the .npz
+    # The exported and re-imported network computes what the original does (the same layers on this machine).
+    probe, imported, swish = namespace["probe"], namespace["imported"], namespace["swish"]
+    assert namespace["written"]["arch"] == "dm_wide_resnet-10-1" and (tmp_path / "imported.keras").exists()
+    np.testing.assert_allclose(imported(probe), swish(probe), rtol=0, atol=1e-6)
     assert (tmp_path / "landscape.png").exists() and (tmp_path / "runs" / "mydata" / "model.keras").exists()

@@ -45,7 +45,7 @@ def model_fn_of(net):
     ({"eps": np.array([0.1, 0.2])}, "eps must be a single number"),
     ({"eps": -0.1}, "eps must be >= 0"),
     ({"eps": 0.1, "step_size": float("nan")}, "step_size must be finite"),
-    ({"eps": 0.1, "batch_size": 0}, "batch_size must be a positive integer"),
+    ({"eps": 0.1, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ({"eps": 0.1, "integrity_examples": -1}, "integrity_examples must be an integer >= 0"),
     ({"eps": 0.1, "attacks": ["pgd0_ce"]}, "between 1 and 1000"),
     ({"eps": 0.1, "attacks": ["pgd100000_ce"]}, "between 1 and 1000"),
@@ -233,7 +233,8 @@ def test_file_system_errors_are_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(experiment, "train_and_evaluate", disk_full)
     code, err = run_main(train_main, ["--workdir", str(tmp_path / "w")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("error: file system: No space left on device (") and "report.json" in err
+    assert err.startswith(f"error: file system: No space left on device (ENOSPC) in {tmp_path / 'w'}; free some "
+                          "space and rerun the same command to resume")
 
 
 @pytest.mark.slow

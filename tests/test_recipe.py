@@ -351,7 +351,7 @@ def test_recipe_run_exports_the_average_and_resumes_exactly(tmp_path, fashion_su
 
     dropped = []  # (epoch) of every training start: a resume first drops what was logged after its backup
     drop = callbacks_lib.drop_events_from
-    monkeypatch.setattr(callbacks_lib, "drop_events_from", lambda d, e: dropped.append(e) or drop(d, e))
+    monkeypatch.setattr(callbacks_lib, "drop_events_from", lambda d, e, *i: dropped.append(e) or drop(d, e, *i))
 
     pool = str(tmp_path / "pool.npz")  # 300 images standing in for generated data, labelled
     np.savez(pool, image=(fashion_subset[0][300:] * 255).round().astype(np.uint8), label=fashion_subset[1][300:])

@@ -111,7 +111,7 @@ def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, tmp_p
         killed = run(workdir, kill_at)
         assert killed.returncode == -signal.SIGKILL, (kill_at, killed.returncode, killed.stderr[-2000:])
         assert not os.path.exists(workdir / "report.json"), kill_at
-        finished = rundir.finished(str(workdir))
+        finished = {k: v for k, v in rundir.finished(str(workdir)).items() if k != "networks"}
         assert finished == ({"trained": True, "evaluated": False} if kill_at == "final_evaluation" else {}), kill_at
         # The dead process's lock is left behind and is detected as stale by the next run.
         with open(workdir / rundir.LOCK) as f:
@@ -129,7 +129,8 @@ def test_kill_9_at_every_phase_resumes_to_the_uninterrupted_run(reference, tmp_p
     assert not os.path.exists(workdir / rundir.LOCK)
     assert not os.path.exists(workdir / "backup"), "the backup is removed once the run is finished"
     with open(workdir / rundir.FINISHED) as f:
-        assert json.load(f) == {"trained": True, "evaluated": True}
+        assert json.load(f) == {"trained": True, "evaluated": True, "networks": {
+            name: rundir.sha256_of(str(workdir / name)) for name in ("model.keras", "best.keras")}}
 
     history, report = outcome(workdir)
     ref_history, ref_report = outcome(reference)
@@ -316,8 +317,9 @@ def test_finished_only_by_the_marker(tmp_path):
     assert experiment.workdir_status(str(tmp_path)) == "unfinished"
     (tmp_path / "report.json").write_text("{}")
     assert experiment.workdir_status(str(tmp_path)) == "finished"  # a complete report without a marker: older runs
-    (tmp_path / rundir.FINISHED).write_text('{"trained": tr')  # a torn marker is no marker
-    assert experiment.workdir_status(str(tmp_path)) == "unfinished"
+    (tmp_path / rundir.FINISHED).write_text('{"trained": tr')  # a damaged marker: refused, never retrained
+    with pytest.raises(UserError, match="marker is damaged"):
+        experiment.workdir_status(str(tmp_path))
     rundir.mark_finished(str(tmp_path), evaluated=False)
     assert experiment.workdir_status(str(tmp_path)) == "trained"
     with pytest.raises(UserError, match="finished training run"):
@@ -369,7 +371,9 @@ def test_finished_train_only_run_is_kept_and_can_be_evaluated(tmp_path):
         "eval.images_every": 0, "eval.integrity_examples": 0})
     workdir = str(tmp_path / "run")
     experiment.train(cfg, workdir)
-    assert rundir.finished(workdir) == {"trained": True, "evaluated": False}
+    marker = rundir.finished(workdir)
+    assert (marker["trained"], marker["evaluated"]) == (True, False)
+    assert set(marker["networks"]) == {"model.keras", "best.keras"}
     assert not os.path.exists(os.path.join(workdir, "backup"))
     assert not os.path.exists(os.path.join(workdir, rundir.LOCK))
     mtime = os.path.getmtime(os.path.join(workdir, "model.keras"))
@@ -387,7 +391,7 @@ def test_finished_train_only_run_is_kept_and_can_be_evaluated(tmp_path):
     assert set(report["models"]) == {"last", "best"}
     with open(os.path.join(workdir, "report.json")) as f:
         assert json.load(f)["models"]["last"]["accuracy"] == report["models"]["last"]["accuracy"]
-    assert rundir.finished(workdir) == {"trained": True, "evaluated": True}
+    assert rundir.finished(workdir)["evaluated"] is True
     with pytest.raises(UserError, match="holds a finished run"):
         experiment.train_and_evaluate(cfg, workdir, verbose=False)
 

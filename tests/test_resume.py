@@ -173,3 +173,23 @@ def test_resumed_run_drops_what_the_interrupted_attempt_logged_after_its_backup(
         assert _steps(tmp_path / sub, "epoch_loss") == [0, 1]
         assert _steps(tmp_path / sub, "grid") == [0, 1]
     assert drop_events_from(str(tmp_path), 2) == 0  # nothing left to drop: the files are not rewritten
+
+
+def test_resume_drops_each_series_by_its_own_step(tmp_path):
+    """8 optimizer steps per epoch; the backup holds 2 epochs (16 iterations), the attempt logged 3. Epoch series
+    keep steps 0 and 1; Keras' validation series indexed by iteration keep 8 and 16 (epochs 0 and 1), not just
+    the steps below 2."""
+    import tensorflow as tf
+
+    from tfrobust.callbacks import drop_events_from
+
+    with tf.summary.create_file_writer(str(tmp_path / "validation")).as_default():
+        for epoch in range(3):
+            tf.summary.scalar("epoch_pgd_accuracy", 0.1 * epoch, step=epoch)
+            tf.summary.scalar("evaluation_pgd_accuracy_vs_iterations", 0.1 * epoch, step=8 * (epoch + 1))
+    assert drop_events_from(str(tmp_path), 2, iterations=16) == 2
+    assert _steps(tmp_path / "validation", "epoch_pgd_accuracy") == [0, 1]
+    assert _steps(tmp_path / "validation", "evaluation_pgd_accuracy_vs_iterations") == [8, 16]
+    # Without the iteration count every series is cut by epoch (what a resume did before).
+    assert drop_events_from(str(tmp_path), 1) == 3
+    assert _steps(tmp_path / "validation", "epoch_pgd_accuracy") == [0]

@@ -63,7 +63,7 @@ _MOVED_TO = {name: module for module, names in _MOVED.items() for name in names}
 _SUBMODULES = (
     "attacks", "autoattack", "callbacks", "cli", "collapse", "config", "config_files", "data", "data_sources", "defenses", "errors",
     "evaluation", "experiment", "export", "extra_data", "flatness", "integrity", "landscape", "loading", "models",
-    "multiworker", "network_checks", "placement", "runtime", "step", "trainer", "weight_space",
+    "multiworker", "network_checks", "placement", "runtime", "step", "trainer", "weight_space", "zoo",
 )
 
 # The names above, then the submodules (so that documentation generators list them too).

@@ -3,13 +3,16 @@
 The command line checks ``--attacks`` with it before TensorFlow is imported,
 :func:`tfrobust.evaluation.evaluate` dispatches on it, and
 :mod:`tfrobust.autoattack.ensemble` builds its attacks and versions from it.
-An AutoAttack component is one :class:`Component` row (its name, the function
-that runs it, its budget and the classes it needs); a version is one
-:class:`Version` row.
+An attack that ``attacks.AttackRunner`` runs batch by batch is one
+:class:`RunnerAttack` row (the pattern of its names, their spellings in the
+help, its function); an AutoAttack component is one :class:`Component` row
+(its name, the function that runs it, its budget and the classes it needs); a
+version is one :class:`Version` row.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Tuple, Union
@@ -17,18 +20,56 @@ from typing import Callable, Mapping, Optional, Tuple, Union
 from tfrobust.errors import UserError
 
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20_ce", "pgd20_cw")
-# The names of PGD (group 1: steps, group 2: loss) and of the cleverhans attacks.
-PGD_NAME = re.compile(r"^pgd(\d+)_(ce|cw)$")
-CLEVERHANS_NAME = re.compile(r"^cleverhans_(fgsm|pgd(\d+)|mim(\d+))$")
-# The attacks of attacks.AttackRunner, as they appear in the help ("<N>": a number of steps).
-RUNNER_ATTACKS = ("clean", "fgsm", "pgd<N>_ce", "pgd<N>_cw")
-CLEVERHANS_ATTACKS = ("cleverhans_fgsm", "cleverhans_pgd<N>", "cleverhans_mim<N>")
 
 # The attacks' steps are unrolled when traced (a Python loop): far more would trace for minutes first.
 MAX_STEPS = 1000
 
 # Forward passes averaged by the EOT attacks (the reference's eot_iter of version "rand").
 RAND_EOT_ITER = 20
+
+
+def resolve(function: Union[str, Callable]) -> Callable:
+    """The function itself, imported when given as ``"module:function"``."""
+    if isinstance(function, str):
+        module, _, name = function.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return function
+
+
+@dataclass(frozen=True)
+class RunnerAttack:
+    """An attack that ``attacks.AttackRunner`` runs batch by batch: clean, FGSM, PGD, cleverhans' attacks.
+
+    ``pattern`` is the regular expression its command-line names match in full
+    (its groups are the numbers of steps and the loss); ``spellings`` are the
+    names in the help ("<N>": a number of steps, at most :data:`MAX_STEPS`).
+    ``function`` is ``"module:function"`` (imported when the attack runs) or the
+    function itself, called as ``function(match, model_fn, x, y, eps, norm=norm,
+    step_size=step_size, seed=seed)`` and returning the adversarial examples.
+    """
+
+    pattern: str
+    spellings: Tuple[str, ...]
+    function: Union[str, Callable]
+
+
+RUNNER_ATTACKS: Tuple[RunnerAttack, ...] = (
+    RunnerAttack("clean", ("clean",), "tfrobust.runner_attacks:clean"),
+    RunnerAttack("fgsm", ("fgsm",), "tfrobust.runner_attacks:fgsm"),
+    RunnerAttack(r"pgd(\d+)_(ce|cw)", ("pgd<N>_ce", "pgd<N>_cw"), "tfrobust.runner_attacks:pgd"),
+    RunnerAttack("cleverhans_fgsm", ("cleverhans_fgsm",), "tfrobust.runner_attacks:cleverhans_fgsm"),
+    RunnerAttack(r"cleverhans_pgd(\d+)", ("cleverhans_pgd<N>",), "tfrobust.runner_attacks:cleverhans_pgd"),
+    RunnerAttack(r"cleverhans_mim(\d+)", ("cleverhans_mim<N>",), "tfrobust.runner_attacks:cleverhans_mim"),
+)
+
+
+def runner_attack(name: str):
+    """``(row, match)`` of the runner attack named ``name``, or None."""
+    for row in RUNNER_ATTACKS:
+        match = re.fullmatch(row.pattern, name)
+        if match:
+            return row, match
+    return None
 
 
 @dataclass(frozen=True)
@@ -155,7 +196,7 @@ def standard_first() -> Tuple[Component, ...]:
 
 def is_attack_runner_name(name: str) -> bool:
     """Whether ``name`` is run by ``attacks.AttackRunner``: clean, fgsm, PGD or cleverhans."""
-    return name in ("clean", "fgsm") or bool(PGD_NAME.match(name) or CLEVERHANS_NAME.match(name))
+    return runner_attack(name) is not None
 
 
 def is_autoattack(name: str) -> bool:
@@ -181,8 +222,10 @@ def autoattack_plan(names) -> tuple:
 
 
 def attack_names_help() -> str:
-    return ", ".join(RUNNER_ATTACKS + tuple(c.key for c in standard_first()) + tuple(_versions)
-                     + CLEVERHANS_ATTACKS)
+    runner = [spelling for row in RUNNER_ATTACKS for spelling in row.spellings]
+    plain = [s for s in runner if not s.startswith("cleverhans_")]
+    return ", ".join(plain + [c.key for c in standard_first()] + list(_versions)
+                     + [s for s in runner if s not in plain])
 
 
 def parse_attacks(spec) -> list:
@@ -212,7 +255,8 @@ COMPONENT_ORDER = tuple(c.key for c in COMPONENTS)
 ENSEMBLES = {v.name: tuple(component(n).key for n in v.components) for v in AUTOATTACK_VERSIONS}
 OWN_BUDGET_VERSIONS = tuple(v.name for v in AUTOATTACK_VERSIONS if v.own_budgets)
 
-__all__ = ["DEFAULT_ATTACKS", "MAX_STEPS", "PGD_NAME", "CLEVERHANS_NAME", "AUTOATTACK", "AUTOATTACK_EXTRA",
+__all__ = ["DEFAULT_ATTACKS", "MAX_STEPS", "RunnerAttack", "RUNNER_ATTACKS", "runner_attack", "resolve",
+           "AUTOATTACK", "AUTOATTACK_EXTRA",
            "COMPONENT_ORDER", "ENSEMBLES", "OWN_BUDGET_VERSIONS", "RAND_EOT_ITER", "Component", "Version",
            "COMPONENTS", "AUTOATTACK_VERSIONS", "register_component", "unregister_component", "components", "component",
            "versions", "version", "is_autoattack", "autoattack_plan", "attack_names_help", "parse_attacks"]

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust.attack_names import MAX_STEPS
-from tfrobust.errors import UserError, check_number, check_steps, unknown_choice
+from tfrobust.errors import check_int, check_number, check_steps, unknown_choice
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw", "trades_kl")
@@ -372,9 +372,8 @@ class AttackRunner:
 
         from tfrobust.seeds import batch_seed
 
-        for name, value in (("batch_size", batch_size), ("restarts", restarts)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int("batch_size", batch_size)
+        check_int("restarts", restarts)
         seeds = seeds or (lambda b, r: batch_seed(0, b))
         combine = combine or np.maximum
         n = int(x.shape[0])

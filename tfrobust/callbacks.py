@@ -27,7 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfrobust import attacks
-from tfrobust.rundir import atomic_path, atomic_write, partial_name, remove
+from tfrobust.rundir import (FILE_OVERHEAD_BYTES, atomic_path, atomic_write, check_free_space, partial_name, remove,
+                             sha256_of, variables_nbytes)
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,28 +51,56 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     The previous good checkpoint stays in place until a new one is complete.
     ``best_epoch`` (1-based) is the epoch whose weights are in the file; with
-    ``save_best_only`` it is the epoch of the best monitored value ``best``.
-    :meth:`get_state` / :meth:`set_state` carry both across a resume.
+    ``save_best_only`` it is the epoch of the best monitored value ``best``;
+    ``sha256`` is the checksum of the file as written, checked before the
+    file is read back (:func:`check_file`). :meth:`get_state` /
+    :meth:`set_state` carry the three across a resume.
     """
 
     def __init__(self, filepath: str, **kwargs):
         self.final_path = filepath
         super().__init__(partial_name(filepath), **kwargs)
         self.best_epoch = None
+        self.sha256 = None
 
     def on_epoch_end(self, epoch, logs=None):
         remove(self.filepath)
+        check_free_space(self.filepath, weights_file_nbytes(self.model))
         super().on_epoch_end(epoch, logs)
         if os.path.exists(self.filepath):
+            checksum = sha256_of(self.filepath)
             os.replace(self.filepath, self.final_path)
-            self.best_epoch = epoch + 1
+            self.best_epoch, self.sha256 = epoch + 1, checksum
 
     def get_state(self) -> dict:
-        return {"best": _json_number(self.best), "best_epoch": self.best_epoch}
+        return {"best": _json_number(self.best), "best_epoch": self.best_epoch, "sha256": self.sha256}
 
     def set_state(self, state: dict) -> None:
         self.best = _from_json_number(state.get("best"))
         self.best_epoch = state.get("best_epoch")
+        self.sha256 = state.get("sha256")
+
+
+def weights_file_nbytes(model) -> int:
+    """An upper estimate of the size of ``model.save_weights``' file: the weights, the optimizer's variables
+    and the file's structure."""
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.weights) + (list(optimizer.variables) if optimizer is not None else [])
+    return variables_nbytes(variables) + FILE_OVERHEAD_BYTES
+
+
+def check_file(path: str, checksum, what: str, hint: str = "") -> None:
+    """Refuses (UserError, one line, ending with ``hint``) a file whose sha256 is not ``checksum``
+    (None: not recorded, not checked)."""
+    if checksum is None:
+        return
+    from tfrobust.errors import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} is missing; nothing was changed{hint}")
+    if sha256_of(path) != checksum:
+        raise UserError(f"{what} {path} is damaged (its sha256 differs from the one recorded when it was written); "
+                        f"nothing was loaded or changed{hint}")
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -174,7 +203,10 @@ class EpochBackup(keras.callbacks.Callback):
     score and epoch, early stopping's counters, the history, and any other
     callback that implements the two methods). Weight files are written under a temporary name
     and renamed; ``state.json`` is replaced last by an atomic rename, so a
-    kill at any moment leaves ``state.json`` naming complete files.
+    kill at any moment leaves ``state.json`` naming complete files. The
+    sha256 of each weight file is recorded in ``state.json`` (``"sha256"``)
+    and checked before the file is used: a damaged file is refused in one
+    line and nothing (weights, checkpoints) is changed.
 
     :meth:`restore` loads it back before ``fit``: the weights into the model,
     the callback states into the callbacks, and the last and best checkpoints
@@ -194,10 +226,13 @@ class EpochBackup(keras.callbacks.Callback):
         resumed = resumed or ResumeState()
         self._seconds_before = resumed.train_seconds
         self._best_name = None
+        self._sums = {}
         self._start = None
         state_path = os.path.join(backup_dir, self.STATE)
         if os.path.exists(state_path):
-            self._best_name = self.read_state(backup_dir).get("best_weights")
+            state = self.read_state(backup_dir)
+            self._best_name = state.get("best_weights")
+            self._sums = dict(state.get("sha256") or {})
 
     def on_train_begin(self, logs=None):
         self._start = time.time()
@@ -209,11 +244,15 @@ class EpochBackup(keras.callbacks.Callback):
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"epoch-{epoch + 1:05d}.weights.h5"
         with atomic_path(os.path.join(self.backup_dir, name)) as partial:
+            check_free_space(partial, weights_file_nbytes(self.model))
             self.model.save_weights(partial, overwrite=True)
+            checksum = sha256_of(partial)
         if self.best is not None and self.best.best_epoch == epoch + 1:
             self._best_name = name
+        self._sums = {key: value for key, value in self._sums.items() if key == self._best_name}
+        self._sums[name] = checksum
         state = {
-            "epoch": epoch + 1, "weights": name, "best_weights": self._best_name,
+            "epoch": epoch + 1, "weights": name, "best_weights": self._best_name, "sha256": dict(self._sums),
             "stopped": bool(self.model.stop_training), "train_seconds": self.train_seconds(),
             "callbacks": {key: cb.get_state() for key, cb in self.stateful.items()},
         }
@@ -248,6 +287,11 @@ class EpochBackup(keras.callbacks.Callback):
         state = cls.read_state(backup_dir)
         if not state:
             return ResumeState()
+        sums = state.get("sha256") or {}
+        for name in {state["weights"], state.get("best_weights")} - {None}:
+            check_file(os.path.join(backup_dir, name), sums.get(name), "the backup file",
+                       "; the checkpoints keep the last good weights, but the run cannot resume: move the run "
+                       "directory aside and start again")
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         try:
@@ -266,6 +310,9 @@ class EpochBackup(keras.callbacks.Callback):
             if target and source:
                 with atomic_path(target) as partial:
                     shutil.copyfile(os.path.join(backup_dir, source), partial)
+                for cb in (stateful or {}).values():  # the checkpoint now holds the backup's file
+                    if getattr(cb, "final_path", None) == target and sums.get(source):
+                        cb.sha256 = sums[source]
         return ResumeState(state)
 
     @staticmethod
@@ -384,18 +431,31 @@ class AdversarialExamplesImages(keras.callbacks.Callback):
             self._writer = None
 
 
-def drop_events_from(log_dir: str, epoch: int) -> int:
-    """Removes the TensorBoard summaries of epochs ``>= epoch`` from the event files under ``log_dir``.
+ITERATION_SERIES = "_vs_iterations"
 
-    A run resumed from the backup of ``epoch`` epochs repeats the epochs after
-    it; what an interrupted attempt logged for them (an epoch written to
-    TensorBoard before its backup was) would show twice. Each event file that
-    holds such summaries is rewritten without them under a temporary name and
-    renamed into place, which also leaves out bytes of a record cut short by a
-    kill (TensorBoard skips those anyway). Returns the number of summaries
-    removed.
+
+def drop_events_from(log_dir: str, epoch: int, iterations: int | None = None) -> int:
+    """Removes from the event files under ``log_dir`` what was logged after the backup of ``epoch`` epochs.
+
+    A run resumed from that backup repeats the epochs after it; what an
+    interrupted attempt logged for them (an epoch written to TensorBoard
+    before its backup was) would show twice. Each series is cut by its own
+    step: a series indexed by epoch (``epoch_*``, images, flatness) loses its
+    steps ``>= epoch``; a series indexed by optimizer iteration (Keras'
+    ``evaluation_*_vs_iterations``, logged at the optimizer's iteration count
+    after each epoch's validation) loses its steps ``> iterations``, the count
+    at the backup (None: the epoch rule for every series). Each event file
+    that holds such summaries is rewritten without them under a temporary
+    name and renamed into place, which also leaves out bytes of a record cut
+    short by a kill (TensorBoard skips those anyway). Returns the number of
+    summary values removed.
     """
     from tensorboard.compat.proto import event_pb2
+
+    def late(tag, step):
+        if iterations is not None and tag.endswith(ITERATION_SERIES):
+            return step > iterations
+        return step >= epoch
 
     removed = 0
     for path in sorted(glob.glob(os.path.join(log_dir, "**", "*tfevents*"), recursive=True)):
@@ -403,10 +463,15 @@ def drop_events_from(log_dir: str, epoch: int) -> int:
         try:
             for record in tf.data.TFRecordDataset(path):
                 event = event_pb2.Event.FromString(record.numpy())
-                if event.HasField("summary") and event.step >= epoch:
-                    dropped += 1
-                else:
+                values = list(event.summary.value) if event.HasField("summary") else []
+                keep = [v for v in values if not late(v.tag, event.step)]
+                dropped += len(values) - len(keep)
+                if len(keep) == len(values):
                     kept.append(record.numpy())
+                elif keep:
+                    del event.summary.value[:]
+                    event.summary.value.extend(keep)
+                    kept.append(event.SerializeToString())
         except tf.errors.DataLossError:
             dropped += 1  # a corrupt record: the file is rewritten without it
         if not dropped:
@@ -444,6 +509,8 @@ __all__ = [
     "drop_events_from",
     "TrainingDiverged",
     "EpochBackup",
+    "AtomicModelCheckpoint",
+    "check_file",
     "NonFiniteLossGuard",
     "LearningRateLogger",
     "AdversarialExamplesImages",

@@ -83,6 +83,19 @@ def _resume_command(argv, workdir: str) -> str:
     return shlex.join(prefix + args)
 
 
+def _os_error_text(e: OSError) -> str:
+    """``strerror (ENAME) (the file or directory)``; for a full disk, the directory and how to go on."""
+    import errno
+
+    name = errno.errorcode.get(e.errno, "")
+    text = f"{e.strerror or e}" + (f" ({name})" if name else "")
+    filename = getattr(e, "filename", None)
+    if e.errno == errno.ENOSPC and filename:
+        directory = filename if os.path.isdir(filename) else os.path.dirname(os.path.abspath(filename))
+        return f"{text} in {directory}; free some space and rerun the same command to resume"
+    return text + (f" ({filename})" if filename else "")
+
+
 @contextlib.contextmanager
 def _user_errors(resume=None):
     """Maps errors to one line and an exit status; ``resume["command"]``, once set, is printed on Ctrl-C."""
@@ -95,9 +108,16 @@ def _user_errors(resume=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, read-only or vanished directories
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: file system: {e.strerror or e}{where}; every file is written under a temporary name "
+        print(f"error: file system: {_os_error_text(e)}; every file is written under a temporary name "
               "first, so the files already there are complete", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a full disk found by a writer that does not raise OSError (TensorFlow's, HDF5's)
+        if "No space left on device" not in str(e):
+            raise
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"error: file system: No space left on device (ENOSPC): {detail}; every file is written under a "
+              "temporary name first, so the files already there are complete; free some space and rerun the same "
+              "command to resume", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         command = (resume or {}).get("command")
@@ -246,7 +266,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the JSON report here (an existing file is not overwritten), a "
                    "RobustBench-style summary next to it (r.json: r.robustbench.json), and the AutoAttack verdicts "
-                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there")
+                   "as they are decided to <output>.partial.jsonl: rerunning an interrupted command resumes there; "
+                   "<output>.lock keeps a second evaluation from writing the same output")
     p.add_argument("--strategy", choices=("default", "mirrored"),
                    help="split each AutoAttack batch across the local devices with a MirroredStrategy (default: "
                         "mirrored when the run trained with runtime.strategy mirrored or multi_worker, else one "
@@ -273,17 +294,23 @@ def evaluate_main(argv=None) -> int:
 
         _check_evaluate_args(args)  # before TensorFlow is imported: a typo is refused at once
         names = parse_attacks(args.attacks)
-        _quiet_tensorflow()
-        _quiet_device_start()
-        from tfrobust import evaluation
+        with contextlib.ExitStack() as stack:
+            if args.output is not None:  # taken before TensorFlow is imported: a second writer is refused at once
+                from tfrobust.rundir import check_new_file, output_lock
 
-        evaluation.evaluate_run(
-            args.model, names, which=args.which, data=args.data, data_dir=args.data_dir, eps=args.eps,
-            norm=args.norm, examples=args.examples, seed=args.seed, batch_size=args.batch_size,
-            integrity_examples=args.integrity_examples, strategy=args.strategy, output=args.output,
-            flatness={"examples": args.flatness_examples, "restarts": args.flatness_restarts} if args.flatness else None,
-            landscape=args.landscape, plugins=args.plugin or (),
-        )
+                stack.enter_context(output_lock(args.output))
+                check_new_file(args.output, "--output")
+            _quiet_tensorflow()
+            _quiet_device_start()
+            from tfrobust import evaluation
+
+            evaluation.evaluate_run(
+                args.model, names, which=args.which, data=args.data, data_dir=args.data_dir, eps=args.eps,
+                norm=args.norm, examples=args.examples, seed=args.seed, batch_size=args.batch_size,
+                integrity_examples=args.integrity_examples, strategy=args.strategy, output=args.output,
+                flatness={"examples": args.flatness_examples, "restarts": args.flatness_restarts} if args.flatness else None,
+                landscape=args.landscape, plugins=args.plugin or (),
+            )
     return 0
 
 
@@ -335,6 +362,61 @@ def pseudo_label_main(argv=None) -> int:
     return 0
 
 
+def import_model_parser() -> argparse.ArgumentParser:
+    from tfrobust.zoo.names import ARCH_HELP
+
+    p = _Parser(description="Build a published architecture in Keras and load a released checkpoint into it.")
+    p.add_argument("checkpoint", help="a .pt/.pth (PyTorch state dict), .safetensors or DeepMind .npy checkpoint")
+    p.add_argument("--arch", required=True, help=ARCH_HELP)
+    p.add_argument("--data", default="cifar10", help="cifar10, cifar100 or imagenet: the class count, input size and default normalisation")
+    p.add_argument("--output", required=True, help="the .keras file to write (an existing file is not overwritten)")
+    p.add_argument("--mean", type=_number, nargs="+", help="per-channel mean inside the network (default: the architecture's)")
+    p.add_argument("--std", type=_number, nargs="+", help="per-channel std inside the network (default: the architecture's)")
+    p.add_argument("--no-normalisation", action="store_true", help="the network takes [0, 1] images as they are")
+    return p
+
+
+def import_model_main(argv=None) -> int:
+    args = import_model_parser().parse_args(argv)
+    with _user_errors():
+        if args.no_normalisation and (args.mean or args.std):
+            raise UserError("--no-normalisation contradicts --mean/--std")
+        _quiet_tensorflow()
+        _quiet_device_start()
+        from tfrobust.zoo import convert
+
+        network = convert.import_model(args.checkpoint, args.arch, args.data, args.output,
+                                       mean=() if args.no_normalisation else args.mean, std=args.std)
+        print(f"wrote {args.output}: {args.arch}, {network.count_params():,} weights, normalisation "
+              f"{convert.normalisation(network) or 'none'}")
+    return 0
+
+
+def export_model_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Write a tfrobust network as a state dict in its architecture's published names.")
+    p.add_argument("model", help="a run directory or a .keras file")
+    p.add_argument("--format", choices=("pytorch", "safetensors"), default="pytorch")
+    p.add_argument("--output", required=True, help="the file to write (an existing file is not overwritten)")
+    p.add_argument("--which", choices=("last", "best"), default="last", help="for a run directory: which network")
+    p.add_argument("--arch", help="the published architecture (default: read from the network's name)")
+    return p
+
+
+def export_model_main(argv=None) -> int:
+    args = export_model_parser().parse_args(argv)
+    with _user_errors():
+        _quiet_tensorflow()
+        _quiet_device_start()
+        from tfrobust.zoo import convert
+
+        done = convert.export_model(args.model, args.output, args.format, args.which, args.arch)
+        norm = done["normalisation"]
+        print(f"wrote {args.output}: {done['arch']}, {done['tensors']} tensors; "
+              + (f"the network normalises with mean {norm[0]} and std {norm[1]}: give the PyTorch class these"
+                 if norm else "no normalisation inside the network"))
+    return 0
+
+
 def list_configs() -> int:
     """Prints every packaged config with its one-line description."""
     from tfrobust.config import packaged_configs
@@ -351,4 +433,4 @@ def main_guard(fn):
     sys.exit(fn())
 
 
-__all__ = ["train_main", "evaluate_main", "pseudo_label_main", "list_configs"]
+__all__ = ["train_main", "evaluate_main", "pseudo_label_main", "import_model_main", "export_model_main", "list_configs"]

@@ -14,12 +14,14 @@ import sys
 
 from tfrobust.cli import list_configs
 
-USAGE = """usage: tfrobust {train,evaluate,pseudo-label,configs} [flags]
+USAGE = """usage: tfrobust {train,evaluate,pseudo-label,configs,import-model,export-model} [flags]
 
   train         adversarial training (flags: tfrobust train --help)
   evaluate      robust accuracy, AutoAttack, flatness (flags: tfrobust evaluate --help)
   pseudo-label  label an unlabelled .npz with a trained network (flags: tfrobust pseudo-label --help)
   configs       list the experiment configs shipped with tfrobust (use one with --config NAME)
+  import-model  a released checkpoint (RobustBench, DeepMind, PyTorch) as a .keras network
+  export-model  a tfrobust network as a state dict in its architecture's published names
 """
 
 
@@ -32,14 +34,15 @@ def main(argv=None) -> int:
         print(USAGE, end="")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    entries = {"train": cli.train_main, "evaluate": cli.evaluate_main, "pseudo-label": cli.pseudo_label_main}
+    entries = {"train": cli.train_main, "evaluate": cli.evaluate_main, "pseudo-label": cli.pseudo_label_main,
+               "import-model": cli.import_model_main, "export-model": cli.export_model_main}
     if command == "configs":
         if rest:
             print(f"error: 'tfrobust configs' takes no arguments, got {' '.join(rest)}", file=sys.stderr)
             return 2
         return list_configs()
     if command not in entries:
-        print(f"error: unknown command {command!r}; allowed: configs, evaluate, pseudo-label, train (see tfrobust --help)",
+        print(f"error: unknown command {command!r}; allowed: configs, evaluate, export-model, import-model, pseudo-label, train (see tfrobust --help)",
               file=sys.stderr)
         return 2
     program = sys.argv[0]

@@ -6,6 +6,7 @@ one-line message and exit with status 2, without a traceback.
 """
 
 import math
+import numbers
 
 
 class UserError(ValueError):
@@ -55,6 +56,13 @@ def _is_scalar(value) -> bool:
     return len(tuple(shape)) == 0
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (a Python or NumPy integer, not a bool), or a one-line UserError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_steps(name: str, value, minimum: int = 0, maximum: int = 1000) -> int:
     """``value`` as an int in [minimum, maximum], or a one-line UserError naming ``name``."""
     if isinstance(value, bool) or not _is_scalar(value):
@@ -70,4 +78,4 @@ def check_steps(name: str, value, minimum: int = 0, maximum: int = 1000) -> int:
     return number
 
 
-__all__ = ["UserError", "unknown_choice", "check_number", "check_steps", "parse_number"]
+__all__ = ["UserError", "unknown_choice", "check_number", "check_int", "check_steps", "parse_number"]

@@ -63,6 +63,7 @@ summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -76,11 +77,10 @@ from tfrobust import attacks as attack_lib
 from tfrobust import network_checks
 from tfrobust import rundir
 from tfrobust.attack_names import (  # noqa: F401 - re-exported: the names are part of this module's API
-    AUTOATTACK, AUTOATTACK_EXTRA, CLEVERHANS_NAME, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS,
-    OWN_BUDGET_VERSIONS, PGD_NAME, attack_names_help, autoattack_plan, component, is_autoattack,
-    parse_attacks,
+    AUTOATTACK, AUTOATTACK_EXTRA, COMPONENT_ORDER, DEFAULT_ATTACKS, ENSEMBLES, MAX_STEPS, OWN_BUDGET_VERSIONS,
+    attack_names_help, autoattack_plan, component, is_autoattack, parse_attacks, resolve, runner_attack,
 )
-from tfrobust.errors import UserError, check_number
+from tfrobust.errors import UserError, check_int, check_number
 from tfrobust.seeds import EVALUATION, batch_seed
 
 
@@ -122,41 +122,14 @@ def check_model_and_data(model_fn: Callable, x, y, batch_size: int) -> int:
 
 
 def _attack(name: str, eps: float, norm: str, step_size):
-    """``attack(model_fn, x, y, seed) -> x_adv`` for the named attack (not an AutoAttack one)."""
-    match = PGD_NAME.match(name)
+    """``attack(model_fn, x, y, seed) -> x_adv`` for the named runner attack (its row in ``attack_names``)."""
+    row, match = runner_attack(name)
+    function = resolve(row.function)
 
     def attack(model_fn, x, y, seed):
-        if name == "clean":
-            return x
-        if name == "fgsm":
-            return attack_lib.fgsm(model_fn, x, y, eps, norm=norm)
-        if name.startswith("cleverhans_"):
-            return _cleverhans(name, model_fn, x, y, eps, norm, step_size)
-        steps, loss = int(match.group(1)), match.group(2)
-        return attack_lib.pgd(model_fn, x, y, eps, step_size, steps, norm=norm, loss=loss,
-                              random_start_kind="uniform", seed=seed)
+        return function(match, model_fn, x, y, eps, norm=norm, step_size=step_size, seed=seed)
 
     return attack
-
-
-def _cleverhans(name, model_fn, x, y, eps, norm, step_size):
-    """A cleverhans 4.0.0 attack (sanity_checks off: they fail inside tf.function)."""
-    import numpy as np_
-
-    from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
-    from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
-    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
-
-    order = np_.inf if norm == "linf" else 2
-    match = CLEVERHANS_NAME.match(name)
-    fn = lambda t: tf.cast(model_fn(t), tf.float32)  # noqa: E731
-    if match.group(1) == "fgsm":
-        return fast_gradient_method(fn, x, eps, order, clip_min=0.0, clip_max=1.0, y=y, sanity_checks=False)
-    if match.group(2):
-        return projected_gradient_descent(fn, x, eps, step_size, int(match.group(2)), order, clip_min=0.0,
-                                          clip_max=1.0, y=y, rand_init=True, sanity_checks=False)
-    return momentum_iterative_method(fn, x, eps, step_size, int(match.group(3)), order, clip_min=0.0, clip_max=1.0,
-                                     y=y, sanity_checks=False)
 
 
 def evaluate(
@@ -173,6 +146,7 @@ def evaluate(
     integrity_examples: int = 0,
     partial_path=None,
     strategy=None,
+    model_checksum=None,
 ) -> dict:
     """Accuracy under each attack, and the per-example worst case.
 
@@ -185,27 +159,29 @@ def evaluate(
       partial_path: a JSON-lines file of the AutoAttack ensemble's decided
         batches; an interrupted evaluation with the same arguments resumes
         from it (see :func:`tfrobust.autoattack.run_autoattack`). The other
-        attacks and the integrity probes run again.
+        attacks and the integrity probes run again. ``model_checksum``
+        identifies the model in that file (default: the sha256 of a Keras
+        model's weights); a file of another model is not replayed.
       strategy: a ``tf.distribute`` strategy whose local replica devices
         share each AutoAttack batch (see
         :func:`tfrobust.autoattack.run_autoattack`).
     Returns:
       ``{"accuracy": {name: fraction}, "worst_case": fraction, "examples": n,
       "eps": eps, "norm": norm, "seconds": {name: s}, "correct": {name: bool array}}``,
-      and when an AutoAttack ensemble ran, ``"autoattack"`` (version, attacks,
-      verdict passes, seconds, per-example ``broken_by`` and
-      ``perturbation_norm``) and ``"flags"`` (the reference's automatic checks,
-      :func:`tfrobust.integrity.autoattack_flags`).
+      ``"flags"`` (the reference AutoAttack's automatic checks,
+      :func:`tfrobust.integrity.autoattack_flags`: probabilities instead of
+      logits, a random forward pass, zero gradients, a rounded eps; on the
+      first batch, whatever attacks ran), and when an AutoAttack ensemble
+      ran, ``"autoattack"`` (version, attacks, verdict passes, seconds,
+      per-example ``broken_by`` and ``perturbation_norm``).
     """
     eps = check_number("eps", eps)
     if norm not in attack_lib.NORMS:
         raise UserError(f"unknown norm {norm!r}; allowed: l2, linf")
     names = parse_attacks(attacks)
     step = eps / 4.0 if step_size is None else check_number("step_size", step_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(integrity_examples, bool) or not isinstance(integrity_examples, (int, np.integer)) or integrity_examples < 0:
-        raise UserError(f"integrity_examples must be an integer >= 0, got {integrity_examples!r}")
+    check_int("batch_size", batch_size)
+    check_int("integrity_examples", integrity_examples, 0)
     x, y = np.asarray(x), np.asarray(y)
     n = len(x)
     if n == 0:
@@ -237,28 +213,39 @@ def evaluate(
     own_version, ensemble, components = autoattack_plan(names)
     if own_version:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size,
-                        seed, verbose, version=own_version, partial_path=partial_path, strategy=strategy)
+                        seed, verbose, version=own_version, partial_path=partial_path, strategy=strategy,
+                        model_checksum=model_checksum)
     elif components:
         _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                        partial_path=partial_path, strategy=strategy)
+                        partial_path=partial_path, strategy=strategy, model_checksum=model_checksum)
     report["worst_case"] = float(np.logical_and.reduce(list(report["correct"].values())).mean())
     if integrity_examples:
         report["integrity"] = integrity(report, model_fn, x[:integrity_examples], y[:integrity_examples],
                                         eps, norm, seed, verbose, images=kind == "images")
-    if report["non_finite_outputs"]:
-        counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
-        check = {"name": "finite outputs", "passed": False, "skipped": False,
-                 "detail": f"NaN or infinite logits on adversarial examples (counted as wrong) -- {counts}"}
-        if "integrity" in report:
-            report["integrity"]["checks"].append(check)
-            report["integrity"]["passed"] = False
-        else:
-            report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
+    _finite_outputs_check(report)
+    if report.get("flags") is None:  # AutoAttack did not run: its flags are computed here, on the first batch
+        from tfrobust.integrity import autoattack_flags
+
+        report["flags"] = autoattack_flags(model_fn, x[:batch_size], y[:batch_size], eps, norm=norm, seed=seed)
     return report
 
 
+def _finite_outputs_check(report) -> None:
+    """Adds the failed "finite outputs" integrity check when an attack met NaN or infinite logits."""
+    if not report["non_finite_outputs"]:
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in report["non_finite_outputs"].items())
+    check = {"name": "finite outputs", "passed": False, "skipped": False,
+             "detail": f"NaN or infinite logits on adversarial examples (counted as wrong) -- {counts}"}
+    if "integrity" in report:
+        report["integrity"]["checks"].append(check)
+        report["integrity"]["passed"] = False
+    else:
+        report["integrity"] = {"checks": [check], "probe_examples": 0, "seconds": 0.0, "passed": False}
+
+
 def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, batch_size, seed, verbose,
-                    version=None, partial_path=None, strategy=None):
+                    version=None, partial_path=None, strategy=None, model_checksum=None):
     """Runs the AutoAttack components as one ensemble (or ``version`` with its budgets) into ``report``."""
     from tfrobust import autoattack
 
@@ -267,6 +254,7 @@ def _run_autoattack(report, model_fn, x, y, eps, norm, components, ensemble, bat
     result = autoattack.run_autoattack(
         model_fn, x, y, eps, norm=norm, version=version or "standard", attacks=attacks,
         batch_size=batch_size, seed=seed, verbose=verbose, partial_path=partial_path, strategy=strategy,
+        model_checksum=model_checksum,
     )
     seconds = round(time.time() - start, 3)
     for name in components:
@@ -335,51 +323,62 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
     ``output`` the report is written there (never over an existing file),
     the RobustBench-style summary next to it, and the AutoAttack verdicts to
     ``<output>.partial.jsonl`` as they are decided (a rerun resumes there).
-    With ``verbose`` the tables and the files written are printed.
+    With ``verbose`` the tables and the files written are printed. The
+    output is locked (``<output>.lock``) while the evaluation runs: a second
+    process writing the same output is refused.
     """
     from tfrobust import loading
     from tfrobust.user_code import import_plugins
 
     say = print if verbose else (lambda *a, **k: None)
-    if output is not None:
-        rundir.check_new_file(output, "--output")
-    import_plugins(plugins or ())
-    loaded = loading.load(model, which)
-    landscape_dir = _landscape_dir(landscape, model, loaded) if landscape is not None else None
-    if (flatness or landscape_dir) and loaded.network is None:
-        raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
-    settings = loading.evaluation_settings(loaded, data, eps, norm, data_dir)
-    x, y, drawn = _test_examples(settings, examples, seed)
-    say(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
-        f"({settings['eps_source']})")
-    loading.check_compatible(loaded, x, y)
-    start = time.time()
-    report = evaluate(
-        loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
-        batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
-        partial_path=None if not output else output + ".partial.jsonl",
-        strategy=_evaluation_strategy(strategy, loaded),
-    )
-    report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
-                  eps_source=settings["eps_source"], test_examples=drawn)
-    say(format_table(report))
-    if flatness:
-        from tfrobust.flatness import flatness_report
-
-        report["flatness"] = flatness_report(loaded.network, x, y, eps=settings["eps"], norm=settings["norm"],
-                                             seed=seed, settings=flatness)
-        say(format_flatness(report["flatness"]))
-    if landscape_dir:
-        from tfrobust.landscape import write_landscapes
-
-        report["landscapes"] = write_landscapes(
-            loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
-            kind=("random", "adversarial"), seed=seed,
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(rundir.output_lock(output))  # a second process on the same output is refused
+            rundir.check_new_file(output, "--output")
+        import_plugins(plugins or ())
+        loaded = loading.load(model, which)
+        landscape_dir = _landscape_dir(landscape, model, loaded) if landscape is not None else None
+        if (flatness or landscape_dir) and loaded.network is None:
+            raise UserError("--flatness and --landscape perturb the weights and need a run directory or a .keras file, not a SavedModel")
+        settings = loading.evaluation_settings(loaded, data, eps, norm, data_dir)
+        x, y, drawn = _test_examples(settings, examples, seed)
+        say(f"{len(x)} test examples of {settings['data']}; {settings['norm']} eps={settings['eps']:.6g} "
+            f"({settings['eps_source']})")
+        loading.check_compatible(loaded, x, y)
+        start = time.time()
+        report = evaluate(
+            loaded.model_fn, x, y, settings["eps"], settings["norm"], attacks=attacks,
+            batch_size=batch_size, seed=seed, integrity_examples=integrity_examples, verbose=verbose,
+            partial_path=None if not output else output + ".partial.jsonl",
+            strategy=_evaluation_strategy(strategy, loaded), model_checksum=loaded.checksum() if output else None,
         )
-        say(f"landscapes: {landscape_dir}")
-    if output:
-        _write_report(output, report, loaded.run_config, say)
-    return report
+        report.update(total_seconds=round(time.time() - start, 3), model=model, data=settings["data"],
+                      eps_source=settings["eps_source"], test_examples=drawn)
+        if os.path.isfile(model):  # a network imported with tfrobust import-model names its checkpoint
+            from tfrobust.zoo.convert import provenance
+
+            if provenance(model):
+                report["provenance"] = provenance(model)
+                say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
+                    f"{report['provenance']['arch']})")
+        say(format_table(report))
+        if flatness:
+            from tfrobust.flatness import flatness_report
+
+            report["flatness"] = flatness_report(loaded.network, x, y, eps=settings["eps"], norm=settings["norm"],
+                                                 seed=seed, settings=flatness)
+            say(format_flatness(report["flatness"]))
+        if landscape_dir:
+            from tfrobust.landscape import write_landscapes
+
+            report["landscapes"] = write_landscapes(
+                loaded.network, x, y, landscape_dir, eps=settings["eps"], norm=settings["norm"],
+                kind=("random", "adversarial"), seed=seed,
+            )
+            say(f"landscapes: {landscape_dir}")
+        if output:
+            _write_report(output, report, loaded.run_config, say)
+        return report
 
 
 def _landscape_dir(landscape: str, model: str, loaded) -> str:
@@ -460,7 +459,7 @@ def format_table(report: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     header = f"{report['examples']} examples, {report['norm']} eps={report['eps']:.4g}"
     if report.get("flags"):
-        lines.append("AutoAttack checks:")
+        lines.append("automatic checks (AutoAttack's flags):")
         for check in report["flags"]:
             status = "skipped" if check["skipped"] else ("passed" if check["passed"] else "FLAGGED")
             lines.append(f"  {status:<7} {check['name']}: {check['detail']}")

@@ -227,7 +227,8 @@ def training_callbacks(config: ExperimentConfig, model: RobustModel, datasets, r
         *extra_callbacks,
     ]
     # What an interrupted attempt logged after the backup's epoch is logged again: drop it first.
-    callbacks_lib.drop_events_from(log_dir, resumed.epoch)
+    iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations)) if model.optimizer is not None else None
+    callbacks_lib.drop_events_from(log_dir, resumed.epoch, iterations)
     if resumed.epoch == 0:
         callbacks_lib.write_hparams(log_dir, to_dict(config))
     return callbacks, history_log, backup, resumed
@@ -256,7 +257,10 @@ def _train(config, place, run_dir, extra_callbacks, datasets, keep_backup, defen
     history["train_seconds"] = backup.train_seconds()
     callbacks_lib.atomic_write(os.path.join(run_dir, "history.json"), json.dumps(history, indent=1))
     history_log.write()
-    save_networks(model, run_dir, datasets.validation_size > 0)
+    best = next((cb for cb in callbacks if isinstance(cb, callbacks_lib.AtomicModelCheckpoint) and cb.save_best_only),
+                None)
+    save_networks(model, run_dir, datasets.validation_size > 0, check_best=None if best is None else (
+        lambda path: callbacks_lib.check_file(path, best.sha256, "the best checkpoint")))
     rundir.mark_finished(run_dir, evaluated=False)
     if not keep_backup:
         callbacks_lib.EpochBackup.discard(os.path.join(run_dir, "backup"))

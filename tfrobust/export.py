@@ -11,6 +11,7 @@ networks of a run directory both as ``.keras`` files and as such SavedModels.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import keras
@@ -61,13 +62,14 @@ def export_network(network, path: str, input_shape=None) -> None:
     archive.write_out(path, verbose=False)
 
 
-def save_networks(model, workdir: str, has_best: bool) -> None:
+def save_networks(model, workdir: str, has_best: bool, check_best=None) -> None:
     """Saves the last (and best) network of a RobustModel into ``workdir`` as .keras and as SavedModel.
 
     Each file is written under a temporary name and renamed into place, so a
     failed or killed save leaves the previous complete file (or none). With
     weight averaging these are the averaged networks; the live (not averaged)
-    last network is also saved, as ``model_live.keras``.
+    last network is also saved, as ``model_live.keras``. ``check_best(path)``
+    is called before the best checkpoint is read (it raises when the file is damaged).
     """
     network = model.evaluated_network()
     save_network(network, workdir, "model.keras", "saved_model")
@@ -76,6 +78,8 @@ def save_networks(model, workdir: str, has_best: bool) -> None:
             model.network.save(partial)
     best = os.path.join(workdir, "checkpoints", "best.weights.h5")
     if has_best and os.path.exists(best):
+        if check_best is not None:
+            check_best(best)
         last = [v.numpy() for v in model.weights]
         model.load_weights(best)
         try:
@@ -86,13 +90,26 @@ def save_networks(model, workdir: str, has_best: bool) -> None:
 
 
 def save_network(network, workdir: str, keras_name: str, export_name: str) -> None:
-    """Writes ``network`` to ``workdir/keras_name`` and exports it to the directory ``workdir/export_name``."""
+    """Writes ``network`` to ``workdir/keras_name`` and exports it to the directory ``workdir/export_name``.
+
+    The free space is checked first (the .keras file and the SavedModel each
+    hold the weights): a full disk is an OSError(ENOSPC) naming the directory,
+    also when TensorFlow's SavedModel writer is the one that finds it.
+    """
+    rundir.check_free_space(os.path.join(workdir, keras_name),
+                            2 * (rundir.variables_nbytes(network.weights) + rundir.FILE_OVERHEAD_BYTES))
     with rundir.atomic_path(os.path.join(workdir, keras_name)) as partial:
         network.save(partial)
-    rundir.atomic_replace_dir(
-        os.path.join(workdir, export_name),
-        lambda path: export_network(network, path),
-    )
+    rundir.atomic_replace_dir(os.path.join(workdir, export_name), lambda path: _export_to(network, path))
+
+
+def _export_to(network, path: str) -> None:
+    try:
+        export_network(network, path)
+    except tf.errors.ResourceExhaustedError as e:  # SaveV2 on a full disk
+        if "No space left" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.dirname(os.path.abspath(path))) from None
 
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "input_shape_of", "export_network", "save_networks", "save_network"]

@@ -8,13 +8,14 @@ network (needed where weights are perturbed, e.g. flatness).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Callable, Optional
 
 import tensorflow as tf
 import yaml
 
-from tfrobust import user_code
+from tfrobust import rundir, user_code
 from tfrobust.errors import UserError
 
 
@@ -24,6 +25,20 @@ class LoadedModel:
     model_fn: Callable
     network: Optional[object] = None  # a keras.Model when available
     run_config: Optional[dict] = None  # the run's config.yaml, for run directories
+
+    def checksum(self) -> str:
+        """The sha256 of the network's weights; for a SavedModel, of its files (graph and variables)."""
+        if self.network is not None:
+            return rundir.weights_checksum(self.network.weights)
+        digest = hashlib.sha256()
+        for base, dirs, names in sorted(os.walk(self.path)):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(base, name)
+                digest.update(os.path.relpath(path, self.path).encode())
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+        return digest.hexdigest()
 
 
 def _keras(path: str):
@@ -66,6 +81,10 @@ def load(path: str, which: str = "last") -> LoadedModel:
         keras_path = os.path.join(path, name)
         if not os.path.exists(keras_path):
             raise UserError(f"run directory {path} has no {name}: the run has not finished; rerun its training command to resume it")
+        recorded = (rundir.finished(path).get("networks") or {}).get(name)
+        if recorded and rundir.sha256_of(keras_path) != recorded:
+            raise UserError(f"{keras_path} differs from the network recorded in {rundir.FINISHED} (its sha256 changed "
+                            f"since the run finished); to evaluate the file as it is, pass --model {keras_path}")
         user_code.import_recorded(path)
         network = _network(_keras(keras_path))
         return LoadedModel(path, lambda x: tf.cast(network(x, training=False), tf.float32), network, run_config)

@@ -8,8 +8,11 @@
   process is gone).
 - ``finished.json`` is written last, atomically, and says what is complete:
   ``{"trained": true, "evaluated": false}`` after a train-only (``--no-eval``)
-  run, ``"evaluated": true`` once ``report.json`` is also on disk. A run
-  directory without it is unfinished, whatever other files it holds.
+  run, ``"evaluated": true`` once ``report.json`` is also on disk, and the
+  sha256 of every network file (``"networks"``). A run directory without it
+  is unfinished, whatever other files it holds -- unless it holds the final
+  networks and no backup: then the run finished and its marker was lost, and
+  the directory is refused (:func:`marker_problem`) rather than trained again.
 
 :func:`workdir_status` reads what a directory holds ("new", "unfinished",
 "trained", "finished"), :func:`prepare_workdir` refuses one that cannot take a
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +38,8 @@ LOCK = "run.lock"
 FINISHED = "finished.json"
 REPORT = "report.json"
 CONFIG = "config.yaml"
+# The network files of a finished run, whose checksums the finished marker holds.
+NETWORKS = ("model.keras", "best.keras", "model_live.keras")
 
 _held: dict = {}
 _held_guard = threading.Lock()
@@ -59,12 +65,14 @@ def _read_lock(path: str):
 
 
 @contextlib.contextmanager
-def lock(workdir: str):
-    """Holds ``workdir/run.lock`` for the block; refuses with a UserError when another live process holds it.
+def lock(workdir: str, path: str | None = None, label: str | None = None):
+    """Holds ``workdir/run.lock`` (or the lock file ``path``) for the block; refuses with a UserError when
+    another live process holds it.
 
+    ``label`` names what the lock guards in the messages (default: ``workdir <workdir>``).
     Re-entrant within one process (a train inside a train-and-evaluate).
     """
-    path = os.path.abspath(os.path.join(workdir, LOCK))
+    path = os.path.abspath(path or os.path.join(workdir, LOCK))
     with _held_guard:
         if path in _held:
             _held[path] += 1
@@ -78,7 +86,7 @@ def lock(workdir: str):
             with _held_guard:
                 _held[path] -= 1
         return
-    _acquire(path, workdir)
+    _acquire(path, label or f"workdir {workdir}", os.path.dirname(path))
     with _held_guard:
         _held[path] = 1
     try:
@@ -92,14 +100,21 @@ def lock(workdir: str):
                 os.remove(path)
 
 
-def _acquire(path: str, workdir: str) -> None:
+def output_lock(output: str):
+    """Holds ``<output>.lock`` for the block: two processes never write the same output file."""
+    return lock(os.path.dirname(os.path.abspath(output)), path=output + ".lock", label=f"--output {output}")
+
+
+def _acquire(path: str, label: str, directory: str) -> None:
     me = f"{os.getpid()} {socket.gethostname()}\n"
     tmp = f"{path}.{os.getpid()}.tmp"
+    name = os.path.basename(path)
+    choose = "--workdir" if label.startswith("workdir") else label.split()[0]
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(me)
     except OSError as e:
-        raise UserError(f"cannot write in workdir {workdir}: {e.strerror or e}") from None
+        raise UserError(f"{label}: cannot write in {directory} ({e.strerror or e})") from None
     try:
         for _ in range(3):
             try:
@@ -109,20 +124,20 @@ def _acquire(path: str, workdir: str) -> None:
                 pass
             owner = _read_lock(path)
             if owner is None:
-                raise UserError(f"workdir {workdir} has an unreadable {LOCK}; if no run is using it, remove that file")
+                raise UserError(f"{label} has an unreadable lock {path}; if no process is using it, remove that file")
             pid, host = owner
             if host == socket.gethostname() and not _pid_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)  # stale: its owner died (kill -9, power loss)
                 continue
             where = "" if host == socket.gethostname() else f" on host {host}"
-            raise UserError(f"workdir {workdir} is in use by process {pid}{where} ({LOCK}); "
-                            "wait for it to finish or choose another --workdir")
-        raise UserError(f"workdir {workdir}: could not take {LOCK}; try again")
+            raise UserError(f"{label} is in use by process {pid}{where} ({name}); "
+                            f"wait for it to finish or choose another {choose}")
+        raise UserError(f"{label}: could not take {name}; try again")
     except OSError as e:
         if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise UserError(f"workdir {workdir} is on a file system without hard links; the run lock needs them") from None
-        raise UserError(f"cannot write in workdir {workdir}: {e.strerror or e}") from None
+            raise UserError(f"{label} is on a file system without hard links; the lock {name} needs them") from None
+        raise UserError(f"{label}: cannot write in {directory} ({e.strerror or e})") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -153,6 +168,103 @@ def finished(workdir: str) -> dict:
         except (OSError, ValueError):
             return {}
     return {}
+
+
+def sha256_of(path: str) -> str:
+    """The sha256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_checksum(weights) -> str:
+    """The sha256 of a network's weights (each variable's shape and bytes, in order)."""
+    import numpy
+
+    digest = hashlib.sha256()
+    for w in weights:
+        value = numpy.asarray(w.numpy() if hasattr(w, "numpy") else w)
+        digest.update(repr(tuple(value.shape)).encode())
+        digest.update(numpy.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def network_checksums(workdir: str) -> dict:
+    """``{file name: sha256}`` of the network files (:data:`NETWORKS`) in ``workdir``."""
+    return {name: sha256_of(os.path.join(workdir, name)) for name in NETWORKS
+            if os.path.isfile(os.path.join(workdir, name))}
+
+
+def marker_problem(workdir: str):
+    """What is wrong with the finished marker of a run whose networks are on disk, or None.
+
+    A marker that cannot be read, does not say ``"trained": true``, or lists
+    a network whose checksum differs (or that is missing), and a missing
+    marker next to final networks without a backup (the backup is removed
+    only after the marker is written) are problems: such a directory holds a
+    finished run, which must not be trained again.
+    """
+    path = os.path.join(workdir, FINISHED)
+    present = [name for name in NETWORKS if os.path.isfile(os.path.join(workdir, name))]
+    if not os.path.exists(path):
+        if present and not os.path.exists(os.path.join(workdir, "backup", "state.json")) and not finished(workdir):
+            return f"{FINISHED} is missing but the final networks are there and the backup is gone"
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{FINISHED} cannot be read ({type(e).__name__})"
+    if not isinstance(marker, dict) or marker.get("trained") is not True:
+        return f"{FINISHED} does not say the run is trained ({json.dumps(marker)[:60]})"
+    recorded = marker.get("networks")
+    if not isinstance(recorded, dict):
+        return None  # written before checksums were recorded
+    for name, checksum in recorded.items():
+        file = os.path.join(workdir, str(name))
+        if not os.path.isfile(file):
+            return f"{name}, listed in {FINISHED}, is missing"
+        if sha256_of(file) != checksum:
+            return f"{name} differs from the network recorded in {FINISHED} (its sha256 changed)"
+    return None
+
+
+# What a weights file holds beyond the numbers (HDF5 or zip structure, names, config), at most.
+FILE_OVERHEAD_BYTES = 1 << 20
+
+
+def variables_nbytes(variables) -> int:
+    """The bytes of the numbers of ``variables`` (Keras or TensorFlow variables)."""
+    import numpy
+
+    total = 0
+    for v in variables:
+        size = getattr(v.dtype, "size", None)  # a TensorFlow dtype; Keras names its dtypes
+        if not isinstance(size, int):
+            try:
+                size = numpy.dtype(str(v.dtype)).itemsize
+            except TypeError:
+                size = 4
+        total += size * int(numpy.prod([int(d) for d in v.shape]))
+    return total
+
+
+def check_free_space(path: str, nbytes: int) -> None:
+    """Raises OSError(ENOSPC) naming the directory of ``path`` when it has less than ``nbytes`` free.
+
+    Checked before a weights file is written: the HDF5 writer does not fail
+    cleanly when the disk fills in the middle of a file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # the write itself reports what is wrong
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"No space left on device: {path} needs about {nbytes / 1e6:.1f} MB, "
+                      f"{free / 1e6:.1f} MB are free", directory)
 
 
 def partial_name(path: str) -> str:
@@ -220,8 +332,9 @@ def atomic_replace_dir(path: str, write) -> None:
 
 
 def mark_finished(workdir: str, evaluated: bool) -> None:
-    """Writes the finished marker atomically (the last write of a run)."""
-    atomic_write(os.path.join(workdir, FINISHED), json.dumps({"trained": True, "evaluated": bool(evaluated)}) + "\n")
+    """Writes the finished marker atomically (the last write of a run), with the networks' checksums."""
+    marker = {"trained": True, "evaluated": bool(evaluated), "networks": network_checksums(workdir)}
+    atomic_write(os.path.join(workdir, FINISHED), json.dumps(marker) + "\n")
 
 
 def workdir_status(workdir: str) -> str:
@@ -240,6 +353,11 @@ def workdir_status(workdir: str) -> str:
         raise UserError(f"workdir {workdir} cannot be read: {e.strerror or e}") from None
     if not entries - {LOCK}:
         return "new"
+    problem = marker_problem(workdir)
+    if problem:
+        raise UserError(f"workdir {workdir} holds a finished run whose marker is damaged: {problem}; nothing was "
+                        f"changed. Evaluate its networks with `evaluate.py --model {workdir}`, or train again in "
+                        "another --workdir")
     marker = finished(workdir)
     if marker:
         return "finished" if marker.get("evaluated") else "trained"
@@ -315,4 +433,5 @@ def write_config(workdir: str, config: dict) -> None:
 
 __all__ = ["LOCK", "FINISHED", "REPORT", "CONFIG", "workdir_status", "prepare_workdir", "owned", "holds_config",
            "check_new_file", "write_config", "lock", "finished", "partial_name", "remove", "atomic_path", "atomic_write",
-           "atomic_replace_dir", "mark_finished"]
+           "atomic_replace_dir", "mark_finished", "output_lock", "NETWORKS", "sha256_of", "network_checksums", "marker_problem", "weights_checksum",
+           "check_free_space", "variables_nbytes", "FILE_OVERHEAD_BYTES"]

@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from tfrobust import attacks
 from tfrobust.attacks import margin, per_example, per_example_norm
-from tfrobust.errors import UserError, check_number, unknown_choice
+from tfrobust.errors import UserError, check_int, check_number, unknown_choice
 
 NORMS = ("linf", "l2")
 
@@ -61,11 +61,7 @@ def check_eps(eps) -> float:
     return check_number("eps", eps)
 
 
-def check_positive_int(name, value, minimum=1) -> int:
-    """``value`` as an int, or a UserError naming ``name`` unless it is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+check_positive_int = check_int
 
 
 def check_seed(seed) -> int:

@@ -11,7 +11,6 @@ JSON-lines file (``partial_path``) from which an interrupted run resumes.
 
 from __future__ import annotations
 
-import importlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from tfrobust.autoattack.core import (
     BALL_TOLERANCE, as_inputs, check_ball, check_eps, check_norm, check_positive_int, check_seed, n_classes,
     predict_logits, predicted,
 )
-from tfrobust.autoattack.resume import PartialLog, fingerprint
+from tfrobust.autoattack.resume import PartialLog, fingerprint, weights_checksum
 from tfrobust.autoattack.sharding import replica_devices
 from tfrobust.errors import UserError, unknown_choice
 
@@ -44,10 +43,7 @@ def _budget(attack, **settings):
 
 def attack_of(component: attack_names.Component, budget=None) -> Callable:
     """``fn(model_fn, x, y, eps, norm, seed)`` running a row of the attack table with its budget (or ``budget``)."""
-    function = component.function
-    if isinstance(function, str):
-        module, _, name = function.partition(":")
-        function = getattr(importlib.import_module(module), name)
+    function = attack_names.resolve(component.function)
     return _budget(function, **(component.budget if budget is None else budget))
 
 
@@ -110,7 +106,7 @@ def _verdict_passes(version, attacks, plan) -> int:
 
 def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks: AttackSpec = None,
                    batch_size=500, seed=0, verbose=True, individual=False, *, verdict_passes=None,
-                   flags=True, partial_path=None, strategy=None) -> dict:
+                   flags=True, partial_path=None, strategy=None, model_checksum=None) -> dict:
     """Robust accuracy under the AutoAttack ensemble (Croce & Hein, ICML 2020).
 
     The clean predictions are computed first; then each attack runs in order,
@@ -150,7 +146,10 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
         data, eps, norm, attacks, seed and batch size) is replayed and only
         the remaining batches run: a killed evaluation resumes where it
         stopped and ends with the same result. Adversarial points of replayed
-        examples are not stored: ``x_adv`` holds ``x`` for them.
+        examples are not stored: ``x_adv`` holds ``x`` for them. A file of
+        another model or with a damaged line is set aside (see PartialLog).
+      model_checksum: the model in ``partial_path``'s fingerprint (default:
+        the sha256 of a Keras model's weights; pass one for a function).
       strategy: a ``tf.distribute`` strategy (e.g. the ``MirroredStrategy``
         of training). Whole batches go to the local replica devices in turn
         (batch k to device k mod N), attacked concurrently, each exactly as
@@ -197,8 +196,10 @@ def run_autoattack(model_fn, x, y, eps, norm="linf", version="standard", attacks
     plan = _resolve_attacks(version, attacks)
     passes = _verdict_passes(version, attacks, plan) if verdict_passes is None else check_positive_int(
         "verdict_passes", verdict_passes)
+    if model_checksum is None and partial_path is not None and hasattr(model_fn, "weights"):
+        model_checksum = weights_checksum(model_fn.weights)
     run = _Settings(eps, norm, seed, batch_size, passes, version if attacks is None else None, bool(individual),
-                    verbose, start)
+                    verbose, start, model_checksum)
     return _attack_all(model_fn, x, y, plan, run, check_classes=not isinstance(attacks, Mapping), flags=flags,
                        partial_path=partial_path, strategy=strategy)
 
@@ -216,6 +217,7 @@ class _Settings:
     individual: bool
     verbose: bool
     start: float
+    model_checksum: Optional[str] = None
 
 
 def _attack_all(model_fn, x, y, plan, run: _Settings, *, check_classes, flags, partial_path, strategy) -> dict:
@@ -241,7 +243,7 @@ def _attack_all(model_fn, x, y, plan, run: _Settings, *, check_classes, flags, p
     say = _printer(run.verbose)
     say(f"AutoAttack ({norm}, eps={eps:g}): clean accuracy {verdicts.clean:.2%} on {n} examples")
     log = PartialLog(partial_path, fingerprint(x_np, y_np, eps, norm, [a for a, _ in plan], run.version, run.seed,
-                                               batch_size, passes, run.individual))
+                                               batch_size, passes, run.individual, run.model_checksum))
     devices = replica_devices(strategy)
     runner = BatchAttacker(model_fn, x_np, y_np, eps, norm, run.seed, batch_size, passes, log, devices, run.verbose)
     per_attack = verdicts.run_ensemble(plan, runner, lambda name, acc: say(

@@ -80,45 +80,57 @@ def _square_l2_pattern(rows, cols, vh, vw, s, transpose, table):
     return tf.cast(tf.math.divide_no_nan(pattern, total), tf.float32)[..., None]
 
 
-def _build_square(call, norm, n_queries, p_init, rescale, shared, quirks, image_shape):
-    h, w, c = (int(v) for v in image_shape)
-    side = min(h, w)
-    table = tf.constant(_harmonic2(side + 2), tf.float64)
-    rows = tf.range(h)[None, :, None]
-    cols = tf.range(w)[None, None, :]
+def _uniforms(seed, tag, n):
+    return tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, tag))
 
-    def uniforms(seed, tag, n):
-        return tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, tag))
 
-    def signs(seed, tag, shape):
-        u = tf.random.stateless_uniform(shape, tf.random.experimental.stateless_fold_in(seed, tag))
-        return tf.where(u < 0.5, -1.0, 1.0)
+def _signs(seed, tag, shape):
+    u = tf.random.stateless_uniform(shape, tf.random.experimental.stateless_fold_in(seed, tag))
+    return tf.where(u < 0.5, -1.0, 1.0)
 
-    def position(u, s, size):
-        span = size - s if quirks else size - s + 1
+
+class _SquareSearch:
+    """The random search of one configuration (norm, budget, schedule, image shape), traced once.
+
+    ``run(x, y, eps, seed)`` returns the best point found, its margin and the queries used.
+    """
+
+    def __init__(self, call, norm, n_queries, p_init, rescale, shared, quirks, image_shape):
+        self.call, self.norm, self.n_queries = call, norm, n_queries
+        self.p_init, self.rescale, self.shared, self.quirks = p_init, rescale, shared, quirks
+        self.h, self.w, self.c = (int(v) for v in image_shape)
+        self.side = min(self.h, self.w)
+        self.table = tf.constant(_harmonic2(self.side + 2), tf.float64)
+        self.rows = tf.range(self.h)[None, :, None]
+        self.cols = tf.range(self.w)[None, None, :]
+
+    def _position(self, u, s, size):
+        span = size - s if self.quirks else size - s + 1
         return tf.minimum(tf.cast(tf.floor(u * tf.cast(span, tf.float32)), tf.int32), tf.maximum(size - s, 0))
 
-    def window(vh, vw, s):
+    def _window(self, vh, vw, s):
+        rows, cols = self.rows, self.cols
         m = ((rows >= vh[:, None, None]) & (rows < vh[:, None, None] + s)
              & (cols >= vw[:, None, None]) & (cols < vw[:, None, None] + s))
         return tf.cast(m, tf.float32)[..., None]
 
-    def side_length(i):
-        p = _square_p(i, p_init, n_queries, rescale)
-        s = tf.cast(tf.round(tf.sqrt(p * h * w)), tf.int32)
-        if norm == "linf":
+    def _side_length(self, i):
+        p = _square_p(i, self.p_init, self.n_queries, self.rescale)
+        s = tf.cast(tf.round(tf.sqrt(p * self.h * self.w)), tf.int32)
+        if self.norm == "linf":
             s = tf.maximum(s, 1)
         else:
             s = tf.maximum(s, 3)
             s = s + 1 - tf.math.floormod(s, 2)
-        return tf.minimum(s, side)
+        return tf.minimum(s, self.side)
 
-    def l2_init(batch, seed):
-        s0 = side // 5
+    def _l2_init(self, batch, seed):
+        h, w, c = self.h, self.w, self.c
+        s0 = self.side // 5
         delta = tf.zeros([batch, h, w, c])
         pat = _square_l2_pattern_np(s0)
         off_h, off_w = (h - 5 * s0) // 2, (w - 5 * s0) // 2
-        n_draw = 1 if shared else batch
+        n_draw = 1 if self.shared else batch
         k = 0
         for a in range(h // s0):
             for b in range(w // s0):
@@ -131,20 +143,47 @@ def _build_square(call, norm, n_queries, p_init, rescale, shared, quirks, image_
                     hh, ww = min(s0, h - vh), min(s0, w - vw)
                     canvas[vh:vh + hh, vw:vw + ww] = p[:hh, :ww]
                     canvases.append(tf.constant(canvas[None, :, :, None], tf.float32))
-                flip = uniforms(seed, 1000 + 2 * k, n_draw) < 0.5
+                flip = _uniforms(seed, 1000 + 2 * k, n_draw) < 0.5
                 flip = tf.broadcast_to(flip, [batch])[:, None, None, None]
-                sgn = signs(seed, 1001 + 2 * k, [batch, 1, 1, c])
+                sgn = _signs(seed, 1001 + 2 * k, [batch, 1, 1, c])
                 delta = delta + tf.where(flip, canvases[1], canvases[0]) * sgn
                 k += 1
         return delta
 
-    def run(x, y, eps, seed):
+    def _linf_candidate(self, xs, xb, eps, mask1, it_seed, active, batch, n_draw):
+        c = self.c
+        colour = tf.gather(tf.broadcast_to(_signs(it_seed, 3, [n_draw, 1, 1, c]), [batch, 1, 1, c]), active)
+        x_new = tf.clip_by_value(xb + mask1 * (2.0 * eps) * colour, xs - eps, xs + eps)
+        return tf.clip_by_value(x_new, 0.0, 1.0)
+
+    def _l2_candidate(self, xs, xb, eps, s, vh, vw, mask1, draw, it_seed, active, batch):
+        c = self.c
+        vh2 = self._position(draw(4), s, self.h)
+        vw2 = self._position(draw(5), s, self.w)
+        mask2 = self._window(vh2, vw2, s)
+        transpose = draw(6) < 0.5
+        colour = tf.gather(_signs(it_seed, 7, [batch, 1, 1, c]), active)
+        delta = xb - xs
+        union = tf.maximum(mask1, mask2)
+        n_window1 = tf.sqrt(tf.reduce_sum(tf.square(delta * mask1), axis=[1, 2], keepdims=True))
+        n_image = tf.sqrt(tf.reduce_sum(tf.square(delta), axis=[1, 2, 3], keepdims=True))
+        n_windows = tf.sqrt(tf.reduce_sum(tf.square(delta * union), axis=[1, 2], keepdims=True))
+        pattern = _square_l2_pattern(self.rows, self.cols, vh, vw, s, transpose, self.table)
+        new = pattern * colour + delta * mask1 / (TINY + n_window1)
+        n_new = tf.sqrt(tf.reduce_sum(tf.square(new), axis=[1, 2], keepdims=True))
+        budget = tf.sqrt(tf.maximum(eps * eps - tf.square(n_image), 0.0) / c + tf.square(n_windows))
+        new = new / (TINY + n_new) * budget
+        delta = tf.where(mask1 > 0, new, tf.where(mask2 > 0, 0.0, delta))
+        return tf.clip_by_value(xs + eps * normalize(delta, "l2"), 0.0, 1.0)
+
+    def run(self, x, y, eps, seed):
+        call = self.call
         batch = tf.shape(x)[0]
-        n_draw = 1 if shared else batch
-        if norm == "linf":
-            x_best = tf.clip_by_value(x + eps * signs(seed, 1, [batch, 1, w, c]), 0.0, 1.0)
+        n_draw = 1 if self.shared else batch
+        if self.norm == "linf":
+            x_best = tf.clip_by_value(x + eps * _signs(seed, 1, [batch, 1, self.w, self.c]), 0.0, 1.0)
         else:
-            x_best = tf.clip_by_value(x + eps * normalize(l2_init(batch, seed), "l2"), 0.0, 1.0)
+            x_best = tf.clip_by_value(x + eps * normalize(self._l2_init(batch, seed), "l2"), 0.0, 1.0)
         margin_min = margin(call(x_best), y)
         queries = tf.ones([batch], tf.int32)
 
@@ -155,37 +194,19 @@ def _build_square(call, norm, n_queries, p_init, rescale, shared, quirks, image_
             ys = tf.gather(y, active)
             xb = tf.gather(x_best, active)
             m_old = tf.gather(margin_min, active)
-            s = side_length(i)
+            s = self._side_length(i)
 
             def draw(tag):
-                u = tf.broadcast_to(uniforms(it_seed, tag, n_draw), [batch])
+                u = tf.broadcast_to(_uniforms(it_seed, tag, n_draw), [batch])
                 return tf.gather(u, active)
 
-            vh = position(draw(1), s, h)
-            vw = position(draw(2), s, w)
-            mask1 = window(vh, vw, s)
-            if norm == "linf":
-                colour = tf.gather(tf.broadcast_to(signs(it_seed, 3, [n_draw, 1, 1, c]), [batch, 1, 1, c]), active)
-                x_new = tf.clip_by_value(xb + mask1 * (2.0 * eps) * colour, xs - eps, xs + eps)
-                x_new = tf.clip_by_value(x_new, 0.0, 1.0)
+            vh = self._position(draw(1), s, self.h)
+            vw = self._position(draw(2), s, self.w)
+            mask1 = self._window(vh, vw, s)
+            if self.norm == "linf":
+                x_new = self._linf_candidate(xs, xb, eps, mask1, it_seed, active, batch, n_draw)
             else:
-                vh2 = position(draw(4), s, h)
-                vw2 = position(draw(5), s, w)
-                mask2 = window(vh2, vw2, s)
-                transpose = draw(6) < 0.5
-                colour = tf.gather(signs(it_seed, 7, [batch, 1, 1, c]), active)
-                delta = xb - xs
-                union = tf.maximum(mask1, mask2)
-                n_window1 = tf.sqrt(tf.reduce_sum(tf.square(delta * mask1), axis=[1, 2], keepdims=True))
-                n_image = tf.sqrt(tf.reduce_sum(tf.square(delta), axis=[1, 2, 3], keepdims=True))
-                n_windows = tf.sqrt(tf.reduce_sum(tf.square(delta * union), axis=[1, 2], keepdims=True))
-                pattern = _square_l2_pattern(rows, cols, vh, vw, s, transpose, table)
-                new = pattern * colour + delta * mask1 / (TINY + n_window1)
-                n_new = tf.sqrt(tf.reduce_sum(tf.square(new), axis=[1, 2], keepdims=True))
-                budget = tf.sqrt(tf.maximum(eps * eps - tf.square(n_image), 0.0) / c + tf.square(n_windows))
-                new = new / (TINY + n_new) * budget
-                delta = tf.where(mask1 > 0, new, tf.where(mask2 > 0, 0.0, delta))
-                x_new = tf.clip_by_value(xs + eps * normalize(delta, "l2"), 0.0, 1.0)
+                x_new = self._l2_candidate(xs, xb, eps, s, vh, vw, mask1, draw, it_seed, active, batch)
             m_new = margin(call(x_new), ys)
             improved = m_new < m_old
             xb = tf.where(per_example(improved, xb), x_new, xb)
@@ -196,13 +217,11 @@ def _build_square(call, norm, n_queries, p_init, rescale, shared, quirks, image_
             return i + 1, x_best, margin_min, queries
 
         def cond(i, x_best, margin_min, queries):
-            return tf.logical_and(i < n_queries, tf.reduce_any(margin_min > 0))
+            return tf.logical_and(i < self.n_queries, tf.reduce_any(margin_min > 0))
 
         _, x_best, margin_min, queries = tf.while_loop(
             cond, body, (tf.constant(0), x_best, margin_min, queries))
         return x_best, margin_min, queries
-
-    return run
 
 
 def _square_fn(model, shape, norm, n_queries, p_init, rescale, shared, quirks):
@@ -212,8 +231,8 @@ def _square_fn(model, shape, norm, n_queries, p_init, rescale, shared, quirks):
         model,
         key,
         lambda call: tf.function(
-            _build_square(call, norm, int(n_queries), float(p_init), bool(rescale), bool(shared), bool(quirks),
-                          shape[1:]),
+            _SquareSearch(call, norm, int(n_queries), float(p_init), bool(rescale), bool(shared), bool(quirks),
+                          shape[1:]).run,
             input_signature=[image_spec(shape), LABEL_SPEC, SCALAR_SPEC, SEED_SPEC],
         ),
     )
