@@ -67,7 +67,7 @@ from tfrobust.export import save_networks
 from tfrobust.rundir import REPORT, prepare_workdir, workdir_status
 from tfrobust.runtime import build_strategy, check_devices, jit_setting
 from tfrobust.trainer import RobustModel, StepSettings
-from tfrobust.step.settings import single_step_base, training_attack_name
+from tfrobust.step.attack import single_step_base, training_attack_name
 
 
 def learning_rate_schedule(optim, steps_per_epoch: int):

@@ -40,7 +40,8 @@ from tfrobust.step.micro_batches import MicroBatches
 from tfrobust.step.objective import (
     Objective, ce_scale, finite_or_zero, global_mean, metric_weights, num_replicas, sample_weights,
 )
-from tfrobust.step.settings import FIELDS, StepSettings, single_step_base, training_attack_name
+from tfrobust.step.attack import start_radius, training_attack, training_attack_name
+from tfrobust.step.settings import FIELDS, StepSettings
 from tfrobust.weight_space import restore, snapshot
 
 __all__ = ["RobustModel", "StepSettings", "start_point", "check_outputs_are_logits", "EVALUATION_METRICS"]
@@ -107,9 +108,8 @@ class RobustModel(keras.Model):
             self.built = True
         statistics = [n for t in terms for n in t.STATISTICS]
         self.trackers = metrics_lib.trackers(self.objective.term_names(), statistics)
-        state = [v for t in self.objective.input_terms for v in t.state_variables()]
-        if state:  # ELLE-A's weight and error moments: saved with the model, restored on resume
-            self.regulariser_state = state
+        if self.objective.state_variables():  # ELLE-A's weight and error moments: saved with the model
+            self.regulariser_state = self.objective.state_variables()
 
     # -- Keras plumbing ---------------------------------------------------
 
@@ -272,9 +272,8 @@ class RobustModel(keras.Model):
         return 1024.0 if self.network.compute_dtype == "float16" else 1.0
 
     def _attack_start(self, x):
-        s, base = self.settings, self.defense.objective
-        radius = s.eps * base.START_RADIUS if single_step_base(base) else s.eps
-        return start_point(x, radius, s.norm, self.defense.attack_start, self._seed(seeds.TRAIN_ATTACK_START))
+        s, seed = self.settings, self._seed(seeds.TRAIN_ATTACK_START)
+        return start_point(x, start_radius(self.defense.objective, s), s.norm, self.defense.attack_start, seed)
 
     def adversarial_examples(self, x, y, x_init=None):
         """The training attack of the base objective, at the terms' attack offsets (RAT's noisy kernels).
@@ -288,16 +287,7 @@ class RobustModel(keras.Model):
         model_fn = self._attack_model_fn()
         if x_init is None:
             x_init = self._attack_start(x)
-        base = self.defense.objective
-        if single_step_base(base):
-            x_adv = attacks.single_step(model_fn, x, y, s.eps, s.eps * base.STEP, x_init, base.PROJECT_TO_BALL,
-                                        self._attack_gradient_scale())
-        else:
-            x_adv = attacks.pgd(
-                model_fn, x, y, s.eps, s.step_size, s.steps, norm=s.norm, loss=base.ATTACK_LOSS,
-                x_init=x_init, gradient_scale=self._attack_gradient_scale(),
-                project_start=self.defense.attack_start != "gaussian_unclipped",
-            )
+        x_adv = training_attack(self.defense, s, model_fn, x, y, x_init, self._attack_gradient_scale())
         self.hooks.restore_after_attack(applied)
         if saved_state is not None:
             restore(state, saved_state)
@@ -382,8 +372,7 @@ class RobustModel(keras.Model):
         extra.update(layout["extra"])
         extra.update(self.hooks.restore(applied))
         self.optimizer.apply(grads, variables)
-        if draws:
-            extra.update(self.objective.after_step(dict(zip(layout["names"], parts[2:]))))
+        extra.update(self.objective.after_step(dict(zip(layout["names"], parts[2:]))))  # ELLE-A's adaptation
         if self.averaged_network is not None:
             self.average.update(self.averaged_network, self.network, self.optimizer.iterations)
         logits_clean, logits_adv, *values = parts
@@ -403,8 +392,7 @@ class RobustModel(keras.Model):
         """The forward pass, the soft targets, the objective and its gradient on (a micro-batch of) the batch.
 
         ``stats``: the terms' statistics summed over the batch, or None to take
-        them from this pass; ``draws``: the input-space terms' noise for these
-        examples (None: no such term). Returns the gradients, the loss (this replica's
+        them from this pass; ``draws``: the input-space terms' noise (or None). Returns the gradients, the loss (this replica's
         share), both logits, the named per-example terms and the terms'
         metrics from the statistics of this pass.
         """
@@ -423,9 +411,7 @@ class RobustModel(keras.Model):
                 else:
                     targets = self.hooks.targets(stats, y)
             per_example, terms = self.objective.objective_terms(y, logits_clean, logits_adv, targets, ce_scale(weights))
-            if draws is not None:
-                penalty, reported = self.objective.input_penalty(self.network, x, y, list(draws))
-                per_example, terms = per_example + penalty, dict(terms, **reported)
+            per_example, terms = self.objective.add_input_penalty(self.network, x, y, draws, per_example, terms)
             loss = self.objective.training_loss(self.network, per_example, weights, fraction)
             penalty = self.objective.weight_decay_penalty(self.network, variables, fraction)
             scaled = self.optimizer.scale_loss(loss + penalty)

@@ -149,6 +149,10 @@ class Objective:
         """The defense's input-space terms, in canonical order."""
         return [t for t in self.terms if getattr(t, "INPUT_SPACE", False)]
 
+    def state_variables(self) -> list:
+        """The input-space terms' variables kept across steps (ELLE-A's weight and error moments)."""
+        return [v for t in self.input_terms for v in t.state_variables()]
+
     def input_draws(self, x, seed_of) -> list:
         """Every input-space term's noise for the batch ``x``, in term order."""
         return [d for t in self.input_terms for d in t.draw(x, seed_of)]
@@ -166,6 +170,13 @@ class Objective:
             reported.update(terms)
         restore(state, saved)
         return total, reported
+
+    def add_input_penalty(self, network, x, y, draws, per_example, terms):
+        """The per-example objective and its named terms with the input-space penalties (``draws`` None: as given)."""
+        if draws is None:
+            return per_example, terms
+        penalty, reported = self.input_penalty(network, x, y, list(draws))
+        return per_example + penalty, dict(terms, **reported)
 
     def after_step(self, values: dict) -> dict:
         """Each input-space term's update from the global-batch means of its per-example terms."""

@@ -12,26 +12,12 @@ import dataclasses
 from typing import Optional
 
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
+from tfrobust.step.attack import single_step_base
 from tfrobust.errors import UserError, check_number, check_steps
 
 NORMS = ("linf", "l2")
 BN_MODES = ("eval", "train")
 EVAL_LOSSES = ("ce", "cw")
-
-
-def single_step_base(base) -> bool:
-    """Whether a base objective's module trains on one signed step (FGSM, FGSM-RS, N-FGSM) rather than PGD."""
-    return getattr(base, "TRAINING_ATTACK", "pgd") == "single_step"
-
-
-def training_attack_name(base, settings) -> str:
-    """The training attack in words: ``PGD-10 (linf) eps 0.0314, step 0.00784`` or the single-step attack."""
-    s = settings
-    if not single_step_base(base):
-        return f"PGD-{s.steps} ({s.norm}) eps {s.eps:.6g}, step {s.step_size:.6g}"
-    start = f"uniform start of {base.START_RADIUS:g} eps" if base.ATTACK_START != "none" else "no random start"
-    ball = "projected onto the eps-ball" if base.PROJECT_TO_BALL else "not projected onto the eps-ball"
-    return f"one step of {base.STEP:g} eps (linf) eps {s.eps:.6g}, {start}, {ball}"
 
 
 def _choice(name, value, allowed):
@@ -158,4 +144,4 @@ class StepSettings:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(StepSettings))
 
-__all__ = ["StepSettings", "FIELDS", "single_step_base", "training_attack_name", "NORMS", "BN_MODES", "EVAL_LOSSES"]
+__all__ = ["StepSettings", "FIELDS", "NORMS", "BN_MODES", "EVAL_LOSSES"]
