@@ -183,7 +183,7 @@ LAYERS = (
     ("config", "rundir", "user_code", "export", "multiworker", "network_checks", "runtime"),
     ("data", "data_sources", "extra_data", "models", "loading", "weight_space", "placement", "zoo"),
     ("attacks",),
-    ("autoattack", "defenses", "flatness", "callbacks", "runner_attacks"),
+    ("autoattack", "defenses", "flatness", "callbacks", "runner_attacks", "collapse"),
     ("integrity", "step", "trainer", "landscape"),
     ("evaluation",),
     ("experiment",),

@@ -20,7 +20,8 @@ def run_main(main, argv, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--defense", "fgsm"], "unknown defense 'fgsm'"),
+    (["--defense", "madry"], "unknown defense 'madry'"),
+    (["--defense", "n_fgsm+gradalign"], "GRADALIGN builds on FGSM or FGSM_RS (use fgsm+gradalign)"),
     (["--defense", "at+rat"], "RAT builds on TRADES"),
     (["--model", "resnet9000"], "unknown model 'resnet9000'; allowed: preact_resnet18, small_cnn, wide_resnet"),
     (["--data", "imagenet"], "unknown data set 'imagenet'"),
@@ -69,7 +70,7 @@ def test_real_process_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "allowed: awp, rat, s2o" in proc.stderr.strip().splitlines()[-1]
+    assert "allowed: awp, elle, elle_a, gradalign, rat, s2o" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_evaluate_any_saved_model(tmp_path, capsys):

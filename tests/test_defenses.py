@@ -52,8 +52,13 @@ def test_config_overrides_defaults():
     ("trades+rat+s2o", "choose one"),
     ("awp+at", "must start with a base objective"),
     ("at+awp+awp", "names a term twice"),
-    ("at+sam", "allowed: awp, rat, s2o"),
-    ("fgsm", "unknown defense 'fgsm'"),
+    ("at+sam", "allowed: awp, elle, elle_a, gradalign, rat, s2o"),
+    ("madry", "unknown defense 'madry'"),
+    ("at+gradalign", "not defined: GRADALIGN builds on FGSM or FGSM_RS"),
+    ("n_fgsm+gradalign", "GRADALIGN builds on FGSM or FGSM_RS"),
+    ("trades+elle", "ELLE builds on FGSM or FGSM_RS or N_FGSM"),
+    ("n_fgsm+elle+elle_a", "ELLE and ELLE-A are one regulariser; choose one"),
+    ("fgsm_rs+rat", "RAT builds on TRADES"),
 ])
 def test_refused_combinations(name, message):
     with pytest.raises(UserError, match=message):

@@ -179,7 +179,7 @@ def test_a_plugin_named_in_the_config_gives_a_defense_and_its_config_section(plu
     from tfrobust.config import to_dict
     from tfrobust.defenses import parse_defense
 
-    with pytest.raises(UserError, match="'planted'; allowed: awp, rat, s2o .a plug-in's term: load its module with --plugin"):
+    with pytest.raises(UserError, match="'planted'; allowed: awp, elle, elle_a, gradalign, rat, s2o .a plug-in's term: load its module with --plugin"):
         load_config(overrides={"defense.name": "at+planted"})
     cfg = load_config(overrides={"plugins": plugin_file, "defense.name": "at+planted",
                                  "defense.planted.weight": "0.25"})

@@ -61,7 +61,7 @@ _MOVED = {
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _MOVED_TO = {name: module for module, names in _MOVED.items() for name in names}
 _SUBMODULES = (
-    "attacks", "autoattack", "callbacks", "cli", "config", "config_files", "data", "data_sources", "defenses", "errors",
+    "attacks", "autoattack", "callbacks", "cli", "collapse", "config", "config_files", "data", "data_sources", "defenses", "errors",
     "evaluation", "experiment", "export", "extra_data", "flatness", "integrity", "landscape", "loading", "models",
     "multiworker", "network_checks", "placement", "runtime", "step", "trainer", "weight_space", "zoo",
 )

@@ -279,6 +279,36 @@ def pgd(
     return tf.stop_gradient(x_adv)
 
 
+def uniform_noise(shape, seed):
+    """Noise U(-1, 1) of ``shape`` from a stateless seed, drawn for the global batch and sliced per replica."""
+    return _global_batch_noise("uniform", shape, seed)
+
+
+def single_step(model_fn: Callable, x, y, eps, step_size, x_init, project_to_ball: bool = True,
+                gradient_scale: float = 1.0):
+    """One signed gradient step on the cross-entropy from ``x_init`` (L-inf), the single-step training attacks.
+
+    ``x' = clip(x_init + step_size * sign(grad CE(x_init)))``: with
+    ``project_to_ball`` the step is projected onto the eps-ball around ``x``
+    and then onto [0, 1] (FGSM, FGSM-RS; Wong et al. 2020); without, onto
+    [0, 1] only (N-FGSM; de Jorge et al. 2022), so that ``x'`` may lie up to
+    ``noise + step_size`` from ``x``. ``x_init`` is taken as given (the
+    random starts of :func:`random_start` are already in [0, 1]).
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    x_init = tf.convert_to_tensor(x_init, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x_init)
+        value = tf.reduce_sum(cross_entropy(model_fn(x_init), y)) * gradient_scale
+    grad = tf.cast(tape.gradient(value, x_init, unconnected_gradients=tf.UnconnectedGradients.ZERO), tf.float32)
+    if gradient_scale != 1.0:
+        grad = tf.where(tf.math.is_finite(grad), grad, tf.zeros_like(grad))
+    x_new = tf.stop_gradient(x_init + tf.cast(step_size, tf.float32) * tf.sign(grad))
+    if project_to_ball:
+        return project(x_new, x, tf.cast(eps, tf.float32), "linf")
+    return tf.clip_by_value(x_new, 0.0, 1.0)
+
+
 def fgsm(model_fn: Callable, x, y, eps, norm: str = "linf"):
     """Fast gradient (sign) method (Goodfellow et al., ICLR 2015, eq. 3): one step of size eps from x."""
     return pgd(model_fn, x, y, eps, eps, 1, norm=norm, loss="ce", random_start_kind="none")
@@ -382,6 +412,8 @@ __all__ = [
     "per_example",
     "project",
     "random_start",
+    "uniform_noise",
+    "single_step",
     "attack_loss",
     "pgd",
     "fgsm",

@@ -169,7 +169,8 @@ def train_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Adversarial training with weight-space defenses (AT, TRADES, MART + AWP, S2O, RAT).")
     p.add_argument("--config", help="YAML experiment file, or the name of a packaged config (--list-configs); "
                    "default: the Fashion-MNIST defaults")
-    p.add_argument("--defense", help="e.g. at, trades, mart, awp, s2o, rat, trades+awp, trades+awp+s2o")
+    p.add_argument("--defense", help="e.g. at, trades, mart, awp, s2o, rat, trades+awp, trades+awp+s2o, fgsm_rs, n_fgsm+awp, "
+                                     "fgsm+gradalign, n_fgsm+elle_a")
     p.add_argument("--data", help="data: fashion_mnist, mnist, cifar10, cifar100, svhn_cropped, any tfds name, "
                                   "an image folder (one sub-folder per class) or a .npz with x_train, y_train, x_test, y_test")
     p.add_argument("--model", help="network: small_cnn, preact_resnet18, wide_resnet, a .keras file, or module:function "

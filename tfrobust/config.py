@@ -210,6 +210,12 @@ class EvalConfig:
     integrity_examples: int = 100
     # TensorBoard grid of clean and adversarial validation images every N epochs (0: off).
     images_every: int = 1
+    # Catastrophic overfitting (tfrobust.collapse): PGD accuracy on the first collapse_examples training examples
+    # after each epoch (0: off); a collapse is a fall of more than collapse_drop below the best earlier epoch;
+    # collapse_action: record | stop | rollback (to the last good epoch's weights and optimizer slots).
+    collapse_examples: int = 0
+    collapse_drop: float = 0.2
+    collapse_action: str = "record"
 
 
 @dataclass
@@ -454,6 +460,10 @@ def validate(config: ExperimentConfig) -> None:
         (config.runtime.mixed_precision in PRECISIONS, f"unknown runtime.mixed_precision {config.runtime.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}"),
         (config.optim.early_stopping_patience >= 0, "optim.early_stopping_patience must be >= 0"),
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
+        (config.eval.collapse_examples >= 0, "eval.collapse_examples must be >= 0"),
+        (0 <= config.eval.collapse_drop <= 1, "eval.collapse_drop must be in [0, 1]"),
+        (config.eval.collapse_action in ("record", "stop", "rollback"),
+         f"unknown eval.collapse_action {config.eval.collapse_action!r}; allowed: record, rollback, stop"),
         (0 < config.data.extra_fraction < 1, "data.extra_fraction must be in (0, 1)"),
         (config.eval.pgd_loss in ("ce", "cw"), f"unknown eval.pgd_loss {config.eval.pgd_loss!r}; allowed: ce, cw"),
         (0 <= config.defense.label_smoothing < 1, "defense.label_smoothing must be in [0, 1)"),

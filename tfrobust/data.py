@@ -51,6 +51,8 @@ class Datasets:
     unlabelled_extra: bool = False
     # Examples in the training split before the validation split and data.train_examples.
     split_size: Optional[int] = None
+    # train_subset(n): the first n training examples, unaugmented, as float arrays in [0, 1] and labels.
+    train_subset: Optional[Callable] = None
 
 
 VALIDATION_MAX_SHARE = 0.5
@@ -298,6 +300,7 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> Datasets:
         train_epochs=train_epochs,
         unlabelled_extra=pool is not None and pool[1] is None,
         split_size=split_size,
+        train_subset=lambda n: (_to_float(tf.constant(x_tr[:n]), y_tr[:n])[0].numpy(), y_tr[:n].astype(np.int32)),
     )
 
 

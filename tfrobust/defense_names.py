@@ -22,7 +22,13 @@ from typing import Any, Callable, Optional
 
 from tfrobust.errors import UserError, unknown_choice
 
-BASE_NAMES = ("at", "trades", "mart")  # the built-in base objectives
+BASE_NAMES = ("at", "trades", "mart")  # the built-in base objectives with their own per-base term defaults
+
+
+def _valid_name(name) -> bool:
+    """Lower-case letters and digits, with single ``_`` inside (``n_fgsm``, ``elle_a``)."""
+    return (isinstance(name, str) and name.replace("_", "").isalnum() and name.islower()
+            and not name.startswith("_") and not name.endswith("_") and "__" not in name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +66,7 @@ def register_base(name: str, implementation, *, like: Optional[str] = None, titl
         (``"at"``); None: it combines with terms declared for it by name.
       title: the base's paper, for documentation.
     """
-    if not (isinstance(name, str) and name.isalnum() and name.islower()) or name in _TERMS:
+    if not _valid_name(name) or name in _TERMS:
         raise ValueError(f"a base objective needs a lower-case alphanumeric name other than a term's, got {name!r}")
     if like is not None and like not in BASE_NAMES:
         raise ValueError(f"base {name!r}: like must be a built-in base ({', '.join(BASE_NAMES)}), got {like!r}")
@@ -182,7 +188,7 @@ def register_term(
     Registering the same name again replaces the declaration (a module
     reloaded in a notebook); it must not shadow a base objective.
     """
-    if not (isinstance(name, str) and name.isalnum() and name.islower()) or name in _BASES:
+    if not _valid_name(name) or name in _BASES:
         raise ValueError(f"a weight-space term needs a lower-case alphanumeric name other than a base's, got {name!r}")
     for h in hyperparameters:
         if h.kind not in (float, int, bool) or (h.per_base and set(h.default) != set(BASE_NAMES)):
@@ -284,6 +290,10 @@ def _fraction(value) -> bool:
 register_base("at", "tfrobust.defenses.at", title="PGD adversarial training (Madry et al. 2018).")
 register_base("trades", "tfrobust.defenses.trades", title="TRADES (Zhang et al. 2019).")
 register_base("mart", "tfrobust.defenses.mart", title="MART (Wang et al. 2020).")
+# Single-step bases: AT's objective on a one-step attack; they take AT's term defaults.
+register_base("fgsm", "tfrobust.defenses.fgsm", like="at", title="FGSM adversarial training (Goodfellow et al. 2015).")
+register_base("fgsm_rs", "tfrobust.defenses.fgsm_rs", like="at", title="FGSM with a random start (Wong et al. 2020).")
+register_base("n_fgsm", "tfrobust.defenses.n_fgsm", like="at", title="N-FGSM (de Jorge et al. 2022).")
 
 register_term(
     "awp", "tfrobust.defenses.awp:AdversarialWeightPerturbation",
@@ -315,6 +325,36 @@ register_term(
     ),
     bases=("trades",), conflicts=(("s2o", "RAT and S2O both replace the soft targets; choose one"),),
     short_name="trades+rat", defenses=("trades+rat", "trades+awp+rat"),
+)
+
+# Input-space regularisers of the single-step bases (tfrobust/defenses/input_space.py): terms of the objective.
+register_term(
+    "gradalign", "tfrobust.defenses.input_space:GradAlign",
+    title="GradAlign (Andriushchenko and Flammarion 2020): lambda (1 - cos(grad at x, grad at x + eta)).",
+    hyperparameters=(
+        Hyperparameter("weight", 0.2, float, _non_negative, "must be >= 0", "lambda: 0.2 for eps 8/255"),
+    ),
+    bases=("fgsm", "fgsm_rs"), defenses=("fgsm+gradalign",),
+)
+register_term(
+    "elle", "tfrobust.defenses.input_space:LocalLinearity",
+    title="ELLE (Abad Rocamora et al. 2024): lambda times the local linearity error on random triplets.",
+    hyperparameters=(
+        Hyperparameter("weight", 1000.0, float, _non_negative, "must be >= 0", "lambda: 1000 for eps 8/255"),
+    ),
+    bases=("fgsm", "fgsm_rs", "n_fgsm"),
+)
+register_term(
+    "elle_a", "tfrobust.defenses.input_space:AdaptiveLocalLinearity",
+    title="ELLE-A: ELLE whose weight jumps to its maximum when the error jumps, then decays.",
+    hyperparameters=(
+        Hyperparameter("weight", 4000.0, float, _non_negative, "must be >= 0", "the weight after a jump: 4000"),
+        Hyperparameter("decay", 0.99, float, _fraction, "must be in [0, 1]", "factor per step without a jump"),
+        Hyperparameter("sensitivity", 2.0, float, _non_negative, "must be >= 0",
+                       "a jump: error > mean + sensitivity * std of the earlier errors"),
+    ),
+    bases=("fgsm", "fgsm_rs", "n_fgsm"), conflicts=(("elle", "ELLE and ELLE-A are one regulariser; choose one"),),
+    defenses=("n_fgsm+elle_a",),
 )
 
 # The built-in terms, their short names and the combinations the papers define.

@@ -67,6 +67,7 @@ from tfrobust.export import save_networks
 from tfrobust.rundir import REPORT, prepare_workdir, workdir_status
 from tfrobust.runtime import build_strategy, check_devices, jit_setting
 from tfrobust.trainer import RobustModel, StepSettings
+from tfrobust.step.attack import single_step_base, training_attack_name
 
 
 def learning_rate_schedule(optim, steps_per_epoch: int):
@@ -187,6 +188,7 @@ def training_callbacks(config: ExperimentConfig, model: RobustModel, datasets, r
         callbacks_lib.NonFiniteLossGuard(last_path),
         callbacks_lib.LearningRateLogger(),
         *flatness_monitor(config, datasets, run_dir),
+        *collapse_monitor(config, model, datasets, run_dir, stateful),
         callbacks_lib.AtomicModelCheckpoint(last_path, save_weights_only=True),
     ]
     best_checkpoint = None
@@ -294,8 +296,10 @@ def start_summary(config: ExperimentConfig, datasets, defense: Defense, model, r
         f"start: resumed from epoch {resumed_epoch} of {epochs}" if resumed_epoch else f"start: fresh ({epochs} epochs)",
         f"data: {config.data.name} ({shape}, {info.num_classes} classes); of its {split} training examples "
         f"{datasets.train_size} train and {datasets.validation_size} validate; {datasets.test_size} test examples",
-        f"attack: {config.attack.norm} eps={evaluation.eps_text(config.attack.eps)}, step {config.attack.step_size:.6g}, "
-        f"{config.attack.steps} steps; validation PGD-{config.eval.pgd_steps} step {float(model.settings.validation_step_size):.6g}",
+        (f"attack: {config.attack.norm} eps={evaluation.eps_text(config.attack.eps)}, step {config.attack.step_size:.6g}, "
+         f"{config.attack.steps} steps" if not single_step_base(defense.objective)
+         else f"attack: {training_attack_name(defense.objective, model.settings)}")
+        + f"; validation PGD-{config.eval.pgd_steps} step {float(model.settings.validation_step_size):.6g}",
         f"defense: {defense.name}" + (f" ({', '.join(warmups)})" if warmups else ""),
         f"optimisation: {steps_per_epoch} steps per epoch of batch {config.data.batch_size}, lr {config.optim.lr:g} "
         f"{config.optim.schedule}, seed {config.runtime.seed}",
@@ -325,6 +329,24 @@ def write_start_summary(run_dir, config, datasets, defense, model, resumed_epoch
             print("\n".join(lines), flush=True)
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr, flush=True)
+
+
+def collapse_monitor(config: ExperimentConfig, model: RobustModel, datasets, workdir: str, stateful: dict) -> list:
+    """The optional CollapseMonitor on the first ``eval.collapse_examples`` training examples (unaugmented)."""
+    n = config.eval.collapse_examples
+    if not n:
+        return []
+    from tfrobust.collapse import CollapseMonitor
+
+    x, y = datasets.train_subset(n)
+    monitor = CollapseMonitor(
+        x, y, eps=config.attack.eps, step_size=model.settings.validation_step_size, steps=config.eval.pgd_steps,
+        norm=config.attack.norm, drop=config.eval.collapse_drop, action=config.eval.collapse_action,
+        seed=config.runtime.seed, batch_size=config.data.eval_batch_size, log_dir=os.path.join(workdir, "tensorboard"),
+        snapshot_path=os.path.join(workdir, "checkpoints", "last_good.npz"), verbose=config.runtime.verbose > 0,
+    )
+    stateful["collapse"] = monitor
+    return [monitor]
 
 
 def flatness_monitor(config: ExperimentConfig, datasets, workdir: str) -> list:

@@ -65,6 +65,10 @@ PROBE_STEPS = 10  # + the index of the step count (10, 11, 12 for PGD-10, -20, -
 # Training step: the purpose of step_seed (trainer.RobustModel).
 TRAIN_ATTACK_START = 1
 TRAIN_RAT_NOISE = 2
+TRAIN_GRADALIGN = 3  # GradAlign's random point of the ball
+TRAIN_ELLE_A = 4  # ELLE's triplets: the first point,
+TRAIN_ELLE_B = 5  # the second point,
+TRAIN_ELLE_ALPHA = 6  # and the interpolation weight
 VALIDATION_ATTACK_START = 7
 
 # Flatness measures and landscapes: the stream of flatness_seed (tfrobust.flatness, tfrobust.weight_space).
@@ -148,5 +152,6 @@ def flatness_seed(base, stream: int, *counters) -> tf.Tensor:
 __all__ = ["mixed_radix", "attack_seed", "batch_seed", "step_seed", "epoch_seed", "augment_seed",
            "extra_draw_seed", "flatness_seed", "APGD", "APGD_TARGETED", "FAB_TARGETED",
            "SQUARE", "FAB", "EVALUATION", "PROBE_EPS0", "PROBE_LARGE_EPS", "PROBE_STEPS", "TRAIN_ATTACK_START",
-           "TRAIN_RAT_NOISE", "VALIDATION_ATTACK_START", "STREAM_PGD", "STREAM_AVERAGE", "STREAM_WORST_NU",
+           "TRAIN_RAT_NOISE", "TRAIN_GRADALIGN", "TRAIN_ELLE_A", "TRAIN_ELLE_B", "TRAIN_ELLE_ALPHA",
+           "VALIDATION_ATTACK_START", "STREAM_PGD", "STREAM_AVERAGE", "STREAM_WORST_NU",
            "STREAM_WORST_DELTA", "STREAM_DIRECTION"]

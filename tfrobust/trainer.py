@@ -39,6 +39,7 @@ from tfrobust.step.micro_batches import MicroBatches
 from tfrobust.step.objective import (
     Objective, ce_scale, finite_or_zero, global_mean, metric_weights, num_replicas, sample_weights,
 )
+from tfrobust.step.attack import start_radius, training_attack, training_attack_name
 from tfrobust.step.settings import FIELDS, StepSettings
 from tfrobust.weight_space import restore, snapshot
 
@@ -106,6 +107,8 @@ class RobustModel(keras.Model):
             self.built = True
         statistics = [n for t in terms for n in t.STATISTICS]
         self.trackers = metrics_lib.trackers(self.objective.term_names(), statistics)
+        if self.objective.state_variables():  # ELLE-A's weight and error moments: saved with the model
+            self.regulariser_state = self.objective.state_variables()
 
     # -- Keras plumbing ---------------------------------------------------
 
@@ -196,8 +199,7 @@ class RobustModel(keras.Model):
                    if s.ema_decay is not None else "none")
         return "\n".join([
             f"RobustModel: defense {d.name}" + (f" ({used})" if used else ""),
-            f"  training attack: PGD-{s.steps} ({s.norm}) eps {s.eps:.6g}, step {s.step_size:.6g}, "
-            f"BatchNorm in {s.bn_mode} mode",
+            f"  training attack: {training_attack_name(d.objective, s)}, BatchNorm in {s.bn_mode} mode",
             f"  validation attack: PGD-{s.eval_steps} on {s.eval_loss}, step {s.validation_step_size:.6g}",
             f"  weight averaging: {average}",
             f"  network: {self.network.name} ({type(self.network).__name__})",
@@ -269,8 +271,8 @@ class RobustModel(keras.Model):
         return 1024.0 if self.network.compute_dtype == "float16" else 1.0
 
     def _attack_start(self, x):
-        s = self.settings
-        return start_point(x, s.eps, s.norm, self.defense.attack_start, self._seed(seeds.TRAIN_ATTACK_START))
+        s, seed = self.settings, self._seed(seeds.TRAIN_ATTACK_START)
+        return start_point(x, start_radius(self.defense.objective, s), s.norm, self.defense.attack_start, seed)
 
     def adversarial_examples(self, x, y, x_init=None):
         """The training attack of the base objective, at the terms' attack offsets (RAT's noisy kernels).
@@ -284,11 +286,7 @@ class RobustModel(keras.Model):
         model_fn = self._attack_model_fn()
         if x_init is None:
             x_init = self._attack_start(x)
-        x_adv = attacks.pgd(
-            model_fn, x, y, s.eps, s.step_size, s.steps, norm=s.norm, loss=self.defense.objective.ATTACK_LOSS,
-            x_init=x_init, gradient_scale=self._attack_gradient_scale(),
-            project_start=self.defense.attack_start != "gaussian_unclipped",
-        )
+        x_adv = training_attack(self.defense, s, model_fn, x, y, x_init, self._attack_gradient_scale())
         self.hooks.restore_after_attack(applied)
         if saved_state is not None:
             restore(state, saved_state)
@@ -357,21 +355,23 @@ class RobustModel(keras.Model):
             stats, extra = self.hooks.batch_statistics(self.network, self._forward, batches, x, x_adv, y,
                                                        lambda v, f: global_mean(v, None, f))
         layout = {}
+        draws = self.objective.input_draws(x, self._seed)  # none without an input-space term
 
-        def objective(f, xc, ac, yc, wc):
+        def objective(f, xc, ac, yc, wc, *dc):
             grads, loss, logits_clean, logits_adv, terms, found = self._objective_pass(
-                variables, stats, micro(wc), f, xc, ac, yc)
+                variables, stats, micro(wc), f, xc, ac, yc, dc if draws else None)
             layout.update(present=[g is not None for g in grads], names=list(terms), extra=found)
             logits_clean = logits_adv if logits_clean is None else logits_clean  # recomputed after the update
             return ([g for g in grads if g is not None] + [loss],
                     [logits_clean, logits_adv] + [terms[n] for n in layout["names"]])
 
-        sums, parts = batches.run(objective, [x, x_adv, y, w])
+        sums, parts = batches.run(objective, [x, x_adv, y, w] + draws)
         grads, loss = iter(sums[:-1]), sums[-1]
         grads = [next(grads) if present else None for present in layout["present"]]
         extra.update(layout["extra"])
         extra.update(self.hooks.restore(applied))
         self.optimizer.apply(grads, variables)
+        extra.update(self.objective.after_step(dict(zip(layout["names"], parts[2:]))))  # ELLE-A's adaptation
         if self.averaged_network is not None:
             self.average.update(self.averaged_network, self.network, self.optimizer.iterations)
         logits_clean, logits_adv, *values = parts
@@ -387,11 +387,11 @@ class RobustModel(keras.Model):
         logits_clean = tf.cast(self.network(x, training=True), tf.float32) if self.defense.needs_clean_logits else None
         return logits_clean, logits_adv
 
-    def _objective_pass(self, variables, stats, weights, fraction, x, x_adv, y):
+    def _objective_pass(self, variables, stats, weights, fraction, x, x_adv, y, draws=None):
         """The forward pass, the soft targets, the objective and its gradient on (a micro-batch of) the batch.
 
         ``stats``: the terms' statistics summed over the batch, or None to take
-        them from this pass. Returns the gradients, the loss (this replica's
+        them from this pass; ``draws``: the input-space terms' noise (or None). Returns the gradients, the loss (this replica's
         share), both logits, the named per-example terms and the terms'
         metrics from the statistics of this pass.
         """
@@ -410,6 +410,7 @@ class RobustModel(keras.Model):
                 else:
                     targets = self.hooks.targets(stats, y)
             per_example, terms = self.objective.objective_terms(y, logits_clean, logits_adv, targets, ce_scale(weights))
+            per_example, terms = self.objective.add_input_penalty(self.network, x, y, draws, per_example, terms)
             loss = self.objective.training_loss(self.network, per_example, weights, fraction)
             penalty = self.objective.weight_decay_penalty(self.network, variables, fraction)
             scaled = self.optimizer.scale_loss(loss + penalty)

@@ -7,7 +7,10 @@ papers' main settings: ``awp`` = ``at+awp``, ``s2o`` = ``at+s2o``, ``rat`` =
 ``trades+rat``.
 
 Each base objective is a module of pure functions (``at``, ``trades``,
-``mart``). Each weight-space term is a module with a
+``mart``, and the single-step ``fgsm``, ``fgsm_rs``, ``n_fgsm``, which train
+AT's objective on one signed step). The input-space regularisers
+``gradalign``, ``elle`` and ``elle_a`` are declared like terms and add a
+penalty to the objective (:mod:`tfrobust.defenses.input_space`). Each weight-space term is a module with a
 :class:`WeightSpaceTerm` subclass (``awp``, ``s2o``, ``rat``) whose hooks the
 train step calls around the attack, before the update, for soft targets and
 in the objective (:mod:`tfrobust.defenses.terms`). A new term is one module
@@ -101,6 +104,9 @@ class Defense:
         s2o_a: S2O's weight ``a`` (0.1 for AT, 0.3 for TRADES/MART).
         rat_alpha, rat_sigma: RAT's Taylor-term weight (0.2) and weight-noise std (1e-4).
         rat_reference_quirk: reproduce the reference's ``yy1`` (docs/algorithms.md, section 9, item 8).
+        gradalign_weight: GradAlign's lambda (0.2); elle_weight: ELLE's lambda (1000); elle_a_weight,
+        elle_a_decay, elle_a_sensitivity: ELLE-A's maximum weight (4000), decay (0.99) and jump threshold
+        in standard deviations (2) (docs/algorithms.md, section 18).
       settings: the resolved hyperparameters as ``((keyword, value), ...)``
         (what :func:`dataclasses.replace` carries over).
     """

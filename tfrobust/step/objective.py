@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from tfrobust import attacks
+from tfrobust.weight_space import restore, snapshot
 
 
 class BatchWeights(NamedTuple):
@@ -140,6 +141,51 @@ class Objective:
             primary, reported = term.mix(primary, logits_clean, logits_adv, target)
             terms = dict(terms, **reported)
         return primary + regulariser, terms
+
+    # -- input-space regularisers (GradAlign, ELLE; tfrobust/defenses/input_space.py) -----------
+
+    @property
+    def input_terms(self) -> list:
+        """The defense's input-space terms, in canonical order."""
+        return [t for t in self.terms if getattr(t, "INPUT_SPACE", False)]
+
+    def state_variables(self) -> list:
+        """The input-space terms' variables kept across steps (ELLE-A's weight and error moments)."""
+        return [v for t in self.input_terms for v in t.state_variables()]
+
+    def input_draws(self, x, seed_of) -> list:
+        """Every input-space term's noise for the batch ``x``, in term order."""
+        return [d for t in self.input_terms for d in t.draw(x, seed_of)]
+
+    def input_penalty(self, network, x, y, draws):
+        """``(per_example, terms)``: the input-space terms' penalties summed, on the live network in training
+        mode; BatchNorm's moving statistics are left as they were (the objective's forward pass updates them)."""
+        state = network.non_trainable_variables
+        saved = snapshot(state)
+        model_fn = lambda t: tf.cast(network(t, training=True), tf.float32)  # noqa: E731
+        total, reported, i = 0.0, {}, 0
+        for term in self.input_terms:
+            per_example, terms = term.penalty(model_fn, x, y, self.settings.eps, draws[i:i + term.DRAWS])
+            total, i = total + per_example, i + term.DRAWS
+            reported.update(terms)
+        restore(state, saved)
+        return total, reported
+
+    def add_input_penalty(self, network, x, y, draws, per_example, terms):
+        """The per-example objective and its named terms with the input-space penalties (``draws`` None: as given)."""
+        if draws is None:
+            return per_example, terms
+        penalty, reported = self.input_penalty(network, x, y, list(draws))
+        return per_example + penalty, dict(terms, **reported)
+
+    def after_step(self, values: dict) -> dict:
+        """Each input-space term's update from the global-batch means of its per-example terms."""
+        extra = {}
+        for term in self.input_terms:
+            local = [tf.reduce_mean(tf.cast(values[n], tf.float32)) for n in term.TERMS]
+            means = [m / num_replicas() for m in all_reduce_sum(local)] if local else []
+            extra.update(term.after_step(dict(zip(term.TERMS, means))))
+        return extra
 
     def base_loss(self, network, x, x_adv, y, training=True, weights=None, fraction=None):
         """Mean base objective over the global batch (this replica's share), plus the network's losses."""

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Optional
 
 from tfrobust.config import WEIGHT_DECAY_EXCLUDE
+from tfrobust.step.attack import single_step_base
 from tfrobust.errors import UserError, check_number, check_steps
 
 NORMS = ("linf", "l2")
@@ -111,6 +112,8 @@ class StepSettings:
                     f"defense {defense.name!r} has an {term.name.upper()} warm-up of {term.warmup_epochs()} epochs: "
                     f"pass steps_per_epoch=... (optimizer steps per epoch), or set {term.name}_warmup_epochs=0"
                 )
+        if single_step_base(defense.objective) and self.norm != "linf":
+            raise UserError(f"defense {defense.name!r} trains on a single L-inf step: attack.norm must be linf")
         if self.label_smoothing and defense.objective.CE_TERM is None:
             raise UserError(f"label smoothing applies to the CE term of at and trades; {defense.base} has none")
         if self.allow_unlabelled and not defense.accepts_unlabelled:
