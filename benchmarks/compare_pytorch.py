@@ -51,6 +51,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import bench_train  # noqa: E402
 MODELS = ("small_cnn", "preact_resnet18", "wide_resnet_swish_28_10")
 DEFENSES = ("at", "trades", "at+awp", "trades+awp")
 
@@ -69,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="batch of the ResNets (small_cnn: 128)")
     p.add_argument("--attack-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="threads of each framework")
-    p.add_argument("--breakdown", action="store_true", help="also take the PreActResNet-18 step apart")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also take the PreActResNet-18 step apart (with --models '' only that)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="markdown file in which to write (or replace) this run's section")
     p.add_argument("--tf-worker", action="store_true", help=argparse.SUPPRESS)
@@ -209,9 +212,6 @@ def tf_worker(args):
     import keras
     import numpy as np
 
-    sys.path.insert(0, HERE)
-    import bench_train
-
     from tfrobust import data as data_lib
 
     state = {}
@@ -286,7 +286,8 @@ def case_rows(case, results, examples):
 
 def report(args, meta, tables):
     """The markdown section of a run and its title."""
-    title = f"tfrobust vs PyTorch, {', '.join(args.models)}, {meta['date'][:10]}"
+    what = ", ".join(args.models) or "breakdown only"
+    title = f"tfrobust vs PyTorch, {what}, {meta['date'][:10]}"
     lines = [f"#### {title}", ""]
     lines.append(f"- command: `{meta['command']}`")
     lines.append(f"- date: {meta['date']}; machine: {meta['cpu']['model']}, {meta['cpu']['cores']} cores, flags "
@@ -316,9 +317,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.tf_worker:
         return tf_worker(args)
-    sys.path.insert(0, HERE)
-    import bench_train
-
     log = bench_train.make_logger()
     load_before = loadavg()
     workers = start_workers(args)
@@ -340,6 +338,7 @@ def main(argv=None):
                         jit = info["tfrobust"]["jit_compile"]
                         rows.append(case_rows(case, results, batch * steps))
                     tables[(model, dtype)] = (rows, batch, steps)
+                    finish(args, argv, log, load_before, tables, versions, jit, None, final=False)
             if args.breakdown:
                 import compare_pytorch_breakdown
 
@@ -347,6 +346,12 @@ def main(argv=None):
     finally:
         for w in workers.values():
             w.close()
+    finish(args, argv, log, load_before, tables, versions, jit, breakdown, final=True)
+    return 0
+
+
+def finish(args, argv, log, load_before, tables, versions, jit, breakdown, final):
+    """Prints (when ``final``) and writes the section; called after every table so a long run keeps its results."""
     load_after = loadavg()
     meta = {
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/compare_pytorch.py"]
@@ -357,11 +362,13 @@ def main(argv=None):
         "wall": time.perf_counter() - log.start, "breakdown": breakdown,
     }
     text, title = report(args, meta, tables)
-    print(text)
+    if not final:
+        text += "\n(run still in progress: tables so far)\n"
+    else:
+        print(text)
     if args.output:
         bench_train.write_section(args.output, title, text)
         log(f"written to {args.output}")
-    return 0
 
 
 if __name__ == "__main__":
