@@ -73,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="threads of each framework")
     p.add_argument("--breakdown", action="store_true",
                    help="also take the PreActResNet-18 step apart (with --models '' only that)")
+    p.add_argument("--xla", action="store_true", help="--breakdown: also time the attack compiled with XLA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="markdown file in which to write (or replace) this run's section")
     p.add_argument("--tf-worker", action="store_true", help=argparse.SUPPRESS)

@@ -3,7 +3,8 @@
 tfrobust side (in the tfrobust worker): the parts of the step compiled and
 timed on their own, one batch each (wall and process CPU time, median of
 ``reps`` calls): the training attack (PGD-10 in inference mode), one attack
-iteration (forward and input gradient in inference mode), the train-mode
+iteration (forward and input gradient in inference mode), with ``--xla`` the
+attack compiled with XLA (``jit_compile=True``) from the same start, the train-mode
 forward pass, forward and backward pass, the optimizer's update, the
 inference-mode forward pass ``RobustModel`` runs for its clean-accuracy metric
 when the defense has no clean logits of its own (AT), and the full step through
@@ -72,7 +73,7 @@ def _timed(fn, reps):
     return statistics.median(wall), statistics.median(cpu)
 
 
-def _part_functions(model, xb, yb):
+def _part_functions(model, xb, yb, xla=False):
     import keras
     import tensorflow as tf
 
@@ -118,6 +119,10 @@ def _part_functions(model, xb, yb):
              "optimizer update": optimizer}
     if not model.defense.needs_clean_logits:
         parts["clean forward for the metric"] = metric_forward
+    if xla:  # the same attack from the same start, compiled with XLA
+        x_init = tf.constant(model._attack_start(xb))
+        parts["attack with XLA (jit_compile=True)"] = tf.function(
+            lambda: tf.reduce_sum(model.adversarial_examples(xb, yb, x_init)), jit_compile=True)
     if model.defense.awp:
         @tf.function
         def ascent():
@@ -155,7 +160,7 @@ def tf_parts(state, cmd):
     model, runner, reps = state["model"], state["runner"], cmd["reps"]
     batch = state["batch"]
     xb, yb = tf.constant(state["x"][:batch]), tf.constant(state["y"][:batch])
-    parts = _part_functions(model, xb, yb)
+    parts = _part_functions(model, xb, yb, cmd.get("xla", False))
     for fn in parts.values():
         fn()  # traces
     times = {name: _timed(fn, reps) for name, fn in parts.items()}
@@ -194,7 +199,7 @@ def run(workers, args, tmp, log):
                         attack_steps=args.attack_steps, seed=args.seed, warmup_steps=args.warmup_steps,
                         threads=args.threads, data=data)
             results, _ = cp.run_case(workers, case, args.rounds, steps, log)
-            tf_answer = workers["tfrobust"].ask(cmd="profile", reps=max(2, args.rounds))
+            tf_answer = workers["tfrobust"].ask(cmd="profile", reps=max(2, args.rounds), xla=args.xla)
             pt_answer = workers["pytorch"].ask(cmd="profile")
             log(f"breakdown {defense} {dtype}: profiled")
             sections.append(_section(defense, dtype, batch, steps, results, tf_answer, pt_answer))
@@ -210,7 +215,8 @@ def _section(defense, dtype, batch, steps, results, tf_answer, pt_answer):
     times = tf_answer["times"]
     for name, (w, c) in times.items():
         lines.append(f"| {name} | {w:.0f} | {c:.0f} |")
-    summed = [sum(times[k][i] for k in times if not k.startswith(("full", "one attack"))) for i in (0, 1)]
+    summed = [sum(times[k][i] for k in times if not k.startswith(("full", "one attack", "attack with XLA")))
+              for i in (0, 1)]
     fit = times["full step via fit"]
     lines.append(f"| step via fit minus the sum of its parts (overhead) | {fit[0] - summed[0]:.0f} | "
                  f"{fit[1] - summed[1]:.0f} |")
