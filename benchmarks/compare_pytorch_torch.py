@@ -177,7 +177,7 @@ class Step:
             self.opt.step()
             if diff is not None:
                 self.add(diff, -self.gamma)
-        return float(loss)
+        return float(loss.detach())
 
 
 def profile(step):
