@@ -343,7 +343,7 @@ def main(argv=None):
             if args.breakdown:
                 import compare_pytorch_breakdown
 
-                breakdown = compare_pytorch_breakdown.run(workers, args, tmp, log)
+                breakdown, versions = compare_pytorch_breakdown.run(workers, args, tmp, log)
     finally:
         for w in workers.values():
             w.close()

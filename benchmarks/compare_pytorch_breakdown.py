@@ -185,25 +185,26 @@ def tf_parts(state, cmd):
 
 
 def run(workers, args, tmp, log):
-    """Sets PreActResNet-18 up on both workers per dtype; returns the markdown of the breakdown."""
+    """Sets PreActResNet-18 up on both workers per dtype; returns the markdown of the breakdown and the versions."""
     import compare_pytorch as cp
 
     model = "preact_resnet18"
     batch, steps, _, eps, step_size = cp.case_settings(model, args)
     data = os.path.join(tmp, model + "_breakdown.npz")
     cp.write_data(data, model, args)
-    sections = []
+    sections, versions = [], {}
     for dtype in args.dtypes:
         for defense in [d for d in args.defenses if d in ("at", "at+awp")] or ["at"]:
             case = dict(model=model, defense=defense, dtype=dtype, batch=batch, eps=eps, step_size=step_size,
                         attack_steps=args.attack_steps, seed=args.seed, warmup_steps=args.warmup_steps,
                         threads=args.threads, data=data)
-            results, _ = cp.run_case(workers, case, args.rounds, steps, log)
+            results, info = cp.run_case(workers, case, args.rounds, steps, log)
+            versions = {name: answer["version"] for name, answer in info.items()}
             tf_answer = workers["tfrobust"].ask(cmd="profile", reps=max(2, args.rounds), xla=args.xla)
             pt_answer = workers["pytorch"].ask(cmd="profile")
             log(f"breakdown {defense} {dtype}: profiled")
             sections.append(_section(defense, dtype, batch, steps, results, tf_answer, pt_answer))
-    return "\n".join(sections)
+    return "\n".join(sections), versions
 
 
 def _section(defense, dtype, batch, steps, results, tf_answer, pt_answer):
@@ -215,8 +216,9 @@ def _section(defense, dtype, batch, steps, results, tf_answer, pt_answer):
     times = tf_answer["times"]
     for name, (w, c) in times.items():
         lines.append(f"| {name} | {w:.0f} | {c:.0f} |")
-    summed = [sum(times[k][i] for k in times if not k.startswith(("full", "one attack", "attack with XLA")))
-              for i in (0, 1)]
+    alone = ("full step via fit", "full step via train_on_batch", "one attack iteration", "train-mode forward",
+             "attack with XLA (jit_compile=True)")  # not parts of the step, or inside another part
+    summed = [sum(times[k][i] for k in times if k not in alone) for i in (0, 1)]
     fit = times["full step via fit"]
     lines.append(f"| step via fit minus the sum of its parts (overhead) | {fit[0] - summed[0]:.0f} | "
                  f"{fit[1] - summed[1]:.0f} |")
@@ -227,7 +229,8 @@ def _section(defense, dtype, batch, steps, results, tf_answer, pt_answer):
     lines += ["", "PyTorch, phases of the timed steps (median ms per step, wall): "
               + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in phases.items()), ""]
     tf_groups, pt_groups = grouped(tf_answer["ops"]), grouped(pt_answer["ops"])
-    lines.append(f"Op time per step by kind (tfrobust: TensorFlow profiler, one fit epoch, traced step "
+    lines.append(f"Op time per step by kind (tfrobust: wall time of the ops in TensorFlow's profiler trace, one fit "
+                 f"epoch, traced step "
                  f"{tf_answer['traced_step_ms']:.0f} ms; PyTorch: torch.profiler self CPU time, one step):")
     lines.append("")
     lines.append("| kind | tfrobust ms | PyTorch ms |")
