@@ -344,6 +344,7 @@ def main(argv=None):
                 import compare_pytorch_breakdown
 
                 breakdown, versions = compare_pytorch_breakdown.run(workers, args, tmp, log)
+                jit = versions.pop("jit_compile", jit)
     finally:
         for w in workers.values():
             w.close()

@@ -200,6 +200,7 @@ def run(workers, args, tmp, log):
                         threads=args.threads, data=data)
             results, info = cp.run_case(workers, case, args.rounds, steps, log)
             versions = {name: answer["version"] for name, answer in info.items()}
+            versions["jit_compile"] = info["tfrobust"]["jit_compile"]
             tf_answer = workers["tfrobust"].ask(cmd="profile", reps=max(2, args.rounds), xla=args.xla)
             pt_answer = workers["pytorch"].ask(cmd="profile")
             log(f"breakdown {defense} {dtype}: profiled")
