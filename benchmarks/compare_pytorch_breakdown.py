@@ -146,8 +146,9 @@ def _xplane_ops(logdir):
             for line in plane.lines:
                 for event in line.events:
                     name = plane.event_metadata[event.metadata_id].name
-                    head, sep, op_type = name.rpartition(":")
-                    if not sep or not head or "::" in name or not op_type.lstrip("_")[:1].isupper() or " " in op_type or "#" in op_type:
+                    head, sep, op_type = name.rpartition(":")  # an op's event is "<node name>:<op type>"
+                    if (not sep or not head or "::" in name or " " in op_type or "#" in op_type
+                            or not op_type.lstrip("_")[:1].isupper()):
                         continue
                     ops[op_type] = ops.get(op_type, 0.0) + event.duration_ps / 1e9
     return ops
