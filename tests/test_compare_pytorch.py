@@ -26,19 +26,17 @@ def test_case_rows_rates_and_per_round_ratios():
     assert row[6] == "2.00x (2.00-2.00)"
 
 
+KINDS = {
+    "_MklNativeConv2DBackpropInput": "convolution", "_MklNativePadWithConv2D": "convolution",
+    "aten::convolution_backward": "convolution", "aten::native_batch_norm_backward": "BatchNorm",
+    "FusedBatchNormV3": "BatchNorm", "_MklMatMul": "matrix product", "aten::addmm": "matrix product",
+    "aten::copy_": "layout / copy", "Transpose": "layout / copy", "Cast": "cast", "aten::_to_copy": "cast",
+    "ReluGrad": "other",
+}
+
+
 def test_op_kinds_of_both_frameworks():
-    assert bd.group_of("_MklNativeConv2DBackpropInput") == "convolution"
-    assert bd.group_of("_MklNativePadWithConv2D") == "convolution"
-    assert bd.group_of("aten::convolution_backward") == "convolution"
-    assert bd.group_of("aten::native_batch_norm_backward") == "BatchNorm"
-    assert bd.group_of("FusedBatchNormV3") == "BatchNorm"
-    assert bd.group_of("_MklMatMul") == "matrix product"
-    assert bd.group_of("aten::addmm") == "matrix product"
-    assert bd.group_of("aten::copy_") == "layout / copy"
-    assert bd.group_of("Transpose") == "layout / copy"
-    assert bd.group_of("Cast") == "cast"
-    assert bd.group_of("aten::_to_copy") == "cast"
-    assert bd.group_of("ReluGrad") == "other"
+    assert {op: bd.group_of(op) for op in KINDS} == KINDS
     assert bd.grouped({"Conv2D": 2.0, "_MklNativeConv2D": 1.5, "Mul": 0.25}) == {"convolution": 3.5, "other": 0.25}
 
 
