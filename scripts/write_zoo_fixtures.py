@@ -217,7 +217,7 @@ def _torch_networks():
 
     return {"resnet-50": ResNet50, "dm_wide_resnet-10-2": lambda: DMWideResNet(10, 2), "wide_resnet-10-2": lambda: WideResNet(10, 2),
             "wide_resnet-10-2-trades": lambda: WideResNet(10, 2, sub_block1=True),
-            "dm_wide_resnet-70-16": lambda: DMWideResNet(70, 16),
+            "dm_wide_resnet-70-16": lambda: DMWideResNet(70, 16), "dm_wide_resnet-28-10": lambda: DMWideResNet(28, 10),
             "preact_resnet-18": lambda: ResNet18(PreActBlock, ("conv1", "layer{n}", "bn", "linear"), F.relu),
             "dm_preact_resnet-18": lambda: ResNet18(DMPreActBlock, ("conv_2d", "layer_{g}", "batchnorm", "logits"), F.silu)}
 
