@@ -179,7 +179,7 @@ def test_no_import_circles_between_packages():
 # tfrobust's modules and packages from the bottom up: each may import only from its own layer or below.
 LAYERS = (
     ("errors", "seeds", "registration"),
-    ("attack_names", "defense_names", "config_files"),
+    ("attack_names", "defense_names", "config_files", "config_values"),
     ("config", "rundir", "user_code", "export", "multiworker", "network_checks", "runtime"),
     ("data", "data_sources", "extra_data", "models", "loading", "weight_space", "placement", "zoo"),
     ("attacks",),

@@ -23,12 +23,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
-
 from tfrobust.attack_names import MAX_STEPS
 from tfrobust.defense_names import registered_terms, term_declaration
 from tfrobust.config_files import PACKAGED_CONFIGS, packaged_configs, read_config_file, resolve_config  # noqa: F401
-from tfrobust.errors import UserError, parse_number
+from tfrobust.config_values import coerce
+from tfrobust.errors import UserError
 from tfrobust.user_code import import_plugins
 
 
@@ -286,74 +285,6 @@ def to_dict(config) -> dict:
     return values
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Converts ``value`` to the annotated type, or raises UserError naming ``key``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), globals())  # noqa: S307 - our own annotations
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        return _coerce(value, args[0], key)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise UserError(f"config key {key!r} needs true or false, got {value!r}")
-    if annotation in (int, float):
-        if isinstance(value, bool):
-            raise UserError(f"config key {key!r} needs a number, got {value!r}")
-        try:
-            number = (parse_number(value) if isinstance(value, str) else float(value)) if annotation is float else value
-            if annotation is int:
-                number = int(value) if not isinstance(value, float) or value.is_integer() else None
-                if number is None:
-                    raise ValueError
-            return number
-        except (TypeError, ValueError):
-            raise UserError(
-                f"config key {key!r} needs {'an integer' if annotation is int else 'a number'}, got {value!r}"
-            ) from None
-    if annotation is str:
-        return str(value)
-    if annotation is list or origin is list:
-        if isinstance(value, str):
-            if value.strip().startswith("["):
-                try:
-                    value = yaml.safe_load(value)
-                except yaml.YAMLError:
-                    raise UserError(f"config key {key!r} needs a list, got {value!r}") from None
-            else:
-                # "0.5,0.75" -> [0.5, 0.75]: each item is read as a YAML scalar, like the items of a [...] list.
-                value = [_scalar(item.strip()) for item in value.split(",") if item.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key {key!r} needs a list, got {value!r}")
-        return [_fraction_or_item(item) for item in value]
-    return value
-
-
-def _scalar(text: str):
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return value if isinstance(value, (int, float, str, bool)) else text
-
-
-def _fraction_or_item(item):
-    """A list item written as a fraction (``1/2``) as its number; any other item unchanged."""
-    if isinstance(item, str) and "/" in item:
-        try:
-            return parse_number(item)
-        except ValueError:
-            return item
-    return item
-
-
 def _field_types(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -372,7 +303,7 @@ def _merge(config, values: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             _merge(current, value or {}, full + ".")
         else:
-            setattr(config, key, _coerce(value, types[key], full))
+            setattr(config, key, coerce(value, types[key], full))
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, plugins=(),
@@ -394,7 +325,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, pl
         values = read_config_file(resolve_config(path))
     overrides = overrides or {}
     named = overrides.get("plugins", values.get("plugins") if isinstance(values, dict) else None)
-    named = _coerce(named, list, "plugins") if named is not None else []
+    named = coerce(named, list, "plugins") if named is not None else []
     added = [p for p in dict.fromkeys(plugins) if p not in named]
     if import_code:
         import_plugins(named + added)
