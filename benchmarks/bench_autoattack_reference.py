@@ -24,6 +24,13 @@ numpy``). This script
    comment markers) examples per second, robust accuracy and the number of
    examples on which the two disagree.
 
+With ``--arch NAME --model FILE.keras --state-dict FILE.pt`` the network is a published
+architecture instead (one ``tfrobust import-model`` reads and ``tfrobust export-model`` writes):
+the PyTorch side is ``scripts/write_zoo_fixtures.py``'s class of that name (with its fixed
+normalisation) loading the state dict with ``strict=True``, and the examples are ``--data``'s
+test images (a ``.npz``) or uniform random 32x32x3 images labelled with the network's own
+predictions; the section written is a second one, for this round trip.
+
 Both sides get ``--threads`` CPU threads (TensorFlow intra- and inter-op,
 ``torch.set_num_threads``).
 
@@ -31,6 +38,8 @@ Usage::
 
     python benchmarks/bench_autoattack_reference.py --reference ~/src/auto-attack \\
         --torch-python ref/bin/python --examples 64 --versions standard,rand --output docs/benchmarks.md
+    python benchmarks/bench_autoattack_reference.py --reference ~/src/auto-attack --torch-python ref/bin/python \\
+        --arch dm_wide_resnet-10-2 --model net.keras --state-dict net.pt --data d.npz --eps 0.0313725 ...
 """
 
 from __future__ import annotations
@@ -60,7 +69,6 @@ sys.path.insert(0, args["reference"])
 from autoattack import AutoAttack
 
 torch.set_num_threads(args["threads"])
-w = np.load(args["weights"])
 data = np.load(args["data"])
 
 
@@ -79,11 +87,25 @@ class SmallCNN(nn.Module):
         return self.d2(x)
 
 
-model = SmallCNN()
-with torch.no_grad():
-    for name in ("c1", "c2", "d1", "d2"):
-        getattr(model, name).weight.copy_(torch.from_numpy(w[name + "_w"]))
-        getattr(model, name).bias.copy_(torch.from_numpy(w[name + "_b"]))
+if args.get("arch"):  # a published architecture, from its exported state dict
+    sys.path.insert(0, args["scripts"])
+    from write_zoo_fixtures import torch_network
+
+    model = torch_network(args["arch"])
+    if args["state_dict"].endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(args["state_dict"])
+    else:
+        state = torch.load(args["state_dict"], weights_only=True)
+    model.load_state_dict(state, strict=True)
+else:
+    w = np.load(args["weights"])
+    model = SmallCNN()
+    with torch.no_grad():
+        for name in ("c1", "c2", "d1", "d2"):
+            getattr(model, name).weight.copy_(torch.from_numpy(w[name + "_w"]))
+            getattr(model, name).bias.copy_(torch.from_numpy(w[name + "_b"]))
 model.eval()
 x = torch.from_numpy(data["x"])  # NCHW
 y = torch.from_numpy(data["y"]).long()
@@ -117,6 +139,20 @@ def small_cnn(model_path, epochs, seed):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x.astype("float32") / 255.0, y, epochs=epochs, batch_size=128, verbose=0)
     return model
+
+
+def published_network(args):
+    """The ``--model`` network of ``--arch`` and the images to attack: ``--data``'s test images, or uniform
+    random images labelled with the network's own predictions (every one of them clean-correct)."""
+    import keras
+
+    from tfrobust.data import load_test_arrays
+
+    model = keras.saving.load_model(args.model)
+    if args.data:
+        return (model,) + tuple(load_test_arrays(args.data, None, args.examples))
+    x = np.random.default_rng(args.seed).uniform(0.0, 1.0, (args.examples, 32, 32, 3)).astype(np.float32)
+    return model, x, model.predict(x, verbose=0).argmax(1).astype(np.int64)
 
 
 def _fold_normalization(model, kernel, bias):
@@ -166,17 +202,34 @@ def torch_weights(model) -> dict:
     return out
 
 
+def _subject(args, clean, logits_gap) -> tuple:
+    """The section's marker, title and the command and network it describes."""
+    command = (f"`python benchmarks/bench_autoattack_reference.py --reference <auto-attack checkout> --torch-python "
+               f"<torch venv>/bin/python --examples {args.examples} --versions {args.versions} --eps {args.eps:g} "
+               f"--batch-size {args.batch_size} --threads {args.threads}")
+    reference = f"(reference: fra31/auto-attack a392200, PyTorch {args.torch_version}, CPU)"
+    if not args.arch:
+        return ("bench_autoattack_reference", "tfrobust and the reference AutoAttack, side by side",
+                f"{command} --epochs {args.epochs}` {reference}. small_cnn trained {args.epochs} clean epoch(s) on "
+                f"20,000 Fashion-MNIST training images; first {args.examples} test images; clean accuracy {clean:.2%}; "
+                f"largest logit difference between the two frameworks {logits_gap:.1e}.")
+    images = (f"the first {args.examples} test images of {os.path.basename(args.data)}" if args.data else
+              f"{args.examples} uniform random images labelled with the network's own predictions")
+    return ("bench_autoattack_reference_zoo", "The same on an exported published architecture",
+            f"{command} --arch {args.arch} --model {os.path.basename(args.model)} --state-dict "
+            f"{os.path.basename(args.state_dict)}{' --data ' + os.path.basename(args.data) if args.data else ''}` "
+            f"{reference}. The PyTorch side is scripts/write_zoo_fixtures.py's {args.arch} with the state dict loaded "
+            f"strictly; {images}; clean accuracy {clean:.2%}; largest logit difference between the two frameworks "
+            f"{logits_gap:.1e}.")
+
+
 def section(rows, args, clean, logits_gap, cores_note) -> str:
+    marker, title, subject = _subject(args, clean, logits_gap)
     lines = [
-        "<!-- bench_autoattack_reference: begin -->",
-        "### tfrobust and the reference AutoAttack, side by side",
+        f"<!-- {marker}: begin -->",
+        f"### {title}",
         "",
-        f"Command: `python benchmarks/bench_autoattack_reference.py --reference <auto-attack checkout> --torch-python <torch venv>/bin/python --examples {args.examples} "
-        f"--versions {args.versions} --eps {args.eps:g} --batch-size {args.batch_size} --threads {args.threads} "
-        f"--epochs {args.epochs}` (reference: fra31/auto-attack a392200, PyTorch "
-        f"{args.torch_version}, CPU). small_cnn trained {args.epochs} clean epoch(s) on 20,000 Fashion-MNIST "
-        f"training images; first {args.examples} test images; clean accuracy {clean:.2%}; largest logit "
-        f"difference between the two frameworks {logits_gap:.1e}. {cores_note}",
+        f"Command: {subject} {cores_note}",
         "",
         "| version | examples | tfrobust s | reference s | tfrobust ex/s | reference ex/s | speed-up | "
         "robust acc. tfrobust | robust acc. reference | verdicts that differ |",
@@ -187,12 +240,13 @@ def section(rows, args, clean, logits_gap, cores_note) -> str:
             f"| {r['version']} | {r['n']} | {r['tf_s']:.1f} | {r['ref_s']:.1f} | {r['n'] / r['tf_s']:.2f} | "
             f"{r['n'] / r['ref_s']:.2f} | {r['ref_s'] / r['tf_s']:.2f}x | {r['tf_acc']:.2%} | {r['ref_acc']:.2%} | "
             f"{r['differ']} |")
-    lines.append("<!-- bench_autoattack_reference: end -->")
+    lines.append(f"<!-- {marker}: end -->")
     return "\n".join(lines)
 
 
 def write_section(path, text):
-    begin, end = "<!-- bench_autoattack_reference: begin -->", "<!-- bench_autoattack_reference: end -->"
+    marker = text.split(":")[0][len("<!-- "):]  # the section's own markers, as section() wrote them
+    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
     old = open(path).read() if os.path.exists(path) else ""
     if begin in old and end in old:
         new = old[:old.index(begin)] + text + old[old.index(end) + len(end):]
@@ -206,7 +260,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference", required=True, help="a checkout of fra31/auto-attack (the folder holding autoattack/)")
     p.add_argument("--torch-python", required=True, help="python of an environment with torch and numpy")
-    p.add_argument("--model", help=".keras file of a small_cnn (default: train one)")
+    p.add_argument("--model", help=".keras file of a small_cnn (default: train one), or with --arch of that "
+                   "published architecture (e.g. from tfrobust import-model)")
+    p.add_argument("--arch", help="the --model is this published architecture (tfrobust import-model's --arch, one "
+                   "scripts/write_zoo_fixtures.py builds in PyTorch); needs --state-dict")
+    p.add_argument("--state-dict", help="with --arch: the network's state dict (.pt or .safetensors, e.g. from "
+                   "tfrobust export-model), loaded into the PyTorch class with strict=True")
+    p.add_argument("--data", help="with --arch: a .npz whose first --examples test images are attacked (default: "
+                   "uniform random 32x32x3 images labelled with the network's own predictions)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--versions", default="standard,rand")
@@ -218,6 +279,8 @@ def main(argv=None):
     p.add_argument("--workdir", help="keep the exchanged files and the reference's log here (default: a temporary "
                    "directory)")
     args = p.parse_args(argv)
+    if bool(args.arch) != bool(args.state_dict) or (args.arch and not args.model):
+        p.error("--arch, --state-dict and --model go together")
 
     import tensorflow as tf
 
@@ -227,22 +290,28 @@ def main(argv=None):
     from tfrobust.data import load_test_arrays
 
     versions = [v.strip() for v in args.versions.split(",") if v.strip()]
-    model = small_cnn(args.model, args.epochs, args.seed)
-    x, y = load_test_arrays("fashion_mnist", None, args.examples)
+    if args.arch:
+        model, x, y = published_network(args)
+    else:
+        model = small_cnn(args.model, args.epochs, args.seed)
+        x, y = load_test_arrays("fashion_mnist", None, args.examples)
     logits = model.predict(x, verbose=0)
     clean = float(np.mean(logits.argmax(1) == y))
     with tempfile.TemporaryDirectory() as tmp:
         if args.workdir:
             tmp = args.workdir
             os.makedirs(tmp, exist_ok=True)
-        np.savez(os.path.join(tmp, "w.npz"), **torch_weights(model))
+        if not args.arch:
+            np.savez(os.path.join(tmp, "w.npz"), **torch_weights(model))
         np.savez(os.path.join(tmp, "d.npz"), x=np.transpose(x, (0, 3, 1, 2)).copy(), y=y.astype(np.int64))
         runner = os.path.join(tmp, "runner.py")
         with open(runner, "w") as f:
             f.write(TORCH_RUNNER)
         spec = {"reference": os.path.abspath(args.reference), "weights": os.path.join(tmp, "w.npz"),
                 "data": os.path.join(tmp, "d.npz"), "versions": versions, "eps": args.eps,
-                "batch_size": args.batch_size, "threads": args.threads, "log": os.path.join(tmp, "reference.log")}
+                "batch_size": args.batch_size, "threads": args.threads, "log": os.path.join(tmp, "reference.log"),
+                "arch": args.arch, "state_dict": args.state_dict and os.path.abspath(args.state_dict),
+                "scripts": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")}
         print(f"reference AutoAttack ({', '.join(versions)}) on {args.examples} examples ...", flush=True)
         proc = subprocess.run([args.torch_python, runner, json.dumps(spec)], capture_output=True, text=True,
                               cwd=tmp)
@@ -255,7 +324,8 @@ def main(argv=None):
     print(f"clean accuracy {clean:.2%}; largest logit difference PyTorch vs TensorFlow {gap:.1e}")
     if gap > 1e-3:
         raise SystemExit(f"the PyTorch copy does not reproduce the network's logits (largest difference {gap:.1e}); "
-                         "the converter knows tfrobust's small_cnn (with or without its normalisation layer) only")
+                         "the converter knows tfrobust's small_cnn (with or without its normalisation layer) only, "
+                         "and with --arch the PyTorch class normalises as scripts/write_zoo_fixtures.py's does")
     rows = []
     cpu_start, wall_start = time.process_time(), time.time()
     for version in versions:

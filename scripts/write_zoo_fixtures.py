@@ -222,11 +222,16 @@ def _torch_networks():
             "dm_preact_resnet-18": lambda: ResNet18(DMPreActBlock, ("conv_2d", "layer_{g}", "batchnorm", "logits"), F.silu)}
 
 
+def torch_network(arch: str):
+    """A new PyTorch network of ``arch`` (a key of :func:`_torch_networks`), random weights, training mode."""
+    return _torch_networks()[arch]()
+
+
 def _reference(arch: str):
     """The PyTorch network of ``arch`` holding :func:`synthetic_state`, in inference mode."""
     import torch
 
-    net = _torch_networks()[arch]()
+    net = torch_network(arch)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     state = {k: torch.from_numpy(v) for k, v in synthetic_state(shapes).items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -308,7 +313,7 @@ def check_export(out: str, tfrobust_python: str) -> None:
             for command in (["import-model", checkpoint, "--arch", arch, "--data", data, "--output", keras_file],
                             ["export-model", keras_file, "--format", "pytorch", "--output", exported]):
                 subprocess.run([tfrobust_python, "-m", "tfrobust"] + command, check=True)
-            net = _torch_networks()[arch]()
+            net = torch_network(arch)
             net.load_state_dict(torch.load(exported, weights_only=True), strict=True)
             got, want = _logits(net.eval(), 64 if arch == "resnet-50" else 32), reference[arch]
             error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))

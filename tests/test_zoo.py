@@ -201,7 +201,9 @@ def test_import_writes_a_keras_file_that_loads_elsewhere_evaluates_and_exports(t
     checkpoint = os.path.join(FIXTURES, "wide_resnet-10-2.pt")
     output = tmp_path / "m.keras"
     assert main(["import-model", checkpoint, "--arch", "wide_resnet-10-2", "--output", str(output)]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {output}: wide_resnet-10-2, 304,634 weights, normalisation none")
+    sha256 = hashlib.sha256(open(checkpoint, "rb").read()).hexdigest()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote {output}: wide_resnet-10-2, 304,634 weights, sha256 {sha256[:16]}... of {checkpoint}, normalisation none")
     code, err = _import(["import-model", checkpoint, "--arch", "wide_resnet-10-2", "--output", str(output)], capsys)
     assert (code, err) == (2, f"error: output file {output} exists; choose another --output")
     # A fresh process, tfrobust imported alone: the file loads and gives PyTorch's logits.
@@ -213,7 +215,7 @@ def test_import_writes_a_keras_file_that_loads_elsewhere_evaluates_and_exports(t
     got, want = np.load(tmp_path / "y.npy"), REFERENCE["wide_resnet-10-2"]
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))  # as in assert_same_logits
     # evaluate names where the network came from.
-    from tfrobust.evaluation import evaluate_run
+    from tfrobust.evaluation import evaluate_run, format_table
 
     data = tmp_path / "d.npz"
     labels = want.argmax(1).astype(np.int64)
@@ -221,8 +223,10 @@ def test_import_writes_a_keras_file_that_loads_elsewhere_evaluates_and_exports(t
     report = evaluate_run(str(output), ["clean"], data=str(data), integrity_examples=0, verbose=False,
                           output=str(tmp_path / "r.json"))
     assert report["accuracy"]["clean"] == 1.0  # the labels are the PyTorch network's own predictions
+    assert format_table(report).splitlines()[0] == (
+        f"8 examples, linf eps=0.03137; wide_resnet-10-2 imported from {checkpoint} (sha256 {sha256[:16]}...)")
     recorded = json.load(open(tmp_path / "r.json"))["provenance"]
-    assert recorded == {"source": checkpoint, "sha256": hashlib.sha256(open(checkpoint, "rb").read()).hexdigest(),
+    assert recorded == {"source": checkpoint, "sha256": sha256,
                         "arch": "wide_resnet-10-2", "format": "pytorch", "data": "cifar10", "mean": None, "std": None}
     # Exported back in the published names: the checkpoint's tensors exactly (TRADES' unused copy left out).
     for fmt, name in (("pytorch", "e.pt"), ("safetensors", "e.safetensors")):

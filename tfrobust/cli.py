@@ -441,8 +441,10 @@ def import_model_main(argv=None) -> int:
 
         network = convert.import_model(args.checkpoint, args.arch, args.data, args.output,
                                        mean=() if args.no_normalisation else args.mean, std=args.std)
-        print(f"wrote {args.output}: {args.arch}, {network.count_params():,} weights, normalisation "
-              f"{convert.normalisation(network) or 'none'}")
+        norm = convert.normalisation(network)
+        print(f"wrote {args.output}: {args.arch}, {network.count_params():,} weights, sha256 "
+              f"{convert.provenance(args.output)['sha256'][:16]}... of {args.checkpoint}, normalisation "
+              + (f"mean {norm[0]} std {norm[1]}" if norm else "none"))
     return 0
 
 

@@ -359,8 +359,6 @@ def evaluate_run(model: str, attacks: Sequence[str] = DEFAULT_ATTACKS, *, which:
 
             if provenance(model):
                 report["provenance"] = provenance(model)
-                say(f"imported from {report['provenance']['source']} (sha256 {report['provenance']['sha256'][:16]}..., "
-                    f"{report['provenance']['arch']})")
         say(format_table(report))
         if flatness:
             from tfrobust.flatness import flatness_report
@@ -458,6 +456,9 @@ def format_table(report: dict) -> str:
     lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]:>{width[2]}}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     header = f"{report['examples']} examples, {report['norm']} eps={report['eps']:.4g}"
+    if report.get("provenance"):  # a network from tfrobust import-model
+        origin = report["provenance"]
+        header += f"; {origin['arch']} imported from {origin['source']} (sha256 {origin['sha256'][:16]}...)"
     if report.get("flags"):
         lines.append("automatic checks (AutoAttack's flags):")
         for check in report["flags"]:
