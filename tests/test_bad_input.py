@@ -323,8 +323,8 @@ def test_print_config_never_imports_the_configs_plugins(tmp_path, monkeypatch, c
     assert not os.path.exists("imported")
     code, err = run_main(train_main, ["--config", "c.yaml", "--defense", "at+toy", "--print-config"], capsys)
     assert code == 2 and err.splitlines() == [
-        "error: unknown weight-space term in defense 'at+toy': 'toy'; allowed: awp, rat, s2o (a plug-in's term: "
-        "load its module with --plugin MODULE); --print-config does not import the plug-ins (side_effect.py)"], err
+        "error: unknown weight-space term in defense 'at+toy': 'toy'; allowed: awp, elle, elle_a, gradalign, rat, s2o "
+        "(a plug-in's term: load its module with --plugin MODULE); --print-config does not import the plug-ins (side_effect.py)"], err
     assert not os.path.exists("imported")
 
 

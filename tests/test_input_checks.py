@@ -243,12 +243,12 @@ def test_names_are_checked_before_tensorflow_is_imported():
     import sys
 
     code = ("import sys\nfrom tfrobust.cli import train_main\n"
-            "try:\n    train_main(['--defense', 'fgsm'])\nexcept SystemExit as e:\n    print(e.code, 'tensorflow' in sys.modules)\n")
+            "try:\n    train_main(['--defense', 'fgsm_pgd'])\nexcept SystemExit as e:\n    print(e.code, 'tensorflow' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.stdout.split() == ["2", "False"], done.stderr
-    assert done.stderr.startswith("error: unknown defense 'fgsm'") and len(done.stderr.strip().splitlines()) == 1
-    code = code.replace("train_main(['--defense', 'fgsm'])", "evaluate_main(['--model', 'm', '--attacks', 'pgd_ce'])")
+    assert done.stderr.startswith("error: unknown defense 'fgsm_pgd'") and len(done.stderr.strip().splitlines()) == 1
+    code = code.replace("train_main(['--defense', 'fgsm_pgd'])", "evaluate_main(['--model', 'm', '--attacks', 'pgd_ce'])")
     code = code.replace("import train_main", "import evaluate_main")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stderr
