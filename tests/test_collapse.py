@@ -45,7 +45,8 @@ def test_collapse_monitor_stops_and_rolls_back(fashion_subset):
         history = model.fit(x[:64], y[:64], batch_size=32, epochs=3, verbose=0, callbacks=[monitor, Spy()])
         assert history.history["collapse"][:2] == [0.0, 1.0]
         assert monitor.get_state() == {"accuracies": [0.5, 0.2, 0.45][:len(history.history["loss"])], "collapses": [1],
-                                       "good_epoch": 0 if action == "stop" else 2}
+                                       "good_epoch": 0 if action == "stop" else 2,
+                                       "pgd_until": 0 if action == "stop" else 3}
         if action == "stop":
             assert len(history.history["loss"]) == 2
         else:  # after epoch 2 the weights are epoch 1's again
@@ -113,6 +114,49 @@ def test_rollback_raises_elle_a_weight(fashion_subset):
     model.fit(x[:64], y[:64], batch_size=32, epochs=2, verbose=0, callbacks=[monitor])
     assert monitor.collapses == [1]
     assert float(model.objective.input_terms[0].weight()) == 4000.0  # the paper's maximum, after the rollback
+    assert monitor.pgd_until == 0 and not model.train_on_pgd  # the regulariser is the stronger setting, not PGD
+
+
+def test_rollback_trains_a_single_step_base_on_pgd_for_the_next_epochs(fashion_subset, monkeypatch):
+    from tfrobust import attacks
+
+    x, y = fashion_subset
+    model = make("fgsm_rs")
+    monitor = CollapseMonitor(x[:32], y[:32], eps=EPS, step_size=EPS / 4, steps=1, drop=0.1, action="rollback",
+                              verbose=False, pgd_epochs=2)
+    values = iter([0.5, 0.1, 0.45, 0.46, 0.47])
+    monitor.measure = lambda: next(values)  # a collapse at the end of the second epoch
+    traced, epoch = [], [None]
+    for name in ("pgd", "single_step"):  # the step's attack, recorded each time the step is traced
+        original = getattr(attacks, name)
+        monkeypatch.setattr(attacks, name, lambda *a, _f=original, _n=name, **k: traced.append((epoch[0], _n))
+                            or _f(*a, **k))
+    flags = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs=None: epoch.__setitem__(0, e))
+    seen = []
+    spy = keras.callbacks.LambdaCallback(on_train_batch_begin=lambda b, logs=None: seen.append(model.train_on_pgd))
+    model.fit(x[:64], y[:64], batch_size=32, epochs=5, verbose=0, callbacks=[flags, monitor, spy])
+    assert monitor.collapses == [1] and monitor.pgd_until == 4
+    assert seen == [False] * 4 + [True] * 4 + [False] * 2  # two steps per epoch; epochs 3 and 4 on PGD
+    assert traced == [(0, "single_step"), (2, "pgd"), (4, "single_step")]
+    assert monitor.get_state()["pgd_until"] == 4  # kept in the epoch backup
+
+
+def test_the_pgd_fallback_is_pgd_with_the_step_settings(fashion_subset):
+    import tensorflow as tf
+
+    from tfrobust import attacks
+
+    x, y = tf.constant(fashion_subset[0][:16]), tf.constant(fashion_subset[1][:16])
+    model = make("n_fgsm")
+    x_init = attacks.uniform_noise(tf.shape(x), (1, 2)) * EPS + x  # inside the eps-ball, not N-FGSM's 2 eps
+    single = model.adversarial_examples(x, y, x_init=x_init)
+    model.train_on_pgd = True
+    pgd = model.adversarial_examples(x, y, x_init=x_init)
+    expected = attacks.pgd(lambda t: tf.cast(model.network(t, training=False), tf.float32), x, y, EPS, EPS / 4, 2,
+                           x_init=x_init)
+    np.testing.assert_array_equal(pgd.numpy(), expected.numpy())
+    assert np.abs(pgd.numpy() - x.numpy()).max() <= EPS + 1e-6
+    assert np.abs(single.numpy() - x.numpy()).max() > EPS + 1e-3  # N-FGSM's own step leaves the ball
 
 
 def test_the_subset_accuracy_is_pgd_accuracy_with_fixed_starts(fashion_subset):

@@ -16,8 +16,12 @@ run, prints one line on a collapse, and, as ``action`` says:
 * ``rollback``: restores the weights (and the weight average) and the
   optimizer's slots (momentum) of the last epoch without a collapse, keeps
   the optimizer's step counter (so the learning-rate schedule and the
-  step's seeds go on), makes the input-space regularisers stronger
-  (ELLE-A's weight jumps to its maximum) and continues.
+  step's seeds go on), makes the training stronger and continues: an
+  adaptive input-space regulariser's weight jumps to its maximum (ELLE-A);
+  without one, a single-step base (FGSM, FGSM-RS, N-FGSM) trains the next
+  ``pgd_epochs`` epochs on PGD with the step's settings
+  (``RobustModel.train_on_pgd``; the step is traced again on each switch),
+  then on its own attack again.
 
 The measurements, the collapses and the last good epoch are its state
 (``get_state``/``set_state``), kept across a resume by the epoch backup; the
@@ -36,6 +40,7 @@ import tensorflow as tf
 from tfrobust import attacks, seeds
 from tfrobust.defenses.input_space import linearity_error
 from tfrobust.errors import UserError
+from tfrobust.step.attack import single_step_base
 
 ACTIONS = ("record", "stop", "rollback")
 COLLAPSE_PURPOSE = 20  # the batch_seed purpose of the subset's PGD starts (21-23: its linearity triplets)
@@ -70,11 +75,12 @@ class CollapseMonitor(keras.callbacks.Callback):
       seed: the base seed of the attack's starts (the same every epoch).
       log_dir: TensorBoard directory (scalars in ``log_dir/collapse``), or None.
       snapshot_path: a ``.npz`` file for the last good epoch's weights (``rollback`` across a resume), or None.
+      pgd_epochs: after a rollback with no adaptive regulariser, the epochs a single-step base trains on PGD.
     """
 
     def __init__(self, x, y, eps: float, step_size: float, steps: int, norm: str = "linf", drop: float = 0.2,
                  action: str = "record", seed: int = 0, batch_size: int = 256, log_dir: Optional[str] = None,
-                 snapshot_path: Optional[str] = None, verbose: bool = True):
+                 snapshot_path: Optional[str] = None, verbose: bool = True, pgd_epochs: int = 1):
         super().__init__()
         if action not in ACTIONS:
             raise UserError(f"unknown collapse action {action!r}; allowed: {', '.join(ACTIONS)}")
@@ -85,6 +91,7 @@ class CollapseMonitor(keras.callbacks.Callback):
         self.drop, self.action, self.seed, self.batch_size = float(drop), action, int(seed), int(batch_size)
         self.log_dir, self.snapshot_path, self.verbose = log_dir, snapshot_path, verbose
         self.accuracies, self.collapses, self.good_epoch = [], [], None
+        self.pgd_epochs, self.pgd_until = int(pgd_epochs), 0  # PGD while epoch < pgd_until
         self._snapshot = None
         self._writer = None
 
@@ -119,6 +126,13 @@ class CollapseMonitor(keras.callbacks.Callback):
                                           draw(1, tf.shape(x)), draw(2, tf.shape(x)), alpha).numpy())
         return float(np.mean(np.concatenate(errors)))
 
+    def on_epoch_begin(self, epoch, logs=None):
+        pgd = epoch < self.pgd_until
+        if bool(getattr(self.model, "train_on_pgd", False)) != pgd:
+            self.model.train_on_pgd = pgd
+            if getattr(self.model, "train_function", None) is not None:
+                self.model.make_train_function(force=True)  # fit calls model.train_function at every step
+
     def on_epoch_end(self, epoch, logs=None):
         accuracy = self.measure()
         good = [a for e, a in enumerate(self.accuracies) if e not in self.collapses]
@@ -144,16 +158,22 @@ class CollapseMonitor(keras.callbacks.Callback):
             self.model.stop_training = True
         elif self.action == "rollback":
             self._roll_back()
-            done = "; ".join([done] + self._strengthen())
+            done = "; ".join([done] + self._strengthen(epoch))
         if self.verbose:
             print(f"catastrophic overfitting at epoch {epoch + 1}: training-subset PGD accuracy {accuracy:.3f}, "
                   f"{best - accuracy:.3f} below the best {best:.3f} (drop > {self.drop:g}); {done}", flush=True)
 
-    def _strengthen(self) -> list:
-        """Each input-space regulariser made stronger (ELLE-A's weight to its maximum); what was done."""
+    def _strengthen(self, epoch: int) -> list:
+        """Each input-space regulariser made stronger (ELLE-A's weight to its maximum), or else PGD for the next
+        ``pgd_epochs`` epochs of a single-step base; what was done."""
         objective = getattr(self.model, "objective", None)
-        done = [term.strengthen() for term in getattr(objective, "input_terms", [])]
-        return [d for d in done if d]
+        done = [d for d in (term.strengthen() for term in getattr(objective, "input_terms", [])) if d]
+        defense = getattr(self.model, "defense", None)
+        if not done and self.pgd_epochs > 0 and defense is not None and single_step_base(defense.objective):
+            self.pgd_until = int(epoch) + 1 + self.pgd_epochs
+            steps = getattr(self.model.settings, "steps", "N")
+            done.append(f"PGD-{steps} for the next {self.pgd_epochs} epoch(s)")
+        return done
 
     # -- the last good epoch ---------------------------------------------------
 
@@ -199,12 +219,14 @@ class CollapseMonitor(keras.callbacks.Callback):
             self._writer = None
 
     def get_state(self) -> dict:
-        return {"accuracies": list(self.accuracies), "collapses": list(self.collapses), "good_epoch": self.good_epoch}
+        return {"accuracies": list(self.accuracies), "collapses": list(self.collapses), "good_epoch": self.good_epoch,
+                "pgd_until": self.pgd_until}
 
     def set_state(self, state: dict) -> None:
         self.accuracies = [float(a) for a in state.get("accuracies", [])]
         self.collapses = [int(e) for e in state.get("collapses", [])]
         self.good_epoch = state.get("good_epoch")
+        self.pgd_until = int(state.get("pgd_until", 0))
 
 
 __all__ = ["CollapseMonitor", "is_collapse", "collapse_epochs", "ACTIONS", "COLLAPSE_PURPOSE"]

@@ -211,10 +211,12 @@ class EvalConfig:
     images_every: int = 1
     # Catastrophic overfitting (tfrobust.collapse): PGD accuracy on the first collapse_examples training examples
     # after each epoch (0: off); a collapse is a fall of more than collapse_drop below the best earlier epoch;
-    # collapse_action: record | stop | rollback (to the last good epoch's weights and optimizer slots).
+    # collapse_action: record | stop | rollback (to the last good epoch's weights and optimizer slots, then
+    # ELLE-A's weight at its maximum or, without it, collapse_pgd_epochs epochs of PGD for a single-step base).
     collapse_examples: int = 0
     collapse_drop: float = 0.2
     collapse_action: str = "record"
+    collapse_pgd_epochs: int = 1
 
 
 @dataclass
@@ -393,6 +395,7 @@ def validate(config: ExperimentConfig) -> None:
         (config.eval.images_every >= 0, "eval.images_every must be >= 0"),
         (config.eval.collapse_examples >= 0, "eval.collapse_examples must be >= 0"),
         (0 <= config.eval.collapse_drop <= 1, "eval.collapse_drop must be in [0, 1]"),
+        (config.eval.collapse_pgd_epochs >= 0, "eval.collapse_pgd_epochs must be >= 0"),
         (config.eval.collapse_action in ("record", "stop", "rollback"),
          f"unknown eval.collapse_action {config.eval.collapse_action!r}; allowed: record, rollback, stop"),
         (0 < config.data.extra_fraction < 1, "data.extra_fraction must be in (0, 1)"),

@@ -344,6 +344,7 @@ def collapse_monitor(config: ExperimentConfig, model: RobustModel, datasets, wor
         norm=config.attack.norm, drop=config.eval.collapse_drop, action=config.eval.collapse_action,
         seed=config.runtime.seed, batch_size=config.data.eval_batch_size, log_dir=os.path.join(workdir, "tensorboard"),
         snapshot_path=os.path.join(workdir, "checkpoints", "last_good.npz"), verbose=config.runtime.verbose > 0,
+        pgd_epochs=config.eval.collapse_pgd_epochs,
     )
     stateful["collapse"] = monitor
     return [monitor]

@@ -262,7 +262,7 @@ def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy, train:
     Returns the History, as fit does.
     """
     train_iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: replica_batches(train, ctx)))
-    train_function = _distributed_step(strategy, model.train_step)
+    train_functions = {}  # per value of model.train_on_pgd (tfrobust.collapse switches it between epochs)
     if validation is not None:
         validation_iterator = iter(strategy.distribute_datasets_from_function(
             lambda ctx: replica_batches(validation, ctx).repeat()))
@@ -278,6 +278,10 @@ def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy, train:
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         callbacks.on_epoch_begin(epoch)
+        variant = bool(getattr(model, "train_on_pgd", False))
+        if variant not in train_functions:
+            train_functions[variant] = _distributed_step(strategy, model.train_step)
+        train_function = train_functions[variant]
         logs = {}
         for step in range(steps_per_epoch):
             callbacks.on_train_batch_begin(step)

@@ -50,31 +50,29 @@ __all__ = ["RobustModel", "StepSettings", "start_point", "check_outputs_are_logi
 class RobustModel(keras.Model):
     """Wraps a network (images in [0, 1] -> logits) with an adversarial train_step.
 
-    A regular Keras model: ``compile``/``fit``/``evaluate``, callbacks,
-    ``save("x.keras")`` and ``keras.models.load_model`` (after ``import
-    tfrobust``) work; the defense is saved by name and hyperparameters, the
-    network as a nested Keras object. The network's own losses (regularizers)
-    are part of the objective, also in AWP's ascent; ``sample_weight`` makes
-    the loss a weighted mean over examples (the attack and S2O's and RAT's
-    batch statistics stay unweighted); metrics given to ``compile`` are
-    computed on the adversarial logits. The train step uses the live
-    network; everything else (``predict``, ``evaluate``, :meth:`export`) the
-    :meth:`evaluated_network`, the weight average when there is one.
+    A regular Keras model: ``compile``/``fit``/``evaluate``, callbacks, ``save("x.keras")`` and
+    ``keras.models.load_model`` (after ``import tfrobust``) work; the defense is saved by name and
+    hyperparameters, the network as a nested Keras object. The network's own losses (regularizers) are
+    part of the objective, also in AWP's ascent; ``sample_weight`` makes the loss a weighted mean over
+    examples (the attack and S2O's and RAT's batch statistics stay unweighted); metrics given to
+    ``compile`` are computed on the adversarial logits. The train step uses the live network; everything
+    else (``predict``, ``evaluate``, :meth:`export`) the :meth:`evaluated_network`, the weight average
+    when there is one. While ``train_on_pgd`` is True (set by :mod:`tfrobust.collapse` after a rollback,
+    read when the step is traced) a single-step base trains on PGD with the step's settings.
 
     Args:
-      network: a Keras model mapping float32 NHWC images in [0, 1] to logits.
-        A network that outputs probabilities, or that a defense cannot train
-        (RAT needs the logits straight from a Dense layer), is refused as
-        soon as its input shape is known.
-      defense: a :class:`~tfrobust.defenses.Defense` (or a defense name).
-      settings: a :class:`~tfrobust.step.settings.StepSettings` (the attack,
-        the validation attack, weight decay, averaging, accumulation, ...).
-      **keywords: instead of ``settings``, its fields (``eps=8/255,
-        step_size=2/255, steps=10, steps_per_epoch=..., ema_decay=...``);
-        any other keyword goes to ``keras.Model``. A defense with a warm-up
-        (``trades+awp``: 10 epochs) needs ``steps_per_epoch``, and ``fit``
-        refuses epochs of another length when Keras knows their length.
+      network: a Keras model mapping float32 NHWC images in [0, 1] to logits. A network that outputs
+        probabilities, or that a defense cannot train (RAT needs the logits straight from a Dense
+        layer), is refused as soon as its input shape is known.
+      defense, settings: a :class:`~tfrobust.defenses.Defense` (or a defense name) and a
+        :class:`~tfrobust.step.settings.StepSettings` (attacks, weight decay, averaging, accumulation, ...).
+      **keywords: instead of ``settings``, its fields (``eps=8/255, step_size=2/255, steps=10,
+        steps_per_epoch=..., ema_decay=...``); any other keyword goes to ``keras.Model``. A defense
+        with a warm-up (``trades+awp``: 10 epochs) needs ``steps_per_epoch``, and ``fit`` refuses
+        epochs of another length when Keras knows their length.
     """
+
+    train_on_pgd = False
 
     def __init__(self, network: keras.Model, defense: Defense, settings: Optional[StepSettings] = None, **keywords):
         if isinstance(defense, str):
@@ -272,7 +270,8 @@ class RobustModel(keras.Model):
 
     def _attack_start(self, x):
         s, seed = self.settings, self._seed(seeds.TRAIN_ATTACK_START)
-        return start_point(x, start_radius(self.defense.objective, s), s.norm, self.defense.attack_start, seed)
+        return start_point(x, start_radius(self.defense.objective, s, self.train_on_pgd), s.norm,
+                           self.defense.attack_start, seed)
 
     def adversarial_examples(self, x, y, x_init=None):
         """The training attack of the base objective, at the terms' attack offsets (RAT's noisy kernels).
@@ -286,7 +285,8 @@ class RobustModel(keras.Model):
         model_fn = self._attack_model_fn()
         if x_init is None:
             x_init = self._attack_start(x)
-        x_adv = training_attack(self.defense, s, model_fn, x, y, x_init, self._attack_gradient_scale())
+        x_adv = training_attack(self.defense, s, model_fn, x, y, x_init, self._attack_gradient_scale(),
+                                self.train_on_pgd)
         self.hooks.restore_after_attack(applied)
         if saved_state is not None:
             restore(state, saved_state)

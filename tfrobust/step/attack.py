@@ -16,16 +16,17 @@ def single_step_base(base) -> bool:
     return getattr(base, "TRAINING_ATTACK", "pgd") == "single_step"
 
 
-def start_radius(base, settings) -> float:
-    """The radius of the attack's random start: eps, or the single-step base's multiple of it."""
-    return settings.eps * base.START_RADIUS if single_step_base(base) else settings.eps
+def start_radius(base, settings, pgd: bool = False) -> float:
+    """The radius of the attack's random start: eps, or the single-step base's multiple of it (unless ``pgd``)."""
+    return settings.eps * base.START_RADIUS if single_step_base(base) and not pgd else settings.eps
 
 
-def training_attack(defense, settings, model_fn, x, y, x_init, gradient_scale):
+def training_attack(defense, settings, model_fn, x, y, x_init, gradient_scale, pgd: bool = False):
     """The base objective's training attack from ``x_init`` (:func:`tfrobust.attacks.pgd` or
-    :func:`tfrobust.attacks.single_step`)."""
+    :func:`tfrobust.attacks.single_step`); ``pgd``: PGD with the step's settings whatever the base (after a
+    rollback from catastrophic overfitting, :mod:`tfrobust.collapse`)."""
     s, base = settings, defense.objective
-    if single_step_base(base):
+    if single_step_base(base) and not pgd:
         return attacks.single_step(model_fn, x, y, s.eps, s.eps * base.STEP, x_init, base.PROJECT_TO_BALL,
                                    gradient_scale)
     return attacks.pgd(
