@@ -34,6 +34,7 @@ from tfrobust.step.checks import (
     WarmupLengthCheck, check_arrays, check_divisible, check_network, check_wrapped_network, check_outputs_are_logits, input_shape_of_data,
 )
 from tfrobust.step.hooks import WeightSpaceHooks
+from tfrobust.step.inference import inference_network
 from tfrobust.step.metrics import EVALUATION_METRICS
 from tfrobust.step.micro_batches import MicroBatches
 from tfrobust.step.objective import (
@@ -260,9 +261,10 @@ class RobustModel(keras.Model):
         return seeds.step_seed(self.settings.seed, purpose, self.optimizer.iterations)
 
     def _attack_model_fn(self):
-        """The network as the training attack sees it: logits in float32, BatchNorm in ``bn_mode``."""
+        """The network as the training attack sees it: float32 logits, BatchNorm in ``bn_mode`` (step/inference.py)."""
         training = self.settings.bn_mode == "train"
-        return lambda t: tf.cast(self.network(t, training=training), tf.float32)
+        network = self.network if training else inference_network(self.network)
+        return lambda t: tf.cast(network(t, training=training), tf.float32)
 
     def _attack_gradient_scale(self) -> float:
         """Scale of the attack loss: large under float16 so small input gradients survive."""
@@ -283,8 +285,7 @@ class RobustModel(keras.Model):
         saved_state = snapshot(state) if s.bn_mode == "train" else None
         applied = self.hooks.offset_for_attack(self.network.trainable_variables, self._seed(seeds.TRAIN_RAT_NOISE))
         model_fn = self._attack_model_fn()
-        if x_init is None:
-            x_init = self._attack_start(x)
+        x_init = self._attack_start(x) if x_init is None else x_init
         x_adv = training_attack(self.defense, s, model_fn, x, y, x_init, self._attack_gradient_scale(),
                                 self.train_on_pgd)
         self.hooks.restore_after_attack(applied)
@@ -377,7 +378,7 @@ class RobustModel(keras.Model):
         logits_clean, logits_adv, *values = parts
         if not self.defense.needs_clean_logits:
             _, (logits_clean,) = batches.run(
-                lambda f, xc: ([], [tf.cast(self.network(xc, training=False), tf.float32)]), [x])
+                lambda f, xc: ([], [tf.cast(inference_network(self.network)(xc, training=False), tf.float32)]), [x])
         return self._update_metrics(loss, dict(zip(layout["names"], values)), extra, y, logits_clean, logits_adv,
                                     sample_weight)
 
@@ -428,7 +429,7 @@ class RobustModel(keras.Model):
         """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
-        s, network = self.settings, self.evaluated_network()
+        s, network = self.settings, inference_network(self.evaluated_network())
         model_fn = lambda inputs: tf.cast(network(inputs, training=False), tf.float32)  # noqa: E731
         logits = model_fn(x)
         seed = seeds.step_seed(s.seed, seeds.VALIDATION_ATTACK_START, 0)  # the same start at every validation
