@@ -98,6 +98,7 @@ def run(args, seed, method) -> dict:
 
     from tfrobust import data as data_lib
     from tfrobust import evaluation, experiment
+    from tfrobust.callbacks import TrainingDiverged
 
     path = os.path.join(args.output, f"seed{seed}", f"{method.replace('+', '_')}.json")
     if os.path.exists(path):
@@ -106,7 +107,11 @@ def run(args, seed, method) -> dict:
     config = config_for(args, seed, method)
     workdir = os.path.join(args.workroot, f"seed{seed}", method.replace("+", "_"))
     clock = training_clock()
-    _, _, history = experiment.train(config, workdir, extra_callbacks=[clock])
+    try:
+        _, _, history = experiment.train(config, workdir, extra_callbacks=[clock])
+    except TrainingDiverged as e:  # recorded as such: a method that diverges here is a result too
+        return save(path, {"seed": seed, "method": method, "diverged": str(e).splitlines()[0],
+                           "training_seconds_per_epoch": clock.seconds})
     x, y = data_lib.load_test_arrays(config.data.name, config.data.data_dir, args.test_examples)
     network = keras.saving.load_model(os.path.join(workdir, "model.keras"))
     attacks = ["clean", "pgd20_ce"] + (["standard"] if args.autoattack_examples else [])
@@ -121,10 +126,14 @@ def run(args, seed, method) -> dict:
         "subset_pgd_accuracy": history["train_subset_pgd_accuracy"], "collapse": history["collapse"],
         "subset_lin_err": history.get("train_subset_lin_err"),
     }
+    keras.backend.clear_session()
+    return save(path, record)
+
+
+def save(path, record) -> dict:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
-    keras.backend.clear_session()
     return record
 
 
@@ -140,22 +149,32 @@ def interval(values) -> str:
 
 
 def summary(args, records) -> str:
-    lines = [f"Fashion-MNIST, small_cnn, {args.train_examples} training examples, eps {args.eps:g}, "
-             f"{args.epochs} epochs, seeds {', '.join(map(str, args.seeds))}; last network, "
-             f"PGD-20 on {records[0]['examples']} test images.", "",
-             "| method | clean | PGD-20 | PGD-20 minus at (paired) | s / epoch | time vs at | seeds with a collapse |",
-             "|---|---|---|---|---|---|---|"]
-    by = {m: [r for r in records if r["method"] == m] for m in args.methods}
-    at = {r["seed"]: r for r in by.get("at", [])}
-    for method, rs in by.items():
-        pgd = [r["accuracy"]["pgd20_ce"] for r in rs]
-        diff = [r["accuracy"]["pgd20_ce"] - at[r["seed"]]["accuracy"]["pgd20_ce"] for r in rs if r["seed"] in at]
-        speed = [r["seconds_per_epoch"] / at[r["seed"]]["seconds_per_epoch"] for r in rs if r["seed"] in at]
-        collapsed = sum(1 for r in rs if max(r["collapse"]) > 0)
-        lines.append(f"| {method} | {interval([r['accuracy']['clean'] for r in rs])} | {interval(pgd)} | "
+    """The table: per method, means over seeds with 95% t intervals, paired differences to ``at``, costs."""
+    trained = [r for r in records if "diverged" not in r]
+    aa = "autoattack_standard" in trained[0]["accuracy"] if trained else False
+    lines = [f"Fashion-MNIST, small_cnn (width {args.cnn_width}), {args.train_examples} training examples, eps "
+             f"{args.eps:g}, {args.epochs} epochs (learning rate {args.lr:g}), seeds {', '.join(map(str, args.seeds))}; "
+             f"last network on the first {trained[0]['examples'] if trained else 0} test images.", "",
+             "| method | clean | PGD-20 | AutoAttack | AutoAttack minus at (paired) | training s / epoch | "
+             "time vs at (paired) | seeds with a collapse |", "|---|---|---|---|---|---|---|---|"]
+    at = {r["seed"]: r for r in trained if r["method"] == "at"}
+    robust = "autoattack_standard" if aa else "pgd20_ce"
+    for method in args.methods:
+        rs = [r for r in records if r["method"] == method]
+        ok = [r for r in rs if "diverged" not in r]
+        if not rs:
+            continue
+        epoch_seconds = {r["seed"]: float(np.mean(r["training_seconds_per_epoch"])) for r in rs}
+        at_seconds = {k: float(np.mean(r["training_seconds_per_epoch"])) for k, r in at.items()}
+        diff = [r["accuracy"][robust] - at[r["seed"]]["accuracy"][robust] for r in ok if r["seed"] in at]
+        speed = [epoch_seconds[k] / at_seconds[k] for k in epoch_seconds if k in at_seconds]
+        collapsed = sum(1 for r in ok if max(r["collapse"]) > 0)
+        cell = lambda key: interval([r["accuracy"][key] for r in ok]) if ok and key in ok[0]["accuracy"] else "-"  # noqa: E731
+        diverged = f", {len(rs) - len(ok)} diverged" if len(ok) < len(rs) else ""
+        lines.append(f"| {method} | {cell('clean')} | {cell('pgd20_ce')} | {cell('autoattack_standard')} | "
                      f"{interval(diff) if method != 'at' and diff else '-'} | "
-                     f"{np.mean([r['seconds_per_epoch'] for r in rs]):.1f} | "
-                     f"{np.mean(speed):.2f}x | {collapsed} of {len(rs)} |")
+                     f"{interval(list(epoch_seconds.values()))} | {interval(speed) if speed else '-'}x | "
+                     f"{collapsed} of {len(ok)}{diverged} |")
     return "\n".join(lines)
 
 
@@ -168,7 +187,7 @@ def plot(records, path):
     methods = sorted({r["method"] for r in records})
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods):
-        for r in (r for r in records if r["method"] == method):
+        for r in (r for r in records if r["method"] == method and "diverged" not in r):
             ax.plot(range(1, len(r["subset_pgd_accuracy"]) + 1), r["subset_pgd_accuracy"], marker="o",
                     label=f"seed {r['seed']}")
         ax.set_title(method)
