@@ -33,7 +33,8 @@ METHODS = ("at", "fgsm_rs", "n_fgsm", "fgsm+gradalign", "fgsm_rs+elle", "n_fgsm+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="defense names, each optionally with config overrides: fgsm_rs+elle@defense.elle.weight=20")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--eps", type=float, default=0.2, help="L-inf budget (0.2 on Fashion-MNIST: FGSM-RS can collapse)")
     p.add_argument("--train-examples", type=int, default=2000)
@@ -52,11 +53,23 @@ def parse_args(argv=None):
     return args
 
 
+def split_method(spec: str):
+    """``"fgsm_rs+elle@defense.elle.weight=20"`` -> the defense name and its config overrides."""
+    name, _, rest = spec.partition("@")
+    overrides = dict(item.split("=", 1) for item in rest.split(";") if item)
+    return name, overrides
+
+
+def file_name(spec: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in spec)
+
+
 def config_for(args, seed, method):
     from tfrobust.config import load_config
 
+    name, overrides = split_method(method)
     return load_config(os.path.join(ROOT, "configs", "fashion_mnist.yaml"), {
-        "defense.name": method, "attack.eps": args.eps, "attack.step_size": args.eps / 4, "attack.steps": 10,
+        **overrides, "defense.name": name, "attack.eps": args.eps, "attack.step_size": args.eps / 4, "attack.steps": 10,
         "data.train_examples": args.train_examples, "model.cnn_width": args.cnn_width, "optim.lr": args.lr, "data.validation_examples": 200, "optim.epochs": args.epochs,
         "eval.pgd_steps": 10, "eval.collapse_examples": args.collapse_examples,
         "eval.collapse_drop": args.collapse_drop, "eval.images_every": 0,
@@ -100,12 +113,12 @@ def run(args, seed, method) -> dict:
     from tfrobust import evaluation, experiment
     from tfrobust.callbacks import TrainingDiverged
 
-    path = os.path.join(args.output, f"seed{seed}", f"{method.replace('+', '_')}.json")
+    path = os.path.join(args.output, f"seed{seed}", f"{file_name(method)}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     config = config_for(args, seed, method)
-    workdir = os.path.join(args.workroot, f"seed{seed}", method.replace("+", "_"))
+    workdir = os.path.join(args.workroot, f"seed{seed}", file_name(method))
     clock = training_clock()
     try:
         _, _, history = experiment.train(config, workdir, extra_callbacks=[clock])

@@ -46,6 +46,9 @@ def test_shipped_configs_load_and_name_valid_defenses(path):
     ({"optim.epochs": "0"}, "optim.epochs must be > 0"),
     ({"model.cnn_width": "0"}, "model.cnn_width must be >= 1"),
     ({"runtime.strategy": "tpu9"}, "unknown runtime.strategy"),
+    ({"eval.collapse_drop": "1.5"}, "eval.collapse_drop must be in "),
+    ({"eval.collapse_action": "retry"}, "unknown eval.collapse_action 'retry'"),
+    ({"eval.collapse_pgd_epochs": "-1"}, "eval.collapse_pgd_epochs must be >= 0"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
