@@ -222,8 +222,9 @@ def plot(records, path):
     for column, method in enumerate(methods):
         for r in (r for r in records if r["method"] == method and "diverged" not in r):
             epochs = range(1, len(r["subset_pgd_accuracy"]) + 1)
-            axes[0][column].plot(epochs, r["subset_pgd_accuracy"], marker=".", label=f"seed {r['seed']}")
-            axes[1][column].plot(epochs, r["subset_lin_err"], marker=".")
+            color = f"C{r['seed'] % 10}"  # one colour per seed in every panel
+            axes[0][column].plot(epochs, r["subset_pgd_accuracy"], marker=".", color=color, label=f"seed {r['seed']}")
+            axes[1][column].plot(epochs, r["subset_lin_err"], marker=".", color=color)
         axes[0][column].set_title(method.replace("@defense.elle.weight=", " lambda "), fontsize=8)
         axes[1][column].set_xlabel("epoch")
     axes[0][0].set_ylabel("training-subset PGD accuracy")
