@@ -142,8 +142,13 @@ def test_batch_norm_of_a_vector_runs_keras_layer(bfloat16):
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_robust_model_trains_with_the_twin_in_bfloat16(bfloat16, replicas):
     x, y = images(64), np.arange(64) % 3
-    strategy = (tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if replicas == 2
-                else tf.distribute.get_strategy())
+    if replicas == 2:  # the process's one mirrored strategy (a second one would reuse collective keys)
+        from tfrobust.config import RuntimeConfig
+        from tfrobust.experiment import build_strategy
+
+        strategy = build_strategy(RuntimeConfig(strategy="mirrored", devices=["/cpu:0", "/cpu:1"]))
+    else:
+        strategy = tf.distribute.get_strategy()
     with strategy.scope():
         model = tr.RobustModel(bn_net(), "trades", eps=0.1, step_size=0.025, steps=3, seed=0)
         model.compile(optimizer=keras.optimizers.SGD(0.05))
