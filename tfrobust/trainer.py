@@ -34,7 +34,7 @@ from tfrobust.step.checks import (
     WarmupLengthCheck, check_arrays, check_divisible, check_network, check_wrapped_network, check_outputs_are_logits, input_shape_of_data,
 )
 from tfrobust.step.hooks import WeightSpaceHooks
-from tfrobust.step.inference import inference_network
+from tfrobust.step.fused_batch_norm import fused_network
 from tfrobust.step.metrics import EVALUATION_METRICS
 from tfrobust.step.micro_batches import MicroBatches
 from tfrobust.step.objective import (
@@ -261,9 +261,8 @@ class RobustModel(keras.Model):
         return seeds.step_seed(self.settings.seed, purpose, self.optimizer.iterations)
 
     def _attack_model_fn(self):
-        """The network as the training attack sees it: float32 logits, BatchNorm in ``bn_mode`` (step/inference.py)."""
-        training = self.settings.bn_mode == "train"
-        network = self.network if training else inference_network(self.network)
+        """The network as the training attack sees it: float32 logits, BatchNorm in ``bn_mode`` (fused_batch_norm.py)."""
+        training, network = self.settings.bn_mode == "train", fused_network(self.network)
         return lambda t: tf.cast(network(t, training=training), tf.float32)
 
     def _attack_gradient_scale(self) -> float:
@@ -378,14 +377,15 @@ class RobustModel(keras.Model):
         logits_clean, logits_adv, *values = parts
         if not self.defense.needs_clean_logits:
             _, (logits_clean,) = batches.run(
-                lambda f, xc: ([], [tf.cast(inference_network(self.network)(xc, training=False), tf.float32)]), [x])
+                lambda f, xc: ([], [tf.cast(fused_network(self.network)(xc, training=False), tf.float32)]), [x])
         return self._update_metrics(loss, dict(zip(layout["names"], values)), extra, y, logits_clean, logits_adv,
                                     sample_weight)
 
     def _forward(self, x, x_adv):
         """``(logits_clean, logits_adv)`` of the live network in training mode (clean None when not needed)."""
-        logits_adv = tf.cast(self.network(x_adv, training=True), tf.float32)
-        logits_clean = tf.cast(self.network(x, training=True), tf.float32) if self.defense.needs_clean_logits else None
+        network = fused_network(self.network)
+        logits_adv = tf.cast(network(x_adv, training=True), tf.float32)
+        logits_clean = tf.cast(network(x, training=True), tf.float32) if self.defense.needs_clean_logits else None
         return logits_clean, logits_adv
 
     def _objective_pass(self, variables, stats, weights, fraction, x, x_adv, y, draws=None):
@@ -429,7 +429,7 @@ class RobustModel(keras.Model):
         """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, y = tf.cast(x, tf.float32), tf.cast(y, tf.int32)
-        s, network = self.settings, inference_network(self.evaluated_network())
+        s, network = self.settings, fused_network(self.evaluated_network())
         model_fn = lambda inputs: tf.cast(network(inputs, training=False), tf.float32)  # noqa: E731
         logits = model_fn(x)
         seed = seeds.step_seed(s.seed, seeds.VALIDATION_ATTACK_START, 0)  # the same start at every validation

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from tfrobust import attacks
 from tfrobust.weight_space import restore, snapshot
+from tfrobust.step.fused_batch_norm import fused_network
 
 
 class BatchWeights(NamedTuple):
@@ -162,7 +163,8 @@ class Objective:
         mode; BatchNorm's moving statistics are left as they were (the objective's forward pass updates them)."""
         state = network.non_trainable_variables
         saved = snapshot(state)
-        model_fn = lambda t: tf.cast(network(t, training=True), tf.float32)  # noqa: E731
+        fused = fused_network(network)
+        model_fn = lambda t: tf.cast(fused(t, training=True), tf.float32)  # noqa: E731
         total, reported, i = 0.0, {}, 0
         for term in self.input_terms:
             per_example, terms = term.penalty(model_fn, x, y, self.settings.eps, draws[i:i + term.DRAWS])
@@ -189,8 +191,9 @@ class Objective:
 
     def base_loss(self, network, x, x_adv, y, training=True, weights=None, fraction=None):
         """Mean base objective over the global batch (this replica's share), plus the network's losses."""
-        logits_adv = network(x_adv, training=training)
-        logits_clean = network(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
+        fused = fused_network(network)
+        logits_adv = fused(x_adv, training=training)
+        logits_clean = fused(x, training=training) if self.defense.objective.NEEDS_CLEAN_LOGITS else None
         primary, regulariser, _ = self.loss_terms(logits_clean, logits_adv, y, ce_scale(weights))
         return self.training_loss(network, primary + regulariser, weights, fraction)
 
