@@ -252,6 +252,27 @@ def test_validation_reports_clean_and_pgd_accuracy(fashion_subset):
     assert history.history["val_pgd_accuracy"][0] <= history.history["val_clean_accuracy"][0]
 
 
+@pytest.mark.parametrize("name", ["at", "trades"])
+def test_train_clean_accuracy_off_skips_only_at_clean_pass(fashion_subset, name):
+    x, y = fashion_subset
+    runs = {}
+    for report in (True, False):
+        keras.utils.set_random_seed(0)
+        model = make(name, steps=2, batch_norm=True, train_clean_accuracy=report)
+        assert model.get_config()["train_clean_accuracy"] is report  # saved with the model
+        history = model.fit(x[:128], y[:128], batch_size=64, epochs=2, verbose=0, shuffle=False,
+                            validation_data=(x[500:564], y[500:564]))
+        runs[report] = (history.history, values(model.network.weights))
+    (on, weights_on), (off, weights_off) = runs[True], runs[False]
+    # AT's clean pass comes after the update and changes no state: the same training without it (up to the
+    # run-to-run order of multi-threaded float32 sums). TRADES reports it from its own forward pass either way.
+    assert ("clean_accuracy" in off) is (name == "trades") and "clean_accuracy" in on
+    for key in ("loss", "adv_accuracy", "val_clean_accuracy", "val_pgd_accuracy"):
+        np.testing.assert_allclose(off[key], on[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(weights_off, weights_on):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_attack_in_batchnorm_train_mode_leaves_statistics_unchanged(batch):
     x, y = batch
     model = make("trades", batch_norm=True, bn_mode="train")

@@ -234,23 +234,12 @@ class RobustModel(keras.Model):
         return dict(result) if isinstance(result, dict) else {compiled.name: result}
 
     def _update_metrics(self, loss, terms, extra, y, logits_clean, logits_adv, sample_weight):
-        """The training metrics: the loss and its terms weighted alike, the accuracies unweighted (as Keras'
-        ``metrics=``; ``weighted_metrics=`` are weighted); unlabelled examples never count in an accuracy."""
+        """The training metrics (:func:`~tfrobust.step.metrics.update_training`) and the compiled ones; unlabelled
+        examples never count in an accuracy."""
         allow = self.settings.allow_unlabelled
         y_metric, labelled = metric_weights(y, None, allow)
-        self.trackers["loss"].update_state(loss * num_replicas())
-        weights = None if sample_weight is None else tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
-        for name, value in terms.items():
-            if weights is None:
-                self.trackers[name].update_state(tf.reduce_mean(value))
-            else:  # the batch's weighted mean, as the loss
-                self.trackers[name].update_state(tf.math.divide_no_nan(
-                    tf.reduce_sum(weights * tf.cast(value, tf.float32)), tf.reduce_sum(weights)))
-        for name, value in extra.items():
-            self.trackers[name].update_state(value)
-        self.trackers["clean_accuracy"].update_state(y_metric, logits_clean, labelled)
-        self.trackers["adv_accuracy"].update_state(y_metric, logits_adv, labelled)
-        results = {name: self.trackers[name].result() for name in metrics_lib.training_names(self.trackers)}
+        results = metrics_lib.update_training(self.trackers, loss * num_replicas(), terms, extra, y_metric, labelled,
+                                              sample_weight, logits_clean, logits_adv)
         results.update(self._compiled_results(y_metric, logits_adv, metric_weights(y, sample_weight, allow)[1]))
         return results
 
@@ -375,11 +364,15 @@ class RobustModel(keras.Model):
         if self.averaged_network is not None:
             self.average.update(self.averaged_network, self.network, self.optimizer.iterations)
         logits_clean, logits_adv, *values = parts
-        if not self.defense.needs_clean_logits:
-            _, (logits_clean,) = batches.run(
-                lambda f, xc: ([], [tf.cast(fused_network(self.network)(xc, training=False), tf.float32)]), [x])
+        if not self.defense.needs_clean_logits:  # AT: one more pass for the clean accuracy, if it is reported
+            logits_clean = self._clean_logits(batches, x) if self.settings.train_clean_accuracy else None
         return self._update_metrics(loss, dict(zip(layout["names"], values)), extra, y, logits_clean, logits_adv,
                                     sample_weight)
+
+    def _clean_logits(self, batches, x):
+        """The updated network's float32 logits of the clean batch in inference mode (AT's clean accuracy)."""
+        network = fused_network(self.network)
+        return batches.run(lambda f, xc: ([], [tf.cast(network(xc, training=False), tf.float32)]), [x])[1][0]
 
     def _forward(self, x, x_adv):
         """``(logits_clean, logits_adv)`` of the live network in training mode (clean None when not needed)."""

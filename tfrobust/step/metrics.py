@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 # What ``evaluate`` (and the validation of ``fit``, as ``val_...``) reports, in this order.
 EVALUATION_METRICS = ("loss", "clean_accuracy", "pgd_accuracy", "pgd_loss")
@@ -27,6 +28,34 @@ def trackers(term_names, statistics) -> dict:
     found["pgd_accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
     found["pgd_loss"] = Decreasing("pgd_loss")
     return found
+
+
+def update_training(found, loss, terms, extra, y, labelled, sample_weight, logits_clean, logits_adv) -> dict:
+    """Updates the train step's metrics and returns their results.
+
+    The loss (the global batch's) and the objective's per-example ``terms``
+    are weighted alike by ``sample_weight``; ``extra`` values are means
+    already. The accuracies are unweighted over the ``labelled`` examples, as
+    Keras' ``metrics=``; the clean accuracy is left out of the results when
+    ``logits_clean`` is None (AT with ``train_clean_accuracy`` off).
+    """
+    found["loss"].update_state(loss)
+    weights = None if sample_weight is None else tf.reshape(tf.cast(sample_weight, tf.float32), tf.shape(y))
+    for name, value in terms.items():
+        if weights is None:
+            found[name].update_state(tf.reduce_mean(value))
+        else:  # the batch's weighted mean, as the loss
+            found[name].update_state(tf.math.divide_no_nan(
+                tf.reduce_sum(weights * tf.cast(value, tf.float32)), tf.reduce_sum(weights)))
+    for name, value in extra.items():
+        found[name].update_state(value)
+    names = training_names(found)
+    if logits_clean is None:
+        names.remove("clean_accuracy")
+    else:
+        found["clean_accuracy"].update_state(y, logits_clean, labelled)
+    found["adv_accuracy"].update_state(y, logits_adv, labelled)
+    return {name: found[name].result() for name in names}
 
 
 def training_names(all_trackers) -> list:
@@ -67,5 +96,5 @@ def direction_group(metrics) -> list:
     return [Directions([m for m in metrics if hasattr(m, "_direction")], name="directions")]
 
 
-__all__ = ["EVALUATION_METRICS", "VALIDATION_ONLY", "Decreasing", "trackers", "training_names", "ordered",
+__all__ = ["EVALUATION_METRICS", "VALIDATION_ONLY", "Decreasing", "trackers", "update_training", "training_names", "ordered",
            "evaluation_names", "direction_group"]

@@ -50,6 +50,9 @@ class StepSettings:
       weight_decay_exclude: ``"none"``, ``"batchnorm"`` or ``"batchnorm_and_bias"``.
       accumulate_steps: micro-batches per optimizer update (1: the plain step).
       allow_unlabelled: accept examples labelled -1 (TRADES's KL term only).
+      train_clean_accuracy: report the clean accuracy of the training
+        batches; for AT it costs one inference-mode pass per step (TRADES and
+        MART take it from their own forward pass).
     """
 
     eps: float
@@ -69,6 +72,7 @@ class StepSettings:
     weight_decay_exclude: str = "none"
     accumulate_steps: int = 1
     allow_unlabelled: bool = False
+    train_clean_accuracy: bool = True
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen
@@ -98,6 +102,7 @@ class StepSettings:
             raise UserError(f"ema_start_step must be >= 0, got {self.ema_start_step!r}")
         set_("accumulate_steps", check_steps("accumulate_steps", self.accumulate_steps, minimum=1))
         set_("allow_unlabelled", bool(self.allow_unlabelled))
+        set_("train_clean_accuracy", bool(self.train_clean_accuracy))
 
     @property
     def validation_step_size(self) -> float:
@@ -138,7 +143,7 @@ class StepSettings:
             ema_decay=optim.ema_decay if optim.ema else None,
             ema_start_step=optim.ema_start * optim.epochs * steps_per_epoch,
             weight_decay_exclude=optim.weight_decay_exclude, accumulate_steps=optim.accumulate_steps,
-            allow_unlabelled=allow_unlabelled,
+            allow_unlabelled=allow_unlabelled, train_clean_accuracy=evaluation.train_clean_accuracy,
         )
 
 
