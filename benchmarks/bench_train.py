@@ -158,10 +158,11 @@ def attack_settings(image_shape):
     return 8.0 / 255.0, 2.0 / 255.0
 
 
-def build_robust_model(name, args, info, awp_active=True, model_options=None):
+def build_robust_model(name, args, info, awp_active=True, model_options=None, **settings):
     """A compiled RobustModel; with ``awp_active=False`` AWP stays in its warm-up (no perturbation).
 
-    ``model_options``: extra arguments of ``tfrobust.models.build_model`` (e.g. WideResNet depth and width).
+    ``model_options``: extra arguments of ``tfrobust.models.build_model`` (e.g. WideResNet depth and width);
+    ``settings``: further settings of the step (e.g. ``train_clean_accuracy=False``).
     """
     import keras
 
@@ -177,7 +178,7 @@ def build_robust_model(name, args, info, awp_active=True, model_options=None):
                                  **(model_options or {}))
     model = RobustModel(
         network, defense, eps=eps, step_size=step_size, steps=args.attack_steps,
-        steps_per_epoch=args.steps, weight_decay=5e-4, seed=args.seed,
+        steps_per_epoch=args.steps, weight_decay=5e-4, seed=args.seed, **settings,
     )
     jit = {"auto": "auto", "on": True, "off": False}[args.jit_compile]
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit)

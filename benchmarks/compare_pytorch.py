@@ -74,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true",
                    help="also take the PreActResNet-18 step apart (with --models '' only that)")
     p.add_argument("--xla", action="store_true", help="--breakdown: also time the attack compiled with XLA")
+    p.add_argument("--no-train-clean-accuracy", dest="train_clean_accuracy", action="store_false",
+                   help="tfrobust without AT's clean-accuracy pass (eval.train_clean_accuracy=false), as the "
+                        "reference scripts train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="markdown file in which to write (or replace) this run's section")
     p.add_argument("--tf-worker", action="store_true", help=argparse.SUPPRESS)
@@ -238,7 +241,8 @@ def tf_worker(args):
             info = data_lib.dataset_info("fashion_mnist" if model_name == "small_cnn" else "cifar10")
             ns = argparse.Namespace(model=model_name, seed=cmd["seed"], attack_steps=cmd["attack_steps"],
                                     steps=data["x"].shape[0], jit_compile="auto")
-            model = bench_train.build_robust_model(cmd["defense"], ns, info, model_options=options)
+            model = bench_train.build_robust_model(cmd["defense"], ns, info, model_options=options,
+                                                   train_clean_accuracy=cmd.get("train_clean_accuracy", True))
             runner = bench_train.StepRunner(model, x, y, cmd["batch"], "fit")
             runner.run(cmd["warmup_steps"])
             state.update(model=model, runner=runner, x=x, y=y, batch=cmd["batch"])
@@ -295,7 +299,8 @@ def report(args, meta, tables):
                  f"{' '.join(meta['cpu']['flags'])}; {platform.system()} {platform.machine()}")
     lines.append(f"- versions: {meta['versions']['tfrobust']}; PyTorch {meta['versions']['pytorch']}")
     lines.append(f"- threads: {args.threads} per framework (TensorFlow intra/inter-op, torch.set_num_threads); "
-                 f"tfrobust jit_compile: {meta['jit']}")
+                 f"tfrobust jit_compile: {meta['jit']}; AT's clean training accuracy (one extra forward pass "
+                 f"that the reference does not make): {'on' if args.train_clean_accuracy else 'off'}")
     lines.append(f"- method: {args.warmup_steps} warm-up steps per case and framework, then {args.rounds} rounds "
                  "per case alternating between the two worker processes (the first alternates); "
                  "examples/s of each round's wall time; ratio = PyTorch time / tfrobust time per round "
@@ -333,7 +338,8 @@ def main(argv=None):
                     for defense in args.defenses:
                         case = dict(model=model, defense=defense, dtype=dtype, batch=batch, eps=eps,
                                     step_size=step_size, attack_steps=args.attack_steps, seed=args.seed,
-                                    warmup_steps=args.warmup_steps, threads=args.threads, data=data)
+                                    warmup_steps=args.warmup_steps, threads=args.threads, data=data,
+                                    train_clean_accuracy=args.train_clean_accuracy)
                         results, info = run_case(workers, case, args.rounds, steps, log)
                         versions = {"tfrobust": info["tfrobust"]["version"], "pytorch": info["pytorch"]["version"]}
                         jit = info["tfrobust"]["jit_compile"]
