@@ -1,8 +1,10 @@
 """``compare_pytorch.py --breakdown``: the PreActResNet-18 step taken apart on both sides.
 
 tfrobust side (in the tfrobust worker): the parts of the step compiled and
-timed on their own, one batch each (wall and process CPU time, median of
-``reps`` calls): the training attack (PGD-10 in inference mode), one attack
+timed on their own, one batch each, through the network as the step calls it
+(in mixed precision its fused-BatchNorm twin, step/fused_batch_norm.py; then the
+train-mode forward and backward pass through Keras' own layers is timed too, for
+comparison) (wall and process CPU time, median of ``reps`` calls): the training attack (PGD-10 in inference mode), one attack
 iteration (forward and input gradient in inference mode), with ``--xla`` the
 attack compiled with XLA (``jit_compile=True``) from the same start, the train-mode
 forward pass, forward and backward pass, the optimizer's update, the
@@ -73,12 +75,17 @@ def _timed(fn, reps):
     return statistics.median(wall), statistics.median(cpu)
 
 
+KERAS_BATCH_NORM = "train-mode forward + backward through Keras' BatchNorm layers (not the step's)"
+
+
 def _part_functions(model, xb, yb, xla=False):
     import keras
     import tensorflow as tf
 
-    net = model.network
-    variables = net.trainable_variables
+    from tfrobust.step.fused_batch_norm import fused_network
+
+    net = fused_network(model.network)  # as the step calls it: the fused-BatchNorm twin in mixed precision
+    variables = model.network.trainable_variables
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     x_adv = tf.constant(tf.function(model.adversarial_examples)(xb, yb))
 
@@ -123,6 +130,14 @@ def _part_functions(model, xb, yb, xla=False):
         x_init = tf.constant(model._attack_start(xb))
         parts["attack with XLA (jit_compile=True)"] = tf.function(
             lambda: tf.reduce_sum(model.adversarial_examples(xb, yb, x_init)), jit_compile=True)
+    if net is not model.network:  # the same pass through Keras' own BatchNorm layers, for comparison
+        @tf.function
+        def keras_forward_backward():
+            with tf.GradientTape() as tape:
+                logits = model.network(x_adv, training=True)
+                loss = model.optimizer.scale_loss(ce(yb, tf.cast(logits, tf.float32)))
+            return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, variables)])
+        parts[KERAS_BATCH_NORM] = keras_forward_backward
     if model.defense.awp:
         @tf.function
         def ascent():
@@ -219,7 +234,7 @@ def _section(defense, dtype, batch, steps, results, tf_answer, pt_answer):
     for name, (w, c) in times.items():
         lines.append(f"| {name} | {w:.0f} | {c:.0f} |")
     alone = ("full step via fit", "full step via train_on_batch", "one attack iteration", "train-mode forward",
-             "attack with XLA (jit_compile=True)")  # not parts of the step, or inside another part
+             "attack with XLA (jit_compile=True)", KERAS_BATCH_NORM)  # not parts of the step, or inside another part
     summed = [sum(times[k][i] for k in times if k not in alone) for i in (0, 1)]
     fit = times["full step via fit"]
     lines.append(f"| step via fit minus the sum of its parts (overhead) | {fit[0] - summed[0]:.0f} | "
