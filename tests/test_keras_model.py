@@ -202,8 +202,11 @@ def test_compile_with_a_loss_is_refused():
 
 
 def test_awp_warmup_in_epochs_needs_the_epoch_length(batch):
-    with pytest.raises(UserError, match="steps_per_epoch"):
-        RobustModel(tiny_cnn(), Defense("trades+awp"), eps=0.1, step_size=0.025, steps=1)
+    with pytest.raises(UserError) as refused:
+        RobustModel(tiny_cnn(), "trades+awp", eps=0.1, step_size=0.025, steps=1)
+    # The message names both ways out, the second in a form RobustModel takes as it is written.
+    assert "steps_per_epoch=" in str(refused.value)
+    assert "Defense('trades+awp', awp_warmup_epochs=0)" in str(refused.value)
     RobustModel(tiny_cnn(), Defense("trades+awp", awp_warmup_epochs=0), eps=0.1, step_size=0.025, steps=1)
     x, y = batch
     model = robust(tiny_cnn(), Defense("trades+awp"), steps_per_epoch=3)

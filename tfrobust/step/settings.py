@@ -115,7 +115,8 @@ class StepSettings:
             if term.warmup_epochs() > 0 and self.steps_per_epoch is None:
                 raise UserError(
                     f"defense {defense.name!r} has an {term.name.upper()} warm-up of {term.warmup_epochs()} epochs: "
-                    f"pass steps_per_epoch=... (optimizer steps per epoch), or set {term.name}_warmup_epochs=0"
+                    f"pass steps_per_epoch=... (optimizer steps per epoch), or no warm-up: "
+                    f"Defense({defense.name!r}, {term.name}_warmup_epochs=0)"
                 )
         if single_step_base(defense.objective) and self.norm != "linf":
             raise UserError(f"defense {defense.name!r} trains on a single L-inf step: attack.norm must be linf")
