@@ -104,11 +104,15 @@ def _part_functions(model, xb, yb, xla=False):
     def train_forward():
         return ce(yb, tf.cast(net(x_adv, training=True), tf.float32))
 
-    @tf.function
-    def train_forward_backward():
-        with tf.GradientTape() as tape:
-            loss = model.optimizer.scale_loss(ce(yb, tf.cast(net(x_adv, training=True), tf.float32)))
-        return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, variables)])
+    def forward_backward(network):
+        @tf.function
+        def run():
+            with tf.GradientTape() as tape:
+                loss = model.optimizer.scale_loss(ce(yb, tf.cast(network(x_adv, training=True), tf.float32)))
+            return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, variables)])
+        return run
+
+    train_forward_backward = forward_backward(net)
 
     grads = [tf.zeros_like(v) for v in variables]
 
@@ -131,13 +135,7 @@ def _part_functions(model, xb, yb, xla=False):
         parts["attack with XLA (jit_compile=True)"] = tf.function(
             lambda: tf.reduce_sum(model.adversarial_examples(xb, yb, x_init)), jit_compile=True)
     if net is not model.network:  # the same pass through Keras' own BatchNorm layers, for comparison
-        @tf.function
-        def keras_forward_backward():
-            with tf.GradientTape() as tape:
-                logits = model.network(x_adv, training=True)
-                loss = model.optimizer.scale_loss(ce(yb, tf.cast(logits, tf.float32)))
-            return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, variables)])
-        parts[KERAS_BATCH_NORM] = keras_forward_backward
+        parts[KERAS_BATCH_NORM] = forward_backward(model.network)
     if model.defense.awp:
         @tf.function
         def ascent():
